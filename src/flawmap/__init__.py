@@ -1,0 +1,1 @@
+"""flawmap: unsupervised visual anomaly detection."""
