@@ -1,0 +1,243 @@
+"""The ``flawmap`` command. Thin: parses arguments, calls the Python API, prints.
+
+Method hyper-parameters become flags automatically: every field of every registered method
+(``coreset_fraction`` -> ``--coreset-fraction``) is a flag, and giving one to a method that does
+not have it is an error. User mistakes end in one ``flawmap: error: ...`` line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from flawmap import __version__
+from flawmap.errors import FlawmapError
+from flawmap.models import METHODS, AnomalyModel, create_model
+
+#: Fields set by dedicated options rather than generated flags.
+_DEDICATED_FIELDS = {"random_state": "--seed", "progress": None}
+EXIT_USER_ERROR = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args) or 0
+    except FlawmapError as error:
+        print(f"flawmap: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("flawmap: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flawmap", description="Unsupervised visual anomaly detection.")
+    parser.add_argument("--version", action="version", version=f"flawmap {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    fit = _command(commands, "fit", "learn normality from good images and save a model", run_fit)
+    fit.add_argument("data", nargs="+", type=Path, metavar="DATA_DIR", help="dataset or image folder(s); several train one model")
+    fit.add_argument("--method", default="patchcore", help=f"one of: {', '.join(METHODS.names())}")
+    fit.add_argument("--out", required=True, type=Path, metavar="MODEL_DIR", help="where to save the model")
+    fit.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    fit.add_argument("--skip-invalid", action="store_true", help="skip unreadable images with a warning instead of stopping")
+    _add_hyperparameter_flags(fit)
+
+    evaluate = _command(commands, "evaluate", "compute metrics of a model on a dataset's test split", run_evaluate)
+    evaluate.add_argument("model", type=Path, metavar="MODEL_DIR")
+    evaluate.add_argument("data", type=Path, metavar="DATA_DIR")
+    evaluate.add_argument("--json", type=Path, metavar="FILE", help="write the metrics as JSON")
+    evaluate.add_argument("--maps-dir", type=Path, metavar="DIR", help="write each anomaly map (.npy) and scores.json")
+
+    predict = _command(commands, "predict", "score images and write heat-map overlays", run_predict)
+    predict.add_argument("model", type=Path, metavar="MODEL_DIR")
+    predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE_OR_DIR")
+    predict.add_argument("--out", required=True, type=Path, metavar="DIR", help="overlays and scores.jsonl go here")
+    predict.add_argument("--skip-invalid", action="store_true", help="skip unreadable images with a warning")
+
+    demo = _command(commands, "demo", "make demo data, fit, evaluate and draw overlays", run_demo)
+    demo.add_argument("--out", type=Path, default=Path("flawmap-demo"), metavar="DIR", help="default ./flawmap-demo")
+    demo.add_argument("--method", default="patchcore", help=f"one of: {', '.join(METHODS.names())}")
+
+    demo_data = _command(commands, "demo-data", "write the built-in demo dataset (MVTec layout)", run_demo_data)
+    demo_data.add_argument("out", type=Path, metavar="OUT_DIR")
+    return parser
+
+
+def _command(commands, name: str, help_text: str, handler: Callable[[argparse.Namespace], int | None]):
+    sub = commands.add_parser(name, help=help_text, description=help_text)
+    sub.set_defaults(handler=handler)
+    return sub
+
+
+# ---------------------------------------------------------------- hyper-parameter flags
+def _hyperparameter_fields() -> dict[str, tuple[Any, list[str]]]:
+    """Every init field of every method: name -> (type hint, methods that have it)."""
+    fields: dict[str, tuple[Any, list[str]]] = {}
+    for method in METHODS.names():
+        model_class = METHODS.get(method)
+        hints = typing.get_type_hints(model_class)
+        for field in dataclasses.fields(model_class):
+            if field.init and field.name not in _DEDICATED_FIELDS:
+                fields.setdefault(field.name, (hints[field.name], []))[1].append(method)
+    return fields
+
+
+def _add_hyperparameter_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("hyper-parameters (each applies to the methods named)")
+    all_methods = METHODS.names()
+    for name, (hint, methods) in _hyperparameter_fields().items():
+        scope = "all methods" if methods == all_methods else ", ".join(methods)
+        default = _field_default(name, methods[0])
+        group.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=f"param_{name}",
+            type=_parser_for(hint),
+            default=None,
+            metavar=_metavar(hint),
+            help=f"[{scope}] default {default}",
+        )
+
+
+def _field_default(name: str, method: str) -> Any:
+    field = next(f for f in dataclasses.fields(METHODS.get(method)) if f.name == name)
+    return field.default
+
+
+def _parser_for(hint: Any) -> Callable[[str], Any]:
+    """A string-to-value converter for a field's type hint."""
+    options = [arg for arg in typing.get_args(hint) if arg is not type(None)] or [hint]
+    base = options[0]
+    if base is bool:
+        return _parse_bool
+    if typing.get_origin(base) is tuple:
+        return lambda text: tuple(part.strip() for part in text.split(",") if part.strip())
+    return base
+
+
+def _metavar(hint: Any) -> str:
+    parse = _parser_for(hint)
+    return {int: "INT", float: "FLOAT", str: "TEXT"}.get(parse, "A,B" if parse is not _parse_bool else "BOOL")
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _given_hyperparameters(args: argparse.Namespace, method: str) -> dict[str, Any]:
+    """The hyper-parameter flags the user gave; error for flags the method does not have."""
+    fields = _hyperparameter_fields()
+    given = {name: getattr(args, f"param_{name}") for name in fields if getattr(args, f"param_{name}") is not None}
+    for name in given:
+        if method not in fields[name][1]:
+            flag = "--" + name.replace("_", "-")
+            raise FlawmapError(f"{flag} does not apply to method {method!r} (it applies to: {', '.join(fields[name][1])})")
+    return given
+
+
+# ---------------------------------------------------------------- commands
+def run_fit(args: argparse.Namespace) -> None:
+    METHODS.get(args.method)
+    params = _given_hyperparameters(args, args.method)
+    model = create_model(args.method, random_state=args.seed, progress=True, **params)
+    data = args.data[0] if len(args.data) == 1 else args.data
+    model.fit(data, skip_invalid=args.skip_invalid)
+    model.save(args.out)
+    print(f"saved {args.method} model to {args.out} (threshold {model.threshold_:.4f}, {model.n_train_images_} training images)")
+
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    from flawmap.evaluate import evaluate
+
+    model = _load(args.model)
+    result = evaluate(model, args.data, maps_dir=args.maps_dir)
+    print(format_metrics(result))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
+def run_predict(args: argparse.Namespace) -> None:
+    from flawmap.data import samples_from_paths
+    from flawmap.report import write_overlay
+
+    model = _load(args.model)
+    args.out.mkdir(parents=True, exist_ok=True)
+    n_anomalous = 0
+    with open(args.out / "scores.jsonl", "w", encoding="utf-8") as lines:
+        for index, (prediction, _) in enumerate(
+            model.iter_predictions(samples_from_paths(args.images), skip_invalid=args.skip_invalid)
+        ):
+            sample = prediction.sample
+            write_overlay(model, prediction, args.out / f"{index:05d}_{sample.image_path.stem}.png")
+            record = {"path": str(sample.image_path), "score": prediction.score, "is_anomalous": prediction.is_anomalous}
+            lines.write(json.dumps(record) + "\n")
+            n_anomalous += prediction.is_anomalous
+    print(f"scored {index + 1} images, {n_anomalous} anomalous; overlays and scores.jsonl in {args.out}")
+
+
+def run_demo_data(args: argparse.Namespace) -> None:
+    from flawmap.data import make_demo_data
+
+    folders = make_demo_data(args.out)
+    print("wrote demo categories: " + ", ".join(str(folder) for folder in folders))
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    from flawmap.data import make_demo_data, open_dataset
+    from flawmap.evaluate import evaluate
+    from flawmap.report import write_overlay
+
+    rows = []
+    for folder in make_demo_data(args.out / "data"):
+        dataset = open_dataset(folder)
+        print(f"== {dataset.name}: fitting {args.method} on {len(dataset.train)} good images")
+        model = create_model(args.method, progress=True).fit(dataset)
+        model.save(args.out / "models" / dataset.name)
+        rows.append({"dataset": dataset.name, **evaluate(model, dataset)})
+        anomalous = [sample for sample in dataset.test if sample.is_anomalous][:3]
+        normal = [sample for sample in dataset.test if not sample.is_anomalous][:1]
+        for prediction, _ in model.iter_predictions(anomalous + normal):
+            name = prediction.sample.key.replace("/", "_") + ".png"
+            write_overlay(model, prediction, args.out / "overlays" / dataset.name / name)
+    print()
+    print(format_table(rows, ["dataset", "image_auroc", "pixel_auroc", "aupro", "pixel_ap", "predict_ms_per_image"]))
+    print(f"\noverlays: {args.out / 'overlays'}   models: {args.out / 'models'}")
+
+
+# ---------------------------------------------------------------- helpers
+def _load(model_dir: Path) -> AnomalyModel:
+    model = AnomalyModel.load(model_dir)
+    model.progress = True
+    return model
+
+
+def format_metrics(result: dict[str, float]) -> str:
+    """One ``name: value`` line per metric."""
+    return "\n".join(f"{key:>22}: {value:.4f}" if isinstance(value, float) else f"{key:>22}: {value}" for key, value in result.items())
+
+
+def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """A markdown table of ``rows`` restricted to ``columns``."""
+    def cell(value: Any) -> str:
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(row.get(column, "")) for column in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Decoding image and mask files into numpy arrays, with one-line errors for bad files.
+
+Every reader fully decodes the file (Pillow is lazy by default), so a truncated or corrupt file
+fails here, with a :class:`~flawmap.errors.FlawmapError` naming it, and not later inside a model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from flawmap.errors import FlawmapError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+"""File suffixes treated as images when listing folders (matched case-insensitively)."""
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+"""Pillow modes holding 16-bit grey levels (16-bit PNG and TIFF open as one of these)."""
+
+_EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
+"""Pillow modes that convert to 8-bit RGB or grey without losing meaning."""
+
+_UINT16_TO_UINT8 = 257.0
+"""65535 / 255: maps the 16-bit range onto the 8-bit range exactly."""
+
+
+def is_image_file(path: Path) -> bool:
+    """Whether ``path`` names an image by its suffix; hidden files (``._x.png``) are not images."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Decode an image file as ``uint8`` RGB of shape ``H x W x 3``.
+
+    Grey and palette images get three identical channels, alpha is dropped (not composited),
+    and 16-bit images are scaled by the dtype range (``round(value / 257)``), never per image.
+
+    Raises
+    ------
+    FlawmapError
+        If the file is missing, is not a decodable image, is truncated, or has an unsupported
+        pixel mode (such as 32-bit float).
+    """
+    image = _to_8bit(_load(Path(path)), Path(path))
+    return np.asarray(image.convert("RGB"))
+
+
+def read_mask(path: str | Path, expected_hw: tuple[int, int], threshold: int = 127) -> np.ndarray:
+    """Decode a ground-truth mask as ``bool`` of shape ``H x W``: grey level ``> threshold``.
+
+    Any mode is first converted to 8-bit grey. ``expected_hw`` is the ``(height, width)`` of the
+    image the mask belongs to; the mask must have exactly that size.
+
+    Raises
+    ------
+    FlawmapError
+        If the file is missing or undecodable, or its size differs from ``expected_hw``.
+    """
+    path = Path(path)
+    grey = np.asarray(_to_8bit(_load(path), path).convert("L"))
+    if grey.shape != tuple(expected_hw):
+        height, width = grey.shape
+        expected_height, expected_width = expected_hw
+        raise FlawmapError(
+            f"mask {path} is {width}x{height} but its image is {expected_width}x{expected_height}"
+        )
+    return grey > threshold
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """The image files directly inside ``folder`` (by suffix, see :data:`IMAGE_SUFFIXES`), sorted.
+
+    Raises
+    ------
+    FlawmapError
+        If ``folder`` does not exist, is not a directory, or holds no image files.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise FlawmapError(f"{folder}: no such folder")
+    if not folder.is_dir():
+        raise FlawmapError(f"{folder}: not a folder")
+    images = sorted(path for path in folder.iterdir() if path.is_file() and is_image_file(path))
+    if not images:
+        suffixes = ", ".join(IMAGE_SUFFIXES)
+        raise FlawmapError(f"{folder}: no image files ({suffixes}) in this folder")
+    return images
+
+
+def _load(path: Path) -> Image.Image:
+    """Open and fully decode ``path``, turning every failure into a one-line FlawmapError."""
+    if not path.exists():
+        raise FlawmapError(f"{path}: no such file")
+    if path.is_dir():
+        raise FlawmapError(f"{path}: is a folder, not an image file")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except Image.DecompressionBombError as error:
+        raise FlawmapError(f"{path}: image too large to decode safely ({error})") from None
+    except PermissionError:
+        raise FlawmapError(f"{path}: permission denied") from None
+    except Image.UnidentifiedImageError:
+        raise FlawmapError(f"{path}: not an image file (unrecognised format)") from None
+    except (OSError, SyntaxError, ValueError, EOFError):
+        raise FlawmapError(f"{path}: cannot decode image (truncated or corrupt)") from None
+
+
+def _to_8bit(image: Image.Image, path: Path) -> Image.Image:
+    """``image`` with 16-bit grey scaled by the dtype range to 8-bit ``L``; 8-bit modes unchanged."""
+    if image.mode in _EIGHT_BIT_MODES:
+        return image
+    if image.mode in _SIXTEEN_BIT_MODES:
+        levels = np.asarray(image).astype(np.float64) / _UINT16_TO_UINT8
+        return Image.fromarray(np.clip(np.rint(levels), 0, 255).astype(np.uint8))
+    raise FlawmapError(f"{path}: unsupported image mode {image.mode!r}")

@@ -1,0 +1,208 @@
+"""Streaming samples into batches of resized float tensors, decoding in a small thread pool.
+
+Pillow releases the GIL while decoding and resizing, so a few threads keep the backbone fed.
+At most about two batches are decoded ahead of the consumer, so memory stays bounded however
+many samples are given, and batches come out in input order.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from flawmap.data.datasets import Sample
+from flawmap.data.images import read_image, read_mask
+from flawmap.errors import FlawmapError
+
+_BATCHES_AHEAD = 2
+"""How many batches of decoding may run ahead of the consumer."""
+
+
+class InvalidImageWarning(UserWarning):
+    """An unreadable image was skipped (``iter_batches(..., skip_invalid=True)``)."""
+
+
+@dataclass
+class Batch:
+    """A batch of ``B`` samples, resized for the model and with their original-size masks.
+
+    Attributes
+    ----------
+    images : torch.Tensor
+        ``float32`` of shape ``B x 3 x S x S``, RGB in ``[0, 1]`` (not mean/std normalised).
+    samples : list of Sample
+        The samples in batch order (in-memory arrays get ``image_path`` ``"<array i>"``).
+    original_hw : list of (int, int)
+        ``(height, width)`` of each image before resizing.
+    masks : list of ndarray or None
+        ``bool`` ``H x W`` at the original size when masks were requested: all-False for normal
+        samples, None for an anomalous sample without a mask file or when not requested.
+    """
+
+    images: torch.Tensor
+    samples: list[Sample]
+    original_hw: list[tuple[int, int]]
+    masks: list[np.ndarray | None]
+
+
+@dataclass
+class _Decoded:
+    """One decoded sample: ``pixels`` is ``uint8`` of shape ``S x S x 3``."""
+
+    sample: Sample
+    pixels: np.ndarray
+    original_hw: tuple[int, int]
+    mask: np.ndarray | None
+
+
+def iter_batches(
+    samples: Sequence[Sample | np.ndarray],
+    image_size: int,
+    batch_size: int = 16,
+    num_workers: int = 2,
+    load_masks: bool = False,
+    skip_invalid: bool = False,
+    progress: str | None = None,
+) -> Iterator[Batch]:
+    """Decode, resize (squash to ``image_size x image_size``) and batch ``samples``, in order.
+
+    ``samples`` holds :class:`Sample` objects and/or in-memory ``uint8`` arrays of shape
+    ``H x W``, ``H x W x 3`` or ``H x W x 4`` (alpha dropped). The last batch may be smaller.
+
+    Parameters
+    ----------
+    num_workers : int
+        Decoding threads.
+    load_masks : bool
+        Also read each sample's mask at its original size (see :class:`Batch`).
+    skip_invalid : bool
+        Warn (:class:`InvalidImageWarning`) and skip unreadable samples instead of raising.
+    progress : str or None
+        If given, show a progress bar over samples with this description (on stderr).
+
+    Raises
+    ------
+    FlawmapError
+        At the call, if a size argument is below 1; while iterating, if a sample cannot be read
+        (unless ``skip_invalid``).
+    """
+    sizes = {"image_size": image_size, "batch_size": batch_size, "num_workers": num_workers}
+    for name, value in sizes.items():
+        if value < 1:
+            raise FlawmapError(f"{name} must be at least 1, got {value}")
+    items = [_as_sample(item, index) for index, item in enumerate(samples)]
+    return _generate_batches(items, image_size, batch_size, num_workers, load_masks, skip_invalid, progress)
+
+
+def _generate_batches(
+    items: list[tuple[Sample, np.ndarray | None]],
+    image_size: int,
+    batch_size: int,
+    num_workers: int,
+    load_masks: bool,
+    skip_invalid: bool,
+    progress: str | None,
+) -> Iterator[Batch]:
+    """The generator behind :func:`iter_batches`, once its arguments are checked."""
+    bar = tqdm(
+        total=len(items), desc=progress, disable=progress is None, mininterval=0.5, leave=False,
+        file=sys.stderr, unit="img",
+    )
+    executor = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="flawmap-decode")
+    pending: deque[tuple[Sample, Future[_Decoded]]] = deque()
+    decoded: list[_Decoded] = []
+    try:
+        for sample, array in items:
+            pending.append((sample, executor.submit(_decode, sample, array, image_size, load_masks)))
+            if len(pending) > _BATCHES_AHEAD * batch_size:
+                yield from _collect(pending.popleft(), decoded, batch_size, skip_invalid, bar)
+        while pending:
+            yield from _collect(pending.popleft(), decoded, batch_size, skip_invalid, bar)
+        if decoded:
+            yield _stack(decoded)
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+
+
+def _as_sample(item: Sample | np.ndarray, index: int) -> tuple[Sample, np.ndarray | None]:
+    """``(sample, array)``: arrays get a synthetic normal sample named ``<array index>``."""
+    if isinstance(item, Sample):
+        return item, None
+    if isinstance(item, np.ndarray):
+        return Sample(image_path=Path(f"<array {index}>")), item
+    raise TypeError(f"samples[{index}] is a {type(item).__name__}, expected a Sample or a numpy array")
+
+
+def _collect(
+    entry: tuple[Sample, Future[_Decoded]],
+    decoded: list[_Decoded],
+    batch_size: int,
+    skip_invalid: bool,
+    bar: tqdm,
+) -> Iterator[Batch]:
+    """Append one finished decode to ``decoded``; yield and empty it once it holds a batch."""
+    sample, future = entry
+    bar.update(1)
+    try:
+        decoded.append(future.result())
+    except FlawmapError as error:
+        if not skip_invalid:
+            raise
+        warnings.warn(f"skipping {sample.image_path}: {error}", InvalidImageWarning, stacklevel=3)
+        return
+    if len(decoded) == batch_size:
+        yield _stack(decoded)
+        decoded.clear()
+
+
+def _decode(sample: Sample, array: np.ndarray | None, image_size: int, load_masks: bool) -> _Decoded:
+    """Read (or take) one image, resize it to ``image_size`` squared and read its mask if asked."""
+    rgb = read_image(sample.image_path) if array is None else _array_to_rgb(array, sample.image_path)
+    original_hw = rgb.shape[:2]
+    resized = Image.fromarray(rgb).resize((image_size, image_size), Image.BILINEAR, reducing_gap=None)
+    mask = _read_sample_mask(sample, original_hw) if load_masks else None
+    return _Decoded(sample=sample, pixels=np.asarray(resized), original_hw=original_hw, mask=mask)
+
+
+def _array_to_rgb(array: np.ndarray, name: Path) -> np.ndarray:
+    """An in-memory ``uint8`` ``H x W``, ``H x W x 3`` or ``H x W x 4`` image as ``H x W x 3``."""
+    if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
+        raise FlawmapError(
+            f"{name}: expected a uint8 array of shape H x W, H x W x 3 or H x W x 4, "
+            f"got {array.dtype} of shape {array.shape}"
+        )
+    if array.ndim == 2:
+        return np.repeat(array[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(array[:, :, :3])
+
+
+def _read_sample_mask(sample: Sample, original_hw: tuple[int, int]) -> np.ndarray | None:
+    """The sample's mask at ``original_hw``: read from file, all-False if normal, else None."""
+    if sample.mask_path is not None:
+        return read_mask(sample.mask_path, original_hw, threshold=sample.mask_threshold)
+    if not sample.is_anomalous:
+        return np.zeros(original_hw, dtype=bool)
+    return None
+
+
+def _stack(decoded: list[_Decoded]) -> Batch:
+    """One :class:`Batch` from decoded samples: ``uint8 B x S x S x 3`` to ``float B x 3 x S x S``."""
+    pixels = torch.from_numpy(np.stack([item.pixels for item in decoded]))
+    images = pixels.permute(0, 3, 1, 2).contiguous().float().div_(255.0)
+    return Batch(
+        images=images,
+        samples=[item.sample for item in decoded],
+        original_hw=[item.original_hw for item in decoded],
+        masks=[item.mask for item in decoded],
+    )

@@ -1,0 +1,59 @@
+"""Patch embeddings from backbone feature maps: local aggregation and level fusion.
+
+Methods combine these small functions as their papers describe (PatchCore aggregates and fuses,
+PaDiM fuses raw maps, RLR keeps the levels apart), so the shapes stay explicit at each step.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def local_average(feature_map: torch.Tensor, size: int = 3) -> torch.Tensor:
+    """Average each position with its ``size x size`` neighbourhood (PatchCore Eq. 2).
+
+    Parameters
+    ----------
+    feature_map : Tensor of shape (B, C, h, w)
+    size : int
+        Odd neighbourhood size; 1 returns the input.
+
+    Returns
+    -------
+    Tensor of shape (B, C, h, w)
+        Border positions average only the neighbours that exist.
+    """
+    if size == 1:
+        return feature_map
+    return F.avg_pool2d(feature_map, size, stride=1, padding=size // 2, count_include_pad=False)
+
+
+def fuse_levels(feature_maps: Sequence[torch.Tensor], grid_hw: tuple[int, int] | None = None) -> torch.Tensor:
+    """Resize every level to one grid (bilinear) and concatenate along channels.
+
+    Parameters
+    ----------
+    feature_maps : sequence of Tensor of shape (B, C_l, h_l, w_l)
+    grid_hw : (h, w), optional
+        Target grid; defaults to the first (finest) level's.
+
+    Returns
+    -------
+    Tensor of shape (B, sum(C_l), h, w)
+    """
+    if grid_hw is None:
+        grid_hw = tuple(feature_maps[0].shape[-2:])
+    resized = [
+        level if tuple(level.shape[-2:]) == grid_hw
+        else F.interpolate(level, size=grid_hw, mode="bilinear", align_corners=False)
+        for level in feature_maps
+    ]
+    return torch.cat(resized, dim=1)
+
+
+def flatten_patches(patch_features: torch.Tensor) -> torch.Tensor:
+    """Patch grid to rows: (B, C, h, w) -> (B * h * w, C), image-major then row-major."""
+    return patch_features.permute(0, 2, 3, 1).reshape(-1, patch_features.shape[1])

@@ -1,0 +1,102 @@
+"""PatchCore: Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022.
+
+1. Locally aware patch features: each tapped level is averaged over a 3x3 neighbourhood
+   (Eq. 2), the deeper level is upsampled to the stride-8 grid and the levels are concatenated.
+2. Memory bank: all training patch features, reduced by greedy k-center coreset selection on a
+   random projection (Alg. 1) to ``coreset_fraction`` of the patches.
+3. Patch score: distance of each test patch to its nearest bank feature,
+   ``s(m_test) = min_{m in M} |m_test - m|``.
+4. Image score (Eq. 7): with ``m_test*`` the patch of maximal score ``s*`` and ``m*`` its nearest
+   bank feature, ``s = (1 - exp|m_test* - m*| / sum_{m in N_b(m*)} exp|m_test* - m|) * s*`` where
+   ``N_b(m*)`` are the ``b`` nearest bank features of ``m*``. The weight grows when ``m*`` lies in a
+   sparse part of the bank, i.e. when the nearest match is itself unusual.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+from flawmap.errors import FlawmapError
+from flawmap.features import flatten_patches, fuse_levels, local_average
+from flawmap.models.base import AnomalyModel, PatchScores, register_method
+from flawmap.neighbors import NearestNeighbors, StreamingCoreset
+
+
+@register_method("patchcore")
+@dataclass(kw_only=True, eq=False)
+class PatchCore(AnomalyModel):
+    """PatchCore anomaly detector (see module docstring). Method hyper-parameters:
+
+    Parameters
+    ----------
+    coreset_fraction : float
+        Share of training patches kept in the memory bank, in (0, 1].
+    neighborhood_size : int
+        Local aggregation window ``p`` (Eq. 2).
+    reweighting_neighbors : int
+        ``b`` in Eq. 7; 1 disables the re-weighting (image score = max patch score).
+    projection_dim : int
+        Dimension of the random projection used by the coreset selection.
+
+    Examples
+    --------
+    >>> model = PatchCore(coreset_fraction=0.1).fit("bottle/")     # doctest: +SKIP
+    >>> model.predict("bottle/test/broken_large")[0].score          # doctest: +SKIP
+    """
+
+    coreset_fraction: float = 0.1
+    neighborhood_size: int = 3
+    reweighting_neighbors: int = 9
+    projection_dim: int = 128
+
+    def _validate_method_params(self) -> None:
+        if not 0.0 < self.coreset_fraction <= 1.0:
+            raise FlawmapError(f"coreset_fraction must be in (0, 1], got {self.coreset_fraction}")
+        if self.neighborhood_size < 1 or self.neighborhood_size % 2 == 0:
+            raise FlawmapError(f"neighborhood_size must be a positive odd number, got {self.neighborhood_size}")
+        if self.reweighting_neighbors < 1:
+            raise FlawmapError(f"reweighting_neighbors must be at least 1, got {self.reweighting_neighbors}")
+
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, S, S) -> locally aware patch features (B, C, S/8, S/8)."""
+        levels = self.backbone_.features(images, self.taps_)
+        return fuse_levels([local_average(level, self.neighborhood_size) for level in levels])
+
+    def _fit(self, feature_batches: Iterable[torch.Tensor]) -> None:
+        generator = torch.Generator().manual_seed(self.random_state)
+        coreset = StreamingCoreset(self.coreset_fraction, projection_dim=self.projection_dim, generator=generator)
+        for batch in feature_batches:
+            coreset.add(flatten_patches(batch))
+        self._set_state({"memory_bank": coreset.result()})
+
+    def _score(self, features: torch.Tensor) -> PatchScores:
+        n_images, _, grid_h, grid_w = features.shape
+        queries = flatten_patches(features)
+        distances, nearest = self.search_.kneighbors(queries, k=1)
+        patch_scores = distances[:, 0].view(n_images, grid_h * grid_w)
+        # Eq. 7: re-weight each image's maximal patch score by how sparse the bank is around m*.
+        worst_patch = patch_scores.argmax(dim=1)
+        worst_rows = torch.arange(n_images) * grid_h * grid_w + worst_patch
+        max_scores = patch_scores.gather(1, worst_patch.unsqueeze(1)).squeeze(1)
+        image_scores = max_scores * self._reweighting(queries[worst_rows], nearest[worst_rows, 0])
+        return PatchScores(patch_scores.view(n_images, grid_h, grid_w), image_scores)
+
+    def _reweighting(self, worst_queries: torch.Tensor, matched_rows: torch.Tensor) -> torch.Tensor:
+        """``1 - softmax`` weight of Eq. 7 for each image's worst patch; shape (B,)."""
+        b = min(self.reweighting_neighbors, self.memory_bank_.shape[0])
+        if b == 1:
+            return torch.ones(worst_queries.shape[0])
+        _, support_rows = self.search_.kneighbors(self.memory_bank_[matched_rows], k=b)  # N_b(m*), m* first
+        support_distances = torch.linalg.vector_norm(self.memory_bank_[support_rows] - worst_queries.unsqueeze(1), dim=2)
+        matched_distances = torch.linalg.vector_norm(self.memory_bank_[matched_rows] - worst_queries, dim=1)
+        return 1.0 - torch.exp(matched_distances - torch.logsumexp(support_distances, dim=1))
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        return {"memory_bank": self.memory_bank_}
+
+    def _set_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.memory_bank_ = tensors["memory_bank"].float().contiguous()
+        self.search_ = NearestNeighbors(self.memory_bank_)

@@ -1,0 +1,214 @@
+"""Nearest-neighbour search and greedy coreset sampling over patch-feature banks.
+
+Shared by every memory-bank method. Both work in bounded memory: distances are computed in
+chunks of queries, never as an ``N x N`` matrix, and the coreset runs shard by shard.
+
+Squared Euclidean distances use the expansion ``|q - b|^2 = |q|^2 - 2 q.b + |b|^2``, so the heavy
+part is one matrix product per chunk. The bank is centred on its mean first: distances do not
+change, but the norms shrink, which keeps the expansion accurate in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+#: Upper bound on the elements of one ``queries x bank`` distance block (256 MiB of float32).
+DISTANCE_BLOCK_ELEMENTS = 64 * 1024 * 1024
+#: Rows per coreset shard: a 16k x 128 float32 shard fits in a CPU's last-level cache.
+CORESET_SHARD_ROWS = 16_384
+
+
+class NearestNeighbors:
+    """Exact k-nearest-neighbour search in a fixed bank of vectors.
+
+    Parameters
+    ----------
+    bank : Tensor of shape (N, D)
+        The stored vectors.
+    """
+
+    def __init__(self, bank: torch.Tensor) -> None:
+        if bank.ndim != 2 or bank.shape[0] == 0:
+            raise ValueError(f"bank must be a non-empty N x D matrix, got shape {tuple(bank.shape)}")
+        self.bank = bank
+        self._center = bank.mean(dim=0)
+        self._centered_bank = (bank - self._center).contiguous()
+        self._bank_sq_norms = self._centered_bank.square().sum(dim=1)
+
+    def kneighbors(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` nearest bank vectors of each query.
+
+        Parameters
+        ----------
+        queries : Tensor of shape (Q, D)
+        k : int
+            Number of neighbours, at most N.
+
+        Returns
+        -------
+        distances : Tensor of shape (Q, k)
+            Euclidean distances, ascending along each row.
+        indices : Tensor of shape (Q, k)
+            Row indices into the bank.
+        """
+        n_bank = self._centered_bank.shape[0]
+        if not 1 <= k <= n_bank:
+            raise ValueError(f"k must be in [1, {n_bank}], got {k}")
+        centered_queries = queries.to(self._centered_bank.dtype) - self._center
+        chunk_rows = max(1, DISTANCE_BLOCK_ELEMENTS // n_bank)
+        distance_chunks, index_chunks = [], []
+        for start in range(0, centered_queries.shape[0], chunk_rows):
+            chunk = centered_queries[start : start + chunk_rows]
+            sq_distances = squared_distances(chunk, self._centered_bank, self._bank_sq_norms)
+            if k == 1:
+                chunk_sq, chunk_idx = sq_distances.min(dim=1, keepdim=True)
+            else:
+                chunk_sq, chunk_idx = sq_distances.topk(k, dim=1, largest=False, sorted=True)
+            distance_chunks.append(chunk_sq.clamp_min_(0).sqrt_())
+            index_chunks.append(chunk_idx)
+        return torch.cat(distance_chunks), torch.cat(index_chunks)
+
+
+def squared_distances(
+    queries: torch.Tensor, bank: torch.Tensor, bank_sq_norms: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Squared Euclidean distances between every query and every bank row.
+
+    Parameters
+    ----------
+    queries : Tensor of shape (Q, D)
+    bank : Tensor of shape (N, D)
+    bank_sq_norms : Tensor of shape (N,), optional
+        ``bank.square().sum(1)``, when the caller has it already.
+
+    Returns
+    -------
+    Tensor of shape (Q, N)
+        May hold tiny negative values from rounding; clamp before taking a square root.
+    """
+    if bank_sq_norms is None:
+        bank_sq_norms = bank.square().sum(dim=1)
+    query_sq_norms = queries.square().sum(dim=1, keepdim=True)
+    return torch.addmm(bank_sq_norms.unsqueeze(0), queries, bank.T, alpha=-2.0).add_(query_sq_norms)
+
+
+def greedy_coreset(
+    features: torch.Tensor, n_select: int, *, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Indices of a greedy k-center coreset (Gonzalez; PatchCore Alg. 1).
+
+    Starting from a random point, repeatedly add the point farthest from everything chosen so
+    far: ``m_i = argmax_m min_{n in chosen} |m - n|``. Cost ``O(n_select * N * D)`` with memory
+    ``O(N)`` beyond the input: each step is one matrix-vector product and an in-place minimum.
+
+    Parameters
+    ----------
+    features : Tensor of shape (N, D)
+    n_select : int
+        Coreset size, ``1 <= n_select <= N``.
+    generator : torch.Generator, optional
+        Picks the first point.
+
+    Returns
+    -------
+    Tensor of shape (n_select,)
+        Row indices in selection order.
+    """
+    n_points = features.shape[0]
+    if not 1 <= n_select <= n_points:
+        raise ValueError(f"n_select must be in [1, {n_points}], got {n_select}")
+    points = features.float().contiguous()
+    sq_norms = points.square().sum(dim=1)
+    min_sq_distances = torch.full((n_points,), math.inf)
+    dots = torch.empty(n_points)
+    chosen = torch.empty(n_select, dtype=torch.long)
+    next_index = int(torch.randint(n_points, (1,), generator=generator))
+    for step in range(n_select):
+        chosen[step] = next_index
+        torch.mv(points, points[next_index], out=dots)
+        # |p - c|^2 = |p|^2 - 2 p.c + |c|^2, folded into the running minimum in place
+        sq_distances = dots.mul_(-2.0).add_(sq_norms).add_(sq_norms[next_index])
+        torch.minimum(min_sq_distances, sq_distances, out=min_sq_distances)
+        next_index = int(torch.argmax(min_sq_distances))
+    return chosen
+
+
+class StreamingCoreset:
+    """Greedy coreset over a stream of feature rows, in memory bounded by one shard.
+
+    Rows are buffered into contiguous shards of about ``shard_rows``; each full shard is reduced
+    to its share of the coreset by :func:`greedy_coreset` on a random projection of the rows to
+    ``projection_dim`` dimensions (the paper's Johnson-Lindenstrauss approximation), and only the
+    selected original rows are kept. This is one-round distributed k-center: every iteration
+    touches one cache-sized shard instead of the whole bank, which makes it an order of magnitude
+    faster on 10^5 rows, and training sets of any size fit in memory.
+
+    Parameters
+    ----------
+    fraction : float
+        Share of rows kept, in (0, 1]. The total kept is ``round(fraction * N)`` (at least 1).
+    projection_dim : int
+        Random projection size; rows of at most this dimension are not projected.
+    shard_rows : int
+        Rows per shard.
+    generator : torch.Generator, optional
+        Source of the projection and of each shard's first point.
+    """
+
+    def __init__(
+        self,
+        fraction: float,
+        *,
+        projection_dim: int = 128,
+        shard_rows: int = CORESET_SHARD_ROWS,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.fraction = fraction
+        self.projection_dim = projection_dim
+        self.shard_rows = shard_rows
+        self.generator = generator
+        self._buffer: list[torch.Tensor] = []
+        self._buffered_rows = 0
+        self._rows_seen = 0
+        self._kept: list[torch.Tensor] = []
+        self._n_kept = 0
+        self._projection: torch.Tensor | None = None
+
+    def add(self, rows: torch.Tensor) -> None:
+        """Add feature rows (n, D); reduces a shard whenever one is full."""
+        self._buffer.append(rows)
+        self._buffered_rows += rows.shape[0]
+        if self._buffered_rows >= self.shard_rows:
+            self._reduce_buffer()
+
+    def result(self) -> torch.Tensor:
+        """The kept rows (M, D), in stream order within each shard's selection."""
+        if self._buffered_rows:
+            self._reduce_buffer()
+        if not self._kept:
+            raise ValueError("no rows were added")
+        return torch.cat(self._kept)
+
+    def _reduce_buffer(self) -> None:
+        shard = torch.cat(self._buffer)
+        self._buffer, self._buffered_rows = [], 0
+        self._rows_seen += shard.shape[0]
+        # cumulative rounding: the kept total is round(fraction * rows seen) after every shard
+        quota = max(1, round(self.fraction * self._rows_seen)) - self._n_kept
+        quota = min(quota, shard.shape[0])
+        if quota <= 0:
+            return
+        selected = shard if quota == shard.shape[0] else shard[greedy_coreset(self._project(shard), quota, generator=self.generator)]
+        self._kept.append(selected)
+        self._n_kept += quota
+
+    def _project(self, shard: torch.Tensor) -> torch.Tensor:
+        n_dims = shard.shape[1]
+        if n_dims <= self.projection_dim:
+            return shard
+        if self._projection is None:
+            self._projection = torch.randn(n_dims, self.projection_dim, generator=self.generator)
+            self._projection /= math.sqrt(self.projection_dim)
+        return shard.float() @ self._projection

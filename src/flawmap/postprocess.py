@@ -1,0 +1,76 @@
+"""From raw patch scores to anomaly maps at the input size, and score thresholds.
+
+Every method's ``B x h x w`` patch scores go through the same steps: bilinear upsampling to the
+network input size, Gaussian smoothing (sigma 4 px, as in PatchCore and PaDiM), then resizing to
+each image's original size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DEFAULT_SIGMA = 4.0
+
+
+def gaussian_kernel1d(sigma: float) -> torch.Tensor:
+    """Normalised 1-D Gaussian of radius ``ceil(4 sigma)``; shape (2r + 1,)."""
+    radius = max(1, math.ceil(4.0 * sigma))
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    return kernel / kernel.sum()
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float = DEFAULT_SIGMA) -> torch.Tensor:
+    """Separable Gaussian smoothing with reflected borders.
+
+    Parameters
+    ----------
+    maps : Tensor of shape (B, H, W)
+    sigma : float
+        Standard deviation in pixels; 0 returns the input.
+
+    Returns
+    -------
+    Tensor of shape (B, H, W)
+    """
+    if sigma <= 0:
+        return maps
+    kernel = gaussian_kernel1d(sigma).to(maps)
+    radius = kernel.numel() // 2
+    planes = maps.unsqueeze(1)
+    pad_mode = "reflect" if min(maps.shape[-2:]) > radius else "replicate"
+    planes = F.conv2d(F.pad(planes, (radius, radius, 0, 0), mode=pad_mode), kernel.view(1, 1, 1, -1))
+    planes = F.conv2d(F.pad(planes, (0, 0, radius, radius), mode=pad_mode), kernel.view(1, 1, -1, 1))
+    return planes.squeeze(1)
+
+
+def upsample(patch_scores: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of score grids: (B, h, w) -> (B, H, W)."""
+    return F.interpolate(patch_scores.unsqueeze(1), size=size_hw, mode="bilinear", align_corners=False).squeeze(1)
+
+
+def anomaly_maps(patch_scores: torch.Tensor, image_size: int, sigma: float = DEFAULT_SIGMA) -> torch.Tensor:
+    """Patch scores (B, h, w) to smoothed maps (B, S, S) at the network input size."""
+    return gaussian_blur(upsample(patch_scores.float(), (image_size, image_size)), sigma)
+
+
+def to_original_size(anomaly_map: torch.Tensor, original_hw: tuple[int, int]) -> np.ndarray:
+    """One map (S, S) resized bilinearly to the image's original (H, W), as float32 numpy."""
+    if tuple(anomaly_map.shape) != tuple(original_hw):
+        anomaly_map = upsample(anomaly_map.unsqueeze(0), original_hw)[0]
+    return anomaly_map.numpy().astype(np.float32, copy=False)
+
+
+def normal_quantile_threshold(normal_scores: np.ndarray, false_alarm_rate: float) -> float:
+    """Score threshold from normal images only.
+
+    The smallest observed normal score such that at most ``false_alarm_rate`` of the normal
+    scores lie strictly above it; with few scores and a small rate this is their maximum.
+    """
+    if normal_scores.size == 0:
+        raise ValueError("need at least one normal score to calibrate a threshold")
+    return float(np.quantile(normal_scores, 1.0 - false_alarm_rate, method="higher"))
