@@ -10,7 +10,9 @@ change, but the norms shrink, which keeps the expansion accurate in float32.
 
 from __future__ import annotations
 
+import functools
 import math
+from pathlib import Path
 
 import torch
 
@@ -23,19 +25,36 @@ CORESET_SHARD_ROWS = 16_384
 class NearestNeighbors:
     """Exact k-nearest-neighbour search in a fixed bank of vectors.
 
+    On CPUs with native bfloat16 matrix units (and on GPUs) the search runs in two passes: a
+    coarse bfloat16 pass ranks the whole bank and keeps ``k + rerank_margin`` candidates per
+    query, then exact float32 distances re-rank those candidates. The result is exact up to
+    rank swaps among near-ties that bfloat16 cannot tell apart, and the returned distances are
+    always exact float32 distances to the returned rows. Elsewhere a single float32 pass runs.
+
     Parameters
     ----------
     bank : Tensor of shape (N, D)
         The stored vectors.
+    coarse_dtype : torch.dtype or None
+        Dtype of the coarse pass; the default picks bfloat16 where it is fast, None disables it.
+    rerank_margin : int
+        Extra candidates kept by the coarse pass.
     """
 
-    def __init__(self, bank: torch.Tensor) -> None:
+    def __init__(
+        self, bank: torch.Tensor, *, coarse_dtype: torch.dtype | None | str = "auto", rerank_margin: int = 3
+    ) -> None:
         if bank.ndim != 2 or bank.shape[0] == 0:
             raise ValueError(f"bank must be a non-empty N x D matrix, got shape {tuple(bank.shape)}")
         self.bank = bank
+        self.rerank_margin = rerank_margin
+        self.coarse_dtype = fast_low_precision_dtype(bank.device) if coarse_dtype == "auto" else coarse_dtype
         self._center = bank.mean(dim=0)
         self._centered_bank = (bank - self._center).contiguous()
         self._bank_sq_norms = self._centered_bank.square().sum(dim=1)
+        if self.coarse_dtype is not None:
+            self._coarse_bank = self._centered_bank.to(self.coarse_dtype)
+            self._coarse_sq_norms = self._bank_sq_norms.to(self.coarse_dtype)
 
     def kneighbors(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` nearest bank vectors of each query.
@@ -61,14 +80,44 @@ class NearestNeighbors:
         distance_chunks, index_chunks = [], []
         for start in range(0, centered_queries.shape[0], chunk_rows):
             chunk = centered_queries[start : start + chunk_rows]
-            sq_distances = squared_distances(chunk, self._centered_bank, self._bank_sq_norms)
-            if k == 1:
-                chunk_sq, chunk_idx = sq_distances.min(dim=1, keepdim=True)
+            if self.coarse_dtype is None or k + self.rerank_margin >= n_bank:
+                chunk_sq, chunk_idx = _smallest(squared_distances(chunk, self._centered_bank, self._bank_sq_norms), k)
             else:
-                chunk_sq, chunk_idx = sq_distances.topk(k, dim=1, largest=False, sorted=True)
+                chunk_sq, chunk_idx = self._coarse_then_exact(chunk, k)
             distance_chunks.append(chunk_sq.clamp_min_(0).sqrt_())
             index_chunks.append(chunk_idx)
         return torch.cat(distance_chunks), torch.cat(index_chunks)
+
+    def _coarse_then_exact(self, chunk: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Coarse low-precision candidates, exact float32 re-rank; (Q, k) squared distances, indices."""
+        coarse = squared_distances(chunk.to(self.coarse_dtype), self._coarse_bank, self._coarse_sq_norms)
+        _, candidates = coarse.topk(k + self.rerank_margin, dim=1, largest=False, sorted=False)  # (Q, r)
+        exact_sq = (self._centered_bank[candidates] - chunk.unsqueeze(1)).square_().sum(dim=2)  # (Q, r)
+        best_sq, best_positions = _smallest(exact_sq, k)
+        return best_sq, candidates.gather(1, best_positions)
+
+
+def _smallest(sq_distances: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` smallest entries of each row, ascending; (Q, k) values and column indices."""
+    if k == 1:
+        return sq_distances.min(dim=1, keepdim=True)
+    return sq_distances.topk(k, dim=1, largest=False, sorted=True)
+
+
+def fast_low_precision_dtype(device: torch.device) -> torch.dtype | None:
+    """bfloat16 where matrix products in it are fast (CUDA, CPUs with AVX512-BF16 or AMX), else None."""
+    if device.type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if _cpu_has_native_bfloat16() else None
+
+
+@functools.cache
+def _cpu_has_native_bfloat16() -> bool:
+    try:
+        cpu_flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in cpu_flags or "amx_bf16" in cpu_flags
 
 
 def squared_distances(

@@ -62,7 +62,7 @@ class PatchCore(AnomalyModel):
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, S, S) -> locally aware patch features (B, C, S/8, S/8)."""
-        levels = self.backbone_.features(images, self.taps_)
+        levels = self._backbone_features(images)
         return fuse_levels([local_average(level, self.neighborhood_size) for level in levels])
 
     def _fit(self, feature_batches: Iterable[torch.Tensor]) -> None:
@@ -99,4 +99,4 @@ class PatchCore(AnomalyModel):
 
     def _set_state(self, tensors: dict[str, torch.Tensor]) -> None:
         self.memory_bank_ = tensors["memory_bank"].float().contiguous()
-        self.search_ = NearestNeighbors(self.memory_bank_)
+        self.search_ = NearestNeighbors(self.memory_bank_, coarse_dtype=self._low_precision_dtype())

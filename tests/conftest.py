@@ -1,0 +1,43 @@
+"""Shared fixtures: a tiny demo category and a small fitted PatchCore model (64 px, fast)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from flawmap.data import make_demo_data
+from flawmap.models import PatchCore
+
+TINY_IMAGE_SIZE = 64
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """One demo category (brick) in MVTec layout: 12 train, 4 good + 2 per defect type test images."""
+    root = tmp_path_factory.mktemp("demo")
+    (folder,) = make_demo_data(root, categories=("brick",), image_size=96, n_train=12, n_test_good=4, n_test_defect=2)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dataset) -> PatchCore:
+    return PatchCore(image_size=TINY_IMAGE_SIZE, coreset_fraction=0.25, batch_size=8).fit(tiny_dataset)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_model, tmp_path_factory) -> Path:
+    return tiny_model.save(tmp_path_factory.mktemp("models") / "brick")
+
+
+@pytest.fixture(scope="session")
+def mvtec_bottle() -> Path:
+    """The real MVTec AD bottle category, when FLAWMAP_DATA points at the shared data."""
+    data_root = os.environ.get("FLAWMAP_DATA")
+    if not data_root:
+        pytest.skip("FLAWMAP_DATA is not set: real-data tests need ../shared/data (CI sets it)")
+    bottle = Path(data_root) / "mvtec_ad" / "bottle"
+    if not bottle.is_dir():
+        pytest.skip(f"{bottle} does not exist")
+    return bottle

@@ -1,0 +1,111 @@
+import numpy as np
+import pytest
+import torch
+
+from flawmap.errors import FlawmapError
+from flawmap.evaluate import evaluate
+from flawmap.models import PatchCore
+from flawmap.neighbors import NearestNeighbors
+
+
+def test_fit_builds_coreset_bank_of_requested_size(tiny_model):
+    # 12 train images, 1 held out for calibration (10%), 8 x 8 patches each at 64 px
+    n_patches = tiny_model.n_train_images_ * 8 * 8
+    assert tiny_model.n_train_images_ == 11
+    assert tiny_model.memory_bank_.shape == (round(0.25 * n_patches), 40 + 112)
+
+
+def test_patch_scores_are_nearest_bank_distances(tiny_model, tiny_dataset):
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        features = tiny_model._embed(images)
+        scored = tiny_model._score(features)
+    queries = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+    expected = torch.cdist(queries.double(), tiny_model.memory_bank_.double()).min(dim=1).values
+    torch.testing.assert_close(scored.patch_scores.reshape(-1).double(), expected, atol=2e-3, rtol=2e-3)
+
+
+def test_image_score_is_reweighted_max(tiny_model):
+    """Eq. 7 recomputed from its definition with brute-force neighbours."""
+    images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        features = tiny_model._embed(images)
+        scored = tiny_model._score(features)
+    bank = tiny_model.memory_bank_.double()
+    queries = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]).double()
+    distances = torch.cdist(queries, bank)
+    worst = int(distances.min(dim=1).values.argmax())
+    s_star = distances[worst].min()
+    m_star = int(distances[worst].argmin())
+    support = torch.cdist(bank[m_star : m_star + 1], bank)[0].topk(9, largest=False).indices
+    weight = 1 - torch.exp(distances[worst, m_star]) / torch.exp(distances[worst, support]).sum()
+    assert float(scored.image_scores[0]) == pytest.approx(float(weight * s_star), rel=2e-3)
+
+
+def test_scores_are_pure_and_batch_independent(tiny_model, tiny_dataset):
+    samples = list(tiny_dataset.glob("test/*/*.png"))[:5]
+    together = tiny_model.predict(samples)
+    alone = [tiny_model.predict(path)[0] for path in samples]
+    for batched, single in zip(together, alone):
+        assert batched.score == pytest.approx(single.score, rel=1e-5)
+        np.testing.assert_allclose(batched.anomaly_map, single.anomaly_map, rtol=1e-4, atol=1e-5)
+
+
+def test_detects_synthetic_defects(tiny_model, tiny_dataset):
+    result = evaluate(tiny_model, tiny_dataset)
+    assert result["image_auroc"] > 0.8
+    assert result["pixel_auroc"] > 0.8  # chance is 0.5; 64 px and 11 training images
+
+
+def test_predict_maps_have_original_size(tiny_model):
+    image = (np.random.default_rng(0).random((70, 50)) * 255).astype(np.uint8)
+    (prediction,) = tiny_model.predict(image)
+    assert prediction.anomaly_map.shape == (70, 50)
+    assert prediction.anomaly_map.dtype == np.float32
+    assert prediction.is_anomalous == (prediction.score > tiny_model.threshold_)
+
+
+def test_threshold_calibrated_on_held_out_normals(tiny_model):
+    scores = np.asarray(tiny_model.calibration_scores_)
+    assert len(scores) == 1
+    assert tiny_model.threshold_ == pytest.approx(scores.max())
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"coreset_fraction": 0.0}, "coreset_fraction"),
+        ({"neighborhood_size": 2}, "neighborhood_size"),
+        ({"image_size": 60}, "image_size"),
+        ({"calibration_fraction": 1.0}, "calibration_fraction"),
+        ({"precision": "float16"}, "precision"),
+    ],
+)
+def test_invalid_hyper_parameters(params, message, tiny_dataset):
+    with pytest.raises(FlawmapError, match=message):
+        PatchCore(**params).fit(tiny_dataset)
+
+
+def test_predict_before_fit_raises():
+    with pytest.raises(FlawmapError, match="not fitted"):
+        PatchCore().predict(np.zeros((64, 64, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("coarse_dtype", [None, torch.bfloat16])
+def test_search_on_real_features_is_exact(tiny_model, coarse_dtype):
+    generator = torch.Generator().manual_seed(2)
+    bank = tiny_model.memory_bank_
+    queries = bank.repeat(2, 1) + 0.5 * torch.randn(2 * bank.shape[0], bank.shape[1], generator=generator)
+    truth = torch.cdist(queries.double(), bank.double()).min(dim=1).values
+    distances, _ = NearestNeighbors(bank, coarse_dtype=coarse_dtype).kneighbors(queries)
+    # a coarse pass only proposes candidates: the distances returned are exact float32 ones
+    torch.testing.assert_close(distances[:, 0].double(), truth, rtol=1e-3, atol=1e-3)
+
+
+def test_bottle_reaches_reference_accuracy(mvtec_bottle):
+    """Issue acceptance: 256 px, default backbone, 10% coreset."""
+    model = PatchCore().fit(mvtec_bottle)
+    result = evaluate(model, mvtec_bottle)
+    assert result["image_auroc"] >= 0.995
+    assert result["pixel_auroc"] >= 0.980
+    assert result["aupro"] >= 0.90

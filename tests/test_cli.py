@@ -1,0 +1,175 @@
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from flawmap.cli import main
+from flawmap.data import open_dataset, read_mask
+from flawmap.evaluate import RESULT_KEYS
+from flawmap.metrics import aupro
+
+SMALL = ["--image-size", "64", "--batch-size", "8"]
+
+
+def run_cli(capsys, *argv):
+    code = main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("flawmap: error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert str(fragment) in lines[0]
+
+
+def test_fit_evaluate_predict_end_to_end(capsys, tiny_dataset, tmp_path):
+    model_dir = tmp_path / "model"
+    code, out, _ = run_cli(capsys, "fit", tiny_dataset, "--method", "patchcore", "--out", model_dir, *SMALL, "--coreset-fraction", "0.2")
+    assert code == 0 and "saved patchcore model" in out
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["params"]["coreset_fraction"] == 0.2 and config["params"]["image_size"] == 64
+
+    metrics_path, maps_dir = tmp_path / "metrics.json", tmp_path / "maps"
+    code, out, _ = run_cli(capsys, "evaluate", model_dir, tiny_dataset, "--json", metrics_path, "--maps-dir", maps_dir)
+    assert code == 0 and "image_auroc" in out
+    metrics = json.loads(metrics_path.read_text())
+    assert list(metrics) == list(RESULT_KEYS)
+    assert metrics["n_images"] == len(open_dataset(tiny_dataset).test)
+    assert_metrics_reproduce_from_maps(metrics, maps_dir, tiny_dataset)
+
+    out_dir = tmp_path / "predictions"
+    images = sorted((tiny_dataset / "test").glob("*/*.png"))[:3]
+    code, out, _ = run_cli(capsys, "predict", model_dir, *images, "--out", out_dir)
+    assert code == 0
+    records = [json.loads(line) for line in (out_dir / "scores.jsonl").read_text().splitlines()]
+    assert [record["path"] for record in records] == [str(path) for path in images]
+    assert all(set(record) == {"path", "score", "is_anomalous"} for record in records)
+    overlays = sorted(out_dir.glob("*.png"))
+    assert len(overlays) == 3
+    with Image.open(overlays[0]) as overlay:
+        assert overlay.size == (2 * 96, 96)  # original | heat map, at the image's own size
+
+
+def assert_metrics_reproduce_from_maps(metrics, maps_dir, dataset_root):
+    """Recompute the metrics from the written maps and scores, with scikit-learn where it can."""
+    scores = json.loads((maps_dir / "scores.json").read_text())
+    dataset = open_dataset(dataset_root)
+    labels = [sample.is_anomalous for sample in dataset.test]
+    image_scores = [scores[sample.key] for sample in dataset.test]
+    assert roc_auc_score(labels, image_scores) == pytest.approx(metrics["image_auroc"], abs=1e-9)
+    maps, masks = [], []
+    for sample in dataset.test:
+        anomaly_map = np.load(maps_dir / f"{sample.key}.npy")
+        with Image.open(sample.image_path) as image:
+            assert anomaly_map.shape == (image.height, image.width)
+        mask = read_mask(sample.mask_path, anomaly_map.shape) if sample.mask_path else np.zeros(anomaly_map.shape, bool)
+        maps.append(anomaly_map)
+        masks.append(mask)
+    pixels, truth = np.concatenate([m.ravel() for m in maps]), np.concatenate([m.ravel() for m in masks])
+    assert roc_auc_score(truth, pixels) == pytest.approx(metrics["pixel_auroc"], abs=1e-9)
+    assert average_precision_score(truth, pixels) == pytest.approx(metrics["pixel_ap"], abs=1e-9)
+    assert aupro(maps, masks) == pytest.approx(metrics["aupro"], abs=1e-9)
+
+
+def test_fit_several_folders_into_one_model(capsys, tiny_dataset, tmp_path):
+    extra = tmp_path / "more_good"
+    extra.mkdir()
+    for path in sorted((tiny_dataset / "train" / "good").glob("*.png"))[:3]:
+        shutil.copy(path, extra / f"extra_{path.name}")
+    code, out, _ = run_cli(capsys, "fit", tiny_dataset, extra, "--out", tmp_path / "m", *SMALL)
+    assert code == 0
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["fitted"]["n_train_images_"] == 15 - 2  # 12 + 3 images, 2 held out for calibration
+
+
+def test_missing_data_folder(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "fit", tmp_path / "absent", "--out", tmp_path / "m")
+    assert_one_line_error(code, err, tmp_path / "absent")
+
+
+def test_folder_without_images(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    code, _, err = run_cli(capsys, "fit", tmp_path / "empty", "--out", tmp_path / "m")
+    assert_one_line_error(code, err, tmp_path / "empty")
+
+
+def copy_dataset(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+def test_corrupt_training_image_stops_fit_or_is_skipped(capsys, tiny_dataset, tmp_path):
+    dataset = copy_dataset(tiny_dataset, tmp_path / "data")
+    broken = sorted((dataset / "train" / "good").glob("*.png"))[4]
+    broken.write_bytes(broken.read_bytes()[:200])  # truncated PNG
+    code, _, err = run_cli(capsys, "fit", dataset, "--out", tmp_path / "m", *SMALL)
+    assert_one_line_error(code, err, broken)
+    assert not (tmp_path / "m").exists()
+    with pytest.warns(UserWarning, match=str(broken)):
+        code, out, _ = run_cli(capsys, "fit", dataset, "--out", tmp_path / "m", *SMALL, "--skip-invalid")
+    assert code == 0
+
+
+def test_wrong_size_mask(capsys, tiny_dataset, tiny_model_dir, tmp_path):
+    dataset = copy_dataset(tiny_dataset, tmp_path / "data")
+    mask_path = sorted((dataset / "ground_truth").glob("*/*.png"))[0]
+    Image.new("L", (10, 10)).save(mask_path)
+    code, _, err = run_cli(capsys, "evaluate", tiny_model_dir, dataset)
+    assert_one_line_error(code, err, mask_path)
+
+
+def test_missing_mask(capsys, tiny_dataset, tiny_model_dir, tmp_path):
+    dataset = copy_dataset(tiny_dataset, tmp_path / "data")
+    mask_path = sorted((dataset / "ground_truth").glob("*/*.png"))[0]
+    mask_path.unlink()
+    code, _, err = run_cli(capsys, "evaluate", tiny_model_dir, dataset)
+    assert_one_line_error(code, err, "mask")
+
+
+def test_model_dir_that_is_not_a_model(capsys, tiny_dataset, tmp_path):
+    code, _, err = run_cli(capsys, "evaluate", tiny_dataset, tiny_dataset)
+    assert_one_line_error(code, err, tiny_dataset, "not a flawmap model")
+
+
+def test_unknown_method_and_backbone(capsys, tiny_dataset, tmp_path):
+    code, _, err = run_cli(capsys, "fit", tiny_dataset, "--method", "magic", "--out", tmp_path / "m")
+    assert_one_line_error(code, err, "unknown method 'magic'", "patchcore")
+    code, _, err = run_cli(capsys, "fit", tiny_dataset, "--backbone", "vgg99", "--out", tmp_path / "m")
+    assert_one_line_error(code, err, "unknown backbone 'vgg99'", "efficientnet_lite0")
+
+
+def test_missing_weights_file(capsys, tiny_dataset, tmp_path):
+    code, _, err = run_cli(capsys, "fit", tiny_dataset, "--weights", tmp_path / "w.pth", "--out", tmp_path / "m")
+    assert_one_line_error(code, err, tmp_path / "w.pth")
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "flawmap.cli", "predict", str(tmp_path / "nomodel"), str(tmp_path), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("flawmap: error:") and str(tmp_path / "nomodel") in result.stderr
+
+
+def test_demo_data_command(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "demo-data", tmp_path / "demo")
+    assert code == 0
+    categories = sorted(path.name for path in (tmp_path / "demo").iterdir())
+    assert len(categories) >= 3
+    for category in categories:
+        dataset = open_dataset(tmp_path / "demo" / category)
+        assert len({sample.defect_type for sample in dataset.test}) >= 4  # good + 3 defect types
