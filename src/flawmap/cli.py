@@ -68,6 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo_data = _command(commands, "demo-data", "write the built-in demo dataset (MVTec layout)", run_demo_data)
     demo_data.add_argument("out", type=Path, metavar="OUT_DIR")
+
+    bench = _command(commands, "benchmark", "fit and evaluate methods on datasets, one fresh process each", run_benchmark)
+    bench.add_argument("data", nargs="+", type=Path, metavar="DATA_DIR", help="MVTec-layout dataset folder(s)")
+    bench.add_argument("--methods", default=",".join(METHODS.names()), metavar="A,B", help="comma-separated (default: all)")
+    bench.add_argument("--json", type=Path, metavar="FILE", help="write the rows as JSON")
+    bench.add_argument(
+        "--param", action="append", default=[], metavar="METHOD.NAME=VALUE",
+        help="a method hyper-parameter, e.g. padim.n_features=64 (repeatable)",
+    )
     return parser
 
 
@@ -217,7 +226,35 @@ def run_demo(args: argparse.Namespace) -> None:
     print(f"\noverlays: {args.out / 'overlays'}   models: {args.out / 'models'}")
 
 
+def run_benchmark(args: argparse.Namespace) -> None:
+    from flawmap.benchmark import TABLE_COLUMNS, benchmark
+
+    methods = [name.strip() for name in args.methods.split(",") if name.strip()]
+    rows = benchmark(args.data, methods, params=_method_params(args.param), json_path=args.json, progress=True)
+    print(format_table(rows, list(TABLE_COLUMNS)))
+
+
 # ---------------------------------------------------------------- helpers
+def _method_params(specs: list[str]) -> dict[str, dict[str, Any]]:
+    """``METHOD.NAME=VALUE`` strings to ``{method: {name: typed value}}``."""
+    fields = _hyperparameter_fields()
+    params: dict[str, dict[str, Any]] = {}
+    for spec in specs:
+        key, equals, text = spec.partition("=")
+        method, dot, name = key.partition(".")
+        if not equals or not dot:
+            raise FlawmapError(f"--param {spec!r}: expected METHOD.NAME=VALUE")
+        if method not in METHODS:
+            raise FlawmapError(f"--param {spec!r}: unknown method {method!r}; choose one of: {', '.join(METHODS.names())}")
+        if name not in fields or method not in fields[name][1]:
+            raise FlawmapError(f"--param {spec!r}: method {method!r} has no hyper-parameter {name!r}")
+        try:
+            params.setdefault(method, {})[name] = _parser_for(fields[name][0])(text)
+        except (ValueError, argparse.ArgumentTypeError) as error:
+            raise FlawmapError(f"--param {spec!r}: {error}") from None
+    return params
+
+
 def _load(model_dir: Path) -> AnomalyModel:
     model = AnomalyModel.load(model_dir)
     model.progress = True

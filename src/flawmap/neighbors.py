@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-#: Upper bound on the elements of one ``queries x bank`` distance block (256 MiB of float32).
-DISTANCE_BLOCK_ELEMENTS = 64 * 1024 * 1024
+#: Upper bound on the elements of one ``queries x bank`` distance block (64 MiB of float32).
+DISTANCE_BLOCK_ELEMENTS = 16 * 1024 * 1024
 #: Rows per coreset shard: a 16k x 128 float32 shard fits in a CPU's last-level cache.
 CORESET_SHARD_ROWS = 16_384
 
@@ -92,7 +92,9 @@ class NearestNeighbors:
         """Coarse low-precision candidates, exact float32 re-rank; (Q, k) squared distances, indices."""
         coarse = squared_distances(chunk.to(self.coarse_dtype), self._coarse_bank, self._coarse_sq_norms)
         _, candidates = coarse.topk(k + self.rerank_margin, dim=1, largest=False, sorted=False)  # (Q, r)
-        exact_sq = (self._centered_bank[candidates] - chunk.unsqueeze(1)).square_().sum(dim=2)  # (Q, r)
+        differences = self._centered_bank.index_select(0, candidates.view(-1)).view(*candidates.shape, -1)
+        differences.sub_(chunk.unsqueeze(1))  # (Q, r, D)
+        exact_sq = torch.einsum("qrd,qrd->qr", differences, differences)
         best_sq, best_positions = _smallest(exact_sq, k)
         return best_sq, candidates.gather(1, best_positions)
 

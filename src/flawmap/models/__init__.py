@@ -1,9 +1,12 @@
 """Anomaly-detection methods: one module each, registered by name in :data:`METHODS`."""
 
 from flawmap.models.base import METHODS, AnomalyModel, PatchScores, Prediction, register_method
+from flawmap.models.padim import Padim
 from flawmap.models.patchcore import PatchCore
+from flawmap.models.rlr import RLR
+from flawmap.models.spade import Spade
 
-__all__ = ["METHODS", "AnomalyModel", "PatchCore", "PatchScores", "Prediction", "create_model", "list_methods", "register_method"]
+__all__ = ["METHODS", "AnomalyModel", "Padim", "PatchCore", "PatchScores", "Prediction", "Spade", "create_model", "list_methods", "register_method"]
 
 
 def create_model(method: str, **params) -> AnomalyModel:
