@@ -1,8 +1,10 @@
 """Heat-map overlays that a person can read.
 
-The colour scale is fixed per model, not per image: it runs from the median pixel score of the
-normal calibration images (transparent) to twice the calibrated normal maximum (red), so the same
-colour means the same score in every picture and a clean part stays clean.
+The colour scale is fixed per model, not per image, so the same colour means the same score in
+every picture. With ``low`` the median pixel score of the normal calibration images and ``high``
+their calibrated maximum, pixels below ``low + (high - low) / 2`` stay uncoloured (a clean part
+looks clean), blue-green marks the upper normal range, yellow the normal maximum and red twice
+its distance from the median.
 """
 
 from __future__ import annotations
@@ -48,8 +50,9 @@ def overlay(image: np.ndarray, anomaly_map: np.ndarray, low: float, high: float)
 def write_overlay(model: AnomalyModel, prediction: Prediction, path: Path) -> Path:
     """Save ``original | overlay`` side by side with the score and verdict as a PNG."""
     image = read_image(prediction.sample.image_path)
-    high = model.map_low_ + 2.0 * (model.map_high_ - model.map_low_)
-    panel = np.concatenate([image, overlay(image, prediction.anomaly_map, model.map_low_, high)], axis=1)
+    normal_spread = model.map_high_ - model.map_low_
+    shown_from, shown_to = model.map_low_ + 0.5 * normal_spread, model.map_low_ + 2.0 * normal_spread
+    panel = np.concatenate([image, overlay(image, prediction.anomaly_map, shown_from, shown_to)], axis=1)
     picture = Image.fromarray(panel)
     verdict = "ANOMALOUS" if prediction.is_anomalous else "normal"
     caption = f"score {prediction.score:.3f} (threshold {model.threshold_:.3f}): {verdict}"
