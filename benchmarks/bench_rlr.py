@@ -32,7 +32,7 @@ from flawmap.models import create_model
 COLUMNS = ["variant", "category", "image_auroc", "pixel_auroc", "aupro", "pixel_ap", "train_minutes"]
 VARIANTS = {"masked": True, "unmasked": False}
 """Variant name -> ``mlka_mask``."""
-MODEL_OPTIONS = ("epochs", "hidden_dim", "depth", "image_size", "device")
+MODEL_OPTIONS = ("epochs", "hidden_dim", "depth", "jitter_scale", "image_size", "device")
 """Options passed on to the model when given; otherwise its defaults apply."""
 
 
@@ -63,6 +63,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--hidden-dim", type=int)
     parser.add_argument("--depth", type=int)
+    parser.add_argument("--jitter-scale", type=float, help="0 lets the unmasked variant learn the identity shortcut")
     parser.add_argument("--image-size", type=int)
     parser.add_argument("--device")
     parser.add_argument("--checkpoint-root", type=Path, help="checkpoint each variant's training under this folder")

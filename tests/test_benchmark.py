@@ -4,13 +4,6 @@ import pytest
 
 from flawmap.benchmark import TABLE_COLUMNS, directory_mb
 from flawmap.cli import main
-from flawmap.data import make_demo_data
-
-
-@pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    return make_demo_data(root, categories=("brick",), image_size=64, n_train=6, n_test_good=2, n_test_defect=1)[0]
 
 
 def test_benchmark_command_end_to_end(tiny_dataset, tmp_path, capsys):

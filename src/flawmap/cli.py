@@ -184,7 +184,7 @@ def run_predict(args: argparse.Namespace) -> None:
 
     model = _load(args.model)
     args.out.mkdir(parents=True, exist_ok=True)
-    n_anomalous = 0
+    n_scored = n_anomalous = 0
     with open(args.out / "scores.jsonl", "w", encoding="utf-8") as lines:
         for index, (prediction, _) in enumerate(
             model.iter_predictions(samples_from_paths(args.images), skip_invalid=args.skip_invalid)
@@ -193,8 +193,9 @@ def run_predict(args: argparse.Namespace) -> None:
             write_overlay(model, prediction, args.out / f"{index:05d}_{sample.image_path.stem}.png")
             record = {"path": str(sample.image_path), "score": prediction.score, "is_anomalous": prediction.is_anomalous}
             lines.write(json.dumps(record) + "\n")
+            n_scored += 1
             n_anomalous += prediction.is_anomalous
-    print(f"scored {index + 1} images, {n_anomalous} anomalous; overlays and scores.jsonl in {args.out}")
+    print(f"scored {n_scored} images, {n_anomalous} anomalous; overlays and scores.jsonl in {args.out}")
 
 
 def run_demo_data(args: argparse.Namespace) -> None:
@@ -210,7 +211,9 @@ def run_demo(args: argparse.Namespace) -> None:
     from flawmap.report import write_overlay
 
     rows = []
-    for folder in make_demo_data(args.out / "data"):
+    data_root = args.out / "data"
+    folders = sorted(data_root.iterdir()) if data_root.is_dir() else make_demo_data(data_root)
+    for folder in folders:
         dataset = open_dataset(folder)
         print(f"== {dataset.name}: fitting {args.method} on {len(dataset.train)} good images")
         model = create_model(args.method, progress=True).fit(dataset)

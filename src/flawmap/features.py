@@ -54,6 +54,24 @@ def fuse_levels(feature_maps: Sequence[torch.Tensor], grid_hw: tuple[int, int] |
     return torch.cat(resized, dim=1)
 
 
+def locally_aware_patches(feature_maps: Sequence[torch.Tensor], neighborhood_size: int = 3) -> torch.Tensor:
+    """PatchCore's locally aware patch features: every level averaged over its neighbourhood
+    (Eq. 2), then all levels fused on the finest grid.
+
+    Parameters
+    ----------
+    feature_maps : sequence of Tensor of shape (B, C_l, h_l, w_l)
+        Backbone levels, finest first.
+    neighborhood_size : int
+        Odd aggregation window ``p``.
+
+    Returns
+    -------
+    Tensor of shape (B, sum(C_l), h, w)
+    """
+    return fuse_levels([local_average(level, neighborhood_size) for level in feature_maps])
+
+
 def flatten_patches(patch_features: torch.Tensor) -> torch.Tensor:
     """Patch grid to rows: (B, C, h, w) -> (B * h * w, C), image-major then row-major."""
     return patch_features.permute(0, 2, 3, 1).reshape(-1, patch_features.shape[1])

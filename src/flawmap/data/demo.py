@@ -21,6 +21,7 @@ TEXTURES: dict[str, tuple[Callable[[], np.ndarray], tuple[float, float, float]]]
     "brick": (skimage.data.brick, (1.0, 0.72, 0.58)),
     "gravel": (skimage.data.gravel, (0.92, 0.9, 0.85)),
     "grass": (skimage.data.grass, (0.62, 0.95, 0.5)),
+    "moon": (skimage.data.moon, (0.9, 0.88, 0.8)),
 }
 """Category name -> (grey 512 x 512 source photo, RGB tint). A category's seed offset is its index here."""
 
@@ -42,7 +43,7 @@ _PNG_COMPRESS_LEVEL = 1
 
 def make_demo_data(
     out_dir: str | Path,
-    categories: Sequence[str] = ("brick", "gravel", "grass"),
+    categories: Sequence[str] = ("brick", "gravel", "moon"),
     image_size: int = 256,
     n_train: int = 40,
     n_test_good: int = 10,
@@ -213,7 +214,7 @@ def _draw_scratch(clean: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarr
     start, end = _random_segment(rng, size, (0.3, 0.6))
     normal = np.array([end[1] - start[1], start[0] - end[0]])
     control = (start + end) / 2 + rng.uniform(-0.3, 0.3) * normal
-    half_width = max(0.75, rng.uniform(0.006, 0.012) * size)
+    half_width = max(0.75, rng.uniform(0.01, 0.018) * size)
     coverage = _line_coverage(_dense_curve(start, control, end), half_width, clean.shape)
     return coverage, np.full(3, rng.choice([-1.0, 1.0]) * rng.uniform(60, 90))
 
@@ -221,14 +222,14 @@ def _draw_scratch(clean: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarr
 def _draw_cut(clean: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """A straight dark gap, as if a piece were missing: pixels darkened to 40 % of their level."""
     start, end = _random_segment(rng, clean.shape[0], (0.2, 0.4))
-    half_width = max(1.0, rng.uniform(0.01, 0.02) * clean.shape[0])
+    half_width = max(1.0, rng.uniform(0.015, 0.025) * clean.shape[0])
     coverage = _line_coverage(_dense_curve(start, (start + end) / 2, end), half_width, clean.shape)
     return coverage, -0.6 * clean.astype(np.float64)
 
 
 def _draw_spot(clean: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """A filled irregular blob of a different intensity and colour, with an anti-aliased edge."""
-    distance, radius = _random_blob(rng, clean.shape, (0.03, 0.06))
+    distance, radius = _random_blob(rng, clean.shape, (0.04, 0.08))
     coverage = np.clip(radius - distance + 0.5, 0.0, 1.0)
     direction = rng.choice([-1.0, 1.0]) + 0.3 * rng.normal(size=3)
     return coverage, _colour_shift(direction, rng.uniform(45, 75))
@@ -236,7 +237,7 @@ def _draw_spot(clean: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray,
 
 def _draw_stain(clean: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """A larger soft-edged region blended towards a random colour."""
-    distance, radius = _random_blob(rng, clean.shape, (0.06, 0.12))
+    distance, radius = _random_blob(rng, clean.shape, (0.08, 0.14))
     coverage = rng.uniform(0.6, 0.9) * np.clip(1.0 - (distance / radius) ** 2, 0.0, 1.0) ** 0.7
     return coverage, _colour_shift(rng.normal(size=3), rng.uniform(60, 80))
 

@@ -4,6 +4,7 @@ from flawmap.models.base import METHODS, AnomalyModel, PatchScores, Prediction, 
 from flawmap.models.padim import Padim
 from flawmap.models.patchcore import PatchCore
 from flawmap.models.rlr import RLR
+from flawmap.models.sfr import SFR
 from flawmap.models.spade import Spade
 
 __all__ = ["METHODS", "AnomalyModel", "Padim", "PatchCore", "PatchScores", "Prediction", "Spade", "create_model", "list_methods", "register_method"]

@@ -38,7 +38,7 @@ class GaussianAccumulator:
 
     def add(self, samples: torch.Tensor) -> None:
         """Add a batch of observations of shape (B, P, D)."""
-        by_position = samples.to(torch.float64).transpose(0, 1)  # (P, B, D)
+        by_position = samples.transpose(0, 1).to(torch.float64).contiguous()  # (P, B, D), rows of D
         if self._sums is None:
             n_positions, _, n_dims = by_position.shape
             self._sums = torch.zeros(n_positions, n_dims, dtype=torch.float64)
@@ -90,7 +90,7 @@ def mahalanobis_distances(
     Tensor of shape (B, P)
         ``sqrt((x - mu)^T Sigma^-1 (x - mu))`` per sample and position.
     """
-    deviations = (samples.to(means.dtype) - means).transpose(0, 1)  # (P, B, D)
+    deviations = (samples.to(means.dtype) - means).transpose(0, 1).contiguous()  # (P, B, D), rows of D
     squared = (torch.bmm(deviations, inverse_covariances) * deviations).sum(dim=2)  # (P, B)
     return squared.clamp_min_(0).sqrt_().T
 

@@ -20,7 +20,7 @@ from typing import Iterable
 import torch
 
 from flawmap.errors import FlawmapError
-from flawmap.features import flatten_patches, fuse_levels, local_average
+from flawmap.features import flatten_patches, locally_aware_patches
 from flawmap.models.base import AnomalyModel, PatchScores, register_method
 from flawmap.neighbors import NearestNeighbors, StreamingCoreset
 
@@ -62,8 +62,7 @@ class PatchCore(AnomalyModel):
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, S, S) -> locally aware patch features (B, C, S/8, S/8)."""
-        levels = self._backbone_features(images)
-        return fuse_levels([local_average(level, self.neighborhood_size) for level in levels])
+        return locally_aware_patches(self._backbone_features(images), self.neighborhood_size)
 
     def _fit(self, feature_batches: Iterable[torch.Tensor]) -> None:
         generator = torch.Generator().manual_seed(self.random_state)

@@ -1,0 +1,401 @@
+"""SFR: Hotta, Zhang, Hagihara & Akashi, "Subspace-Guided Feature Reconstruction for Unsupervised
+Anomaly Localization", arXiv 2309.13904 (IET Image Processing 2025).
+
+Memory-bank methods (PatchCore, SPADE) score a patch by its distance to the nearest stored normal
+feature, so a normal feature that the bank happens not to hold looks anomalous. SFR instead
+reconstructs each target feature as a linear combination of the normal features of its
+low-dimensional subspace (the self-expressive model of subspace clustering): a normal feature
+that was never stored is still "mimicked" by its neighbours in the subspace, and the residual,
+the feature dimensions that no normal combination explains, is the anomaly evidence. The
+sparsity of the self-expressive coefficients then tells which few normal features the
+reconstructions depend on, and only those are kept.
+
+The paper does not spell out every step; where it is silent this module takes the standard
+choices of the sparse subspace clustering literature, with every code restricted to ``k`` nearest
+atoms so that time and memory stay linear in the number of patches (docs/sfr.md has the
+derivation and the measurements behind each default). Notation: ``x`` (D,) a patch feature,
+``A`` (k, D) the ``k`` atoms it is coded on, ``c`` (k,) their coefficients, ``s^2`` the mean squared
+norm of the atoms (it makes the penalty weights ``lambda_1 = sparsity`` and
+``lambda_2 = ridge`` independent of the feature scale).
+
+1. Features: PatchCore's locally aware patch features (:func:`flawmap.features.locally_aware_patches`).
+2. Pool: the training patches reduced by greedy k-center coreset (PatchCore Alg. 1) to
+   ``pool_factor`` times the bank size. The pool keeps every rare normal pattern within reach
+   (the coefficient ranking below alone favours dense regions) and makes step 3 cheap.
+3. Self-expression of the pool ``X``, each atom coded on its ``k`` nearest other atoms
+   (``diag(C) = 0``), with a row-sparse penalty (SMRS; Elhamifar, Sapiro & Vidal, CVPR 2012)::
+
+       min_C  sum_i 1/2 |x_i - A_i^T c_i|^2 + lambda_2 s^2 / 2 |C|_F^2 + lambda_1 s^2 sum_j |C^j|_2     (1)
+
+   ``C^j`` is row ``j`` of ``C``: every coefficient with which atom ``j`` helps express another
+   atom. The row norm vanishes for atoms that no other atom needs. Solved by FISTA with a row-wise
+   group soft-threshold.
+4. Sparse sampling: the bank keeps the ``bank_fraction`` share of all patches with the largest
+   ``|C^j|_2``, the atoms on which the reconstruction of the others depends most.
+5. Target reconstruction: a test feature is one more column of (1). For a single column the row
+   norms are absolute values, so its code is the elastic net over its ``k`` nearest bank atoms::
+
+       c*(x) = argmin_c 1/2 |x - A^T c|^2 + lambda_1 s^2 |c|_1 + lambda_2 s^2 / 2 |c|^2           (2)
+
+   solved by FISTA, in batches of queries.
+6. Patch score: the norm of the per-dimension residual ``r(x) = x - A^T c*(x)`` (Sec. III of the
+   paper: poorly reconstructed dimensions indicate anomalies), upsampled and smoothed like every
+   method's; image score: the maximum of the smoothed map.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from tqdm import tqdm
+
+from flawmap.errors import FlawmapError
+from flawmap.features import flatten_patches, locally_aware_patches
+from flawmap.models.base import AnomalyModel, PatchScores, register_method
+from flawmap.neighbors import NearestNeighbors, StreamingCoreset
+
+#: How the bank is sampled from the training patches: ``"sparse"`` (steps 2-4), or, for
+#: comparison, a greedy coreset or a uniform random sample of the same size.
+SAMPLINGS = ("sparse", "coreset", "random")
+#: FISTA iterations for the target codes (2): the residual norm is then within 1% of the
+#: converged one for 99% of bottle patches.
+TARGET_ITERATIONS = 50
+#: FISTA iterations for the pool codes (1), which share one (smaller) step size.
+POOL_ITERATIONS = 200
+#: Queries coded together; bounds the gathered atoms (rows x k x D floats) to tens of MiB.
+CODING_CHUNK_ROWS = 4096
+
+Prox = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@register_method("sfr")
+@dataclass(kw_only=True, eq=False)
+class SFR(AnomalyModel):
+    """Subspace-guided feature reconstruction (see module docstring). Method hyper-parameters:
+
+    Parameters
+    ----------
+    bank_fraction : float
+        Share of the training patches kept in the bank, in (0, 1].
+    dictionary_size : int
+        ``k``: atoms each feature is coded on, its ``k`` nearest (excluding itself in the pool).
+    sparsity : float
+        ``lambda_1``: weight of the l1 (pool: row-group) penalty, relative to ``s^2``.
+    ridge : float
+        ``lambda_2``: weight of the squared l2 penalty, relative to ``s^2``.
+    sampling : {"sparse", "coreset", "random"}
+        Bank sampling rule (:data:`SAMPLINGS`); the last two are baselines.
+    pool_factor : float
+        Coreset pool size for ``"sparse"`` sampling, in multiples of the bank size (at least 1).
+    neighborhood_size : int
+        Local aggregation window ``p`` of the patch features (PatchCore Eq. 2).
+    projection_dim : int
+        Dimension of the random projection used by the coreset selection.
+
+    Examples
+    --------
+    >>> model = SFR(bank_fraction=0.025).fit("bottle/")              # doctest: +SKIP
+    >>> model.predict("bottle/test/broken_large")[0].score          # doctest: +SKIP
+    """
+
+    bank_fraction: float = 0.025
+    dictionary_size: int = 16
+    sparsity: float = 0.1
+    ridge: float = 0.1
+    sampling: str = "sparse"
+    pool_factor: float = 2.0
+    neighborhood_size: int = 3
+    projection_dim: int = 128
+
+    def _validate_method_params(self) -> None:
+        if not 0.0 < self.bank_fraction <= 1.0:
+            raise FlawmapError(f"bank_fraction must be in (0, 1], got {self.bank_fraction}")
+        if self.dictionary_size < 1:
+            raise FlawmapError(f"dictionary_size must be at least 1, got {self.dictionary_size}")
+        if self.sparsity < 0.0 or self.ridge < 0.0 or self.sparsity + self.ridge == 0.0:
+            raise FlawmapError(f"sparsity and ridge must be >= 0, not both 0; got {self.sparsity} and {self.ridge}")
+        if self.sampling not in SAMPLINGS:
+            raise FlawmapError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {self.sampling!r}")
+        if self.pool_factor < 1.0:
+            raise FlawmapError(f"pool_factor must be at least 1, got {self.pool_factor}")
+        if self.neighborhood_size < 1 or self.neighborhood_size % 2 == 0:
+            raise FlawmapError(f"neighborhood_size must be a positive odd number, got {self.neighborhood_size}")
+
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, S, S) -> locally aware patch features (B, C, S/8, S/8)."""
+        return locally_aware_patches(self._backbone_features(images), self.neighborhood_size)
+
+    def _fit(self, feature_batches: Iterable[torch.Tensor]) -> None:
+        generator = torch.Generator().manual_seed(self.random_state)
+        candidates = self._candidate_sampler(generator)
+        n_patches = 0
+        for batch in feature_batches:
+            rows = flatten_patches(batch)
+            candidates.add(rows)
+            n_patches += rows.shape[0]
+        bank = candidates.result()
+        n_bank = max(1, round(self.bank_fraction * n_patches))
+        if self.sampling == "sparse" and n_bank < bank.shape[0]:
+            usage = self_expressive_usage(
+                bank, self.dictionary_size, self.sparsity, self.ridge,
+                coarse_dtype=self._low_precision_dtype(), progress=self.progress,
+            )
+            bank = bank[usage.topk(n_bank).indices]  # step 4
+        self._set_state({"bank": bank})
+
+    def _candidate_sampler(self, generator: torch.Generator) -> StreamingCoreset | StreamingRandomSample:
+        """Step 2 for ``"sparse"`` (the pool), or the whole bank for the baselines."""
+        if self.sampling == "random":
+            return StreamingRandomSample(self.bank_fraction, generator=generator)
+        fraction = self.bank_fraction if self.sampling == "coreset" else min(1.0, self.pool_factor * self.bank_fraction)
+        return StreamingCoreset(fraction, projection_dim=self.projection_dim, generator=generator)
+
+    def _score(self, features: torch.Tensor) -> PatchScores:
+        n_images, _, grid_h, grid_w = features.shape
+        residuals = self.reconstruction_residuals(flatten_patches(features))
+        return PatchScores(torch.linalg.vector_norm(residuals, dim=1).view(n_images, grid_h, grid_w))
+
+    def reconstruction_residuals(self, queries: torch.Tensor) -> torch.Tensor:
+        """Per-dimension residuals ``x - A^T c*(x)`` of Eq. (2) for features (Q, D); shape (Q, D)."""
+        self._check_is_fitted()
+        return reconstruction_residuals(
+            queries, self.bank_, self.search_, self.dictionary_size, self.sparsity, self.ridge, self.atom_sq_norm_
+        )
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        return {"bank": self.bank_}
+
+    def _set_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.bank_ = tensors["bank"].float().contiguous()
+        self.atom_sq_norm_ = float(self.bank_.square().sum(dim=1).mean())  # s^2 of Eq. (2)
+        self.search_ = NearestNeighbors(self.bank_, coarse_dtype=self._low_precision_dtype())
+
+
+# ---------------------------------------------------------------------------- the two codings
+def self_expressive_usage(
+    atoms: torch.Tensor,
+    n_neighbors: int,
+    sparsity: float,
+    ridge: float,
+    *,
+    iterations: int = POOL_ITERATIONS,
+    coarse_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """How much the self-expression (1) of ``atoms`` relies on each atom: the row norms ``|C^j|_2``.
+
+    Parameters
+    ----------
+    atoms : Tensor of shape (N, D)
+        The pool ``X``; needs ``N >= 2``.
+    n_neighbors : int
+        ``k``; capped at ``N - 1``.
+    sparsity, ridge : float
+        ``lambda_1`` and ``lambda_2`` of Eq. (1), relative to the atoms' mean squared norm.
+    iterations : int
+        FISTA iterations.
+    coarse_dtype : torch.dtype or None
+        Low-precision first pass of the neighbour search (see :class:`NearestNeighbors`).
+    progress : bool
+        Show a progress bar over the iterations.
+
+    Returns
+    -------
+    Tensor of shape (N,)
+        ``|C^j|_2`` for every atom ``j``; zero for atoms no other atom uses.
+    """
+    n_atoms = atoms.shape[0]
+    k = min(n_neighbors, n_atoms - 1)
+    neighbors = _nearest_other_atoms(atoms, k, coarse_dtype)  # (N, k), diag(C) = 0
+    sq_norm = float(atoms.square().sum(dim=1).mean())  # s^2
+    gram, correlations = _local_systems(atoms, atoms, neighbors, ridge * sq_norm)
+    # one step size for all columns, because the row penalty couples them: 1 / max_i L_i
+    step = 1.0 / float(gram.diagonal(dim1=1, dim2=2).sum(dim=1).max())
+
+    def row_group_shrink(values: torch.Tensor, step: torch.Tensor | float) -> torch.Tensor:
+        """Proximal map of ``step * lambda_1 s^2 sum_j |C^j|_2``: shrink every row norm."""
+        row_norms = _row_norms(values, neighbors, n_atoms)
+        scale = (1.0 - step * sparsity * sq_norm / row_norms.clamp_min(1e-12)).clamp_min(0.0)
+        return values * scale[neighbors]
+
+    steps = tqdm(range(iterations), desc="self-expressive coding", disable=not progress, leave=False)
+    codes = _fista(gram, correlations, row_group_shrink, step, steps)
+    return _row_norms(codes, neighbors, n_atoms)
+
+
+def reconstruction_residuals(
+    queries: torch.Tensor,
+    atoms: torch.Tensor,
+    search: NearestNeighbors,
+    n_neighbors: int,
+    sparsity: float,
+    ridge: float,
+    atom_sq_norm: float,
+    *,
+    iterations: int = TARGET_ITERATIONS,
+) -> torch.Tensor:
+    """Residuals of the elastic-net codes (2) of ``queries`` over their nearest atoms.
+
+    Parameters
+    ----------
+    queries : Tensor of shape (Q, D)
+    atoms : Tensor of shape (N, D)
+        The bank.
+    search : NearestNeighbors
+        A search over ``atoms``.
+    n_neighbors : int
+        ``k``; capped at ``N``.
+    sparsity, ridge : float
+        ``lambda_1`` and ``lambda_2`` of Eq. (2), relative to ``atom_sq_norm``.
+    atom_sq_norm : float
+        ``s^2``, the mean squared norm of the atoms.
+    iterations : int
+        FISTA iterations.
+
+    Returns
+    -------
+    Tensor of shape (Q, D)
+        ``x - A^T c*(x)`` for every query ``x``.
+    """
+    k = min(n_neighbors, atoms.shape[0])
+    _, neighbors = search.kneighbors(queries, k=k)  # (Q, k)
+    threshold = sparsity * atom_sq_norm
+
+    def soft_threshold(values: torch.Tensor, step: torch.Tensor | float) -> torch.Tensor:
+        """Proximal map of ``step * lambda_1 s^2 |c|_1``."""
+        return values.sign() * (values.abs() - step * threshold).clamp_min(0.0)
+
+    residuals = torch.empty(queries.shape[0], queries.shape[1])
+    for start in range(0, queries.shape[0], CODING_CHUNK_ROWS):
+        rows = slice(start, start + CODING_CHUNK_ROWS)
+        chunk, chunk_neighbors = queries[rows].float(), neighbors[rows]
+        gram, correlations = _local_systems(chunk, atoms, chunk_neighbors, ridge * atom_sq_norm)
+        step = 1.0 / gram.diagonal(dim1=1, dim2=2).sum(dim=1, keepdim=True)  # 1 / trace >= 1 / L per query
+        codes = _fista(gram, correlations, soft_threshold, step, range(iterations))
+        residuals[rows] = chunk - torch.einsum("qk,qkd->qd", codes, atoms[chunk_neighbors])
+    return residuals
+
+
+# ---------------------------------------------------------------------------- shared pieces
+def _nearest_other_atoms(atoms: torch.Tensor, k: int, coarse_dtype: torch.dtype | None) -> torch.Tensor:
+    """Indices (N, k) of each atom's ``k`` nearest atoms, never the atom itself."""
+    n_atoms = atoms.shape[0]
+    _, nearest = NearestNeighbors(atoms, coarse_dtype=coarse_dtype).kneighbors(atoms, k=k + 1)
+    is_self = nearest == torch.arange(n_atoms).unsqueeze(1)
+    # Usually column 0 is the atom itself; with exact duplicates it may come later or not at all,
+    # and then the farthest candidate is dropped instead.
+    keep = ~is_self
+    keep[~is_self.any(dim=1), -1] = False
+    return nearest[keep].view(n_atoms, k)
+
+
+def _local_systems(
+    targets: torch.Tensor, atoms: torch.Tensor, neighbors: torch.Tensor, ridge_weight: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k x k`` normal equations of each target's coding problem, built chunk by chunk.
+
+    Parameters
+    ----------
+    targets : Tensor of shape (n, D)
+    atoms : Tensor of shape (N, D)
+    neighbors : Tensor of shape (n, k)
+        The atoms each target is coded on.
+    ridge_weight : float
+        ``lambda_2 s^2``, added to the diagonal.
+
+    Returns
+    -------
+    gram : Tensor of shape (n, k, k)
+        ``A A^T + lambda_2 s^2 I``, the Hessian of the smooth part.
+    correlations : Tensor of shape (n, k)
+        ``A x``.
+    """
+    n, k = neighbors.shape
+    gram = torch.empty(n, k, k)
+    correlations = torch.empty(n, k)
+    for start in range(0, n, CODING_CHUNK_ROWS):
+        rows = slice(start, start + CODING_CHUNK_ROWS)
+        local_atoms = atoms[neighbors[rows]]  # (chunk, k, D)
+        torch.bmm(local_atoms, local_atoms.transpose(1, 2), out=gram[rows])
+        correlations[rows] = torch.bmm(local_atoms, targets[rows].float().unsqueeze(2)).squeeze(2)
+    gram.diagonal(dim1=1, dim2=2).add_(ridge_weight)
+    return gram, correlations
+
+
+def _fista(
+    gram: torch.Tensor, correlations: torch.Tensor, prox: Prox, step: torch.Tensor | float, steps: Iterable[int]
+) -> torch.Tensor:
+    """FISTA (Beck & Teboulle 2009) for ``min_c 1/2 c^T H c - b^T c + g(c)``, batched over columns.
+
+    Parameters
+    ----------
+    gram : Tensor of shape (n, k, k)
+        ``H``, symmetric positive semi-definite.
+    correlations : Tensor of shape (n, k)
+        ``b``.
+    prox : callable (values, step) -> values
+        Proximal map of ``step * g``.
+    step : float or Tensor of shape (n, 1)
+        At most ``1 / L``, with ``L`` the largest eigenvalue of ``H``.
+    steps : iterable
+        One item per iteration (a range, or a progress bar over one).
+
+    Returns
+    -------
+    Tensor of shape (n, k)
+        The codes ``c``, started from 0.
+    """
+    codes = torch.zeros_like(correlations)
+    extrapolated = codes
+    momentum = 1.0
+    for _ in steps:
+        gradient = torch.bmm(gram, extrapolated.unsqueeze(2)).squeeze(2) - correlations
+        next_codes = prox(extrapolated - step * gradient, step)
+        next_momentum = (1.0 + math.sqrt(1.0 + 4.0 * momentum**2)) / 2.0
+        extrapolated = next_codes + ((momentum - 1.0) / next_momentum) * (next_codes - codes)
+        codes, momentum = next_codes, next_momentum
+    return codes
+
+
+def _row_norms(values: torch.Tensor, neighbors: torch.Tensor, n_atoms: int) -> torch.Tensor:
+    """``|C^j|_2`` for every atom ``j``, with ``values[i, t]`` the entry ``C[neighbors[i, t], i]``; (N,)."""
+    squares = torch.zeros(n_atoms).index_add_(0, neighbors.reshape(-1), values.reshape(-1).square())
+    return squares.sqrt_()
+
+
+class StreamingRandomSample:
+    """A uniform random ``fraction`` of a stream of rows, drawn as the rows arrive.
+
+    After every added block the kept total is ``round(fraction * rows seen)`` (at least 1), like
+    :class:`flawmap.neighbors.StreamingCoreset`, so memory stays at the sample size.
+
+    Parameters
+    ----------
+    fraction : float
+        Share of rows kept, in (0, 1].
+    generator : torch.Generator, optional
+    """
+
+    def __init__(self, fraction: float, *, generator: torch.Generator | None = None) -> None:
+        self.fraction = fraction
+        self.generator = generator
+        self._kept: list[torch.Tensor] = []
+        self._n_kept = 0
+        self._rows_seen = 0
+
+    def add(self, rows: torch.Tensor) -> None:
+        """Add feature rows (n, D)."""
+        self._rows_seen += rows.shape[0]
+        quota = min(rows.shape[0], max(1, round(self.fraction * self._rows_seen)) - self._n_kept)
+        if quota > 0:
+            self._kept.append(rows[torch.randperm(rows.shape[0], generator=self.generator)[:quota]])
+            self._n_kept += quota
+
+    def result(self) -> torch.Tensor:
+        """The kept rows (M, D)."""
+        if not self._kept:
+            raise ValueError("no rows were added")
+        return torch.cat(self._kept)
