@@ -3,7 +3,8 @@
 One RLR model is trained on the normal images of all given categories together, then evaluated
 on each category's test split with no class label. By default the categories are MVTec AD
 bottle (``$FLAWMAP_DATA/mvtec_ad/bottle``) and the three demo categories, written to a temporary
-folder. The unmasked variant (``mlka_mask=False``) is the identity-shortcut ablation.
+folder. The unmasked variant (``mlka_mask=False``) is the identity-shortcut ablation;
+``--jitter-scale 0`` also removes the feature-jitter noise, the other guard against copying.
 
 Prints a markdown table (per category and mean, per variant) with the training time, and writes
 the rows as JSON. Timings depend on the thread count, which is printed and saved with them.

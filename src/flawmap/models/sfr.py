@@ -66,7 +66,7 @@ TARGET_ITERATIONS = 50
 #: FISTA iterations for the pool codes (1), which share one (smaller) step size.
 POOL_ITERATIONS = 200
 #: Queries coded together; bounds the gathered atoms (rows x k x D floats) to tens of MiB.
-CODING_CHUNK_ROWS = 4096
+CODING_CHUNK_ROWS = 2048
 
 Prox = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -160,7 +160,8 @@ class SFR(AnomalyModel):
 
     def reconstruction_residuals(self, queries: torch.Tensor) -> torch.Tensor:
         """Per-dimension residuals ``x - A^T c*(x)`` of Eq. (2) for features (Q, D); shape (Q, D)."""
-        self._check_is_fitted()
+        if not hasattr(self, "bank_"):
+            raise FlawmapError("this SFR is not fitted yet: call fit() first")
         return reconstruction_residuals(
             queries, self.bank_, self.search_, self.dictionary_size, self.sparsity, self.ridge, self.atom_sq_norm_
         )
@@ -211,7 +212,11 @@ def self_expressive_usage(
     k = min(n_neighbors, n_atoms - 1)
     neighbors = _nearest_other_atoms(atoms, k, coarse_dtype)  # (N, k), diag(C) = 0
     sq_norm = float(atoms.square().sum(dim=1).mean())  # s^2
-    gram, correlations = _local_systems(atoms, atoms, neighbors, ridge * sq_norm)
+    gram = torch.empty(n_atoms, k, k)
+    correlations = torch.empty(n_atoms, k)
+    for start in range(0, n_atoms, CODING_CHUNK_ROWS):
+        rows = slice(start, start + CODING_CHUNK_ROWS)
+        gram[rows], correlations[rows] = _normal_equations(atoms[rows], atoms[neighbors[rows]], ridge * sq_norm)
     # one step size for all columns, because the row penalty couples them: 1 / max_i L_i
     step = 1.0 / float(gram.diagonal(dim1=1, dim2=2).sum(dim=1).max())
 
@@ -271,11 +276,11 @@ def reconstruction_residuals(
     residuals = torch.empty(queries.shape[0], queries.shape[1])
     for start in range(0, queries.shape[0], CODING_CHUNK_ROWS):
         rows = slice(start, start + CODING_CHUNK_ROWS)
-        chunk, chunk_neighbors = queries[rows].float(), neighbors[rows]
-        gram, correlations = _local_systems(chunk, atoms, chunk_neighbors, ridge * atom_sq_norm)
-        step = 1.0 / gram.diagonal(dim1=1, dim2=2).sum(dim=1, keepdim=True)  # 1 / trace >= 1 / L per query
+        chunk, local_atoms = queries[rows].float(), atoms[neighbors[rows]]  # (n, D), (n, k, D)
+        gram, correlations = _normal_equations(chunk, local_atoms, ridge * atom_sq_norm)
+        step = 1.0 / gram.diagonal(dim1=1, dim2=2).sum(dim=1, keepdim=True)  # 1 / trace <= 1 / L per query
         codes = _fista(gram, correlations, soft_threshold, step, range(iterations))
-        residuals[rows] = chunk - torch.einsum("qk,qkd->qd", codes, atoms[chunk_neighbors])
+        residuals[rows] = chunk - torch.einsum("qk,qkd->qd", codes, local_atoms)
     return residuals
 
 
@@ -292,17 +297,16 @@ def _nearest_other_atoms(atoms: torch.Tensor, k: int, coarse_dtype: torch.dtype 
     return nearest[keep].view(n_atoms, k)
 
 
-def _local_systems(
-    targets: torch.Tensor, atoms: torch.Tensor, neighbors: torch.Tensor, ridge_weight: float
+def _normal_equations(
+    targets: torch.Tensor, local_atoms: torch.Tensor, ridge_weight: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k x k`` normal equations of each target's coding problem, built chunk by chunk.
+    """The ``k x k`` normal equations of each target's coding problem.
 
     Parameters
     ----------
     targets : Tensor of shape (n, D)
-    atoms : Tensor of shape (N, D)
-    neighbors : Tensor of shape (n, k)
-        The atoms each target is coded on.
+    local_atoms : Tensor of shape (n, k, D)
+        ``A`` for each target: the atoms it is coded on.
     ridge_weight : float
         ``lambda_2 s^2``, added to the diagonal.
 
@@ -313,16 +317,9 @@ def _local_systems(
     correlations : Tensor of shape (n, k)
         ``A x``.
     """
-    n, k = neighbors.shape
-    gram = torch.empty(n, k, k)
-    correlations = torch.empty(n, k)
-    for start in range(0, n, CODING_CHUNK_ROWS):
-        rows = slice(start, start + CODING_CHUNK_ROWS)
-        local_atoms = atoms[neighbors[rows]]  # (chunk, k, D)
-        torch.bmm(local_atoms, local_atoms.transpose(1, 2), out=gram[rows])
-        correlations[rows] = torch.bmm(local_atoms, targets[rows].float().unsqueeze(2)).squeeze(2)
+    gram = torch.bmm(local_atoms, local_atoms.transpose(1, 2))
     gram.diagonal(dim1=1, dim2=2).add_(ridge_weight)
-    return gram, correlations
+    return gram, torch.bmm(local_atoms, targets.unsqueeze(2)).squeeze(2)
 
 
 def _fista(
