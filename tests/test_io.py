@@ -45,14 +45,14 @@ def test_crash_mid_save_leaves_previous_model_intact(tiny_model, tmp_path, monke
     before = {path.name: path.read_bytes() for path in target.iterdir()}
     other = AnomalyModel.load(target)
     other.memory_bank_ = other.memory_bank_ + 1.0  # a different model to save over the first
-    original_write = io._write_atomically
+    original_write = io.write_atomically
 
     def crash_on_config(path, payload):
         if path.name == io.CONFIG_FILE:
             raise KeyboardInterrupt("power cut")
         original_write(path, payload)
 
-    monkeypatch.setattr(io, "_write_atomically", crash_on_config)
+    monkeypatch.setattr(io, "write_atomically", crash_on_config)
     with pytest.raises(KeyboardInterrupt):
         other.save(target)
     reloaded = AnomalyModel.load(target)

@@ -46,9 +46,9 @@ def save_model(model: "AnomalyModel", directory: str | Path) -> Path:
         if not target.is_dir() or any(target.iterdir()):
             raise FlawmapError(f"{target}: exists and is not a flawmap model directory; refusing to overwrite it")
     target.mkdir(parents=True, exist_ok=True)
-    files = {"model": _write_tensor_file(target, "model", model._state()), "backbone": None}
+    files = {"model": write_tensor_file(target, "model", model._state()), "backbone": None}
     if model.weights is not None:
-        files["backbone"] = _write_tensor_file(target, "backbone", model.backbone_.state_dict())
+        files["backbone"] = write_tensor_file(target, "backbone", model.backbone_.state_dict())
     params = model.get_params()
     config = {
         "format": FORMAT_NAME,
@@ -59,7 +59,7 @@ def save_model(model: "AnomalyModel", directory: str | Path) -> Path:
         "fitted": model._fitted_scalars(),
         "files": files,
     }
-    _write_atomically(target / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode("utf-8"))
+    write_atomically(target / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode("utf-8"))
     for stale in target.glob("*.safetensors"):
         if stale.name not in files.values():
             stale.unlink()
@@ -113,18 +113,18 @@ def read_config(directory: Path) -> dict:
     return config
 
 
-def _write_tensor_file(folder: Path, stem: str, tensors: dict[str, torch.Tensor]) -> str:
+def write_tensor_file(folder: Path, stem: str, tensors: dict[str, torch.Tensor]) -> str:
     """Save ``tensors`` as ``<stem>-<content hash>.safetensors`` in ``folder``; returns the name."""
     payload = save(
         {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
     )
     name = f"{stem}-{hashlib.sha256(payload).hexdigest()[:16]}.safetensors"
     if not (folder / name).is_file():
-        _write_atomically(folder / name, payload)
+        write_atomically(folder / name, payload)
     return name
 
 
-def _write_atomically(path: Path, payload: bytes) -> None:
+def write_atomically(path: Path, payload: bytes) -> None:
     """Write ``payload`` to a temporary sibling, flush it to disk, then rename it onto ``path``."""
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:

@@ -241,11 +241,15 @@ class AnomalyModel:
             return fast_low_precision_dtype(torch.device(self.device))
         return torch.bfloat16 if self.precision == "bfloat16" else None
 
-    def _backbone_features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """The tapped feature maps (B, C_l, H_l, W_l) in float32, computed at ``precision``."""
+    def _autocast(self) -> torch.autocast:
+        """Network arithmetic: bfloat16 autocast when ``precision`` asks for it, else float32."""
         low_precision = self._low_precision_dtype()
         device_type = torch.device(self.device).type
-        with torch.autocast(device_type, dtype=low_precision or torch.float32, enabled=low_precision is not None):
+        return torch.autocast(device_type, dtype=low_precision or torch.float32, enabled=low_precision is not None)
+
+    def _backbone_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The tapped feature maps (B, C_l, H_l, W_l) in float32, computed at ``precision``."""
+        with self._autocast():
             levels = self.backbone_.features(images, self.taps_)
         return [level.float() for level in levels]
 

@@ -60,7 +60,7 @@ from tqdm import tqdm
 from flawmap import postprocess
 from flawmap.errors import FlawmapError
 from flawmap.features import local_average
-from flawmap.io import _write_atomically, _write_tensor_file
+from flawmap.io import write_atomically, write_tensor_file
 from flawmap.models.base import AnomalyModel, PatchScores, register_method
 
 _FFN_EXPANSION = 2
@@ -255,11 +255,6 @@ class RLR(AnomalyModel):
             reconstruction = network(target + self.jitter_scale * magnitude * noise)
         return reconstruction_error(reconstruction.float(), target).mean()
 
-    def _autocast(self) -> torch.autocast:
-        """The networks' arithmetic: bfloat16 autocast when ``precision`` asks for it, else float32."""
-        low_precision = self._low_precision_dtype()
-        device_type = torch.device(self.device).type
-        return torch.autocast(device_type, dtype=low_precision or torch.float32, enabled=low_precision is not None)
 
     def _checkpoint_settings(self, levels: list[torch.Tensor]) -> dict[str, Any]:
         """What must be equal for a checkpoint to be resumed: parameters and feature shapes (as JSON)."""
@@ -501,7 +496,7 @@ class _Checkpoint:
         for index, slots in optimizer_state["state"].items():
             tensors.update({f"optimizer.{index}.{slot}": value for slot, value in slots.items()})
         tensors["generator"] = generator.get_state()
-        tensor_file = _write_tensor_file(self.folder, _CHECKPOINT_STEM, tensors)
+        tensor_file = write_tensor_file(self.folder, _CHECKPOINT_STEM, tensors)
         record = {
             "settings": self.settings,
             "feature_means": self.feature_means,
@@ -509,7 +504,7 @@ class _Checkpoint:
             "optimizer_groups": optimizer_state["param_groups"],
             "tensors": tensor_file,
         }
-        _write_atomically(self.folder / _CHECKPOINT_CONFIG, (json.dumps(record, indent=1) + "\n").encode("utf-8"))
+        write_atomically(self.folder / _CHECKPOINT_CONFIG, (json.dumps(record, indent=1) + "\n").encode("utf-8"))
         for stale in self.folder.glob(f"{_CHECKPOINT_STEM}-*.safetensors"):
             if stale.name != tensor_file:
                 stale.unlink()
