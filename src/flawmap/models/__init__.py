@@ -7,7 +7,7 @@ from flawmap.models.rlr import RLR
 from flawmap.models.sfr import SFR
 from flawmap.models.spade import Spade
 
-__all__ = ["METHODS", "AnomalyModel", "Padim", "PatchCore", "PatchScores", "Prediction", "Spade", "create_model", "list_methods", "register_method"]
+__all__ = ["METHODS", "AnomalyModel", "Padim", "PatchCore", "PatchScores", "Prediction", "RLR", "SFR", "Spade", "create_model", "list_methods", "register_method"]
 
 
 def create_model(method: str, **params) -> AnomalyModel:
