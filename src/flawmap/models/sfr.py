@@ -30,16 +30,16 @@ norm of the atoms (it makes the penalty weights ``lambda_1 = sparsity`` and
    ``C^j`` is row ``j`` of ``C``: every coefficient with which atom ``j`` helps express another
    atom. The row norm vanishes for atoms that no other atom needs. Solved by FISTA with a row-wise
    group soft-threshold.
-4. Sparse sampling: the bank keeps the ``bank_fraction`` share of all patches with the largest
-   ``|C^j|_2``, the atoms on which the reconstruction of the others depends most.
+4. Sparse sampling: the bank keeps the ``round(bank_fraction * N)`` pool atoms (``N`` training
+   patches) with the largest ``|C^j|_2``, the atoms the reconstruction of the others depends on most.
 5. Target reconstruction: a test feature is one more column of (1). For a single column the row
    norms are absolute values, so its code is the elastic net over its ``k`` nearest bank atoms::
 
        c*(x) = argmin_c 1/2 |x - A^T c|^2 + lambda_1 s^2 |c|_1 + lambda_2 s^2 / 2 |c|^2           (2)
 
    solved by FISTA, in batches of queries.
-6. Patch score: the norm of the per-dimension residual ``r(x) = x - A^T c*(x)`` (Sec. III of the
-   paper: poorly reconstructed dimensions indicate anomalies), upsampled and smoothed like every
+6. Patch score: the norm of the per-dimension residual ``r(x) = x - A^T c*(x)`` (the poorly
+   reconstructed feature dimensions are the anomaly evidence), upsampled and smoothed like every
    method's; image score: the maximum of the smoothed map.
 """
 
@@ -60,15 +60,16 @@ from flawmap.neighbors import NearestNeighbors, StreamingCoreset
 #: How the bank is sampled from the training patches: ``"sparse"`` (steps 2-4), or, for
 #: comparison, a greedy coreset or a uniform random sample of the same size.
 SAMPLINGS = ("sparse", "coreset", "random")
-#: FISTA iterations for the target codes (2): the residual norm is then within 1% of the
-#: converged one for 99% of bottle patches.
+#: FISTA iterations for the target codes (2). On MVTec bottle the residual norms are then within
+#: 0.1% (median) and 1.1% (99th percentile) of those after 2000 iterations.
 TARGET_ITERATIONS = 50
-#: FISTA iterations for the pool codes (1), which share one (smaller) step size.
+#: FISTA iterations for the pool codes (1), which share one (smaller) step size. On MVTec bottle the
+#: bank they select shares 99.9% of its atoms with the one selected after 2000 iterations.
 POOL_ITERATIONS = 200
 #: Queries coded together; bounds the gathered atoms (rows x k x D floats) to tens of MiB.
 CODING_CHUNK_ROWS = 2048
 
-Prox = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Prox = Callable[[torch.Tensor, torch.Tensor | float], torch.Tensor]
 
 
 @register_method("sfr")
@@ -218,7 +219,7 @@ def self_expressive_usage(
         rows = slice(start, start + CODING_CHUNK_ROWS)
         gram[rows], correlations[rows] = _normal_equations(atoms[rows], atoms[neighbors[rows]], ridge * sq_norm)
     # one step size for all columns, because the row penalty couples them: 1 / max_i L_i
-    step = 1.0 / float(gram.diagonal(dim1=1, dim2=2).sum(dim=1).max())
+    shared_step = 1.0 / float(gram.diagonal(dim1=1, dim2=2).sum(dim=1).max())
 
     def row_group_shrink(values: torch.Tensor, step: torch.Tensor | float) -> torch.Tensor:
         """Proximal map of ``step * lambda_1 s^2 sum_j |C^j|_2``: shrink every row norm."""
@@ -227,7 +228,7 @@ def self_expressive_usage(
         return values * scale[neighbors]
 
     steps = tqdm(range(iterations), desc="self-expressive coding", disable=not progress, leave=False)
-    codes = _fista(gram, correlations, row_group_shrink, step, steps)
+    codes = _fista(gram, correlations, row_group_shrink, shared_step, steps)
     return _row_norms(codes, neighbors, n_atoms)
 
 
