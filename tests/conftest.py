@@ -41,3 +41,12 @@ def mvtec_bottle() -> Path:
     if not bottle.is_dir():
         pytest.skip(f"{bottle} does not exist")
     return bottle
+
+
+def assert_same_predictions(first, second, images, rel: float = 1e-5) -> None:
+    """Two models give the same scores and maps on ``images`` (e.g. before and after save/load)."""
+    import numpy as np
+
+    for before, after in zip(first.predict(images), second.predict(images)):
+        assert after.score == pytest.approx(before.score, rel=rel)
+        np.testing.assert_allclose(after.anomaly_map, before.anomaly_map, rtol=rel, atol=rel / 10)

@@ -6,6 +6,7 @@ import itertools
 
 import numpy as np
 import pytest
+from conftest import assert_same_predictions
 import torch
 
 from flawmap.errors import FlawmapError
@@ -172,9 +173,7 @@ def test_save_load_round_trip(tmp_path):
     loaded = AnomalyModel.load(tmp_path / "model")
     assert isinstance(loaded, RLR) and loaded.level_grids_ == model.level_grids_
     assert loaded.train_losses_ == model.train_losses_
-    for original, restored in zip(model.predict(images[:2]), loaded.predict(images[:2])):
-        assert original.score == pytest.approx(restored.score, rel=1e-5)
-        np.testing.assert_allclose(original.anomaly_map, restored.anomaly_map, rtol=1e-5, atol=1e-6)
+    assert_same_predictions(model, loaded, images[:2])
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import assert_same_predictions
 import torch
 
 from flawmap.errors import FlawmapError
@@ -170,9 +171,7 @@ def test_save_load_round_trip(tiny_sfr, tiny_dataset, tmp_path):
     assert isinstance(loaded, SFR) and loaded.get_params() == tiny_sfr.get_params()
     assert torch.equal(loaded.bank_, tiny_sfr.bank_)
     samples = sorted(tiny_dataset.glob("test/*/*.png"))[:3]
-    for before, after in zip(tiny_sfr.predict(samples), loaded.predict(samples)):
-        assert after.score == pytest.approx(before.score, rel=1e-6)
-        np.testing.assert_allclose(after.anomaly_map, before.anomaly_map, rtol=1e-5, atol=1e-6)
+    assert_same_predictions(tiny_sfr, loaded, samples)
 
 
 @pytest.mark.parametrize(
