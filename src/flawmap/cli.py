@@ -12,6 +12,7 @@ import dataclasses
 import json
 import sys
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -25,6 +26,7 @@ EXIT_USER_ERROR = 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    warnings.formatwarning = _one_line_warning
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -35,6 +37,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("flawmap: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings as ``flawmap: warning: ...`` lines, without source lines."""
+    return f"flawmap: warning: {message}\n"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -159,7 +159,8 @@ def _collect(
     except FlawmapError as error:
         if not skip_invalid:
             raise
-        warnings.warn(f"skipping {sample.image_path}: {error}", InvalidImageWarning, stacklevel=3)
+        reason = str(error) if str(sample.image_path) in str(error) else f"{sample.image_path}: {error}"
+        warnings.warn(f"skipping {reason}", InvalidImageWarning, stacklevel=3)
         return
     if len(decoded) == batch_size:
         yield _stack(decoded)
