@@ -96,8 +96,8 @@ def run_variant(variant: str, datasets: list, params: dict, args: argparse.Names
         print(f"  {dataset.name}: image AUROC {result['image_auroc']:.4f}, pixel AUROC {result['pixel_auroc']:.4f}")
     metrics = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap")
     mean = {key: sum(row[key] for row in rows) / len(rows) for key in metrics}
-    rows.append({"variant": variant, "category": "mean", **mean, "train_minutes": train_minutes})
-    rows[-1]["train_losses"] = model.train_losses_
+    rows.append({"variant": variant, "category": "mean", **mean, "train_minutes": train_minutes,
+                 "train_losses": model.train_losses_})
     return rows
 
 

@@ -67,6 +67,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def default_categories() -> list[Path]:
+    """MVTec AD bottle from ``$FLAWMAP_DATA``; exits with a message if the variable is unset."""
     data_root = os.environ.get("FLAWMAP_DATA")
     if not data_root:
         sys.exit("bench_sfr: set FLAWMAP_DATA (the folder holding mvtec_ad/bottle) or name category folders")

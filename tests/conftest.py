@@ -50,3 +50,11 @@ def assert_same_predictions(first, second, images, rel: float = 1e-5) -> None:
     for before, after in zip(first.predict(images), second.predict(images)):
         assert after.score == pytest.approx(before.score, rel=rel)
         np.testing.assert_allclose(after.anomaly_map, before.anomaly_map, rtol=rel, atol=rel / 10)
+
+
+def random_images(seed: int, n_images: int, size: int = TINY_IMAGE_SIZE) -> list:
+    """``n_images`` uniform-noise uint8 RGB images (size, size, 3), reproducible from ``seed``."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8) for _ in range(n_images)]

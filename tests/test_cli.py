@@ -2,7 +2,6 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -104,13 +103,8 @@ def test_folder_without_images(capsys, tmp_path):
     assert_one_line_error(code, err, tmp_path / "empty")
 
 
-def copy_dataset(source: Path, target: Path) -> Path:
-    shutil.copytree(source, target)
-    return target
-
-
 def test_corrupt_training_image_stops_fit_or_is_skipped(capsys, tiny_dataset, tmp_path):
-    dataset = copy_dataset(tiny_dataset, tmp_path / "data")
+    dataset = shutil.copytree(tiny_dataset, tmp_path / "data")
     broken = sorted((dataset / "train" / "good").glob("*.png"))[4]
     broken.write_bytes(broken.read_bytes()[:200])  # truncated PNG
     code, _, err = run_cli(capsys, "fit", dataset, "--out", tmp_path / "m", *SMALL)
@@ -122,7 +116,7 @@ def test_corrupt_training_image_stops_fit_or_is_skipped(capsys, tiny_dataset, tm
 
 
 def test_wrong_size_mask(capsys, tiny_dataset, tiny_model_dir, tmp_path):
-    dataset = copy_dataset(tiny_dataset, tmp_path / "data")
+    dataset = shutil.copytree(tiny_dataset, tmp_path / "data")
     mask_path = sorted((dataset / "ground_truth").glob("*/*.png"))[0]
     Image.new("L", (10, 10)).save(mask_path)
     code, _, err = run_cli(capsys, "evaluate", tiny_model_dir, dataset)
@@ -130,7 +124,7 @@ def test_wrong_size_mask(capsys, tiny_dataset, tiny_model_dir, tmp_path):
 
 
 def test_missing_mask(capsys, tiny_dataset, tiny_model_dir, tmp_path):
-    dataset = copy_dataset(tiny_dataset, tmp_path / "data")
+    dataset = shutil.copytree(tiny_dataset, tmp_path / "data")
     mask_path = sorted((dataset / "ground_truth").glob("*/*.png"))[0]
     mask_path.unlink()
     code, _, err = run_cli(capsys, "evaluate", tiny_model_dir, dataset)

@@ -72,14 +72,18 @@ def reference_aupro(maps: list, masks: list, fpr_limit: float) -> float:
 # --- auroc and average_precision -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("decimals", [None, 1])
-@pytest.mark.parametrize("seed", SEEDS)
-def test_auroc_and_average_precision_equal_sklearn(seed: int, decimals: int | None) -> None:
-    scores, labels = random_scores_and_labels(seed, n_samples=2000, decimals=decimals)
+def assert_auroc_and_average_precision_equal_sklearn(scores: np.ndarray, labels: np.ndarray) -> None:
     assert auroc(scores, labels) == pytest.approx(roc_auc_score(labels, scores), rel=1e-12)
     assert average_precision(scores, labels) == pytest.approx(
         average_precision_score(labels, scores), rel=1e-12
     )
+
+
+@pytest.mark.parametrize("decimals", [None, 1])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_auroc_and_average_precision_equal_sklearn(seed: int, decimals: int | None) -> None:
+    scores, labels = random_scores_and_labels(seed, n_samples=2000, decimals=decimals)
+    assert_auroc_and_average_precision_equal_sklearn(scores, labels)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -87,10 +91,7 @@ def test_auroc_and_average_precision_equal_sklearn_on_integer_scores(seed: int) 
     rng = np.random.default_rng(seed)
     labels = np.r_[0, 1, rng.integers(0, 2, size=300)]
     scores = rng.integers(0, 5, size=labels.size)
-    assert auroc(scores, labels) == pytest.approx(roc_auc_score(labels, scores), rel=1e-12)
-    assert average_precision(scores, labels) == pytest.approx(
-        average_precision_score(labels, scores), rel=1e-12
-    )
+    assert_auroc_and_average_precision_equal_sklearn(scores, labels)
 
 
 def test_auroc_small_case_by_hand() -> None:

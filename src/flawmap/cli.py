@@ -20,8 +20,8 @@ from flawmap import __version__
 from flawmap.errors import FlawmapError
 from flawmap.models import METHODS, AnomalyModel, create_model
 
-#: Fields set by dedicated options rather than generated flags.
-_DEDICATED_FIELDS = {"random_state": "--seed", "progress": None}
+#: Fields the CLI sets itself (``random_state`` from ``--seed``, ``progress`` always on): no flags.
+_DEDICATED_FIELDS = {"random_state", "progress"}
 EXIT_USER_ERROR = 2
 
 
@@ -113,13 +113,18 @@ def _add_hyperparameter_flags(parser: argparse.ArgumentParser) -> None:
         scope = "all methods" if methods == all_methods else ", ".join(methods)
         default = _field_default(name, methods[0])
         group.add_argument(
-            "--" + name.replace("_", "-"),
+            _flag(name),
             dest=f"param_{name}",
             type=_parser_for(hint),
             default=None,
             metavar=_metavar(hint),
             help=f"[{scope}] default {default}",
         )
+
+
+def _flag(name: str) -> str:
+    """The flag of hyper-parameter ``name``: ``coreset_fraction`` -> ``--coreset-fraction``."""
+    return "--" + name.replace("_", "-")
 
 
 def _field_default(name: str, method: str) -> Any:
@@ -140,7 +145,9 @@ def _parser_for(hint: Any) -> Callable[[str], Any]:
 
 def _metavar(hint: Any) -> str:
     parse = _parser_for(hint)
-    return {int: "INT", float: "FLOAT", str: "TEXT"}.get(parse, "A,B" if parse is not _parse_bool else "BOOL")
+    if parse is _parse_bool:
+        return "BOOL"
+    return {int: "INT", float: "FLOAT", str: "TEXT"}.get(parse, "A,B")
 
 
 def _parse_bool(text: str) -> bool:
@@ -158,14 +165,13 @@ def _given_hyperparameters(args: argparse.Namespace, method: str) -> dict[str, A
     given = {name: getattr(args, f"param_{name}") for name in fields if getattr(args, f"param_{name}") is not None}
     for name in given:
         if method not in fields[name][1]:
-            flag = "--" + name.replace("_", "-")
-            raise FlawmapError(f"{flag} does not apply to method {method!r} (it applies to: {', '.join(fields[name][1])})")
+            raise FlawmapError(f"{_flag(name)} does not apply to method {method!r} (it applies to: {', '.join(fields[name][1])})")
     return given
 
 
 # ---------------------------------------------------------------- commands
 def run_fit(args: argparse.Namespace) -> None:
-    METHODS.get(args.method)
+    METHODS.get(args.method)  # an unknown method fails here, listing the choices, before the flags
     params = _given_hyperparameters(args, args.method)
     model = create_model(args.method, random_state=args.seed, progress=True, **params)
     data = args.data[0] if len(args.data) == 1 else args.data
@@ -273,17 +279,19 @@ def _load(model_dir: Path) -> AnomalyModel:
 
 def format_metrics(result: dict[str, float]) -> str:
     """One ``name: value`` line per metric."""
-    return "\n".join(f"{key:>22}: {value:.4f}" if isinstance(value, float) else f"{key:>22}: {value}" for key, value in result.items())
+    return "\n".join(f"{key:>22}: {_cell(value)}" for key, value in result.items())
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     """A markdown table of ``rows`` restricted to ``columns``."""
-    def cell(value: Any) -> str:
-        return f"{value:.4f}" if isinstance(value, float) else str(value)
-
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(cell(row.get(column, "")) for column in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(_cell(row.get(column, "")) for column in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    """Floats with four decimals, anything else as ``str``."""
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 if __name__ == "__main__":

@@ -75,3 +75,8 @@ def locally_aware_patches(feature_maps: Sequence[torch.Tensor], neighborhood_siz
 def flatten_patches(patch_features: torch.Tensor) -> torch.Tensor:
     """Patch grid to rows: (B, C, h, w) -> (B * h * w, C), image-major then row-major."""
     return patch_features.permute(0, 2, 3, 1).reshape(-1, patch_features.shape[1])
+
+
+def flatten_positions(patch_features: torch.Tensor) -> torch.Tensor:
+    """Patch grid to one feature vector per position and image: (B, C, h, w) -> (B, h * w, C)."""
+    return patch_features.flatten(2).transpose(1, 2)

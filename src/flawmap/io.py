@@ -49,13 +49,12 @@ def save_model(model: "AnomalyModel", directory: str | Path) -> Path:
     files = {"model": write_tensor_file(target, "model", model._state()), "backbone": None}
     if model.weights is not None:
         files["backbone"] = write_tensor_file(target, "backbone", model.backbone_.state_dict())
-    params = model.get_params()
     config = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "flawmap_version": __version__,
         "method": model.method,
-        "params": {**params, "taps": list(params["taps"]) if params["taps"] else None},
+        "params": model.get_params(),  # tuples become JSON lists; load_model turns taps back
         "fitted": model._fitted_scalars(),
         "files": files,
     }
@@ -74,7 +73,7 @@ def load_model(directory: str | Path) -> "AnomalyModel":
     config = read_config(source)
     model_class = METHODS.get(config["method"])
     params = dict(config["params"])
-    if "taps" in params and params["taps"] is not None:
+    if params.get("taps") is not None:
         params["taps"] = tuple(params["taps"])
     if config["files"]["backbone"] is not None:
         params["weights"] = str(source / config["files"]["backbone"])
@@ -115,9 +114,7 @@ def read_config(directory: Path) -> dict:
 
 def write_tensor_file(folder: Path, stem: str, tensors: dict[str, torch.Tensor]) -> str:
     """Save ``tensors`` as ``<stem>-<content hash>.safetensors`` in ``folder``; returns the name."""
-    payload = save(
-        {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
-    )
+    payload = save({name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()})
     name = f"{stem}-{hashlib.sha256(payload).hexdigest()[:16]}.safetensors"
     if not (folder / name).is_file():
         write_atomically(folder / name, payload)

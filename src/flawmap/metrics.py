@@ -31,7 +31,7 @@ from flawmap.errors import FlawmapError
 DEFAULT_FPR_LIMIT = 0.3
 """The false-positive rate up to which AUPRO integrates, as in the MVTec AD benchmark."""
 
-EIGHT_CONNECTIVITY = np.ones((3, 3), dtype=bool)
+_EIGHT_CONNECTIVITY = np.ones((3, 3), dtype=bool)
 """Structuring element for ``ndimage.label``: diagonal neighbours belong to the same region."""
 
 
@@ -106,12 +106,7 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
 def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
     """Average precision, step-wise with tied scores grouped (equals ``sklearn``'s).
 
-    Parameters
-    ----------
-    scores : ndarray of shape (n_samples,)
-        Anomaly scores, higher = more anomalous.
-    labels : ndarray of shape (n_samples,)
-        1 or True for anomalous, 0 or False for normal; both classes must be present.
+    ``scores`` and ``labels`` are as in :func:`auroc`.
     """
     return _average_precision(_rank_labelled(scores, labels))
 
@@ -119,12 +114,7 @@ def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
 def f1_max(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     """The best F1 over all thresholds, and the threshold that reaches it.
 
-    Parameters
-    ----------
-    scores : ndarray of shape (n_samples,)
-        Anomaly scores, higher = more anomalous.
-    labels : ndarray of shape (n_samples,)
-        1 or True for anomalous, 0 or False for normal; both classes must be present.
+    ``scores`` and ``labels`` are as in :func:`auroc`.
 
     Returns
     -------
@@ -174,13 +164,7 @@ def pixel_metrics(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> di
     """Pixel AUROC, AUPRO (up to FPR 0.3) and pixel average precision from one ranking.
 
     The pixels are flattened and sorted once and all three metrics share that ranking.
-
-    Parameters
-    ----------
-    maps : sequence of ndarray of shape (H_i, W_i)
-        Anomaly maps, higher = more anomalous; shapes may differ between images.
-    masks : sequence of ndarray of shape (H_i, W_i)
-        Ground truth, 1 or True for anomalous pixels, each the shape of its map.
+    ``maps`` and ``masks`` are as in :func:`aupro`.
 
     Returns
     -------
@@ -351,7 +335,7 @@ def _flatten_pixels(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> 
                 f"map {index} has shape {anomaly_map.shape} and its mask {mask.shape}; "
                 "both must be the same 2-D shape"
             )
-        regions, n_image_regions = ndimage.label(mask, structure=EIGHT_CONNECTIVITY)
+        regions, n_image_regions = ndimage.label(mask, structure=_EIGHT_CONNECTIVITY)
         flat_maps.append(anomaly_map.ravel())
         anomalous_scores.append(anomaly_map[mask])
         region_ids.append(regions[mask] - 1 + n_regions)  # 0 .. n_regions - 1 across all images

@@ -290,3 +290,38 @@ class StreamingCoreset:
             self._projection = torch.randn(n_dims, self.projection_dim, generator=self.generator)
             self._projection /= math.sqrt(self.projection_dim)
         return shard.float() @ self._projection
+
+
+class StreamingRandomSample:
+    """A uniform random ``fraction`` of a stream of rows, drawn as the rows arrive.
+
+    After every added block the kept total is ``round(fraction * rows seen)`` (at least 1), like
+    :class:`StreamingCoreset`, so memory stays at the sample size.
+
+    Parameters
+    ----------
+    fraction : float
+        Share of rows kept, in (0, 1].
+    generator : torch.Generator, optional
+    """
+
+    def __init__(self, fraction: float, *, generator: torch.Generator | None = None) -> None:
+        self.fraction = fraction
+        self.generator = generator
+        self._kept: list[torch.Tensor] = []
+        self._n_kept = 0
+        self._rows_seen = 0
+
+    def add(self, rows: torch.Tensor) -> None:
+        """Add feature rows (n, D)."""
+        self._rows_seen += rows.shape[0]
+        quota = min(rows.shape[0], max(1, round(self.fraction * self._rows_seen)) - self._n_kept)
+        if quota > 0:
+            self._kept.append(rows[torch.randperm(rows.shape[0], generator=self.generator)[:quota]])
+            self._n_kept += quota
+
+    def result(self) -> torch.Tensor:
+        """The kept rows (M, D)."""
+        if not self._kept:
+            raise ValueError("no rows were added")
+        return torch.cat(self._kept)

@@ -18,11 +18,11 @@ from scipy import ndimage
 DEFAULT_SIGMA = 4.0
 
 
-def gaussian_kernel1d(sigma: float) -> torch.Tensor:
-    """Normalised 1-D Gaussian of radius ``ceil(4 sigma)``; shape (2r + 1,)."""
+def gaussian_kernel1d(sigma: float) -> np.ndarray:
+    """Normalised 1-D Gaussian of radius ``ceil(4 sigma)``; float32, shape (2r + 1,)."""
     radius = max(1, math.ceil(4.0 * sigma))
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    offsets = np.arange(-radius, radius + 1, dtype=np.float32)
+    kernel = np.exp(-0.5 * (offsets / sigma) ** 2)
     return kernel / kernel.sum()
 
 
@@ -44,7 +44,7 @@ def gaussian_blur(maps: torch.Tensor, sigma: float = DEFAULT_SIGMA) -> torch.Ten
     """
     if sigma <= 0:
         return maps
-    kernel = gaussian_kernel1d(sigma).numpy()
+    kernel = gaussian_kernel1d(sigma)
     planes = maps.detach().float().cpu().numpy()
     planes = ndimage.correlate1d(planes, kernel, axis=1, mode="mirror")
     planes = ndimage.correlate1d(planes, kernel, axis=2, mode="mirror")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -170,19 +169,8 @@ def test_samples_from_paths_keeps_order(tmp_path: Path) -> None:
         samples_from_paths([tmp_path / "missing.png"])
 
 
-def real_dataset_root(name: str) -> Path:
-    """``$FLAWMAP_DATA/<name>``, or skip the test when it is not available."""
-    data = os.environ.get("FLAWMAP_DATA")
-    if not data:
-        pytest.skip("FLAWMAP_DATA not set (point it at the folder holding mvtec_ad/)")
-    root = Path(data) / name
-    if not root.is_dir():
-        pytest.skip(f"{root} not found")
-    return root
-
-
-def test_real_mvtec_bottle() -> None:
-    dataset = open_dataset(real_dataset_root("mvtec_ad/bottle"))
+def test_real_mvtec_bottle(mvtec_bottle: Path) -> None:
+    dataset = open_dataset(mvtec_bottle)
     assert (dataset.name, len(dataset.train), len(dataset.test)) == ("bottle", 209, 83)
     defects = [sample for sample in dataset.test if sample.is_anomalous]
     assert {sample.defect_type for sample in defects} == {"broken_large", "broken_small", "contamination"}

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import assert_same_predictions, random_images
 from scipy.spatial.distance import mahalanobis
 
 import flawmap
@@ -51,14 +52,9 @@ def test_mahalanobis_distances_match_scipy():
             assert distances[image, position].item() == pytest.approx(expected, rel=1e-9)
 
 
-def tiny_images(seed: int, n_images: int) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8) for _ in range(n_images)]
-
-
 @pytest.fixture(scope="module")
 def fitted_padim() -> Padim:
-    return Padim(image_size=64, n_features=24, batch_size=4).fit(tiny_images(0, 6))
+    return Padim(image_size=64, n_features=24, batch_size=4).fit(random_images(0, 6))
 
 
 def test_fit_keeps_a_sorted_random_channel_subset(fitted_padim):
@@ -73,14 +69,11 @@ def test_save_load_round_trip(fitted_padim, tmp_path):
     fitted_padim.save(tmp_path / "model")
     loaded = flawmap.load(tmp_path / "model")
     assert isinstance(loaded, Padim) and torch.equal(loaded.channel_indices_, fitted_padim.channel_indices_)
-    images = tiny_images(1, 2)
-    for before, after in zip(fitted_padim.predict(images), loaded.predict(images)):
-        assert before.score == after.score
-        np.testing.assert_array_equal(before.anomaly_map, after.anomaly_map)
+    assert_same_predictions(fitted_padim, loaded, random_images(1, 2), rel=0)
 
 
 def test_too_many_features_keep_every_channel():
-    model = Padim(image_size=32, n_features=10_000, batch_size=4).fit(tiny_images(2, 4))
+    model = Padim(image_size=32, n_features=10_000, batch_size=4).fit(random_images(2, 4))
     n_channels = sum(info.channels for info in model.backbone_.tap_info(model.taps_))
     assert torch.equal(model.channel_indices_, torch.arange(n_channels))
 
@@ -88,4 +81,4 @@ def test_too_many_features_keep_every_channel():
 @pytest.mark.parametrize("params", [{"n_features": 0}, {"epsilon": 0.0}])
 def test_rejects_bad_parameters(params):
     with pytest.raises(FlawmapError):
-        Padim(**params).fit(tiny_images(0, 3))
+        Padim(**params).fit(random_images(0, 3))

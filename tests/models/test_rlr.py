@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import itertools
 
-import numpy as np
 import pytest
-from conftest import assert_same_predictions
+from conftest import assert_same_predictions, random_images
 import torch
 
 from flawmap.errors import FlawmapError
@@ -19,6 +18,7 @@ from flawmap.models.rlr import (
     window_mask,
     window_neighbours,
 )
+
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -166,8 +166,7 @@ def test_resumed_training_matches_an_uninterrupted_run(tmp_path):
 
 
 def test_save_load_round_trip(tmp_path):
-    rng = np.random.default_rng(0)
-    images = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(4)]
+    images = random_images(0, 4)
     model = create_model("rlr", image_size=64, epochs=2, num_workers=1, **TINY).fit(images)
     model.save(tmp_path / "model")
     loaded = AnomalyModel.load(tmp_path / "model")
@@ -194,7 +193,6 @@ def test_invalid_parameters_are_rejected(params, message):
 def test_window_larger_than_the_grid_is_rejected():
     with pytest.raises(FlawmapError, match="no unmasked position"):
         fit_on_features(synthetic_levels(), window_size=7, epochs=1)
-
 
 
 def test_cli_flags_reach_the_model():

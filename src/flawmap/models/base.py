@@ -148,13 +148,12 @@ class AnomalyModel:
         self.backbone_ = self._build_backbone()
         self.taps_ = tuple(self.taps or self.backbone_.default_taps)
         self.n_train_images_ = len(fit_samples)
-        self.fit_seconds_ = {"features": 0.0, "method": 0.0, "calibration": 0.0}
+        # seconds spent decoding and embedding the training images, the rest of _fit, calibration
+        self.fit_seconds_ = {"features": 0.0}
         start = time.perf_counter()
-        batches = _timed(self._embedded_batches(fit_samples, skip_invalid, "extracting features"), self.fit_seconds_)
-        self._fit(batches)
+        self._fit(_timed(self._embedded_batches(fit_samples, skip_invalid, "extracting features"), self.fit_seconds_))
         fitted = time.perf_counter()
         self._calibrate(calibration_samples, skip_invalid)
-        # "features": decoding and embedding the training images; "method": the rest of _fit
         self.fit_seconds_["method"] = fitted - start - self.fit_seconds_["features"]
         self.fit_seconds_["calibration"] = time.perf_counter() - fitted
         return self
@@ -283,7 +282,7 @@ class AnomalyModel:
         """Images (B, 3, S, S) to image scores (B,) and smoothed maps (B, S, S) on the CPU."""
         with torch.inference_mode():
             scored = self._score(self._embed(images.to(self.device)))
-            maps = postprocess.anomaly_maps(scored.patch_scores, self.image_size, self.sigma).cpu()
+            maps = postprocess.anomaly_maps(scored.patch_scores, self.image_size, self.sigma)
             image_scores = scored.image_scores.cpu() if scored.image_scores is not None else maps.amax(dim=(1, 2))
         return image_scores.float(), maps
 
@@ -320,7 +319,13 @@ class AnomalyModel:
         }
 
 
-def training_samples(images: ImageInput) -> list[Sample]:
+def check_positive_odd(name: str, value: int) -> None:
+    """Raise FlawmapError unless the hyper-parameter ``name`` is a positive odd integer."""
+    if value < 1 or value % 2 == 0:
+        raise FlawmapError(f"{name} must be a positive odd number, got {value}")
+
+
+def training_samples(images: ImageInput) -> list[Sample | np.ndarray]:
     """Normal training images from any accepted input (dataset folders contribute ``train/good``)."""
     if isinstance(images, Dataset):
         return list(images.train)
@@ -328,17 +333,11 @@ def training_samples(images: ImageInput) -> list[Sample]:
         path = Path(images)
         return list(open_dataset(path).train) if path.is_dir() else samples_from_paths([path])
     if isinstance(images, np.ndarray):
-        return prediction_samples(images)
-    samples: list[Sample] = []
-    for item in images:
-        if isinstance(item, np.ndarray):
-            samples.extend(prediction_samples([item]))
-        else:
-            samples.extend(training_samples(item))
-    return samples
+        return [images]
+    return [sample for item in images for sample in training_samples(item)]
 
 
-def prediction_samples(images: ImageInput) -> list:
+def prediction_samples(images: ImageInput) -> list[Sample | np.ndarray]:
     """Images to score: files, folders of images, a Dataset (its test split) or uint8 arrays."""
     if isinstance(images, Dataset):
         return list(images.test)

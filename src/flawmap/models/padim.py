@@ -21,7 +21,7 @@ from typing import Iterable
 import torch
 
 from flawmap.errors import FlawmapError
-from flawmap.features import fuse_levels
+from flawmap.features import flatten_positions, fuse_levels
 from flawmap.models.base import AnomalyModel, PatchScores, register_method
 
 
@@ -38,13 +38,13 @@ class GaussianAccumulator:
 
     def add(self, samples: torch.Tensor) -> None:
         """Add a batch of observations of shape (B, P, D)."""
-        by_position = samples.transpose(0, 1).to(torch.float64).contiguous()  # (P, B, D), rows of D
+        position_major = samples.transpose(0, 1).to(torch.float64).contiguous()  # (P, B, D), rows of D
         if self._sums is None:
-            n_positions, _, n_dims = by_position.shape
+            n_positions, _, n_dims = position_major.shape
             self._sums = torch.zeros(n_positions, n_dims, dtype=torch.float64)
             self._outer_sums = torch.zeros(n_positions, n_dims, n_dims, dtype=torch.float64)
-        self._sums += by_position.sum(dim=1)
-        self._outer_sums.baddbmm_(by_position.transpose(1, 2), by_position)
+        self._sums += position_major.sum(dim=1)
+        self._outer_sums.baddbmm_(position_major.transpose(1, 2), position_major)
         self.count += samples.shape[0]
 
     def mean(self) -> torch.Tensor:
@@ -67,11 +67,6 @@ def regularised_inverse(covariances: torch.Tensor, epsilon: float) -> torch.Tens
     """``(Sigma + epsilon I)^-1`` for a stack of covariances (P, D, D), via Cholesky factors."""
     identity = torch.eye(covariances.shape[-1], dtype=covariances.dtype)
     return torch.cholesky_inverse(torch.linalg.cholesky(covariances + epsilon * identity))
-
-
-def by_position(patch_features: torch.Tensor) -> torch.Tensor:
-    """Patch grid to one feature vector per position: (B, C, h, w) -> (B, h * w, C)."""
-    return patch_features.flatten(2).transpose(1, 2)
 
 
 def mahalanobis_distances(
@@ -138,7 +133,7 @@ class Padim(AnomalyModel):
         self.channel_indices_ = torch.randperm(n_channels, generator=generator)[: self.n_features].sort().values
         gaussians = GaussianAccumulator()
         for batch in feature_batches:
-            gaussians.add(by_position(batch))
+            gaussians.add(flatten_positions(batch))
         if gaussians.count < 2:
             raise FlawmapError(f"PaDiM needs at least 2 training images besides the calibration ones, got {gaussians.count}")
         self._set_state({
@@ -149,7 +144,7 @@ class Padim(AnomalyModel):
 
     def _score(self, features: torch.Tensor) -> PatchScores:
         n_images, _, grid_h, grid_w = features.shape
-        distances = mahalanobis_distances(by_position(features), self.means_, self.inverse_covariances_)
+        distances = mahalanobis_distances(flatten_positions(features), self.means_, self.inverse_covariances_)
         return PatchScores(distances.view(n_images, grid_h, grid_w))
 
     def _state(self) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ import torch
 
 from flawmap.errors import FlawmapError
 from flawmap.features import flatten_patches, locally_aware_patches
-from flawmap.models.base import AnomalyModel, PatchScores, register_method
+from flawmap.models.base import AnomalyModel, PatchScores, check_positive_odd, register_method
 from flawmap.neighbors import NearestNeighbors, StreamingCoreset
 
 
@@ -55,8 +55,7 @@ class PatchCore(AnomalyModel):
     def _validate_method_params(self) -> None:
         if not 0.0 < self.coreset_fraction <= 1.0:
             raise FlawmapError(f"coreset_fraction must be in (0, 1], got {self.coreset_fraction}")
-        if self.neighborhood_size < 1 or self.neighborhood_size % 2 == 0:
-            raise FlawmapError(f"neighborhood_size must be a positive odd number, got {self.neighborhood_size}")
+        check_positive_odd("neighborhood_size", self.neighborhood_size)
         if self.reweighting_neighbors < 1:
             raise FlawmapError(f"reweighting_neighbors must be at least 1, got {self.reweighting_neighbors}")
 
@@ -77,9 +76,8 @@ class PatchCore(AnomalyModel):
         distances, nearest = self.search_.kneighbors(queries, k=1)
         patch_scores = distances[:, 0].view(n_images, grid_h * grid_w)
         # Eq. 7: re-weight each image's maximal patch score by how sparse the bank is around m*.
-        worst_patch = patch_scores.argmax(dim=1)
-        worst_rows = torch.arange(n_images) * grid_h * grid_w + worst_patch
-        max_scores = patch_scores.gather(1, worst_patch.unsqueeze(1)).squeeze(1)
+        max_scores, worst_patch = patch_scores.max(dim=1)
+        worst_rows = torch.arange(n_images, device=worst_patch.device) * grid_h * grid_w + worst_patch
         image_scores = max_scores * self._reweighting(queries[worst_rows], nearest[worst_rows, 0])
         return PatchScores(patch_scores.view(n_images, grid_h, grid_w), image_scores)
 
@@ -87,7 +85,7 @@ class PatchCore(AnomalyModel):
         """``1 - softmax`` weight of Eq. 7 for each image's worst patch; shape (B,)."""
         b = min(self.reweighting_neighbors, self.memory_bank_.shape[0])
         if b == 1:
-            return torch.ones(worst_queries.shape[0])
+            return torch.ones(worst_queries.shape[0], device=worst_queries.device)
         _, support_rows = self.search_.kneighbors(self.memory_bank_[matched_rows], k=b)  # N_b(m*), m* first
         support_distances = torch.linalg.vector_norm(self.memory_bank_[support_rows] - worst_queries.unsqueeze(1), dim=2)
         matched_distances = torch.linalg.vector_norm(self.memory_bank_[matched_rows] - worst_queries, dim=1)

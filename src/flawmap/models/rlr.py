@@ -59,9 +59,9 @@ from tqdm import tqdm
 
 from flawmap import postprocess
 from flawmap.errors import FlawmapError
-from flawmap.features import local_average
+from flawmap.features import flatten_positions, local_average
 from flawmap.io import write_atomically, write_tensor_file
-from flawmap.models.base import AnomalyModel, PatchScores, register_method
+from flawmap.models.base import AnomalyModel, PatchScores, check_positive_odd, register_method
 
 _FFN_EXPANSION = 2
 """Hidden width of the feed-forward layer, as a multiple of ``hidden_dim``."""
@@ -125,10 +125,8 @@ class RLR(AnomalyModel):
     checkpoint_dir: str | None = None
 
     def _validate_method_params(self) -> None:
-        if self.neighborhood_size < 1 or self.neighborhood_size % 2 == 0:
-            raise FlawmapError(f"neighborhood_size must be a positive odd number, got {self.neighborhood_size}")
-        if self.window_size < 1 or self.window_size % 2 == 0:
-            raise FlawmapError(f"window_size must be a positive odd number, got {self.window_size}")
+        check_positive_odd("neighborhood_size", self.neighborhood_size)
+        check_positive_odd("window_size", self.window_size)
         if self.num_heads < 1 or self.hidden_dim < 4 or self.hidden_dim % 4 or self.hidden_dim % self.num_heads:
             raise FlawmapError(
                 f"hidden_dim must be a multiple of 4 and of num_heads, got hidden_dim={self.hidden_dim}, "
@@ -255,7 +253,6 @@ class RLR(AnomalyModel):
             reconstruction = network(target + self.jitter_scale * magnitude * noise)
         return reconstruction_error(reconstruction.float(), target).mean()
 
-
     def _checkpoint_settings(self, levels: list[torch.Tensor]) -> dict[str, Any]:
         """What must be equal for a checkpoint to be resumed: parameters and feature shapes (as JSON)."""
         params = {name: value for name, value in self.get_params().items() if name not in _RUN_ONLY_PARAMS}
@@ -310,7 +307,7 @@ class ReferenceReconstructor(nn.Module):
 
     def tokens(self, features: torch.Tensor) -> torch.Tensor:
         """Features (B, C, h, w) -> standardised tokens (B, h * w, C), row-major positions."""
-        tokens = features.float().flatten(2).transpose(1, 2)
+        tokens = flatten_positions(features.float())
         return (tokens - self.feature_mean) / self.feature_std
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

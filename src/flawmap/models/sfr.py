@@ -54,8 +54,8 @@ from tqdm import tqdm
 
 from flawmap.errors import FlawmapError
 from flawmap.features import flatten_patches, locally_aware_patches
-from flawmap.models.base import AnomalyModel, PatchScores, register_method
-from flawmap.neighbors import NearestNeighbors, StreamingCoreset
+from flawmap.models.base import AnomalyModel, PatchScores, check_positive_odd, register_method
+from flawmap.neighbors import NearestNeighbors, StreamingCoreset, StreamingRandomSample
 
 #: How the bank is sampled from the training patches: ``"sparse"`` (steps 2-4), or, for
 #: comparison, a greedy coreset or a uniform random sample of the same size.
@@ -122,8 +122,7 @@ class SFR(AnomalyModel):
             raise FlawmapError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {self.sampling!r}")
         if self.pool_factor < 1.0:
             raise FlawmapError(f"pool_factor must be at least 1, got {self.pool_factor}")
-        if self.neighborhood_size < 1 or self.neighborhood_size % 2 == 0:
-            raise FlawmapError(f"neighborhood_size must be a positive odd number, got {self.neighborhood_size}")
+        check_positive_odd("neighborhood_size", self.neighborhood_size)
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, S, S) -> locally aware patch features (B, C, S/8, S/8)."""
@@ -164,7 +163,7 @@ class SFR(AnomalyModel):
         if not hasattr(self, "bank_"):
             raise FlawmapError("this SFR is not fitted yet: call fit() first")
         return reconstruction_residuals(
-            queries, self.bank_, self.search_, self.dictionary_size, self.sparsity, self.ridge, self.atom_sq_norm_
+            queries, self.search_, self.dictionary_size, self.sparsity, self.ridge, self.atom_sq_norm_
         )
 
     def _state(self) -> dict[str, torch.Tensor]:
@@ -234,7 +233,6 @@ def self_expressive_usage(
 
 def reconstruction_residuals(
     queries: torch.Tensor,
-    atoms: torch.Tensor,
     search: NearestNeighbors,
     n_neighbors: int,
     sparsity: float,
@@ -243,15 +241,13 @@ def reconstruction_residuals(
     *,
     iterations: int = TARGET_ITERATIONS,
 ) -> torch.Tensor:
-    """Residuals of the elastic-net codes (2) of ``queries`` over their nearest atoms.
+    """Residuals of the elastic-net codes (2) of ``queries`` over their nearest atoms of ``search.bank``.
 
     Parameters
     ----------
     queries : Tensor of shape (Q, D)
-    atoms : Tensor of shape (N, D)
-        The bank.
     search : NearestNeighbors
-        A search over ``atoms``.
+        A search over the bank of atoms (N, D).
     n_neighbors : int
         ``k``; capped at ``N``.
     sparsity, ridge : float
@@ -266,6 +262,7 @@ def reconstruction_residuals(
     Tensor of shape (Q, D)
         ``x - A^T c*(x)`` for every query ``x``.
     """
+    atoms = search.bank
     k = min(n_neighbors, atoms.shape[0])
     _, neighbors = search.kneighbors(queries, k=k)  # (Q, k)
     threshold = sparsity * atom_sq_norm
@@ -363,37 +360,3 @@ def _row_norms(values: torch.Tensor, neighbors: torch.Tensor, n_atoms: int) -> t
     squares = torch.zeros(n_atoms).index_add_(0, neighbors.reshape(-1), values.reshape(-1).square())
     return squares.sqrt_()
 
-
-class StreamingRandomSample:
-    """A uniform random ``fraction`` of a stream of rows, drawn as the rows arrive.
-
-    After every added block the kept total is ``round(fraction * rows seen)`` (at least 1), like
-    :class:`flawmap.neighbors.StreamingCoreset`, so memory stays at the sample size.
-
-    Parameters
-    ----------
-    fraction : float
-        Share of rows kept, in (0, 1].
-    generator : torch.Generator, optional
-    """
-
-    def __init__(self, fraction: float, *, generator: torch.Generator | None = None) -> None:
-        self.fraction = fraction
-        self.generator = generator
-        self._kept: list[torch.Tensor] = []
-        self._n_kept = 0
-        self._rows_seen = 0
-
-    def add(self, rows: torch.Tensor) -> None:
-        """Add feature rows (n, D)."""
-        self._rows_seen += rows.shape[0]
-        quota = min(rows.shape[0], max(1, round(self.fraction * self._rows_seen)) - self._n_kept)
-        if quota > 0:
-            self._kept.append(rows[torch.randperm(rows.shape[0], generator=self.generator)[:quota]])
-            self._n_kept += quota
-
-    def result(self) -> torch.Tensor:
-        """The kept rows (M, D)."""
-        if not self._kept:
-            raise ValueError("no rows were added")
-        return torch.cat(self._kept)
