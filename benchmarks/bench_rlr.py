@@ -29,12 +29,13 @@ from flawmap.cli import format_table
 from flawmap.data import make_demo_data, open_dataset
 from flawmap.evaluate import evaluate
 from flawmap.models import create_model
+from flawmap.runtime import PRECISIONS, Runtime
 
 COLUMNS = ["variant", "category", "image_auroc", "pixel_auroc", "aupro", "pixel_ap", "train_minutes"]
 VARIANTS = {"masked": True, "unmasked": False}
 """Variant name -> ``mlka_mask``."""
-MODEL_OPTIONS = ("epochs", "hidden_dim", "depth", "jitter_scale", "image_size", "device")
-"""Options passed on to the model when given; otherwise its defaults apply."""
+MODEL_OPTIONS = ("epochs", "hidden_dim", "depth", "jitter_scale", "image_size")
+"""Hyper-parameters passed on to the model when given; otherwise its defaults apply."""
 
 
 def main() -> int:
@@ -47,10 +48,11 @@ def main() -> int:
         rows = []
         for variant in args.variants:
             rows += run_variant(variant, datasets, params, args)
-    print(f"\nRLR unified model on {len(datasets)} categories, torch threads: {args.threads}, params: {params}\n")
+    print(f"\nRLR unified model on {len(datasets)} categories, torch threads: {args.threads}, device: {args.device}, "
+          f"precision: {args.precision}, params: {params}\n")
     print(format_table(rows, COLUMNS))
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    record = {"threads": args.threads, "params": params, "rows": rows}
+    record = {"threads": args.threads, "device": args.device, "precision": args.precision, "params": params, "rows": rows}
     args.json.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     print(f"\nwrote {args.json}")
     return 0
@@ -66,7 +68,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--depth", type=int)
     parser.add_argument("--jitter-scale", type=float, help="0 lets the unmasked variant learn the identity shortcut")
     parser.add_argument("--image-size", type=int)
-    parser.add_argument("--device")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto")
     parser.add_argument("--checkpoint-root", type=Path, help="checkpoint each variant's training under this folder")
     parser.add_argument("--json", type=Path, default=Path("bench_rlr.json"), help="where to write the rows")
     return parser.parse_args()
@@ -83,7 +86,8 @@ def default_categories(scratch: Path) -> list[Path]:
 def run_variant(variant: str, datasets: list, params: dict, args: argparse.Namespace) -> list[dict]:
     """Fit one unified model for ``variant``; a row per category plus the mean."""
     checkpoint_dir = str(args.checkpoint_root / variant) if args.checkpoint_root else None
-    model = create_model("rlr", mlka_mask=VARIANTS[variant], progress=True, checkpoint_dir=checkpoint_dir, **params)
+    runtime = Runtime(device=args.device, precision=args.precision, progress=True)
+    model = create_model("rlr", mlka_mask=VARIANTS[variant], checkpoint_dir=checkpoint_dir, runtime=runtime, **params)
     start = time.perf_counter()
     model.fit(datasets)
     train_minutes = (time.perf_counter() - start) / 60.0

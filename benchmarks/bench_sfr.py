@@ -30,6 +30,7 @@ from flawmap.cli import format_table
 from flawmap.data import Dataset, iter_batches, open_dataset
 from flawmap.evaluate import evaluate
 from flawmap.models import AnomalyModel, create_model
+from flawmap.runtime import Runtime
 
 COLUMNS = [
     "dataset", "method", "sampling", "bank_fraction", "image_auroc", "pixel_auroc", "aupro",
@@ -85,13 +86,13 @@ def benchmark_dataset(dataset: Dataset, fractions: list[float], sampling_fractio
     rows, models = [], []
     for method, params, sampling, fraction in configurations:
         start = time.perf_counter()
-        model = create_model(method, progress=True, **params).fit(dataset)
+        model = create_model(method, runtime=Runtime(progress=True), **params).fit(dataset)
         fit_seconds = time.perf_counter() - start
         rows.append({
             "dataset": dataset.name, "method": method, "sampling": sampling, "bank_fraction": fraction,
             **evaluate(model, dataset),
             "fit_s": fit_seconds, "fit_method_s": model.fit_seconds_["method"],
-            "bank_mb": sum(tensor.nbytes for tensor in model._state().values()) / 2**20,
+            "bank_mb": sum(tensor.nbytes for tensor in model.scorer_.search.state().values()) / 2**20,
         })
         models.append(model)
         print(format_table([rows[-1]], COLUMNS).splitlines()[-1], flush=True)
@@ -107,17 +108,18 @@ def benchmark_dataset(dataset: Dataset, fractions: list[float], sampling_fractio
 
 def embedded_test_batches(model: AnomalyModel, dataset: Dataset) -> list[torch.Tensor]:
     """The test images' patch features (B, C, h, w), batch by batch."""
-    batches = iter_batches(dataset.test, model.image_size, batch_size=model.batch_size, num_workers=model.num_workers)
+    runtime = model.runtime
+    batches = iter_batches(dataset.test, model.image_size, batch_size=runtime.batch_size, num_workers=runtime.num_workers)
     with torch.inference_mode():
-        return [model._embed(batch.images) for batch in batches]
+        return [model.scorer_.embed(batch.images.to(runtime.torch_device)) for batch in batches]
 
 
 def score_ms_per_image(model: AnomalyModel, feature_batches: list[torch.Tensor]) -> float:
-    """Milliseconds per image of the method's own scoring (``_score``) on embedded features."""
+    """Milliseconds per image of the method's own scoring (``scorer_.score``) on embedded features."""
     start = time.perf_counter()
     with torch.inference_mode():
         for features in feature_batches:
-            model._score(features)
+            model.scorer_.score(features)
     return 1000.0 * (time.perf_counter() - start) / sum(features.shape[0] for features in feature_batches)
 
 

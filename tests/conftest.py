@@ -23,7 +23,7 @@ def tiny_dataset(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_dataset) -> PatchCore:
-    return PatchCore(image_size=TINY_IMAGE_SIZE, coreset_fraction=0.25, batch_size=8).fit(tiny_dataset)
+    return PatchCore(image_size=TINY_IMAGE_SIZE, coreset_fraction=0.25).set_runtime(batch_size=8).fit(tiny_dataset)
 
 
 @pytest.fixture(scope="session")
@@ -31,13 +31,15 @@ def tiny_model_dir(tiny_model, tmp_path_factory) -> Path:
     return tiny_model.save(tmp_path_factory.mktemp("models") / "brick")
 
 
+#: The shared real data beside a checkout: ``../shared/data`` (used when FLAWMAP_DATA is unset).
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
 @pytest.fixture(scope="session")
 def mvtec_bottle() -> Path:
-    """The real MVTec AD bottle category, when FLAWMAP_DATA points at the shared data."""
-    data_root = os.environ.get("FLAWMAP_DATA")
-    if not data_root:
-        pytest.skip("FLAWMAP_DATA is not set: real-data tests need ../shared/data (CI sets it)")
-    bottle = Path(data_root) / "mvtec_ad" / "bottle"
+    """The real MVTec AD bottle category: under FLAWMAP_DATA, else under ``../shared/data``."""
+    data_root = Path(os.environ.get("FLAWMAP_DATA") or SHARED_DATA)
+    bottle = data_root / "mvtec_ad" / "bottle"
     if not bottle.is_dir():
         pytest.skip(f"{bottle} does not exist")
     return bottle
@@ -58,3 +60,21 @@ def random_images(seed: int, n_images: int, size: int = TINY_IMAGE_SIZE) -> list
 
     rng = np.random.default_rng(seed)
     return [rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8) for _ in range(n_images)]
+
+
+def fit_whole_and_in_halves(make_model, images: list, through_save: bool, folder: Path) -> tuple:
+    """``(one fit on images, fit on the first half + partial_fit on the second)``, optionally
+    saving and loading between the two fits; both must have held out the same images."""
+    import torch
+
+    import flawmap
+
+    half = len(images) // 2
+    whole = make_model().fit(images)
+    updated = make_model().fit(images[:half])
+    if through_save:
+        updated = flawmap.load(updated.save(folder / "half"), **vars(updated.runtime))
+    updated.partial_fit(images[half:])
+    assert torch.equal(updated.calibration_images_, whole.calibration_images_)
+    assert updated.n_train_images_ == whole.n_train_images_ and updated.n_fits_ == 2
+    return whole, updated

@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from sklearn.metrics import average_precision_score, roc_auc_score
 
@@ -12,6 +13,7 @@ from flawmap.cli import main
 from flawmap.data import open_dataset, read_mask
 from flawmap.evaluate import RESULT_KEYS
 from flawmap.metrics import aupro
+from flawmap.models import load_model
 
 SMALL = ["--image-size", "64", "--batch-size", "8"]
 
@@ -88,7 +90,52 @@ def test_fit_several_folders_into_one_model(capsys, tiny_dataset, tmp_path):
     code, out, _ = run_cli(capsys, "fit", tiny_dataset, extra, "--out", tmp_path / "m", *SMALL)
     assert code == 0
     config = json.loads((tmp_path / "m" / "config.json").read_text())
-    assert config["fitted"]["n_train_images_"] == 15 - 2  # 12 + 3 images, 2 held out for calibration
+    fitted = config["fitted"]
+    assert fitted["n_train_images_"] + len(fitted["calibration_scores_"]) == 12 + 3
+    assert len(fitted["calibration_scores_"]) >= 1
+
+
+def test_fit_update_adds_images_to_a_saved_model(capsys, tiny_dataset, tmp_path):
+    train = sorted((tiny_dataset / "train" / "good").glob("*.png"))
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder, paths in ((first, train[:6]), (second, train[6:])):
+        folder.mkdir()
+        for path in paths:
+            (folder / path.name).symlink_to(path)  # the same files: the same calibration hold-out
+    model_dir = tmp_path / "model"
+    code, out, _ = run_cli(capsys, "fit", first, "--out", model_dir, *SMALL, "--coreset-fraction", "0.25")
+    assert code == 0
+    code, out, _ = run_cli(capsys, "fit", second, "--update", model_dir, "--device", "cpu", "--precision", "float32")
+    assert code == 0 and "in 2 fits" in out
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["fitted"]["n_fits_"] == 2
+    assert config["fitted"]["n_train_images_"] + len(config["fitted"]["calibration_scores_"]) == 12
+    one_fit = tmp_path / "one-fit"
+    code, _, _ = run_cli(capsys, "fit", tiny_dataset, "--out", one_fit, *SMALL, "--coreset-fraction", "0.25")
+    assert code == 0
+    held_out_twice = load_model(model_dir).calibration_images_
+    held_out_once = load_model(one_fit).calibration_images_
+    assert torch.equal(held_out_twice[held_out_twice.flatten(1).sum(1).argsort()], held_out_once[held_out_once.flatten(1).sum(1).argsort()])
+
+
+def test_fit_update_refuses_new_hyper_parameters(capsys, tiny_dataset, tiny_model_dir, tmp_path):
+    code, _, err = run_cli(capsys, "fit", tiny_dataset, "--update", tiny_model_dir, "--coreset-fraction", "0.5", "--out", tmp_path / "m")
+    assert_one_line_error(code, err, "--coreset-fraction", "--update")
+    code, _, err = run_cli(capsys, "fit", tiny_dataset, "--update", tiny_model_dir, "--method", "padim", "--out", tmp_path / "m")
+    assert_one_line_error(code, err, "patchcore model", "padim")
+    code, _, err = run_cli(capsys, "fit", tiny_dataset)
+    assert_one_line_error(code, err, "--out", "--update")
+
+
+def test_runtime_flags_are_checked_and_never_saved(capsys, tiny_dataset, tiny_model_dir, tmp_path):
+    code, _, err = run_cli(capsys, "evaluate", tiny_model_dir, tiny_dataset, "--batch-size", "0")
+    assert_one_line_error(code, err, "batch_size")
+    code, _, err = run_cli(capsys, "evaluate", tiny_model_dir, tiny_dataset, "--device", "gpu9")
+    assert_one_line_error(code, err, "gpu9")
+    code, _, _ = run_cli(capsys, "fit", tiny_dataset, "--out", tmp_path / "m", *SMALL, "--precision", "float32", "--num-workers", "1")
+    assert code == 0
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert "precision" not in config["params"] and "batch_size" not in config["params"]
 
 
 def test_missing_data_folder(capsys, tmp_path):

@@ -1,5 +1,4 @@
 import json
-import pickle
 
 import numpy as np
 import pytest
@@ -8,6 +7,11 @@ import torch
 from flawmap import io
 from flawmap.errors import FlawmapError
 from flawmap.models import AnomalyModel, PatchCore
+from flawmap.search import build_search
+
+
+def bank_of(model):
+    return model.scorer_.search.state()["centered"]
 
 
 def test_round_trip_gives_identical_predictions(tiny_model, tiny_model_dir, tiny_dataset):
@@ -15,7 +19,8 @@ def test_round_trip_gives_identical_predictions(tiny_model, tiny_model_dir, tiny
     assert isinstance(loaded, PatchCore)
     assert loaded.get_params() == tiny_model.get_params()
     assert loaded.threshold_ == tiny_model.threshold_
-    assert torch.equal(loaded.memory_bank_, tiny_model.memory_bank_)
+    assert torch.equal(bank_of(loaded), bank_of(tiny_model))
+    assert torch.equal(loaded.calibration_images_, tiny_model.calibration_images_)
     paths = sorted(tiny_dataset.glob("test/*/*.png"))[:3]
     for original, reloaded in zip(tiny_model.predict(paths), loaded.predict(paths)):
         assert original.score == reloaded.score
@@ -24,27 +29,52 @@ def test_round_trip_gives_identical_predictions(tiny_model, tiny_model_dir, tiny
 
 def test_directory_holds_only_json_and_safetensors(tiny_model_dir):
     names = sorted(path.name for path in tiny_model_dir.iterdir())
-    assert names[0] == "config.json" and len(names) == 2
-    assert names[1].startswith("model-") and names[1].endswith(".safetensors")
+    assert len(names) == 3 and names[1] == "config.json"
+    assert names[0].startswith("calibration-") and names[2].startswith("model-")
+    assert all(name.endswith(".safetensors") for name in (names[0], names[2]))
     config = json.loads((tiny_model_dir / "config.json").read_text())
-    assert config["method"] == "patchcore" and config["files"]["model"] == names[1]
+    assert config["method"] == "patchcore" and config["files"] == {"model": names[2], "calibration": names[0]}
 
 
-def test_loading_never_unpickles(tiny_model_dir, monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("pickle used while loading a model")
+def test_runtime_settings_are_not_saved(tiny_model_dir):
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    assert not {"device", "precision", "batch_size", "num_workers", "progress"} & set(config["params"])
 
-    monkeypatch.setattr(pickle, "loads", refuse)
-    monkeypatch.setattr(pickle, "load", refuse)
-    monkeypatch.setattr(pickle, "Unpickler", refuse)
-    AnomalyModel.load(tiny_model_dir)
+
+def test_model_saved_on_another_device_loads_here_with_identical_scores(tiny_model, tiny_model_dir, tmp_path, tiny_dataset):
+    """A config that says the model was fitted on a GPU (as one saved there does) loads on this CPU."""
+    import shutil
+
+    target = tmp_path / "from-gpu"
+    shutil.copytree(tiny_model_dir, target)
+    _edit_config(target, saved_with={"device": "cuda:0", "precision": "bfloat16", "torch": "2.13.0+cu128"})
+    loaded = AnomalyModel.load(target)
+    assert loaded.runtime.device == "cpu"
+    paths = sorted(tiny_dataset.glob("test/*/*.png"))[:3]
+    for original, reloaded in zip(tiny_model.predict(paths), loaded.predict(paths)):
+        assert original.score == reloaded.score
+        np.testing.assert_array_equal(original.anomaly_map, reloaded.anomaly_map)
+
+
+def test_asking_for_an_absent_gpu_is_a_clear_error(tiny_model_dir):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(FlawmapError, match="no usable CUDA device"):
+        AnomalyModel.load(tiny_model_dir, device="cuda")
+
+
+def test_precision_set_after_loading_reaches_the_search(tiny_model_dir):
+    loaded = AnomalyModel.load(tiny_model_dir, precision="bfloat16")
+    assert loaded.scorer_.search.coarse_bank is not None and loaded.scorer_.low_precision == torch.bfloat16
+    loaded.set_runtime(precision="float32")
+    assert loaded.scorer_.search.coarse_bank is None and loaded.scorer_.low_precision is None
 
 
 def test_crash_mid_save_leaves_previous_model_intact(tiny_model, tmp_path, monkeypatch):
     target = tiny_model.save(tmp_path / "model")
     before = {path.name: path.read_bytes() for path in target.iterdir()}
     other = AnomalyModel.load(target)
-    other.memory_bank_ = other.memory_bank_ + 1.0  # a different model to save over the first
+    other.scorer_.search = build_search(bank_of(other) + 1.0)  # a different model to save over the first
     original_write = io.write_atomically
 
     def crash_on_config(path, payload):
@@ -56,12 +86,12 @@ def test_crash_mid_save_leaves_previous_model_intact(tiny_model, tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         other.save(target)
     reloaded = AnomalyModel.load(target)
-    assert torch.equal(reloaded.memory_bank_, tiny_model.memory_bank_)
+    assert torch.equal(bank_of(reloaded), bank_of(tiny_model))
     assert (target / io.CONFIG_FILE).read_bytes() == before[io.CONFIG_FILE]
     monkeypatch.undo()
     other.save(target)  # a later save succeeds and removes the orphaned tensor file
-    assert torch.equal(AnomalyModel.load(target).memory_bank_, other.memory_bank_)
-    assert len(list(target.glob("*.safetensors"))) == 1
+    assert torch.equal(bank_of(AnomalyModel.load(target)), bank_of(other))
+    assert len(list(target.glob("model-*.safetensors"))) == 1
 
 
 def test_refuses_to_overwrite_a_folder_that_is_not_a_model(tiny_model, tmp_path):
@@ -75,7 +105,8 @@ def test_refuses_to_overwrite_a_folder_that_is_not_a_model(tiny_model, tmp_path)
     [
         (lambda d: (d / "config.json").unlink(), "not a flawmap model"),
         (lambda d: (d / "config.json").write_text("{not json"), "not valid JSON"),
-        (lambda d: (d / "config.json").write_text('{"format": "other"}'), "not a flawmap model config"),
+        (lambda d: (d / "config.json").write_text('{"format": "other", "files": {}}'), "not a flawmap model config"),
+        (lambda d: (d / "config.json").write_text('{"format": "other"}'), "malformed key 'files'"),
         (lambda d: _edit_config(d, format_version=99), "format version 99"),
         (lambda d: _edit_config(d, method="nope"), "unknown method 'nope'"),
         (lambda d: [p.write_bytes(b"garbage") for p in d.glob("*.safetensors")], "cannot read tensors"),

@@ -21,11 +21,12 @@ from typing import Any, Sequence
 
 import torch
 
-from flawmap import __version__
+from flawmap._version import __version__
 from flawmap.data import open_dataset
 from flawmap.errors import FlawmapError
 from flawmap.evaluate import evaluate
 from flawmap.models import METHODS, create_model
+from flawmap.runtime import Runtime
 
 #: Columns of the printed table, in order. ``fit_features_s`` (decoding and backbone) and
 #: ``fit_method_s`` (the method's own fitting, e.g. PatchCore's coreset) split the fit time before
@@ -54,6 +55,7 @@ def benchmark(
     params: dict[str, dict[str, Any]] | None = None,
     json_path: str | Path | None = None,
     progress: bool = False,
+    runtime: Runtime | None = None,
 ) -> list[dict[str, Any]]:
     """Fit and evaluate each method on each dataset, each pair in a fresh process.
 
@@ -69,6 +71,8 @@ def benchmark(
         Written after every finished pair as ``{"flawmap_version": ..., "rows": [...]}``.
     progress : bool
         Print one line per finished pair on stderr.
+    runtime : Runtime, optional
+        How the models run (device, precision, ...); the default runtime if None.
 
     Returns
     -------
@@ -88,7 +92,7 @@ def benchmark(
     n_runs = len(data_dirs) * len(methods)
     for data_dir in data_dirs:
         for method in methods:
-            row = _in_fresh_process(benchmark_one, str(data_dir), method, params.get(method, {}))
+            row = _in_fresh_process(benchmark_one, str(data_dir), method, params.get(method, {}), runtime or Runtime())
             rows.append(row)
             if progress:
                 print(f"[{len(rows)}/{n_runs}] {row['dataset']} {method}: image AUROC {row['image_auroc']:.4f}, "
@@ -98,11 +102,11 @@ def benchmark(
     return rows
 
 
-def benchmark_one(data_dir: str, method: str, params: dict[str, Any]) -> dict[str, Any]:
+def benchmark_one(data_dir: str, method: str, params: dict[str, Any], runtime: Runtime) -> dict[str, Any]:
     """Fit, save and evaluate one method on one dataset in this process; one row of results."""
     dataset = open_dataset(data_dir)
     start = time.perf_counter()
-    model = create_model(method, **params).fit(dataset)
+    model = create_model(method, runtime=runtime, **params).fit(dataset)
     fit_seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory(prefix="flawmap-bench-") as folder:
         model_mb = directory_mb(model.save(Path(folder) / "model"))

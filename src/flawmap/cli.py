@@ -16,12 +16,13 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from flawmap import __version__
+from flawmap._version import __version__
 from flawmap.errors import FlawmapError
-from flawmap.models import METHODS, AnomalyModel, create_model
+from flawmap.models import METHODS, AnomalyModel, create_model, load_model
+from flawmap.runtime import PRECISIONS, Runtime
 
-#: Fields the CLI sets itself (``random_state`` from ``--seed``, ``progress`` always on): no flags.
-_DEDICATED_FIELDS = {"random_state", "progress"}
+#: Fields the CLI sets itself (``random_state`` from ``--seed``): no flags.
+_DEDICATED_FIELDS = {"random_state"}
 EXIT_USER_ERROR = 2
 
 
@@ -51,10 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     fit = _command(commands, "fit", "learn normality from good images and save a model", run_fit)
     fit.add_argument("data", nargs="+", type=Path, metavar="DATA_DIR", help="dataset or image folder(s); several train one model")
-    fit.add_argument("--method", default="patchcore", help=f"one of: {', '.join(METHODS.names())}")
-    fit.add_argument("--out", required=True, type=Path, metavar="MODEL_DIR", help="where to save the model")
-    fit.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    fit.add_argument("--method", default=None, help=f"one of: {', '.join(METHODS.names())} (default patchcore)")
+    fit.add_argument("--out", type=Path, metavar="MODEL_DIR", help="where to save the model (default with --update: that model)")
+    fit.add_argument(
+        "--update", type=Path, metavar="MODEL_DIR",
+        help="add DATA_DIR's good images to this fitted model (partial_fit) instead of fitting a new one",
+    )
+    fit.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     fit.add_argument("--skip-invalid", action="store_true", help="skip unreadable images with a warning instead of stopping")
+    _add_runtime_flags(fit)
     _add_hyperparameter_flags(fit)
 
     evaluate = _command(commands, "evaluate", "compute metrics of a model on a dataset's test split", run_evaluate)
@@ -62,16 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("data", type=Path, metavar="DATA_DIR")
     evaluate.add_argument("--json", type=Path, metavar="FILE", help="write the metrics as JSON")
     evaluate.add_argument("--maps-dir", type=Path, metavar="DIR", help="write each anomaly map (.npy) and scores.json")
+    _add_runtime_flags(evaluate)
 
     predict = _command(commands, "predict", "score images and write heat-map overlays", run_predict)
     predict.add_argument("model", type=Path, metavar="MODEL_DIR")
     predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE_OR_DIR")
     predict.add_argument("--out", required=True, type=Path, metavar="DIR", help="overlays and scores.jsonl go here")
     predict.add_argument("--skip-invalid", action="store_true", help="skip unreadable images with a warning")
+    _add_runtime_flags(predict)
 
     demo = _command(commands, "demo", "make demo data, fit, evaluate and draw overlays", run_demo)
     demo.add_argument("--out", type=Path, default=Path("flawmap-demo"), metavar="DIR", help="default ./flawmap-demo")
     demo.add_argument("--method", default="patchcore", help=f"one of: {', '.join(METHODS.names())}")
+    _add_runtime_flags(demo)
 
     demo_data = _command(commands, "demo-data", "write the built-in demo dataset (MVTec layout)", run_demo_data)
     demo_data.add_argument("out", type=Path, metavar="OUT_DIR")
@@ -84,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--param", action="append", default=[], metavar="METHOD.NAME=VALUE",
         help="a method hyper-parameter, e.g. padim.n_features=64 (repeatable)",
     )
+    _add_runtime_flags(bench)
     return parser
 
 
@@ -93,7 +103,23 @@ def _command(commands, name: str, help_text: str, handler: Callable[[argparse.Na
     return sub
 
 
-# ---------------------------------------------------------------- hyper-parameter flags
+# ---------------------------------------------------------------- runtime and hyper-parameter flags
+def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("runtime (how the model runs here; never saved with it)")
+    defaults = Runtime()
+    group.add_argument("--device", default=None, help=f"torch device, e.g. cpu, cuda, cuda:1 (default {defaults.device})")
+    group.add_argument("--precision", default=None, choices=PRECISIONS, help=f"arithmetic (default {defaults.precision})")
+    group.add_argument("--batch-size", type=int, default=None, metavar="INT", help=f"images per backbone pass (default {defaults.batch_size})")
+    group.add_argument("--num-workers", type=int, default=None, metavar="INT", help=f"image-decoding threads (default {defaults.num_workers})")
+
+
+def _runtime(args: argparse.Namespace) -> Runtime:
+    """The runtime the flags ask for, with progress bars on."""
+    return Runtime(progress=True).replace(
+        device=args.device, precision=args.precision, batch_size=args.batch_size, num_workers=args.num_workers
+    )
+
+
 def _hyperparameter_fields() -> dict[str, tuple[Any, list[str]]]:
     """Every init field of every method: name -> (type hint, methods that have it)."""
     fields: dict[str, tuple[Any, list[str]]] = {}
@@ -171,19 +197,42 @@ def _given_hyperparameters(args: argparse.Namespace, method: str) -> dict[str, A
 
 # ---------------------------------------------------------------- commands
 def run_fit(args: argparse.Namespace) -> None:
-    METHODS.get(args.method)  # an unknown method fails here, listing the choices, before the flags
-    params = _given_hyperparameters(args, args.method)
-    model = create_model(args.method, random_state=args.seed, progress=True, **params)
     data = args.data[0] if len(args.data) == 1 else args.data
-    model.fit(data, skip_invalid=args.skip_invalid)
-    model.save(args.out)
-    print(f"saved {args.method} model to {args.out} (threshold {model.threshold_:.4f}, {model.n_train_images_} training images)")
+    if args.update is not None:
+        model = _update(args, data)
+    else:
+        if args.out is None:
+            raise FlawmapError("give --out MODEL_DIR (where to save the model), or --update MODEL_DIR")
+        method = args.method or "patchcore"
+        METHODS.get(method)  # an unknown method fails here, listing the choices, before the flags
+        params = _given_hyperparameters(args, method)
+        seed = 0 if args.seed is None else args.seed
+        model = create_model(method, runtime=_runtime(args), random_state=seed, **params)
+        model.fit(data, skip_invalid=args.skip_invalid)
+    out = args.out or args.update
+    model.save(out)
+    print(
+        f"saved {model.method} model to {out} (threshold {model.threshold_:.4f}, {model.n_train_images_} training "
+        f"images in {model.n_fits_} fit{'s' if model.n_fits_ > 1 else ''}, fit {sum(model.fit_seconds_.values()):.1f} s)"
+    )
+
+
+def _update(args: argparse.Namespace, data: Any) -> AnomalyModel:
+    """``fit --update``: load the model and learn from more images with its own hyper-parameters."""
+    given = [_flag(name) for name in _hyperparameter_fields() if getattr(args, f"param_{name}") is not None]
+    given += ["--seed"] * (args.seed is not None)
+    if given:
+        raise FlawmapError(f"{given[0]} cannot be changed by --update: an update keeps the model's hyper-parameters")
+    model = load_model(args.update, **dataclasses.asdict(_runtime(args)))
+    if args.method is not None and args.method != model.method:
+        raise FlawmapError(f"{args.update}: is a {model.method} model, not {args.method}")
+    return model.partial_fit(data, skip_invalid=args.skip_invalid)
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
     from flawmap.evaluate import evaluate
 
-    model = _load(args.model)
+    model = load_model(args.model, **dataclasses.asdict(_runtime(args)))
     result = evaluate(model, args.data, maps_dir=args.maps_dir)
     print(format_metrics(result))
     if args.json is not None:
@@ -195,7 +244,7 @@ def run_predict(args: argparse.Namespace) -> None:
     from flawmap.data import samples_from_paths
     from flawmap.report import write_overlay
 
-    model = _load(args.model)
+    model = load_model(args.model, **dataclasses.asdict(_runtime(args)))
     args.out.mkdir(parents=True, exist_ok=True)
     n_scored = n_anomalous = 0
     with open(args.out / "scores.jsonl", "w", encoding="utf-8") as lines:
@@ -229,7 +278,7 @@ def run_demo(args: argparse.Namespace) -> None:
     for folder in folders:
         dataset = open_dataset(folder)
         print(f"== {dataset.name}: fitting {args.method} on {len(dataset.train)} good images")
-        model = create_model(args.method, progress=True).fit(dataset)
+        model = create_model(args.method, runtime=_runtime(args)).fit(dataset)
         model.save(args.out / "models" / dataset.name)
         rows.append({"dataset": dataset.name, **evaluate(model, dataset)})
         anomalous = [sample for sample in dataset.test if sample.is_anomalous][:3]
@@ -246,7 +295,10 @@ def run_benchmark(args: argparse.Namespace) -> None:
     from flawmap.benchmark import TABLE_COLUMNS, benchmark
 
     methods = [name.strip() for name in args.methods.split(",") if name.strip()]
-    rows = benchmark(args.data, methods, params=_method_params(args.param), json_path=args.json, progress=True)
+    rows = benchmark(
+        args.data, methods, params=_method_params(args.param), json_path=args.json, progress=True,
+        runtime=_runtime(args).replace(progress=False),
+    )
     print(format_table(rows, list(TABLE_COLUMNS)))
 
 
@@ -269,12 +321,6 @@ def _method_params(specs: list[str]) -> dict[str, dict[str, Any]]:
         except (ValueError, argparse.ArgumentTypeError) as error:
             raise FlawmapError(f"--param {spec!r}: {error}") from None
     return params
-
-
-def _load(model_dir: Path) -> AnomalyModel:
-    model = AnomalyModel.load(model_dir)
-    model.progress = True
-    return model
 
 
 def format_metrics(result: dict[str, float]) -> str:

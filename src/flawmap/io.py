@@ -1,18 +1,28 @@
-"""Model directories: ``config.json`` (method, hyper-parameters, fitted scalars) and tensors in
-safetensors files. Loading parses JSON and raw tensors only, so it never executes code.
+"""The on-disk format: a JSON document plus named groups of tensors in safetensors files.
 
-Layout::
+This module is a pure format layer: documents and tensors in, documents and tensors out. It
+knows nothing about methods (``flawmap.models`` builds models from what it reads, and imports
+it, never the other way round). Loading parses JSON and raw tensors only, so it never executes
+code.
 
-    MODEL_DIR/
-      config.json                  {"format": "flawmap-model", "format_version": 1,
-                                    "method": ..., "params": {...}, "fitted": {...},
-                                    "files": {"model": ..., "backbone": ... or null}}
-      model-<hash>.safetensors     the method's fitted tensors
-      backbone-<hash>.safetensors  only when the backbone came from a local weights file
+A *record* is one JSON document in a folder naming one content-addressed tensor file per group::
 
-Saving is atomic: tensor files are written under new content-addressed names first, then
-``config.json``, which names them, is replaced in one rename, and only then are files no config
-refers to removed. A crash at any point leaves either the old or the new model, complete.
+    FOLDER/
+      <document>.json               {..., "files": {"<group>": "<group>-<hash>.safetensors", ...}}
+      <group>-<hash>.safetensors    one per group
+
+Writing is atomic: the tensor files are written under new content-addressed names first, then
+the document, which names them, replaces the old one in one rename, and only then are files of
+those groups that the document no longer names removed. A crash at any point leaves the old or
+the new record, complete. Model directories and training checkpoints are both records.
+
+A model directory is a record whose document is ``config.json``::
+
+    {"format": "flawmap-model", "format_version": 2, "flawmap_version": ...,
+     "method": ..., "params": {...}, "fitted": {...}, "saved_with": {...}, "files": {...}}
+
+``saved_with`` says where the model was fitted (device, torch version), for information only:
+loading never reads it.
 """
 
 from __future__ import annotations
@@ -22,94 +32,102 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
-from safetensors import SafetensorError
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from flawmap import __version__
+from flawmap._version import __version__
 from flawmap.errors import FlawmapError
 
-if TYPE_CHECKING:
-    from flawmap.models.base import AnomalyModel
-
 FORMAT_NAME = "flawmap-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CONFIG_FILE = "config.json"
+#: Top-level keys every model config has besides the format fields.
+MODEL_KEYS = ("method", "params", "fitted", "files")
+
+TensorGroups = dict[str, dict[str, torch.Tensor]]
 
 
-def save_model(model: "AnomalyModel", directory: str | Path) -> Path:
-    """Write a fitted model to ``directory`` atomically; returns the directory."""
+# ---------------------------------------------------------------------------- model directories
+def save_model_directory(directory: str | Path, document: dict[str, Any], groups: TensorGroups) -> Path:
+    """Write a model record (``config.json`` + one tensor file per group) atomically.
+
+    ``document`` holds ``method``, ``params``, ``fitted`` and anything else JSON-serialisable;
+    the format fields and ``files`` are added here. Refuses to write into a folder that holds
+    anything but a flawmap model.
+    """
     target = Path(directory)
     if target.exists() and not (target / CONFIG_FILE).is_file():
         if not target.is_dir() or any(target.iterdir()):
             raise FlawmapError(f"{target}: exists and is not a flawmap model directory; refusing to overwrite it")
-    target.mkdir(parents=True, exist_ok=True)
-    files = {"model": write_tensor_file(target, "model", model._state()), "backbone": None}
-    if model.weights is not None:
-        files["backbone"] = write_tensor_file(target, "backbone", model.backbone_.state_dict())
-    config = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "flawmap_version": __version__,
-        "method": model.method,
-        "params": model.get_params(),  # tuples become JSON lists; load_model turns taps back
-        "fitted": model._fitted_scalars(),
-        "files": files,
-    }
-    write_atomically(target / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode("utf-8"))
-    for stale in target.glob("*.safetensors"):
-        if stale.name not in files.values():
-            stale.unlink()
+    header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "flawmap_version": __version__}
+    write_record(target, CONFIG_FILE, {**header, **document}, groups)
     return target
 
 
-def load_model(directory: str | Path) -> "AnomalyModel":
-    """Load a model directory written by :func:`save_model`."""
-    from flawmap.models import METHODS
-
+def read_model_directory(directory: str | Path) -> tuple[dict[str, Any], dict[str, Path]]:
+    """The validated ``config.json`` of a model directory and its tensor files by group."""
     source = Path(directory)
-    config = read_config(source)
-    model_class = METHODS.get(config["method"])
-    params = dict(config["params"])
-    if params.get("taps") is not None:
-        params["taps"] = tuple(params["taps"])
-    if config["files"]["backbone"] is not None:
-        params["weights"] = str(source / config["files"]["backbone"])
-    try:
-        model = model_class(**params)
-    except TypeError as error:
-        raise FlawmapError(f"{source / CONFIG_FILE}: parameters do not match method {config['method']!r}: {error}") from None
-    for name, value in config["fitted"].items():
-        setattr(model, name, tuple(value) if name == "taps_" else value)
-    model.backbone_ = model._build_backbone()
-    model._set_state(_read_tensors(source / config["files"]["model"]))
-    return model
-
-
-def read_config(directory: Path) -> dict:
-    """The validated ``config.json`` of a model directory."""
-    config_path = directory / CONFIG_FILE
-    if not directory.is_dir():
-        raise FlawmapError(f"{directory}: model directory not found")
+    if not source.is_dir():
+        raise FlawmapError(f"{source}: model directory not found")
+    config_path = source / CONFIG_FILE
     if not config_path.is_file():
-        raise FlawmapError(f"{directory}: not a flawmap model (no {CONFIG_FILE})")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise FlawmapError(f"{config_path}: not valid JSON ({error})") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
+        raise FlawmapError(f"{source}: not a flawmap model (no {CONFIG_FILE})")
+    document, groups = read_record(source, CONFIG_FILE)
+    if document.get("format") != FORMAT_NAME:
         raise FlawmapError(f"{config_path}: not a flawmap model config")
-    if config.get("format_version") != FORMAT_VERSION:
+    if document.get("format_version") != FORMAT_VERSION:
         raise FlawmapError(
-            f"{config_path}: model format version {config.get('format_version')} is not supported "
-            f"(this flawmap reads version {FORMAT_VERSION})"
+            f"{config_path}: model format version {document.get('format_version')} is not supported "
+            f"(this flawmap reads version {FORMAT_VERSION}); fit the model again with this version"
         )
-    for key in ("method", "params", "fitted", "files"):
-        if key not in config:
+    for key in MODEL_KEYS:
+        if key not in document:
             raise FlawmapError(f"{config_path}: missing key {key!r}")
-    return config
+    return document, groups
+
+
+# ---------------------------------------------------------------------------- records
+def write_record(folder: str | Path, document_name: str, document: dict[str, Any], groups: TensorGroups) -> None:
+    """Write ``document`` (plus ``files``) and one tensor file per group into ``folder`` atomically.
+
+    Tensor files of the same groups (and of groups the previous document named) that the new
+    document does not name are removed after the document is replaced.
+    """
+    target = Path(folder)
+    target.mkdir(parents=True, exist_ok=True)
+    previous_groups = set(_previous_files(target / document_name))
+    files = {group: write_tensor_file(target, group, tensors) for group, tensors in groups.items()}
+    payload = json.dumps({**document, "files": files}, indent=1) + "\n"
+    write_atomically(target / document_name, payload.encode("utf-8"))
+    for group in previous_groups | set(files):
+        for stale in target.glob(f"{group}-*.safetensors"):
+            if stale.name != files.get(group):
+                stale.unlink()
+
+
+def read_record(folder: str | Path, document_name: str) -> tuple[dict[str, Any], dict[str, Path]]:
+    """The JSON document ``folder/document_name`` and the tensor file of each group it names
+    (checked to exist; read them with :func:`read_tensor_file`)."""
+    path = Path(folder) / document_name
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise FlawmapError(f"{path}: cannot read ({error.strerror or error})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise FlawmapError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(document, dict):
+        raise FlawmapError(f"{path}: not a flawmap model config")
+    files = document.get("files")
+    if not isinstance(files, dict) or not all(isinstance(name, str) for name in files.values()):
+        raise FlawmapError(f"{path}: missing or malformed key 'files'")
+    paths = {group: Path(folder) / name for group, name in files.items()}
+    for path in paths.values():
+        if not path.is_file():
+            raise FlawmapError(f"{path}: missing tensor file; the model directory is incomplete")
+    return document, paths
 
 
 def write_tensor_file(folder: Path, stem: str, tensors: dict[str, torch.Tensor]) -> str:
@@ -119,6 +137,14 @@ def write_tensor_file(folder: Path, stem: str, tensors: dict[str, torch.Tensor])
     if not (folder / name).is_file():
         write_atomically(folder / name, payload)
     return name
+
+
+def read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file, on the CPU; FlawmapError naming the file if unreadable."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise FlawmapError(f"{path}: cannot read tensors ({error})") from None
 
 
 def write_atomically(path: Path, payload: bytes) -> None:
@@ -135,10 +161,10 @@ def write_atomically(path: Path, payload: bytes) -> None:
         raise
 
 
-def _read_tensors(path: Path) -> dict:
-    if not path.is_file():
-        raise FlawmapError(f"{path}: missing tensor file; the model directory is incomplete")
+def _previous_files(document_path: Path) -> dict[str, str]:
+    """The ``files`` of the document about to be replaced (empty when absent or unreadable)."""
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise FlawmapError(f"{path}: cannot read tensors ({error})") from None
+        files = json.loads(document_path.read_text(encoding="utf-8")).get("files", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return files if isinstance(files, dict) else {}

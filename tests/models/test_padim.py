@@ -1,11 +1,12 @@
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same_predictions, random_images
+from conftest import fit_whole_and_in_halves, assert_same_predictions, random_images
 from scipy.spatial.distance import mahalanobis
 
 import flawmap
 from flawmap.errors import FlawmapError
+from flawmap.io import read_tensor_file
 from flawmap.models.padim import GaussianAccumulator, Padim, mahalanobis_distances, regularised_inverse
 
 
@@ -16,15 +17,32 @@ def correlated_samples(rng: np.random.Generator, n_samples: int, n_positions: in
     return np.einsum("spd,pde->spe", rng.normal(size=(n_samples, n_positions, n_dims)), mixing) + offsets
 
 
+def quick_padim(**params) -> Padim:
+    return Padim(image_size=64, n_features=24, **params).set_runtime(batch_size=4)
+
+
 def test_streamed_mean_and_covariance_match_numpy():
     samples = correlated_samples(np.random.default_rng(0), 37, 4, 6)
-    gaussians = GaussianAccumulator()
-    for batch in np.array_split(samples, [1, 16, 30]):  # uneven batches, one of a single sample
+    gaussians, later = GaussianAccumulator(), GaussianAccumulator()
+    for batch in np.array_split(samples, [1, 16])[:2]:  # uneven batches, one of a single sample
         gaussians.add(torch.from_numpy(batch))
+    for batch in np.array_split(samples[16:], [14]):  # a second stream, then merged
+        later.add(torch.from_numpy(batch))
+    gaussians.update(later)
     assert gaussians.count == 37
     for position in range(4):
         np.testing.assert_allclose(gaussians.mean()[position].numpy(), samples[:, position].mean(axis=0), rtol=1e-12)
         np.testing.assert_allclose(gaussians.covariance()[position].numpy(), np.cov(samples[:, position].T), rtol=1e-10)
+
+
+def test_accumulator_state_keeps_half_of_the_symmetric_outer_sums():
+    gaussians = GaussianAccumulator()
+    gaussians.add(torch.from_numpy(correlated_samples(np.random.default_rng(3), 9, 2, 5)))
+    state = gaussians.state()
+    assert state["outer_sums_upper"].shape == (2, 5 * 6 // 2) and int(state["count"]) == 9
+    restored = GaussianAccumulator.from_state(state)
+    assert torch.equal(restored.covariance(), gaussians.covariance())
+    assert torch.equal(restored.covariance(), restored.covariance().transpose(1, 2))
 
 
 def test_covariance_needs_two_observations():
@@ -54,28 +72,42 @@ def test_mahalanobis_distances_match_scipy():
 
 @pytest.fixture(scope="module")
 def fitted_padim() -> Padim:
-    return Padim(image_size=64, n_features=24, batch_size=4).fit(random_images(0, 6))
+    return quick_padim().fit(random_images(0, 6))
 
 
 def test_fit_keeps_a_sorted_random_channel_subset(fitted_padim):
-    indices = fitted_padim.channel_indices_
-    assert indices.shape == (24,) and torch.equal(indices, indices.sort().values)
-    assert fitted_padim.means_.shape == (64, 24)  # 8 x 8 positions at image size 64
-    assert fitted_padim.inverse_covariances_.shape == (64, 24, 24)
-    assert fitted_padim.inverse_covariances_.dtype == torch.float32
+    scorer = fitted_padim.scorer_
+    assert scorer.channel_indices.shape == (24,) and torch.equal(scorer.channel_indices, scorer.channel_indices.sort().values)
+    assert scorer.means.shape == (64, 24)  # 8 x 8 positions at image size 64
+    assert scorer.inverse_covariances.shape == (64, 24, 24)
+    assert scorer.inverse_covariances.dtype == torch.float32
 
 
-def test_save_load_round_trip(fitted_padim, tmp_path):
-    fitted_padim.save(tmp_path / "model")
-    loaded = flawmap.load(tmp_path / "model")
-    assert isinstance(loaded, Padim) and torch.equal(loaded.channel_indices_, fitted_padim.channel_indices_)
-    assert_same_predictions(fitted_padim, loaded, random_images(1, 2), rel=0)
+def test_model_file_holds_moments_and_loading_derives_identical_gaussians(fitted_padim, tmp_path):
+    directory = fitted_padim.save(tmp_path / "model")
+    (model_file,) = directory.glob("model-*.safetensors")
+    assert set(read_tensor_file(model_file)) == {"channel_indices", "moments.count", "moments.sums", "moments.outer_sums_upper"}
+    loaded = flawmap.load(directory)
+    for name in ("channel_indices", "means", "inverse_covariances"):
+        assert torch.equal(getattr(loaded.scorer_, name), getattr(fitted_padim.scorer_, name)), name
 
 
 def test_too_many_features_keep_every_channel():
-    model = Padim(image_size=32, n_features=10_000, batch_size=4).fit(random_images(2, 4))
-    n_channels = sum(info.channels for info in model.backbone_.tap_info(model.taps_))
-    assert torch.equal(model.channel_indices_, torch.arange(n_channels))
+    model = Padim(image_size=32, n_features=10_000).set_runtime(batch_size=4).fit(random_images(2, 4))
+    n_channels = sum(info.channels for info in model.scorer_.backbone.tap_info(model.taps_))
+    assert torch.equal(model.scorer_.channel_indices, torch.arange(n_channels))
+
+
+@pytest.mark.parametrize("through_save", [False, True])
+def test_partial_fit_on_the_second_half_equals_one_fit_on_all(through_save, tmp_path):
+    # the hash holds out images 0, 3 and 9 of these in both procedures
+    full, updated = fit_whole_and_in_halves(quick_padim, random_images(2, 10), through_save, tmp_path)
+    assert updated.n_train_images_ == 7 and updated.gaussians_.count == 7
+    assert torch.equal(updated.scorer_.channel_indices, full.scorer_.channel_indices)
+    torch.testing.assert_close(updated.scorer_.means, full.scorer_.means, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(updated.scorer_.inverse_covariances, full.scorer_.inverse_covariances, rtol=1e-6, atol=1e-6)
+    assert updated.threshold_ == pytest.approx(full.threshold_, rel=1e-6)
+    assert_same_predictions(full, updated, random_images(1, 2))
 
 
 @pytest.mark.parametrize("params", [{"n_features": 0}, {"epsilon": 0.0}])

@@ -1,13 +1,17 @@
-"""Tests for flawmap.models.rlr: attention windows and masks, shapes, training, saving, resuming."""
+"""Tests for flawmap.models.rlr: attention windows and masks, shapes, training, saving, resuming,
+continuing training with partial_fit."""
 
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 from conftest import assert_same_predictions, random_images
 import torch
 
+from flawmap.backbones import BACKBONES, Backbone, FeatureInfo
+from flawmap.backbones.base import IMAGENET_MEAN, IMAGENET_STD
 from flawmap.errors import FlawmapError
 from flawmap.models import AnomalyModel, create_model
 from flawmap.models.rlr import (
@@ -29,21 +33,44 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-TINY = {"hidden_dim": 8, "num_heads": 2, "window_size": 3, "train_batch_size": 2}
+TINY = {"image_size": 64, "hidden_dim": 8, "num_heads": 2, "window_size": 3, "train_batch_size": 2}
+
+
+class DeclaredTapsBackbone(Backbone):
+    """Declares two taps shaped like 6-channel stride-8 and 10-channel stride-16 levels; never
+    run: the tests below feed RLR features directly."""
+
+    def __init__(self) -> None:
+        taps = [FeatureInfo("s8", 6, 8), FeatureInfo("s16", 10, 16)]
+        super().__init__(name="declared", feature_info=taps, default_taps=("s8", "s16"), mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        self._freeze()
 
 
 def synthetic_levels(n_images: int = 4, seed: int = 0) -> list[torch.Tensor]:
-    """Two levels shaped like stride-8 and stride-16 features of a 64 x 64 image: (n, C, h, w)."""
+    """Two levels shaped like the declared taps of a 64 x 64 image: (n, 6, 8, 8), (n, 10, 4, 4)."""
     generator = torch.Generator().manual_seed(seed)
     return [torch.randn(n_images, 6, 8, 8, generator=generator), torch.randn(n_images, 10, 4, 4, generator=generator)]
 
 
 def fit_on_features(levels: list[torch.Tensor], **params) -> RLR:
-    """Run RLR's training hook on feature tensors, without a backbone."""
+    """RLR's first fit on feature tensors, without a backbone pass."""
     model = RLR(**{**TINY, **params})
     model._validate_params()
-    model._fit(iter([levels]))
+    model.taps_ = ("s8", "s16")
+    model.scorer_ = model._new_scorer(DeclaredTapsBackbone(), model.taps_)
+    model.n_fits_ = 0
+    model._learn(iter([levels]))
     return model
+
+
+def network_state(model: RLR) -> dict[str, torch.Tensor]:
+    return {name: tensor.clone() for name, tensor in model.scorer_.networks.state_dict().items()}
+
+
+def assert_same_networks(first: RLR, second: RLR) -> None:
+    second_state = network_state(second)
+    for name, tensor in network_state(first).items():
+        assert torch.equal(tensor, second_state[name]), name
 
 
 def brute_force_window(grid_hw: tuple[int, int], window: int) -> set[tuple[int, int]]:
@@ -121,16 +148,30 @@ def test_coarser_levels_get_windows_covering_the_same_area():
 def test_shapes_per_level():
     levels = synthetic_levels()
     model = fit_on_features(levels, epochs=1)
-    assert model.level_grids_ == [[8, 8], [4, 4]]
-    for network, level in zip(model.networks_, levels):
+    for network, level in zip(model.scorer_.networks, levels):
         tokens = network.tokens(level)
         assert tokens.shape == (4, level.shape[-2] * level.shape[-1], level.shape[1])
         assert network(tokens).shape == tokens.shape
     with torch.inference_mode():
-        scored = model._score(levels)
+        scored = model.scorer_.score(levels)
     assert scored.patch_scores.shape == (4, 8, 8)
     assert scored.image_scores is None
     assert torch.isfinite(scored.patch_scores).all()
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "resnet18"])
+def test_network_grids_match_the_embedded_levels(backbone):
+    """Grids are ceil(image_size / stride), also where the stride does not divide the size."""
+    architecture = BACKBONES.get(backbone)()  # random weights: only the shapes matter
+    model = RLR(**{**TINY, "image_size": 72})
+    scorer = model._new_scorer(architecture, architecture.default_taps)
+    with torch.inference_mode():
+        levels = scorer.embed(torch.rand(1, 3, 72, 72))
+    assert [tuple(level.shape[-2:]) for level in levels] == [(9, 9), (5, 5)]
+    for network, level in zip(scorer.networks, levels):
+        assert network.reference.shape == (level.shape[-2] * level.shape[-1], level.shape[1])
+    with torch.inference_mode():
+        assert scorer.score(levels).patch_scores.shape == (1, 9, 9)
 
 
 def test_tiny_model_overfits_a_tiny_set():
@@ -145,8 +186,7 @@ def test_training_is_seeded():
     first = fit_on_features(synthetic_levels(), epochs=2, random_state=3)
     second = fit_on_features(synthetic_levels(), epochs=2, random_state=3)
     assert first.train_losses_ == second.train_losses_
-    for name, tensor in first._state().items():
-        assert torch.equal(tensor, second._state()[name]), name
+    assert_same_networks(first, second)
 
 
 def test_resumed_training_matches_an_uninterrupted_run(tmp_path):
@@ -155,24 +195,40 @@ def test_resumed_training_matches_an_uninterrupted_run(tmp_path):
     fit_on_features(levels, epochs=2, checkpoint_dir=str(tmp_path / "resumed"))  # "interrupted" after epoch 2
     resumed = fit_on_features(levels, epochs=4, checkpoint_dir=str(tmp_path / "resumed"))
     assert resumed.train_losses_ == uninterrupted.train_losses_
-    for name, tensor in uninterrupted._state().items():
-        assert torch.equal(tensor, resumed._state()[name]), name
-    assert len(list((tmp_path / "resumed").glob("*.safetensors"))) == 1  # older epochs are cleaned up
+    assert_same_networks(resumed, uninterrupted)
+    assert (tmp_path / "resumed" / "fit-1" / "training.json").is_file()
 
     with pytest.raises(FlawmapError, match="other settings"):
         fit_on_features(levels, epochs=4, learning_rate=0.5, checkpoint_dir=str(tmp_path / "resumed"))
+    with pytest.raises(FlawmapError, match="other settings or training data"):
+        fit_on_features(synthetic_levels(seed=1), epochs=4, checkpoint_dir=str(tmp_path / "resumed"))
     with pytest.raises(FlawmapError, match="more than epochs"):
         fit_on_features(levels, epochs=3, checkpoint_dir=str(tmp_path / "resumed"))
 
 
 def test_save_load_round_trip(tmp_path):
     images = random_images(0, 4)
-    model = create_model("rlr", image_size=64, epochs=2, num_workers=1, **TINY).fit(images)
+    model = create_model("rlr", **{**TINY, "epochs": 2}).set_runtime(num_workers=1).fit(images)
     model.save(tmp_path / "model")
     loaded = AnomalyModel.load(tmp_path / "model")
-    assert isinstance(loaded, RLR) and loaded.level_grids_ == model.level_grids_
-    assert loaded.train_losses_ == model.train_losses_
+    assert isinstance(loaded, RLR) and loaded.train_losses_ == model.train_losses_
+    assert_same_networks(loaded, model)
     assert_same_predictions(model, loaded, images[:2])
+
+
+def test_partial_fit_continues_training(tmp_path):
+    model = create_model("rlr", **{**TINY, "epochs": 2, "checkpoint_dir": str(tmp_path)}).set_runtime(num_workers=1)
+    model.fit(random_images(0, 6))
+    first_losses, first_state = list(model.train_losses_), network_state(model)
+    model.partial_fit(random_images(1, 6))
+    assert len(model.train_losses_) == 4 and model.train_losses_[:2] == first_losses
+    state = network_state(model)
+    for name in ("feature_mean", "feature_std"):  # the standardisation of the first fit is kept
+        assert torch.equal(state[f"0.{name}"], first_state[f"0.{name}"])
+    assert not torch.equal(state["0.reference"], first_state["0.reference"])
+    assert not torch.equal(state["1.head.weight"], first_state["1.head.weight"])
+    assert all(math.isfinite(prediction.score) for prediction in model.predict(random_images(2, 2)))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["fit-1", "fit-2"]  # one checkpoint per fit
 
 
 @pytest.mark.parametrize(

@@ -1,18 +1,36 @@
 """Anomaly-detection methods: one module each, registered by name in :data:`METHODS`."""
 
-from flawmap.models.base import METHODS, AnomalyModel, PatchScores, Prediction, register_method
+import dataclasses
+from typing import Any
+
+from flawmap.errors import FlawmapError
+
+from flawmap.models.base import METHODS, AnomalyModel, PatchScores, Prediction, Scorer, load_model, register_method
 from flawmap.models.padim import Padim
 from flawmap.models.patchcore import PatchCore
 from flawmap.models.rlr import RLR
 from flawmap.models.sfr import SFR
 from flawmap.models.spade import Spade
+from flawmap.runtime import Runtime
 
-__all__ = ["METHODS", "AnomalyModel", "Padim", "PatchCore", "PatchScores", "Prediction", "RLR", "SFR", "Spade", "create_model", "list_methods", "register_method"]
+__all__ = [
+    "METHODS", "AnomalyModel", "Padim", "PatchCore", "PatchScores", "Prediction", "RLR", "SFR", "Scorer", "Spade",
+    "create_model", "list_methods", "load_model", "register_method",
+]
 
 
-def create_model(method: str, **params) -> AnomalyModel:
-    """A new, unfitted model of the registered ``method`` with the given hyper-parameters."""
-    return METHODS.get(method)(**params)
+def create_model(method: str, *, runtime: Runtime | None = None, **params: Any) -> AnomalyModel:
+    """A new, unfitted model of the registered ``method`` with the given hyper-parameters.
+
+    ``runtime`` chooses how it runs (device, precision, ...); it is not a hyper-parameter.
+    """
+    model_class = METHODS.get(method)
+    names = [field.name for field in dataclasses.fields(model_class) if field.init]
+    unknown = sorted(set(params) - set(names))
+    if unknown:
+        raise FlawmapError(f"method {method!r} has no hyper-parameter {unknown[0]!r}; it has: {', '.join(names)}")
+    model = model_class(**params)
+    return model.set_runtime(runtime) if runtime is not None else model
 
 
 def list_methods() -> list[str]:

@@ -1,42 +1,53 @@
 """The estimator contract every method implements, and the pipeline they all share.
 
-A method is a keyword-only dataclass of hyper-parameters (``__init__`` only stores them). The
-shared pipeline is: images -> ``flawmap.data`` loader -> frozen backbone -> the method's
-``_embed`` -> the method's ``_fit`` or ``_score`` -> ``flawmap.postprocess`` -> scores and maps.
+A method is a keyword-only dataclass of hyper-parameters (``__init__`` only stores them) plus a
+*scorer*: one ``nn.Module`` that maps ``B x 3 x S x S`` images in [0, 1] to
+``PatchScores(patch_scores B x h x w, image_scores B or None)``, with the fitted tensors as its
+buffers. ``predict``, ``evaluate`` and (later) ONNX export and the server all run that one module,
+so there is one inference path; postprocessing (upsampling, smoothing, resizing, thresholds) is
+shared and stays outside it.
 
-A method module implements four hooks and registers itself:
+How a model runs (device, precision, batch size, decoding threads, progress bars) is a
+:class:`flawmap.runtime.Runtime`, set with :meth:`AnomalyModel.set_runtime` or at load time, and
+never saved.
 
-- ``_embed(images)``: ``B x 3 x S x S`` images in [0, 1] to the method's features;
-- ``_fit(feature_batches)``: learn normality from an iterator of embedded batches of normal images;
-- ``_score(features)``: raw patch scores ``B x h x w`` and, optionally, image scores ``B``
-  (when ``None``, the image score is the maximum of the smoothed anomaly map);
-- ``_state()`` / ``_set_state(tensors)``: the fitted tensors, for saving and loading.
+A method module implements five hooks and registers itself with :func:`register_method`:
 
-Fitting also calibrates an image-score threshold on a held-out part of the normal training
-images (``calibration_fraction``), so ``is_anomalous`` needs no defect images.
+- ``_new_scorer(backbone, taps)``: its scorer, able to embed images; not yet able to score;
+- ``_learn(feature_batches)``: learn from an iterator of embedded batches of normal images. The
+  first call starts from nothing, later calls (``partial_fit``) add to what was learned;
+  afterwards the scorer can score;
+- ``to_state()`` / ``from_state(fitted, tensors)``: the method's fitted state as JSON values and
+  tensors, and back (into a model whose scorer ``_new_scorer`` just made);
+- ``_validate_method_params()``: reject bad hyper-parameters with a FlawmapError.
+
+Fitting holds out a share of the normal images (chosen by a hash of each image's identity, so the
+same images are held out whether they arrive in one fit or several) and calibrates the score
+threshold on every held-out image of every fit so far, so ``is_anomalous`` needs no defect
+images. The held-out images are kept in the model (``uint8``, at the network size) for that.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Iterator, Sequence
+from typing import Any, ClassVar, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
-from flawmap import postprocess
+from flawmap import io, postprocess
 from flawmap.backbones import Backbone, create_backbone
 from flawmap.data import Dataset, Sample, iter_batches, open_dataset, samples_from_paths
 from flawmap.errors import FlawmapError
-from flawmap.neighbors import fast_low_precision_dtype
 from flawmap.registry import Registry
+from flawmap.runtime import Runtime, autocast
 
 METHODS: Registry[type["AnomalyModel"]] = Registry("method")
-
-PRECISIONS = ("auto", "float32", "bfloat16")
 
 #: What ``fit`` and ``predict`` accept: a path (dataset folder, image folder or image file), a
 #: Dataset, a uint8 image array, or a sequence of any of these.
@@ -65,12 +76,60 @@ class Prediction:
     anomaly_map: np.ndarray
 
 
-@dataclass(frozen=True)
-class PatchScores:
-    """What a method's ``_score`` returns: ``patch_scores`` (B, h, w), optional ``image_scores`` (B,)."""
+class PatchScores(NamedTuple):
+    """What a scorer returns: ``patch_scores`` (B, h, w) and, for methods that define their own,
+    ``image_scores`` (B,); None means "the maximum of the smoothed anomaly map"."""
 
     patch_scores: torch.Tensor
     image_scores: torch.Tensor | None = None
+
+
+class Scorer(nn.Module):
+    """A method's whole inference: images ``B x 3 x S x S`` in [0, 1] -> :class:`PatchScores`.
+
+    ``forward(images) = score(embed(images))``. Subclasses implement :meth:`embed` (the frozen
+    backbone's levels to the method's features; used for fitting too) and :meth:`score`. Fitted
+    tensors are buffers or submodules (search indexes, networks), so ``.to(device)`` moves them
+    all. Written to be traceable: no Python branches on data values, no SciPy.
+
+    ``low_precision`` (set by :meth:`set_precision`, from the model's runtime) is the autocast
+    dtype of the networks (None: float32); search indexes among the submodules follow it.
+    """
+
+    def __init__(self, backbone: Backbone, taps: Sequence[str]) -> None:
+        super().__init__()
+        backbone.tap_info(taps)
+        self.backbone = backbone
+        self.taps = tuple(taps)
+        self.low_precision: torch.dtype | None = None
+
+    def set_precision(self, low_precision: torch.dtype | None) -> None:
+        """Use ``low_precision`` arithmetic (None: float32) in networks and searches from now on."""
+        self.low_precision = low_precision
+        for module in self.modules():
+            if module is not self and hasattr(module, "set_precision"):
+                module.set_precision(low_precision)
+
+    def autocast(self, device: torch.device) -> torch.autocast:
+        """The autocast context of this scorer's networks on ``device``."""
+        return autocast(device, self.low_precision)
+
+    def levels(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The tapped backbone maps (B, C_l, H_l, W_l), finest first, in float32."""
+        with self.autocast(images.device):
+            levels = self.backbone.features(images, self.taps)
+        return [level.float() for level in levels]
+
+    def embed(self, images: torch.Tensor) -> Any:
+        """Images (B, 3, S, S) -> the method's features."""
+        raise NotImplementedError
+
+    def score(self, features: Any) -> PatchScores:
+        """The method's features -> patch scores (and image scores)."""
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor) -> PatchScores:
+        return self.score(self.embed(images))
 
 
 def register_method(name: str):
@@ -103,23 +162,20 @@ class AnomalyModel:
         Share of the normal training images held out to calibrate the threshold.
     false_alarm_rate : float
         Target share of normal images flagged as anomalous by the threshold.
-    batch_size, num_workers : int
-        Images per backbone pass; image-decoding threads.
     random_state : int
         Seed for every random choice in fitting.
-    device : str
-        Torch device, e.g. ``"cpu"`` or ``"cuda"``.
-    precision : {"auto", "float32", "bfloat16"}
-        Arithmetic of the backbone pass and of nearest-neighbour searches. ``"auto"`` uses
-        bfloat16 where the hardware computes it natively (GPUs, CPUs with AVX512-BF16 or AMX):
-        about 3x faster backbone and 2.5x faster search (bfloat16 candidates, exact float32
-        re-rank; see ``flawmap.neighbors.NearestNeighbors``), with PatchCore's metrics on MVTec
-        bottle unchanged. ``"float32"`` gives exact arithmetic everywhere.
-    progress : bool
-        Show progress bars on long steps.
+
+    Attributes
+    ----------
+    runtime : Runtime
+        How the model runs here (device, precision, ...); not a hyper-parameter, never saved.
     """
 
     method: ClassVar[str] = ""
+    #: Whether a fitted model can learn from more images (``partial_fit``).
+    supports_partial_fit: ClassVar[bool] = True
+    #: Small hyper-parameters for a fast smoke fit at 64 px (tests and examples).
+    quick_params: ClassVar[dict[str, Any]] = {}
 
     backbone: str = "efficientnet_lite0"
     weights: str | None = None
@@ -128,34 +184,62 @@ class AnomalyModel:
     sigma: float = postprocess.DEFAULT_SIGMA
     calibration_fraction: float = 0.1
     false_alarm_rate: float = 0.01
-    batch_size: int = 16
-    num_workers: int = 2
     random_state: int = 0
-    device: str = "cpu"
-    precision: str = "auto"
-    progress: bool = False
+    runtime: Runtime = field(default_factory=Runtime, init=False, repr=False)
 
     # ------------------------------------------------------------------ public API
+    def set_runtime(self, runtime: Runtime | None = None, **settings: Any) -> "AnomalyModel":
+        """Run on another device, precision, batch size, ... from now on; returns ``self``.
+
+        ``model.set_runtime(device="cuda", precision="float32")`` or ``set_runtime(Runtime(...))``.
+        """
+        self.runtime = (runtime or self.runtime).replace(**settings)
+        if hasattr(self, "scorer_"):
+            self.scorer_.to(self.runtime.torch_device)
+            self.scorer_.set_precision(self.runtime.low_precision_dtype())
+        return self
+
     def fit(self, images: ImageInput, *, skip_invalid: bool = False) -> "AnomalyModel":
         """Learn normality from normal images and calibrate the threshold; returns ``self``.
 
         ``images``: a dataset folder (its ``train/good`` is used), a folder of good images,
-        image files, uint8 arrays, or a sequence of these (one model over all of them).
+        image files, uint8 arrays, or a sequence of these (one model over all of them). Anything
+        learned before is forgotten; :meth:`partial_fit` adds to it instead.
         """
+        for name in [name for name in vars(self) if name.endswith("_") and not name.startswith("_")]:
+            delattr(self, name)
+        return self.partial_fit(images, skip_invalid=skip_invalid)
+
+    def partial_fit(self, images: ImageInput, *, skip_invalid: bool = False) -> "AnomalyModel":
+        """Learn from more normal images, keeping what was learned; returns ``self``.
+
+        On an unfitted model this is :meth:`fit`. Afterwards the threshold is calibrated again
+        on the held-out images of every fit so far.
+        """
+        first = not self.is_fitted()
+        if not first and not self.supports_partial_fit:
+            raise FlawmapError(f"method {self.method!r} cannot learn from more images; fit a new model on all of them")
         self._validate_params()
-        samples = training_samples(images)
-        fit_samples, calibration_samples = self._split_calibration(samples)
-        self.backbone_ = self._build_backbone()
-        self.taps_ = tuple(self.taps or self.backbone_.default_taps)
-        self.n_train_images_ = len(fit_samples)
-        # seconds spent decoding and embedding the training images, the rest of _fit, calibration
-        self.fit_seconds_ = {"features": 0.0}
+        fit_samples, calibration_samples = self._split_calibration(training_samples(images), first)
         start = time.perf_counter()
-        self._fit(_timed(self._embedded_batches(fit_samples, skip_invalid, "extracting features"), self.fit_seconds_))
-        fitted = time.perf_counter()
+        if first:
+            backbone = create_backbone(self.backbone, self.weights)
+            self.taps_ = tuple(self.taps or backbone.default_taps)
+            self.scorer_ = self._new_scorer(backbone, self.taps_)
+            self.n_train_images_, self.n_fits_ = 0, 0
+            self.calibration_images_ = torch.empty(0, 3, self.image_size, self.image_size, dtype=torch.uint8)
+        self.set_runtime()
+        seconds = {"features": 0.0}
+        if fit_samples:
+            self._learn(_timed(self._embedded_batches(fit_samples, skip_invalid), seconds))
+            self.set_runtime()  # new fitted tensors follow the device and precision
+        learned = time.perf_counter()
+        self.n_train_images_ += len(fit_samples)
+        self.n_fits_ += 1
         self._calibrate(calibration_samples, skip_invalid)
-        self.fit_seconds_["method"] = fitted - start - self.fit_seconds_["features"]
-        self.fit_seconds_["calibration"] = time.perf_counter() - fitted
+        seconds["method"] = learned - start - seconds["features"]
+        seconds["calibration"] = time.perf_counter() - learned
+        self.fit_seconds_ = seconds
         return self
 
     def predict(self, images: ImageInput, *, skip_invalid: bool = False) -> list[Prediction]:
@@ -163,55 +247,70 @@ class AnomalyModel:
         return [prediction for prediction, _ in self.iter_predictions(prediction_samples(images), skip_invalid=skip_invalid)]
 
     def iter_predictions(
-        self, samples: Sequence[Sample], *, load_masks: bool = False, skip_invalid: bool = False
+        self, samples: Sequence[Sample | np.ndarray], *, load_masks: bool = False, skip_invalid: bool = False
     ) -> Iterator[tuple[Prediction, np.ndarray | None]]:
         """Stream ``(Prediction, mask)`` pairs; masks (bool, original size) only with ``load_masks``."""
         self._check_is_fitted()
         for batch in self._batches(samples, skip_invalid, "predicting", load_masks=load_masks):
-            image_scores, maps = self._score_images(batch.images)
+            image_scores, maps = self.score_images(batch.images)
             for sample, score, anomaly_map, original_hw, mask in zip(
                 batch.samples, image_scores.tolist(), maps, batch.original_hw, batch.masks
             ):
                 full_map = postprocess.to_original_size(anomaly_map, original_hw)
                 yield Prediction(sample, score, score > self.threshold_, full_map), mask
 
-    def save(self, directory: str | Path) -> Path:
-        """Write the fitted model to ``directory`` atomically (config.json + safetensors)."""
-        from flawmap import io
+    def score_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, 3, S, S) in [0, 1] to image scores (B,) and smoothed maps (B, S, S) on the CPU."""
+        if not hasattr(self, "scorer_"):
+            self._check_is_fitted()
+        with torch.inference_mode():
+            scored = self.scorer_(images.to(self.runtime.torch_device))
+            maps = postprocess.anomaly_maps(scored.patch_scores, self.image_size, self.sigma)
+            image_scores = maps.amax(dim=(1, 2)) if scored.image_scores is None else scored.image_scores.cpu()
+        return image_scores.float(), maps
 
+    def save(self, directory: str | Path) -> Path:
+        """Write the fitted model to ``directory`` atomically (config.json + safetensors, no pickle)."""
         self._check_is_fitted()
-        return io.save_model(self, directory)
+        method_fitted, method_tensors = self.to_state()
+        groups = {"model": method_tensors, "calibration": {"images": self.calibration_images_}}
+        if self.weights is not None:
+            groups["backbone"] = self.scorer_.backbone.state_dict()
+        document = {
+            "method": self.method,
+            "params": self.get_params(),  # tuples become JSON lists; load_model turns taps back
+            "fitted": {**self._fitted_scalars(), **method_fitted},
+            "saved_with": {"device": self.runtime.device, "precision": self.runtime.precision, "torch": torch.__version__},
+        }
+        return io.save_model_directory(directory, document, groups)
 
     @staticmethod
-    def load(directory: str | Path) -> "AnomalyModel":
-        """Load a model saved by :meth:`save`; never executes code from the files."""
-        from flawmap import io
-
-        return io.load_model(directory)
+    def load(directory: str | Path, **runtime_settings: Any) -> "AnomalyModel":
+        """Load a model saved by :meth:`save` (see :func:`load_model`)."""
+        return load_model(directory, **runtime_settings)
 
     def get_params(self) -> dict[str, Any]:
         """Hyper-parameters as a plain dict (scikit-learn style)."""
-        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self) if field.init}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+
+    def is_fitted(self) -> bool:
+        return hasattr(self, "threshold_")
 
     # ------------------------------------------------------------------ method hooks
-    def _embed(self, images: torch.Tensor) -> Any:
-        """Images (B, 3, S, S) in [0, 1] to the method's features."""
+    def _new_scorer(self, backbone: Backbone, taps: tuple[str, ...]) -> Scorer:
+        """This method's scorer over ``backbone``: able to embed now, to score once fitted."""
         raise NotImplementedError
 
-    def _fit(self, feature_batches: Iterable[Any]) -> None:
-        """Learn normality from embedded batches of normal images (consumed once)."""
+    def _learn(self, feature_batches: Iterable[Any]) -> None:
+        """Learn from embedded batches of normal images (consumed once), adding to earlier fits."""
         raise NotImplementedError
 
-    def _score(self, features: Any) -> PatchScores:
-        """Raw patch scores (B, h, w), and image scores (B,) if the method defines its own."""
+    def to_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """The method's fitted state: JSON values (keys ending in ``_``) and tensors."""
         raise NotImplementedError
 
-    def _state(self) -> dict[str, torch.Tensor]:
-        """Fitted tensors to save (method part only)."""
-        raise NotImplementedError
-
-    def _set_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Restore what :meth:`_state` returned."""
+    def from_state(self, fitted: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`to_state` returned into ``scorer_`` and the model."""
         raise NotImplementedError
 
     def _validate_method_params(self) -> None:
@@ -225,77 +324,63 @@ class AnomalyModel:
             raise FlawmapError(f"calibration_fraction must be in (0, 1), got {self.calibration_fraction}")
         if not 0.0 <= self.false_alarm_rate < 1.0:
             raise FlawmapError(f"false_alarm_rate must be in [0, 1), got {self.false_alarm_rate}")
-        if self.precision not in PRECISIONS:
-            raise FlawmapError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.batch_size < 1 or self.num_workers < 1:
-            raise FlawmapError("batch_size and num_workers must be at least 1")
+        if self.sigma < 0.0:
+            raise FlawmapError(f"sigma must be >= 0, got {self.sigma}")
         self._validate_method_params()
 
-    def _build_backbone(self) -> Backbone:
-        return create_backbone(self.backbone, self.weights).to(self.device)
-
-    def _low_precision_dtype(self) -> torch.dtype | None:
-        """bfloat16 when ``precision`` asks for it (or ``"auto"`` finds it fast), else None."""
-        if self.precision == "auto":
-            return fast_low_precision_dtype(torch.device(self.device))
-        return torch.bfloat16 if self.precision == "bfloat16" else None
-
-    def _autocast(self) -> torch.autocast:
-        """Network arithmetic: bfloat16 autocast when ``precision`` asks for it, else float32."""
-        low_precision = self._low_precision_dtype()
-        device_type = torch.device(self.device).type
-        return torch.autocast(device_type, dtype=low_precision or torch.float32, enabled=low_precision is not None)
-
-    def _backbone_features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """The tapped feature maps (B, C_l, H_l, W_l) in float32, computed at ``precision``."""
-        with self._autocast():
-            levels = self.backbone_.features(images, self.taps_)
-        return [level.float() for level in levels]
-
-    def _split_calibration(self, samples: list[Sample]) -> tuple[list[Sample], list[Sample]]:
-        """Hold out ``calibration_fraction`` of the samples (at least one) at random."""
-        if len(samples) < 2:
+    def _split_calibration(
+        self, samples: list[Sample | np.ndarray], first: bool
+    ) -> tuple[list[Sample | np.ndarray], list[Sample | np.ndarray]]:
+        """Hold out about ``calibration_fraction`` of the samples, chosen by a seeded hash of each
+        image's identity (its folder and file name, or an array's pixels): the same images are
+        held out whether they come in one fit or in several, and wherever the dataset lies. A
+        first fit holds out at least one and keeps one."""
+        if first and len(samples) < 2:
             raise FlawmapError(f"need at least 2 training images (one is held out for calibration), got {len(samples)}")
-        n_calibration = min(len(samples) - 1, max(1, round(self.calibration_fraction * len(samples))))
-        order = np.random.default_rng(self.random_state).permutation(len(samples))
-        held_out = set(order[:n_calibration].tolist())
-        fit_samples = [sample for i, sample in enumerate(samples) if i not in held_out]
-        return fit_samples, [samples[i] for i in sorted(held_out)]
+        if not samples:
+            raise FlawmapError("no training images given")
+        draws = np.array([_uniform_hash(self.random_state, sample) for sample in samples])
+        held_out = draws < self.calibration_fraction
+        if first and not held_out.any():
+            held_out[draws.argmin()] = True
+        if first and held_out.all():
+            held_out[draws.argmax()] = False
+        fit_samples = [sample for sample, out in zip(samples, held_out) if not out]
+        return fit_samples, [sample for sample, out in zip(samples, held_out) if out]
 
-    def _batches(self, samples: Sequence[Sample], skip_invalid: bool, what: str, load_masks: bool = False):
+    def _batches(self, samples: Sequence[Sample | np.ndarray], skip_invalid: bool, what: str, load_masks: bool = False):
         return iter_batches(
             samples,
             self.image_size,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
+            batch_size=self.runtime.batch_size,
+            num_workers=self.runtime.num_workers,
             load_masks=load_masks,
             skip_invalid=skip_invalid,
-            progress=what if self.progress else None,
+            progress=what if self.runtime.progress else None,
         )
 
-    def _embedded_batches(self, samples: Sequence[Sample], skip_invalid: bool, what: str) -> Iterator[Any]:
-        for batch in self._batches(samples, skip_invalid, what):
+    def _embedded_batches(self, samples: Sequence[Sample | np.ndarray], skip_invalid: bool) -> Iterator[Any]:
+        """The scorer's features of each batch, computed in inference mode (yielded outside it)."""
+        for batch in self._batches(samples, skip_invalid, "extracting features"):
             with torch.inference_mode():
-                yield self._embed(batch.images.to(self.device))
+                features = self.scorer_.embed(batch.images.to(self.runtime.torch_device))
+            yield features
 
-    def _score_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images (B, 3, S, S) to image scores (B,) and smoothed maps (B, S, S) on the CPU."""
-        with torch.inference_mode():
-            scored = self._score(self._embed(images.to(self.device)))
-            maps = postprocess.anomaly_maps(scored.patch_scores, self.image_size, self.sigma)
-            image_scores = scored.image_scores.cpu() if scored.image_scores is not None else maps.amax(dim=(1, 2))
-        return image_scores.float(), maps
-
-    def _calibrate(self, samples: Sequence[Sample], skip_invalid: bool) -> None:
-        """Threshold and display range from held-out normal images only."""
+    def _calibrate(self, new_samples: Sequence[Sample | np.ndarray], skip_invalid: bool) -> None:
+        """Add ``new_samples`` to the held-out images; threshold and display range from all of them."""
+        new_images = [
+            batch.images.mul(255.0).round_().to(torch.uint8) for batch in self._batches(new_samples, skip_invalid, "calibrating")
+        ]
+        self.calibration_images_ = torch.cat([self.calibration_images_, *new_images])
+        if self.calibration_images_.shape[0] == 0:
+            raise FlawmapError("no valid calibration image left: every held-out image was skipped")
         image_scores, map_maxima, map_medians = [], [], []
-        for batch in self._batches(samples, skip_invalid, "calibrating"):
-            scores, maps = self._score_images(batch.images)
+        for start in range(0, self.calibration_images_.shape[0], self.runtime.batch_size):
+            images = self.calibration_images_[start : start + self.runtime.batch_size].float().div_(255.0)
+            scores, maps = self.score_images(images)
             image_scores.append(scores)
             map_maxima.append(maps.amax(dim=(1, 2)))
             map_medians.append(maps.flatten(1).median(dim=1).values)
-        if not image_scores:
-            raise FlawmapError("no valid calibration image left: every held-out image was skipped")
         normal_scores = torch.cat(image_scores).numpy()
         self.threshold_ = postprocess.normal_quantile_threshold(normal_scores, self.false_alarm_rate)
         self.map_low_ = float(torch.cat(map_medians).median())
@@ -303,20 +388,53 @@ class AnomalyModel:
         self.calibration_scores_ = normal_scores.tolist()
 
     def _check_is_fitted(self) -> None:
-        if not hasattr(self, "threshold_"):
+        if not self.is_fitted():
             raise FlawmapError(f"this {type(self).__name__} is not fitted yet: call fit() first")
 
     def _fitted_scalars(self) -> dict[str, Any]:
-        """Fitted values that are not tensors, saved in config.json."""
+        """Fitted values of every method that are not tensors, saved in config.json."""
         return {
             "taps_": list(self.taps_),
             "n_train_images_": self.n_train_images_,
+            "n_fits_": self.n_fits_,
             "threshold_": self.threshold_,
             "map_low_": self.map_low_,
             "map_high_": self.map_high_,
             "calibration_scores_": self.calibration_scores_,
             "fit_seconds_": self.fit_seconds_,
         }
+
+
+def load_model(directory: str | Path, **runtime_settings: Any) -> AnomalyModel:
+    """Load a model directory written by :meth:`AnomalyModel.save`; never executes code from it.
+
+    ``runtime_settings`` (``device``, ``precision``, ``batch_size``, ``num_workers``,
+    ``progress``) choose how it runs here; where it was fitted does not matter.
+    """
+    source = Path(directory)
+    config, files = io.read_model_directory(source)
+    model_class = METHODS.get(config["method"])
+    params = dict(config["params"])
+    if params.get("taps") is not None:
+        params["taps"] = tuple(params["taps"])
+    if "backbone" in files:
+        params["weights"] = str(files["backbone"])
+    try:
+        model = model_class(**params)
+    except TypeError as error:
+        raise FlawmapError(f"{source / io.CONFIG_FILE}: parameters do not match method {config['method']!r}: {error}") from None
+    model.runtime = model.runtime.replace(**runtime_settings)
+    fitted = dict(config["fitted"])
+    model.taps_ = tuple(fitted.pop("taps_"))
+    for name in ("n_train_images_", "n_fits_", "threshold_", "map_low_", "map_high_", "calibration_scores_", "fit_seconds_"):
+        setattr(model, name, fitted.pop(name))
+    model.calibration_images_ = io.read_tensor_file(files["calibration"])["images"]
+    model.scorer_ = model._new_scorer(create_backbone(model.backbone, model.weights), model.taps_)
+    try:
+        model.from_state(fitted, io.read_tensor_file(files["model"]))
+    except (KeyError, RuntimeError) as error:
+        raise FlawmapError(f"{files['model']}: tensors do not match the {config['method']} configuration ({error})") from None
+    return model.set_runtime()
 
 
 def check_positive_odd(name: str, value: int) -> None:
@@ -332,7 +450,7 @@ def training_samples(images: ImageInput) -> list[Sample | np.ndarray]:
     if isinstance(images, (str, Path)):
         path = Path(images)
         return list(open_dataset(path).train) if path.is_dir() else samples_from_paths([path])
-    if isinstance(images, np.ndarray):
+    if isinstance(images, (np.ndarray, Sample)):
         return [images]
     return [sample for item in images for sample in training_samples(item)]
 
@@ -349,6 +467,18 @@ def prediction_samples(images: ImageInput) -> list[Sample | np.ndarray]:
     if all(isinstance(item, np.ndarray) for item in items):
         return items
     return samples_from_paths(items)
+
+
+def _uniform_hash(seed: int, sample: Sample | np.ndarray) -> float:
+    """A number in [0, 1) fixed by ``seed`` and the image's identity (path, or array pixels)."""
+    digest = hashlib.sha256(f"{seed}\0".encode())
+    if isinstance(sample, np.ndarray):
+        digest.update(str(sample.shape).encode())
+        digest.update(np.ascontiguousarray(sample).tobytes())
+    else:
+        # folder and file name of the real file: survives moving the dataset and links to its files
+        digest.update("/".join(sample.image_path.resolve().parts[-2:]).encode())
+    return int.from_bytes(digest.digest()[:8], "big") / 2.0**64
 
 
 def _timed(batches: Iterator[Any], seconds: dict[str, float]) -> Iterator[Any]:

@@ -10,19 +10,65 @@
    bank feature, ``s = (1 - exp|m_test* - m*| / sum_{m in N_b(m*)} exp|m_test* - m|) * s*`` where
    ``N_b(m*)`` are the ``b`` nearest bank features of ``m*``. The weight grows when ``m*`` lies in a
    sparse part of the bank, i.e. when the nearest match is itself unusual.
+
+Incremental fit (``partial_fit``): the coreset is a stream over shards of training patches
+(:class:`flawmap.coreset.StreamingCoreset`); the bank is what it kept, and new images continue
+the stream, so the bank after an update is the coreset of the kept bank plus the new patches, of
+``coreset_fraction`` of all patches seen.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 
+from flawmap.backbones import Backbone
+from flawmap.coreset import StreamingCoreset
 from flawmap.errors import FlawmapError
 from flawmap.features import flatten_patches, locally_aware_patches
-from flawmap.models.base import AnomalyModel, PatchScores, check_positive_odd, register_method
-from flawmap.neighbors import NearestNeighbors, StreamingCoreset
+from flawmap.models.base import AnomalyModel, PatchScores, Scorer, check_positive_odd, register_method
+from flawmap.search import SearchIndex, build_search, search_from_state, search_state
+
+
+class PatchCoreScorer(Scorer):
+    """Images -> nearest-bank-feature distances (steps 1, 3) and Eq. 7 image scores (step 4).
+
+    ``search`` indexes the memory bank; None until fitted.
+    """
+
+    def __init__(self, backbone: Backbone, taps: tuple[str, ...], neighborhood_size: int, reweighting_neighbors: int) -> None:
+        super().__init__(backbone, taps)
+        self.neighborhood_size = neighborhood_size
+        self.reweighting_neighbors = reweighting_neighbors
+        self.search: SearchIndex | None = None
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, S, S) -> locally aware patch features (B, C, S/8, S/8)."""
+        return locally_aware_patches(self.levels(images), self.neighborhood_size)
+
+    def score(self, features: torch.Tensor) -> PatchScores:
+        n_images, _, grid_h, grid_w = features.shape
+        queries = flatten_patches(features)
+        distances, nearest = self.search.kneighbors(queries, k=1)
+        patch_scores = distances[:, 0].view(n_images, grid_h * grid_w)
+        # Eq. 7: re-weight each image's maximal patch score by how sparse the bank is around m*.
+        max_scores, worst_patch = patch_scores.max(dim=1)
+        worst_rows = torch.arange(n_images, device=worst_patch.device) * grid_h * grid_w + worst_patch
+        image_scores = max_scores * self.reweighting(queries[worst_rows], nearest[worst_rows, 0])
+        return PatchScores(patch_scores.view(n_images, grid_h, grid_w), image_scores)
+
+    def reweighting(self, worst_queries: torch.Tensor, matched_rows: torch.Tensor) -> torch.Tensor:
+        """``1 - softmax`` weight of Eq. 7 for each image's worst patch; shape (B,)."""
+        b = min(self.reweighting_neighbors, len(self.search))
+        if b == 1:
+            return torch.ones(worst_queries.shape[0], device=worst_queries.device)
+        matched = self.search.vectors(matched_rows)  # m*, (B, D)
+        _, support_rows = self.search.kneighbors(matched, k=b)  # N_b(m*), m* first
+        support_distances = torch.linalg.vector_norm(self.search.vectors(support_rows) - worst_queries.unsqueeze(1), dim=2)
+        matched_distances = torch.linalg.vector_norm(matched - worst_queries, dim=1)
+        return 1.0 - torch.exp(matched_distances - torch.logsumexp(support_distances, dim=1))
 
 
 @register_method("patchcore")
@@ -44,8 +90,11 @@ class PatchCore(AnomalyModel):
     Examples
     --------
     >>> model = PatchCore(coreset_fraction=0.1).fit("bottle/")     # doctest: +SKIP
+    >>> model.partial_fit("more_good_bottles/")                     # doctest: +SKIP
     >>> model.predict("bottle/test/broken_large")[0].score          # doctest: +SKIP
     """
+
+    quick_params = {"image_size": 64, "coreset_fraction": 0.25}
 
     coreset_fraction: float = 0.1
     neighborhood_size: int = 3
@@ -58,42 +107,32 @@ class PatchCore(AnomalyModel):
         check_positive_odd("neighborhood_size", self.neighborhood_size)
         if self.reweighting_neighbors < 1:
             raise FlawmapError(f"reweighting_neighbors must be at least 1, got {self.reweighting_neighbors}")
+        if self.projection_dim < 1:
+            raise FlawmapError(f"projection_dim must be at least 1, got {self.projection_dim}")
 
-    def _embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, S, S) -> locally aware patch features (B, C, S/8, S/8)."""
-        return locally_aware_patches(self._backbone_features(images), self.neighborhood_size)
+    def _new_scorer(self, backbone: Backbone, taps: tuple[str, ...]) -> PatchCoreScorer:
+        return PatchCoreScorer(backbone, taps, self.neighborhood_size, self.reweighting_neighbors)
 
-    def _fit(self, feature_batches: Iterable[torch.Tensor]) -> None:
-        generator = torch.Generator().manual_seed(self.random_state)
-        coreset = StreamingCoreset(self.coreset_fraction, projection_dim=self.projection_dim, generator=generator)
+    def _learn(self, feature_batches: Iterable[torch.Tensor]) -> None:
+        coreset = self._coreset()
         for batch in feature_batches:
-            coreset.add(flatten_patches(batch))
-        self._set_state({"memory_bank": coreset.result()})
+            coreset.add(flatten_patches(batch).cpu())
+        self.scorer_.search = build_search(coreset.result())
+        self.coreset_state_ = coreset.state()
 
-    def _score(self, features: torch.Tensor) -> PatchScores:
-        n_images, _, grid_h, grid_w = features.shape
-        queries = flatten_patches(features)
-        distances, nearest = self.search_.kneighbors(queries, k=1)
-        patch_scores = distances[:, 0].view(n_images, grid_h * grid_w)
-        # Eq. 7: re-weight each image's maximal patch score by how sparse the bank is around m*.
-        max_scores, worst_patch = patch_scores.max(dim=1)
-        worst_rows = torch.arange(n_images, device=worst_patch.device) * grid_h * grid_w + worst_patch
-        image_scores = max_scores * self._reweighting(queries[worst_rows], nearest[worst_rows, 0])
-        return PatchScores(patch_scores.view(n_images, grid_h, grid_w), image_scores)
+    def _coreset(self) -> StreamingCoreset:
+        """A new coreset stream, or the one that kept the current bank."""
+        if self.scorer_.search is None:
+            generator = torch.Generator().manual_seed(self.random_state)
+            return StreamingCoreset(self.coreset_fraction, projection_dim=self.projection_dim, generator=generator)
+        bank = self.scorer_.search.vectors(torch.arange(len(self.scorer_.search))).cpu()
+        return StreamingCoreset.from_state(self.coreset_state_, bank, self.coreset_fraction, projection_dim=self.projection_dim)
 
-    def _reweighting(self, worst_queries: torch.Tensor, matched_rows: torch.Tensor) -> torch.Tensor:
-        """``1 - softmax`` weight of Eq. 7 for each image's worst patch; shape (B,)."""
-        b = min(self.reweighting_neighbors, self.memory_bank_.shape[0])
-        if b == 1:
-            return torch.ones(worst_queries.shape[0], device=worst_queries.device)
-        _, support_rows = self.search_.kneighbors(self.memory_bank_[matched_rows], k=b)  # N_b(m*), m* first
-        support_distances = torch.linalg.vector_norm(self.memory_bank_[support_rows] - worst_queries.unsqueeze(1), dim=2)
-        matched_distances = torch.linalg.vector_norm(self.memory_bank_[matched_rows] - worst_queries, dim=1)
-        return 1.0 - torch.exp(matched_distances - torch.logsumexp(support_distances, dim=1))
+    def to_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        coreset = {f"coreset.{name}": tensor for name, tensor in self.coreset_state_.items()}
+        return {}, {**search_state(self.scorer_.search, "memory_bank"), **coreset}
 
-    def _state(self) -> dict[str, torch.Tensor]:
-        return {"memory_bank": self.memory_bank_}
-
-    def _set_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.memory_bank_ = tensors["memory_bank"].float().contiguous()
-        self.search_ = NearestNeighbors(self.memory_bank_, coarse_dtype=self._low_precision_dtype())
+    def from_state(self, fitted: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        self.scorer_.search = search_from_state(tensors, "memory_bank")
+        prefix = "coreset."
+        self.coreset_state_ = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}

@@ -26,57 +26,122 @@ feature from a learnable reference, so what comes out is made of normal patterns
        a = LN(LCA_1(t, r));  a = LN(a + LCA_2(a, r));  h = LN(a + MLKA(t, r));  out = LN(h + FFN(h))
 
    A final linear layer maps the tokens back to the feature width.
-6. Training: the (standardised) input features get feature-jitter noise
-   ``f + eps * ||f|| / sqrt(C)`` with ``eps ~ N(0, jitter_scale^2)`` per channel; the clean
-   features are the target. Loss per level ``MSE + (1 - cos)``, summed over levels; Adam. The
-   weights after the last epoch are kept (no model selection; ``train_losses_`` records each
-   epoch's mean training loss).
+6. Training (:func:`flawmap.training.train`): the (standardised) input features get
+   feature-jitter noise ``f + eps * ||f|| / sqrt(C)`` with ``eps ~ N(0, jitter_scale^2)`` per
+   channel; the clean features are the target. Loss per level ``MSE + (1 - cos)``, summed over
+   levels; Adam. The weights after the last epoch are kept (no model selection;
+   ``train_losses_`` records each epoch's mean training loss).
 7. Scoring: per position ``MSE + (1 - cos)`` between features and reconstruction. The stride-16
    map is upsampled bilinearly to the stride-8 grid and the levels are averaged; the shared
    pipeline then upsamples to the input size and smooths (sigma 4), and the image score is the
    maximum of that map.
 
-The networks run under the model's ``precision`` (bfloat16 autocast where the hardware is fast
-at it; weights and losses stay float32). Training state can be checkpointed after each epoch
-(``checkpoint_dir``: safetensors + JSON, no pickle); a fit with the same settings and training
-data resumes from the last finished epoch.
+Incremental fit (``partial_fit``): training continues from the current weights on the new
+images only, for ``epochs`` more epochs with a fresh optimiser, and ``train_losses_`` grows by
+``epochs``. The standardisation (step 1) stays that of the first fit. The earlier images are not
+seen again, so the networks can forget them ("catastrophic forgetting"): after a long update on
+different images, normal patterns of the first fit may reconstruct worse and score higher. To
+learn several categories equally, fit them together (``fit([a, b, c])``) rather than one after
+another.
+
+The networks run under the runtime's precision (bfloat16 autocast where the hardware is fast at
+it; weights and losses stay float32). With ``checkpoint_dir`` the training state is saved after
+every epoch (``<checkpoint_dir>/fit-<n>`` for the n-th fit of the model: safetensors + JSON, no
+pickle), and a fit with the same hyper-parameters (``epochs`` aside) and training data resumes
+from the last finished epoch.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
-from tqdm import tqdm
 
 from flawmap import postprocess
+from flawmap.backbones import Backbone
 from flawmap.errors import FlawmapError
 from flawmap.features import flatten_positions, local_average
-from flawmap.io import write_atomically, write_tensor_file
-from flawmap.models.base import AnomalyModel, PatchScores, check_positive_odd, register_method
+from flawmap.models.base import AnomalyModel, PatchScores, Scorer, check_positive_odd, register_method
+from flawmap.training import Checkpoint, train
 
 _FFN_EXPANSION = 2
 """Hidden width of the feed-forward layer, as a multiple of ``hidden_dim``."""
 
-_CHECKPOINT_CONFIG = "rlr-checkpoint.json"
-"""The checkpoint's JSON file in ``checkpoint_dir``; it names the tensor file of the same epoch."""
+_RUN_ONLY_PARAMS = frozenset({"epochs", "checkpoint_dir"})
+"""Hyper-parameters that may change between a checkpointed fit and its resumption."""
 
-_CHECKPOINT_STEM = "rlr-checkpoint"
-"""Stem of the checkpoint's content-addressed tensor files."""
 
-_RUN_ONLY_PARAMS = frozenset({"epochs", "checkpoint_dir", "progress", "device", "batch_size", "num_workers"})
-"""Parameters that may change between a checkpointed fit and its resumption."""
+class RLRScorer(Scorer):
+    """Images -> locally averaged levels (step 1) -> reconstruction errors (step 7).
 
-_FEATURE_MEAN_TOLERANCE = 1e-3
-"""Relative tolerance when checking that a resumed fit sees the same training features."""
+    ``networks`` holds one :class:`ReferenceReconstructor` per tapped level, on the level's grid
+    ``ceil(image_size / stride)`` square; they score once trained.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        taps: tuple[str, ...],
+        *,
+        image_size: int,
+        neighborhood_size: int,
+        hidden_dim: int,
+        depth: int,
+        num_heads: int,
+        window_size: int,
+        mlka_mask: bool,
+    ) -> None:
+        super().__init__(backbone, taps)
+        self.neighborhood_size = neighborhood_size
+        tap_info = backbone.tap_info(taps)
+        grids = [(math.ceil(image_size / info.stride),) * 2 for info in tap_info]
+        networks = []
+        for info, grid_hw in zip(tap_info, grids):
+            window = level_window(window_size, grids[0][0], grid_hw[0])
+            if mlka_mask and window_mask(grid_hw, window).all(dim=1).any():
+                raise FlawmapError(
+                    f"window_size {window_size} leaves no unmasked position on the {grid_hw[0]}x{grid_hw[1]} "
+                    "feature grid; use a smaller window_size or a larger image_size"
+                )
+            networks.append(ReferenceReconstructor(info.channels, grid_hw, hidden_dim, depth, num_heads, window, mlka_mask))
+        self.networks = nn.ModuleList(networks)
+
+    def embed(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Images (B, 3, S, S) -> locally averaged levels, each (B, C_l, h_l, w_l), finest first."""
+        return [local_average(level, self.neighborhood_size) for level in self.levels(images)]
+
+    def score(self, features: list[torch.Tensor]) -> PatchScores:
+        """Levels (B, C_l, h_l, w_l) -> mean per-position reconstruction error (B, h_0, w_0)."""
+        finest_grid = tuple(features[0].shape[-2:])
+        level_maps = []
+        for network, level in zip(self.networks, features):
+            target = network.tokens(level)
+            with self.autocast(level.device):
+                reconstruction = network(target)
+            errors = reconstruction_error(reconstruction.float(), target)  # (B, h_l * w_l)
+            level_map = errors.view(level.shape[0], *level.shape[-2:])
+            if tuple(level_map.shape[-2:]) != finest_grid:
+                level_map = postprocess.upsample(level_map, finest_grid)  # bilinear, to the stride-8 grid
+            level_maps.append(level_map)
+        return PatchScores(torch.stack(level_maps).mean(dim=0))
+
+    def training_loss(self, levels: list[torch.Tensor], generator: torch.Generator, jitter_scale: float) -> torch.Tensor:
+        """Step 6: ``MSE + (1 - cos)`` of reconstructing clean tokens from jittered ones, summed
+        over levels (each (B, C_l, h_l, w_l)); ``generator`` draws the jitter."""
+        total = torch.zeros((), device=levels[0].device)
+        for network, level in zip(self.networks, levels):
+            target = network.tokens(level)
+            noise = torch.randn(target.shape, generator=generator).to(target.device)
+            magnitude = target.norm(dim=-1, keepdim=True) / math.sqrt(target.shape[-1])
+            with self.autocast(level.device):
+                reconstruction = network(target + jitter_scale * magnitude * noise)
+            total = total + reconstruction_error(reconstruction.float(), target).mean()
+        return total
 
 
 @register_method("rlr")
@@ -100,17 +165,24 @@ class RLR(AnomalyModel):
     mlka_mask : bool
         Mask each token's own window in MLKA; False is the identity-shortcut ablation.
     epochs, train_batch_size, learning_rate : int, int, float
-        Adam training on the cached features.
+        Adam training on the cached features (``epochs`` per fit and per ``partial_fit``).
     jitter_scale : float
         Feature-jitter noise std, relative to each position's RMS feature magnitude; 0 disables it.
     checkpoint_dir : str or None
         Save the training state there after every epoch and resume from it when present.
+
+    Attributes
+    ----------
+    train_losses_ : list of float
+        Mean training loss of every epoch of every fit so far.
 
     Examples
     --------
     >>> model = RLR().fit(["bottle/", "cable/", "screw/"])    # doctest: +SKIP
     >>> model.predict("cable/test/bent_wire")[0].score          # doctest: +SKIP
     """
+
+    quick_params = {"image_size": 64, "epochs": 2, "hidden_dim": 8, "num_heads": 2, "window_size": 3}
 
     neighborhood_size: int = 3
     hidden_dim: int = 128
@@ -139,124 +211,56 @@ class RLR(AnomalyModel):
                 f"need learning_rate > 0 and jitter_scale >= 0, got {self.learning_rate} and {self.jitter_scale}"
             )
 
-    # ------------------------------------------------------------------ hooks
-    def _embed(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Images (B, 3, S, S) -> locally averaged levels, each (B, C_l, h_l, w_l), finest first."""
-        levels = self._backbone_features(images)
-        return [local_average(level, self.neighborhood_size) for level in levels]
-
-    def _fit(self, feature_batches: Iterable[list[torch.Tensor]]) -> None:
-        levels = _cache_levels(feature_batches)
-        self.level_grids_ = [list(level.shape[-2:]) for level in levels]
+    def _new_scorer(self, backbone: Backbone, taps: tuple[str, ...]) -> RLRScorer:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.random_state)
-            self.networks_ = self._build_networks([level.shape[1] for level in levels]).to(self.device)
-        for network, level in zip(self.networks_, levels):
-            network.set_standardization(level)
-        self._train([level.to(self.device) for level in levels])
-        self.networks_.eval()
-
-    def _score(self, features: list[torch.Tensor]) -> PatchScores:
-        finest_grid = tuple(features[0].shape[-2:])
-        level_maps = []
-        for network, level in zip(self.networks_, features):
-            target = network.tokens(level)
-            with self._autocast():
-                reconstruction = network(target)
-            errors = reconstruction_error(reconstruction.float(), target)  # (B, h_l * w_l)
-            level_map = errors.view(level.shape[0], *level.shape[-2:])
-            if tuple(level_map.shape[-2:]) != finest_grid:
-                level_map = postprocess.upsample(level_map, finest_grid)  # bilinear, to the stride-8 grid
-            level_maps.append(level_map)
-        return PatchScores(torch.stack(level_maps).mean(dim=0))
-
-    def _state(self) -> dict[str, torch.Tensor]:
-        return dict(self.networks_.state_dict())
-
-    def _set_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        channels = [tensors[f"{index}.reference"].shape[1] for index in range(len(self.level_grids_))]
-        self.networks_ = self._build_networks(channels)
-        try:
-            self.networks_.load_state_dict(tensors)
-        except RuntimeError as error:
-            raise FlawmapError(f"RLR tensors do not match the saved configuration: {error}") from None
-        self.networks_.to(self.device).eval()
-
-    def _fitted_scalars(self) -> dict[str, Any]:
-        return {**super()._fitted_scalars(), "level_grids_": self.level_grids_, "train_losses_": self.train_losses_}
-
-    # ------------------------------------------------------------------ training
-    def _build_networks(self, channels: Sequence[int]) -> nn.ModuleList:
-        """One reconstruction network per level, shaped by ``channels`` and ``level_grids_``."""
-        finest_rows = self.level_grids_[0][0]
-        networks = []
-        for n_channels, grid_hw in zip(channels, self.level_grids_):
-            window = level_window(self.window_size, finest_rows, grid_hw[0])
-            if self.mlka_mask and window_mask(tuple(grid_hw), window).all(dim=1).any():
-                raise FlawmapError(
-                    f"window_size {self.window_size} leaves no unmasked position on the {grid_hw[0]}x{grid_hw[1]} "
-                    "feature grid; use a smaller window_size or a larger image_size"
-                )
-            networks.append(
-                ReferenceReconstructor(
-                    n_channels, tuple(grid_hw), self.hidden_dim, self.depth, self.num_heads, window, self.mlka_mask
-                )
+            torch.manual_seed(self.random_state)  # the networks' initial weights
+            return RLRScorer(
+                backbone,
+                taps,
+                image_size=self.image_size,
+                neighborhood_size=self.neighborhood_size,
+                hidden_dim=self.hidden_dim,
+                depth=self.depth,
+                num_heads=self.num_heads,
+                window_size=self.window_size,
+                mlka_mask=self.mlka_mask,
             )
-        return nn.ModuleList(networks)
 
-    def _train(self, levels: list[torch.Tensor]) -> None:
-        """Adam on the cached levels for ``epochs`` epochs, resuming from and saving checkpoints."""
-        optimizer = torch.optim.Adam(self.networks_.parameters(), lr=self.learning_rate)
-        generator = torch.Generator().manual_seed(self.random_state)
-        self.train_losses_ = []
-        checkpoint = None
-        if self.checkpoint_dir is not None:
-            feature_means = [level.float().mean().item() for level in levels]
-            checkpoint = _Checkpoint(Path(self.checkpoint_dir), self._checkpoint_settings(levels), feature_means)
-            if checkpoint.exists():
-                self.train_losses_ = checkpoint.restore(self.networks_, optimizer, generator, self.epochs)
-        remaining = range(len(self.train_losses_), self.epochs)
-        epochs = tqdm(remaining, desc="training rlr", disable=not self.progress, leave=False)
-        for _ in epochs:
-            self.train_losses_.append(self._train_epoch(levels, optimizer, generator))
-            epochs.set_postfix(loss=f"{self.train_losses_[-1]:.4f}")
-            if checkpoint is not None:
-                checkpoint.save(self.networks_, optimizer, generator, self.train_losses_)
+    def _learn(self, feature_batches: Iterable[list[torch.Tensor]]) -> None:
+        levels = _cache_levels(feature_batches)
+        earlier_losses = getattr(self, "train_losses_", None)
+        if earlier_losses is None:  # first fit: standardise with its features
+            for network, level in zip(self.scorer_.networks, levels):
+                network.set_standardization(level)
+        device = self.runtime.torch_device
+        history = train(
+            self.scorer_.networks,
+            [level.to(device) for level in levels],
+            lambda batch, generator: self.scorer_.training_loss(batch, generator, self.jitter_scale),
+            epochs=self.epochs,
+            batch_size=self.train_batch_size,
+            learning_rate=self.learning_rate,
+            seed=self.random_state + self.n_fits_,
+            checkpoint=self._checkpoint(earlier_losses or []),
+            progress="training rlr" if self.runtime.progress else None,
+        )
+        self.train_losses_ = (earlier_losses or []) + history.losses
 
-    def _train_epoch(
-        self, levels: list[torch.Tensor], optimizer: torch.optim.Optimizer, generator: torch.Generator
-    ) -> float:
-        """One pass over the cached levels (each (N, C_l, h_l, w_l)) in random order; mean loss."""
-        self.networks_.train()
-        n_images = levels[0].shape[0]
-        order = torch.randperm(n_images, generator=generator)
-        total = 0.0
-        for start in range(0, n_images, self.train_batch_size):
-            rows = order[start : start + self.train_batch_size].to(levels[0].device)
-            loss = sum(
-                self._level_loss(network, level[rows], generator) for network, level in zip(self.networks_, levels)
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * rows.numel()
-        return total / n_images
-
-    def _level_loss(
-        self, network: ReferenceReconstructor, features: torch.Tensor, generator: torch.Generator
-    ) -> torch.Tensor:
-        """``MSE + (1 - cos)`` of reconstructing clean tokens from jittered ones."""
-        target = network.tokens(features)
-        noise = torch.randn(target.shape, generator=generator).to(target.device)
-        magnitude = target.norm(dim=-1, keepdim=True) / math.sqrt(target.shape[-1])
-        with self._autocast():
-            reconstruction = network(target + self.jitter_scale * magnitude * noise)
-        return reconstruction_error(reconstruction.float(), target).mean()
-
-    def _checkpoint_settings(self, levels: list[torch.Tensor]) -> dict[str, Any]:
-        """What must be equal for a checkpoint to be resumed: parameters and feature shapes (as JSON)."""
+    def _checkpoint(self, earlier_losses: list[float]) -> Checkpoint | None:
+        """Where this fit's training state goes, and what a resumed fit must share with it: the
+        hyper-parameters (``epochs`` aside) and the losses of the earlier fits of the model."""
+        if self.checkpoint_dir is None:
+            return None
         params = {name: value for name, value in self.get_params().items() if name not in _RUN_ONLY_PARAMS}
-        return json.loads(json.dumps({"params": params, "feature_shapes": [list(level.shape) for level in levels]}))
+        folder = Path(self.checkpoint_dir) / f"fit-{self.n_fits_ + 1}"
+        return Checkpoint(folder, {"params": params, "earlier_losses": earlier_losses})
+
+    def to_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        return {"train_losses_": self.train_losses_}, dict(self.scorer_.networks.state_dict())
+
+    def from_state(self, fitted: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        self.scorer_.networks.load_state_dict(tensors)
+        self.train_losses_ = list(fitted["train_losses_"])
 
 
 # ---------------------------------------------------------------------- network
@@ -463,80 +467,6 @@ def _cache_levels(feature_batches: Iterable[list[torch.Tensor]]) -> list[torch.T
             per_level = [[] for _ in batch]
         for stored, level in zip(per_level, batch):
             stored.append(level.to("cpu", torch.float16).contiguous())
+    if not per_level:
+        raise FlawmapError("no valid training image left: every image was skipped")
     return [torch.cat(batches) for batches in per_level]
-
-
-class _Checkpoint:
-    """The training state in ``folder``: networks, Adam, RNG and losses after the last epoch.
-
-    ``rlr-checkpoint.json`` holds the settings, losses and optimizer hyper-parameters and names a
-    content-addressed safetensors file with the tensors; it is replaced atomically after the
-    tensors are written, so an interrupted save leaves the previous epoch's checkpoint intact.
-    """
-
-    def __init__(self, folder: Path, settings: dict[str, Any], feature_means: list[float]) -> None:
-        self.folder = folder
-        self.settings = settings
-        self.feature_means = feature_means
-
-    def exists(self) -> bool:
-        """Whether ``folder`` holds a checkpoint to resume from."""
-        return (self.folder / _CHECKPOINT_CONFIG).is_file()
-
-    def save(
-        self, networks: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator, losses: list[float]
-    ) -> None:
-        """Write the state after an epoch; ``losses`` holds one mean loss per finished epoch."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        optimizer_state = optimizer.state_dict()
-        tensors = {f"networks.{name}": tensor for name, tensor in networks.state_dict().items()}
-        for index, slots in optimizer_state["state"].items():
-            tensors.update({f"optimizer.{index}.{slot}": value for slot, value in slots.items()})
-        tensors["generator"] = generator.get_state()
-        tensor_file = write_tensor_file(self.folder, _CHECKPOINT_STEM, tensors)
-        record = {
-            "settings": self.settings,
-            "feature_means": self.feature_means,
-            "losses": losses,
-            "optimizer_groups": optimizer_state["param_groups"],
-            "tensors": tensor_file,
-        }
-        write_atomically(self.folder / _CHECKPOINT_CONFIG, (json.dumps(record, indent=1) + "\n").encode("utf-8"))
-        for stale in self.folder.glob(f"{_CHECKPOINT_STEM}-*.safetensors"):
-            if stale.name != tensor_file:
-                stale.unlink()
-
-    def restore(
-        self, networks: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator, epochs: int
-    ) -> list[float]:
-        """Load the state into the given objects; returns the per-epoch losses so far."""
-        config_path = self.folder / _CHECKPOINT_CONFIG
-        try:
-            record = json.loads(config_path.read_text(encoding="utf-8"))
-            tensors = load_file(str(self.folder / record["tensors"]))
-        except (OSError, ValueError, KeyError, SafetensorError) as error:
-            raise FlawmapError(
-                f"{config_path}: unreadable RLR checkpoint ({error}); delete the folder to start over"
-            ) from None
-        same_features = all(
-            math.isclose(saved, current, rel_tol=_FEATURE_MEAN_TOLERANCE, abs_tol=_FEATURE_MEAN_TOLERANCE)
-            for saved, current in zip(record["feature_means"], self.feature_means)
-        )
-        if record["settings"] != self.settings or not same_features:
-            raise FlawmapError(
-                f"{config_path}: written for other settings or training data; use another checkpoint_dir"
-            )
-        if len(record["losses"]) > epochs:
-            raise FlawmapError(
-                f"{config_path}: already trained {len(record['losses'])} epochs, more than epochs={epochs}"
-            )
-        prefix = "networks."
-        networks.load_state_dict({name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)})
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        for name, tensor in tensors.items():
-            if name.startswith("optimizer."):
-                _, index, slot = name.split(".")
-                state.setdefault(int(index), {})[slot] = tensor
-        optimizer.load_state_dict({"state": state, "param_groups": record["optimizer_groups"]})
-        generator.set_state(tensors["generator"])
-        return list(record["losses"])

@@ -41,21 +41,30 @@ norm of the atoms (it makes the penalty weights ``lambda_1 = sparsity`` and
 6. Patch score: the norm of the per-dimension residual ``r(x) = x - A^T c*(x)`` (the poorly
    reconstructed feature dimensions are the anomaly evidence), upsampled and smoothed like every
    method's; image score: the maximum of the smoothed map.
+
+Incremental fit (``partial_fit``): the pool of step 2 is a stream over the training patches
+(:class:`flawmap.coreset.StreamingCoreset`); the model keeps the pool and the stream's state, new
+images continue the stream (the pool keeps its atoms and gains the coreset share of the new
+patches), and steps 3-4 run again over the whole pool for a bank of ``round(bank_fraction * N)``
+atoms, ``N`` now counting every patch seen. The baseline samplings continue their own stream,
+whose kept rows are the bank.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from tqdm import tqdm
 
+from flawmap.backbones import Backbone
+from flawmap.coreset import StreamingCoreset, StreamingRandomSample
 from flawmap.errors import FlawmapError
 from flawmap.features import flatten_patches, locally_aware_patches
-from flawmap.models.base import AnomalyModel, PatchScores, check_positive_odd, register_method
-from flawmap.neighbors import NearestNeighbors, StreamingCoreset, StreamingRandomSample
+from flawmap.models.base import AnomalyModel, PatchScores, Scorer, check_positive_odd, register_method
+from flawmap.search import SearchIndex, build_search, is_exporting, search_from_state, search_state
 
 #: How the bank is sampled from the training patches: ``"sparse"`` (steps 2-4), or, for
 #: comparison, a greedy coreset or a uniform random sample of the same size.
@@ -70,6 +79,47 @@ POOL_ITERATIONS = 200
 CODING_CHUNK_ROWS = 2048
 
 Prox = Callable[[torch.Tensor, torch.Tensor | float], torch.Tensor]
+PoolSampler = StreamingCoreset | StreamingRandomSample
+
+
+class SFRScorer(Scorer):
+    """Images -> norms of the residuals of their elastic-net codes (2) over the bank (steps 1, 5, 6).
+
+    ``search`` indexes the bank of atoms and ``atom_sq_norm`` is the 0-d buffer ``s^2``, the mean
+    squared norm of the atoms; both are None until fitted.
+    """
+
+    def __init__(
+        self, backbone: Backbone, taps: tuple[str, ...], neighborhood_size: int, dictionary_size: int,
+        sparsity: float, ridge: float,
+    ) -> None:
+        super().__init__(backbone, taps)
+        self.neighborhood_size = neighborhood_size
+        self.dictionary_size = dictionary_size
+        self.sparsity = sparsity
+        self.ridge = ridge
+        self.search: SearchIndex | None = None
+        self.register_buffer("atom_sq_norm", None)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, S, S) -> locally aware patch features (B, C, S/8, S/8)."""
+        return locally_aware_patches(self.levels(images), self.neighborhood_size)
+
+    def score(self, features: torch.Tensor) -> PatchScores:
+        n_images, _, grid_h, grid_w = features.shape
+        residuals = self.reconstruction_residuals(flatten_patches(features))
+        return PatchScores(torch.linalg.vector_norm(residuals, dim=1).view(n_images, grid_h, grid_w))
+
+    def reconstruction_residuals(self, queries: torch.Tensor) -> torch.Tensor:
+        """Per-dimension residuals ``x - A^T c*(x)`` of Eq. (2) for features (Q, D); shape (Q, D)."""
+        return reconstruction_residuals(
+            queries, self.search, self.dictionary_size, self.sparsity, self.ridge, self.atom_sq_norm
+        )
+
+    def set_bank(self, bank: torch.Tensor) -> None:
+        """Score against ``bank`` (M, D) from now on."""
+        self.search = build_search(bank)
+        self.atom_sq_norm = bank.float().square().sum(dim=1).mean()  # s^2 of Eq. (2)
 
 
 @register_method("sfr")
@@ -96,11 +146,23 @@ class SFR(AnomalyModel):
     projection_dim : int
         Dimension of the random projection used by the coreset selection.
 
+    Attributes
+    ----------
+    n_patches_ : int
+        Training patches seen by every fit so far (``N``).
+    pool_ : Tensor of shape (P, D)
+        The pool of step 2 (``"sparse"`` only; for the baselines the bank is the pool).
+    pool_sampler_state_ : dict of str to Tensor
+        What the pool's stream needs to resume (:meth:`StreamingCoreset.state`).
+
     Examples
     --------
     >>> model = SFR(bank_fraction=0.025).fit("bottle/")              # doctest: +SKIP
+    >>> model.partial_fit("more_good_bottles/")                     # doctest: +SKIP
     >>> model.predict("bottle/test/broken_large")[0].score          # doctest: +SKIP
     """
+
+    quick_params = {"image_size": 64, "bank_fraction": 0.25}
 
     bank_fraction: float = 0.025
     dictionary_size: int = 16
@@ -123,56 +185,72 @@ class SFR(AnomalyModel):
         if self.pool_factor < 1.0:
             raise FlawmapError(f"pool_factor must be at least 1, got {self.pool_factor}")
         check_positive_odd("neighborhood_size", self.neighborhood_size)
+        if self.projection_dim < 1:
+            raise FlawmapError(f"projection_dim must be at least 1, got {self.projection_dim}")
 
-    def _embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, S, S) -> locally aware patch features (B, C, S/8, S/8)."""
-        return locally_aware_patches(self._backbone_features(images), self.neighborhood_size)
+    def _new_scorer(self, backbone: Backbone, taps: tuple[str, ...]) -> SFRScorer:
+        return SFRScorer(backbone, taps, self.neighborhood_size, self.dictionary_size, self.sparsity, self.ridge)
 
-    def _fit(self, feature_batches: Iterable[torch.Tensor]) -> None:
-        generator = torch.Generator().manual_seed(self.random_state)
-        candidates = self._candidate_sampler(generator)
-        n_patches = 0
+    def _learn(self, feature_batches: Iterable[torch.Tensor]) -> None:
+        sampler = self._pool_sampler()
+        n_patches = self.n_patches_ if self.scorer_.search is not None else 0
         for batch in feature_batches:
-            rows = flatten_patches(batch)
-            candidates.add(rows)
+            rows = flatten_patches(batch).cpu()
+            sampler.add(rows)
             n_patches += rows.shape[0]
-        bank = candidates.result()
+        pool = sampler.result()
+        self.n_patches_ = n_patches
+        self.pool_sampler_state_ = sampler.state()
+        if self.sampling != "sparse":
+            self.scorer_.set_bank(pool)
+            return
+        self.pool_ = pool
         n_bank = max(1, round(self.bank_fraction * n_patches))
-        if self.sampling == "sparse" and n_bank < bank.shape[0]:
+        if n_bank < pool.shape[0]:
             usage = self_expressive_usage(
-                bank, self.dictionary_size, self.sparsity, self.ridge,
-                coarse_dtype=self._low_precision_dtype(), progress=self.progress,
+                pool.to(self.runtime.torch_device), self.dictionary_size, self.sparsity, self.ridge,
+                low_precision=self.runtime.low_precision_dtype(), progress=self.runtime.progress,
             )
-            bank = bank[usage.topk(n_bank).indices]  # step 4
-        self._set_state({"bank": bank})
+            pool = pool[usage.topk(n_bank).indices.cpu()]  # step 4
+        self.scorer_.set_bank(pool)
 
-    def _candidate_sampler(self, generator: torch.Generator) -> StreamingCoreset | StreamingRandomSample:
-        """Step 2 for ``"sparse"`` (the pool), or the whole bank for the baselines."""
+    def _pool_sampler(self) -> PoolSampler:
+        """Step 2's stream (for the baselines: the bank's): new, or resumed from the fitted pool."""
+        fraction = self.bank_fraction if self.sampling != "sparse" else min(1.0, self.pool_factor * self.bank_fraction)
+        if self.scorer_.search is None:
+            generator = torch.Generator().manual_seed(self.random_state)
+            if self.sampling == "random":
+                return StreamingRandomSample(fraction, generator=generator)
+            return StreamingCoreset(fraction, projection_dim=self.projection_dim, generator=generator)
         if self.sampling == "random":
-            return StreamingRandomSample(self.bank_fraction, generator=generator)
-        fraction = self.bank_fraction if self.sampling == "coreset" else min(1.0, self.pool_factor * self.bank_fraction)
-        return StreamingCoreset(fraction, projection_dim=self.projection_dim, generator=generator)
+            return StreamingRandomSample.from_state(self.pool_sampler_state_, self._pool(), fraction)
+        return StreamingCoreset.from_state(self.pool_sampler_state_, self._pool(), fraction, projection_dim=self.projection_dim)
 
-    def _score(self, features: torch.Tensor) -> PatchScores:
-        n_images, _, grid_h, grid_w = features.shape
-        residuals = self.reconstruction_residuals(flatten_patches(features))
-        return PatchScores(torch.linalg.vector_norm(residuals, dim=1).view(n_images, grid_h, grid_w))
+    def _pool(self) -> torch.Tensor:
+        """The fitted pool (P, D) on the CPU: ``pool_``, or for the baselines the bank itself."""
+        if self.sampling == "sparse":
+            return self.pool_
+        search = self.scorer_.search
+        return search.vectors(torch.arange(len(search))).cpu()
 
-    def reconstruction_residuals(self, queries: torch.Tensor) -> torch.Tensor:
-        """Per-dimension residuals ``x - A^T c*(x)`` of Eq. (2) for features (Q, D); shape (Q, D)."""
-        if not hasattr(self, "bank_"):
-            raise FlawmapError("this SFR is not fitted yet: call fit() first")
-        return reconstruction_residuals(
-            queries, self.search_, self.dictionary_size, self.sparsity, self.ridge, self.atom_sq_norm_
-        )
+    def to_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        tensors = {
+            **search_state(self.scorer_.search, "bank"),
+            "atom_sq_norm": self.scorer_.atom_sq_norm,
+            **{f"pool_sampler.{name}": tensor for name, tensor in self.pool_sampler_state_.items()},
+        }
+        if self.sampling == "sparse":
+            tensors["pool"] = self.pool_
+        return {"n_patches_": self.n_patches_}, tensors
 
-    def _state(self) -> dict[str, torch.Tensor]:
-        return {"bank": self.bank_}
-
-    def _set_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.bank_ = tensors["bank"].float().contiguous()
-        self.atom_sq_norm_ = float(self.bank_.square().sum(dim=1).mean())  # s^2 of Eq. (2)
-        self.search_ = NearestNeighbors(self.bank_, coarse_dtype=self._low_precision_dtype())
+    def from_state(self, fitted: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        self.scorer_.search = search_from_state(tensors, "bank")
+        self.scorer_.atom_sq_norm = tensors["atom_sq_norm"]
+        self.n_patches_ = fitted["n_patches_"]
+        prefix = "pool_sampler."
+        self.pool_sampler_state_ = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
+        if self.sampling == "sparse":
+            self.pool_ = tensors["pool"]
 
 
 # ---------------------------------------------------------------------------- the two codings
@@ -183,7 +261,7 @@ def self_expressive_usage(
     ridge: float,
     *,
     iterations: int = POOL_ITERATIONS,
-    coarse_dtype: torch.dtype | None = None,
+    low_precision: torch.dtype | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
     """How much the self-expression (1) of ``atoms`` relies on each atom: the row norms ``|C^j|_2``.
@@ -198,8 +276,8 @@ def self_expressive_usage(
         ``lambda_1`` and ``lambda_2`` of Eq. (1), relative to the atoms' mean squared norm.
     iterations : int
         FISTA iterations.
-    coarse_dtype : torch.dtype or None
-        Low-precision first pass of the neighbour search (see :class:`NearestNeighbors`).
+    low_precision : torch.dtype or None
+        Low-precision candidate pass of the neighbour search (see :func:`flawmap.search.build_search`).
     progress : bool
         Show a progress bar over the iterations.
 
@@ -210,10 +288,10 @@ def self_expressive_usage(
     """
     n_atoms = atoms.shape[0]
     k = min(n_neighbors, n_atoms - 1)
-    neighbors = _nearest_other_atoms(atoms, k, coarse_dtype)  # (N, k), diag(C) = 0
+    neighbors = _nearest_other_atoms(atoms, k, low_precision)  # (N, k), diag(C) = 0
     sq_norm = float(atoms.square().sum(dim=1).mean())  # s^2
-    gram = torch.empty(n_atoms, k, k)
-    correlations = torch.empty(n_atoms, k)
+    gram = atoms.new_empty(n_atoms, k, k)
+    correlations = atoms.new_empty(n_atoms, k)
     for start in range(0, n_atoms, CODING_CHUNK_ROWS):
         rows = slice(start, start + CODING_CHUNK_ROWS)
         gram[rows], correlations[rows] = _normal_equations(atoms[rows], atoms[neighbors[rows]], ridge * sq_norm)
@@ -233,26 +311,26 @@ def self_expressive_usage(
 
 def reconstruction_residuals(
     queries: torch.Tensor,
-    search: NearestNeighbors,
+    search: SearchIndex,
     n_neighbors: int,
     sparsity: float,
     ridge: float,
-    atom_sq_norm: float,
+    atom_sq_norm: torch.Tensor | float,
     *,
     iterations: int = TARGET_ITERATIONS,
 ) -> torch.Tensor:
-    """Residuals of the elastic-net codes (2) of ``queries`` over their nearest atoms of ``search.bank``.
+    """Residuals of the elastic-net codes (2) of ``queries`` over their nearest atoms in ``search``.
 
     Parameters
     ----------
     queries : Tensor of shape (Q, D)
-    search : NearestNeighbors
+    search : SearchIndex
         A search over the bank of atoms (N, D).
     n_neighbors : int
         ``k``; capped at ``N``.
     sparsity, ridge : float
         ``lambda_1`` and ``lambda_2`` of Eq. (2), relative to ``atom_sq_norm``.
-    atom_sq_norm : float
+    atom_sq_norm : float or 0-d Tensor
         ``s^2``, the mean squared norm of the atoms.
     iterations : int
         FISTA iterations.
@@ -262,8 +340,7 @@ def reconstruction_residuals(
     Tensor of shape (Q, D)
         ``x - A^T c*(x)`` for every query ``x``.
     """
-    atoms = search.bank
-    k = min(n_neighbors, atoms.shape[0])
+    k = min(n_neighbors, len(search))
     _, neighbors = search.kneighbors(queries, k=k)  # (Q, k)
     threshold = sparsity * atom_sq_norm
 
@@ -271,23 +348,26 @@ def reconstruction_residuals(
         """Proximal map of ``step * lambda_1 s^2 |c|_1``."""
         return values.sign() * (values.abs() - step * threshold).clamp_min(0.0)
 
-    residuals = torch.empty(queries.shape[0], queries.shape[1])
-    for start in range(0, queries.shape[0], CODING_CHUNK_ROWS):
-        rows = slice(start, start + CODING_CHUNK_ROWS)
-        chunk, local_atoms = queries[rows].float(), atoms[neighbors[rows]]  # (n, D), (n, k, D)
+    # one chunk while tracing for export, so that the graph does not depend on the batch size
+    exporting = is_exporting()
+    chunk_rows = queries.shape[0] if exporting else CODING_CHUNK_ROWS
+    residuals = []
+    for start in range(0, queries.shape[0], chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        chunk, local_atoms = queries[rows].float(), search.vectors(neighbors[rows])  # (n, D), (n, k, D)
         gram, correlations = _normal_equations(chunk, local_atoms, ridge * atom_sq_norm)
         step = 1.0 / gram.diagonal(dim1=1, dim2=2).sum(dim=1, keepdim=True)  # 1 / trace <= 1 / L per query
         codes = _fista(gram, correlations, soft_threshold, step, range(iterations))
-        residuals[rows] = chunk - torch.einsum("qk,qkd->qd", codes, local_atoms)
-    return residuals
+        residuals.append(chunk - torch.einsum("qk,qkd->qd", codes, local_atoms))
+    return torch.cat(residuals)
 
 
 # ---------------------------------------------------------------------------- shared pieces
-def _nearest_other_atoms(atoms: torch.Tensor, k: int, coarse_dtype: torch.dtype | None) -> torch.Tensor:
+def _nearest_other_atoms(atoms: torch.Tensor, k: int, low_precision: torch.dtype | None) -> torch.Tensor:
     """Indices (N, k) of each atom's ``k`` nearest atoms, never the atom itself."""
     n_atoms = atoms.shape[0]
-    _, nearest = NearestNeighbors(atoms, coarse_dtype=coarse_dtype).kneighbors(atoms, k=k + 1)
-    is_self = nearest == torch.arange(n_atoms).unsqueeze(1)
+    _, nearest = build_search(atoms, low_precision=low_precision).kneighbors(atoms, k=k + 1)
+    is_self = nearest == torch.arange(n_atoms, device=nearest.device).unsqueeze(1)
     # Usually column 0 is the atom itself; with exact duplicates it may come later or not at all,
     # and then the farthest candidate is dropped instead.
     keep = ~is_self
@@ -296,7 +376,7 @@ def _nearest_other_atoms(atoms: torch.Tensor, k: int, coarse_dtype: torch.dtype 
 
 
 def _normal_equations(
-    targets: torch.Tensor, local_atoms: torch.Tensor, ridge_weight: float
+    targets: torch.Tensor, local_atoms: torch.Tensor, ridge_weight: torch.Tensor | float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k x k`` normal equations of each target's coding problem.
 
@@ -305,7 +385,7 @@ def _normal_equations(
     targets : Tensor of shape (n, D)
     local_atoms : Tensor of shape (n, k, D)
         ``A`` for each target: the atoms it is coded on.
-    ridge_weight : float
+    ridge_weight : float or 0-d Tensor
         ``lambda_2 s^2``, added to the diagonal.
 
     Returns
@@ -357,6 +437,6 @@ def _fista(
 
 def _row_norms(values: torch.Tensor, neighbors: torch.Tensor, n_atoms: int) -> torch.Tensor:
     """``|C^j|_2`` for every atom ``j``, with ``values[i, t]`` the entry ``C[neighbors[i, t], i]``; (N,)."""
-    squares = torch.zeros(n_atoms).index_add_(0, neighbors.reshape(-1), values.reshape(-1).square())
+    squares = values.new_zeros(n_atoms).index_add_(0, neighbors.reshape(-1), values.reshape(-1).square())
     return squares.sqrt_()
 

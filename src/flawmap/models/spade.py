@@ -9,28 +9,36 @@
    gallery ``G = {F(x_k, p') : x_k in N_K(y), every position p'}`` of all patch features of the K
    nearest training images only, ``d(y, p) = 1/kappa sum_{f in N_kappa(F(y, p))} |f - F(y, p)|``.
 
-The training patch features are stored in float16 (half the memory; distances are computed in
-float32). Scoring an image is one chunked search in its own K-image gallery.
+Two search indexes hold the training set: one over the pooled image features and one over every
+training patch feature, stored in float16 (half the memory; distances are computed in float32).
+Patch ``p`` of training image ``i`` is row ``i * h * w + p`` of the patch index, so an image's
+gallery is a list of rows searched with ``among``.
+
+Incremental fit (``partial_fit``): the new images' pooled and patch features are appended to the
+old ones and both indexes are rebuilt. The float16 patch rows are stored relative to the mean of
+all rows, so a rebuild re-rounds the old rows around the new mean (at most half a float16 step,
+about 2.4e-4 relative, per update).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, NamedTuple
+from typing import Any, Iterable, NamedTuple
 
 import torch
 
+from flawmap.backbones import Backbone
 from flawmap.errors import FlawmapError
 from flawmap.features import flatten_patches, fuse_levels
-from flawmap.models.base import AnomalyModel, PatchScores, register_method
-from flawmap.neighbors import NearestNeighbors
+from flawmap.models.base import AnomalyModel, PatchScores, Scorer, register_method
+from flawmap.search import SearchIndex, build_search, search_from_state, search_state
 
 #: Storage type of the training patch features.
 PATCH_BANK_DTYPE = torch.float16
 
 
 class SpadeFeatures(NamedTuple):
-    """What :meth:`Spade._embed` returns for B images."""
+    """What :meth:`SpadeScorer.embed` returns for B images."""
 
     pooled: torch.Tensor
     """(B, C_deep): the deepest tapped level, global-average pooled."""
@@ -38,35 +46,50 @@ class SpadeFeatures(NamedTuple):
     """(B, C, h, w): all tapped levels fused on the stride-8 grid."""
 
 
-def gallery_distances(
-    queries: torch.Tensor,
-    patch_bank: torch.Tensor,
-    image_indices: torch.Tensor,
-    k: int,
-    coarse_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Mean distance of each query to its ``k`` nearest patch features of the chosen images.
+class SpadeScorer(Scorer):
+    """Images -> kNN image scores (step 2) and K-image-gallery patch scores (step 4).
 
-    Parameters
-    ----------
-    queries : Tensor of shape (Q, C)
-        Patch features of one test image.
-    patch_bank : Tensor of shape (N, h, w, C)
-        Patch features of the N training images.
-    image_indices : Tensor of shape (K,)
-        Which training images form the gallery.
-    k : int
-        Neighbours per query (kappa), at most ``K * h * w``.
-    coarse_dtype : torch.dtype or None
-        Low-precision first pass of the search (see :class:`NearestNeighbors`); None for none.
-
-    Returns
-    -------
-    Tensor of shape (Q,)
+    ``image_search`` indexes the pooled training features (N, C_deep); ``patch_search`` every
+    training patch feature (N * h * w, C), image-major. Both are None until fitted.
     """
-    gallery = patch_bank[image_indices].flatten(0, 2).float()  # (K * h * w, C)
-    distances, _ = NearestNeighbors(gallery, coarse_dtype=coarse_dtype).kneighbors(queries, k=k)
-    return distances.mean(dim=1)
+
+    def __init__(self, backbone: Backbone, taps: tuple[str, ...], image_neighbors: int, patch_neighbors: int) -> None:
+        super().__init__(backbone, taps)
+        self.image_neighbors = image_neighbors
+        self.patch_neighbors = patch_neighbors
+        self.image_search: SearchIndex | None = None
+        self.patch_search: SearchIndex | None = None
+
+    def embed(self, images: torch.Tensor) -> SpadeFeatures:
+        """Images (B, 3, S, S) -> pooled deepest level (B, C_deep) and fused patches (B, C, S/8, S/8).
+
+        Taps are ordered from shallow to deep, so the last one is the deepest.
+        """
+        levels = self.levels(images)
+        return SpadeFeatures(pooled=levels[-1].mean(dim=(2, 3)), patches=fuse_levels(levels))
+
+    def score(self, features: SpadeFeatures) -> PatchScores:
+        """Features of B images -> patch scores (B, h, w) and image scores (B,).
+
+        K is capped at the training images and kappa at the gallery size. Each image is searched
+        in its own gallery, one image at a time: a batched search would compare every query with
+        every gallery, a ``B x h*w x K*h*w`` block, B times the work for B - 1 wasted galleries.
+        """
+        n_images, _, grid_h, grid_w = features.patches.shape
+        n_positions = grid_h * grid_w
+        image_distances, nearest_images = self.image_search.kneighbors(
+            features.pooled, k=min(self.image_neighbors, len(self.image_search))
+        )
+        image_scores = image_distances.mean(dim=1)  # d(y)
+        positions = torch.arange(n_positions, device=nearest_images.device)
+        galleries = (nearest_images.unsqueeze(2) * n_positions + positions).flatten(1)  # (B, K * h * w) rows
+        kappa = min(self.patch_neighbors, galleries.shape[1])
+        queries = flatten_patches(features.patches).view(n_images, n_positions, -1)
+        patch_scores = torch.stack([
+            self.patch_search.kneighbors(queries[image], kappa, among=galleries[image])[0].mean(dim=1)
+            for image in range(n_images)
+        ])  # d(y, p)
+        return PatchScores(patch_scores.view(n_images, grid_h, grid_w), image_scores)
 
 
 @register_method("spade")
@@ -85,8 +108,11 @@ class Spade(AnomalyModel):
     Examples
     --------
     >>> model = Spade(image_neighbors=50).fit("bottle/")          # doctest: +SKIP
+    >>> model.partial_fit("more_good_bottles/")                     # doctest: +SKIP
     >>> model.predict("bottle/test/broken_large")[0].score          # doctest: +SKIP
     """
+
+    quick_params = {"image_size": 64, "image_neighbors": 3}
 
     image_neighbors: int = 50
     patch_neighbors: int = 1
@@ -97,47 +123,29 @@ class Spade(AnomalyModel):
         if self.patch_neighbors < 1:
             raise FlawmapError(f"patch_neighbors must be at least 1, got {self.patch_neighbors}")
 
-    def _embed(self, images: torch.Tensor) -> SpadeFeatures:
-        """Images (B, 3, S, S) -> pooled deepest level (B, C_deep) and fused patches (B, C, S/8, S/8).
+    def _new_scorer(self, backbone: Backbone, taps: tuple[str, ...]) -> SpadeScorer:
+        return SpadeScorer(backbone, taps, self.image_neighbors, self.patch_neighbors)
 
-        Taps are ordered from shallow to deep, so the last one is the deepest.
-        """
-        levels = self._backbone_features(images)
-        return SpadeFeatures(pooled=levels[-1].mean(dim=(2, 3)), patches=fuse_levels(levels))
-
-    def _fit(self, feature_batches: Iterable[SpadeFeatures]) -> None:
+    def _learn(self, feature_batches: Iterable[SpadeFeatures]) -> None:
         pooled, patches = [], []
+        if self.scorer_.image_search is not None:
+            pooled.append(_all_vectors(self.scorer_.image_search))
+            patches.append(_all_vectors(self.scorer_.patch_search))
         for batch in feature_batches:
-            pooled.append(batch.pooled)
-            patches.append(batch.patches.permute(0, 2, 3, 1).to(PATCH_BANK_DTYPE))  # (B, h, w, C)
-        self._set_state({"pooled_bank": torch.cat(pooled), "patch_bank": torch.cat(patches)})
+            pooled.append(batch.pooled.cpu())
+            patches.append(flatten_patches(batch.patches).to(device="cpu", dtype=PATCH_BANK_DTYPE))  # (B * h * w, C)
+        self.scorer_.image_search = build_search(torch.cat(pooled))
+        self.scorer_.patch_search = build_search(torch.cat(patches), storage_dtype=PATCH_BANK_DTYPE)
 
-    def _score(self, features: SpadeFeatures) -> PatchScores:
-        n_images, _, grid_h, grid_w = features.patches.shape
-        n_train = self.pooled_bank_.shape[0]
-        image_distances, nearest_images = self.image_search_.kneighbors(
-            features.pooled, k=min(self.image_neighbors, n_train)
-        )
-        image_scores = image_distances.mean(dim=1)  # d(y)
-        gallery_rows = nearest_images.shape[1] * grid_h * grid_w
-        kappa = min(self.patch_neighbors, gallery_rows)
-        coarse_dtype = self._low_precision_dtype()
-        patch_scores = torch.stack([
-            gallery_distances(
-                flatten_patches(features.patches[image : image + 1]),
-                self.patch_bank_,
-                nearest_images[image],
-                kappa,
-                coarse_dtype,
-            )
-            for image in range(n_images)
-        ])  # d(y, p)
-        return PatchScores(patch_scores.view(n_images, grid_h, grid_w), image_scores)
+    def to_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        image_features = search_state(self.scorer_.image_search, "image_features")
+        return {}, {**image_features, **search_state(self.scorer_.patch_search, "patch_features")}
 
-    def _state(self) -> dict[str, torch.Tensor]:
-        return {"pooled_bank": self.pooled_bank_, "patch_bank": self.patch_bank_}
+    def from_state(self, fitted: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        self.scorer_.image_search = search_from_state(tensors, "image_features")
+        self.scorer_.patch_search = search_from_state(tensors, "patch_features")
 
-    def _set_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.pooled_bank_ = tensors["pooled_bank"].float().contiguous()
-        self.patch_bank_ = tensors["patch_bank"].to(PATCH_BANK_DTYPE).contiguous()
-        self.image_search_ = NearestNeighbors(self.pooled_bank_, coarse_dtype=self._low_precision_dtype())
+
+def _all_vectors(search: SearchIndex) -> torch.Tensor:
+    """Every vector of ``search``, (N, D) float32 on the CPU, in row order."""
+    return search.vectors(torch.arange(len(search))).cpu()

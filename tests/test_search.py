@@ -1,0 +1,132 @@
+
+import pytest
+import torch
+
+from flawmap import search
+from flawmap.errors import FlawmapError
+from flawmap.search import TorchSearch, build_search, search_from_state, search_state, squared_distances
+
+
+def brute_force(queries: torch.Tensor, bank: torch.Tensor, k: int):
+    distances = torch.cdist(queries.double(), bank.double())
+    return distances.topk(k, dim=1, largest=False)
+
+
+def test_squared_distances_match_cdist():
+    generator = torch.Generator().manual_seed(0)
+    queries, bank = torch.randn(13, 7, generator=generator), torch.randn(29, 7, generator=generator)
+    expected = torch.cdist(queries.double(), bank.double()).square()
+    torch.testing.assert_close(squared_distances(queries, bank).double(), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_kneighbors_matches_brute_force_with_chunk_remainder(monkeypatch, k):
+    generator = torch.Generator().manual_seed(1)
+    bank = torch.randn(50, 16, generator=generator) + 100.0  # far from the origin: centring matters
+    queries = torch.randn(23, 16, generator=generator) + 100.0
+    # 50 bank rows and a 150-element block -> chunks of 3 queries: 7 full chunks and a remainder of 2
+    monkeypatch.setattr(search, "DISTANCE_BLOCK_ELEMENTS", 150)
+    distances, indices = build_search(bank).kneighbors(queries, k=k)
+    expected_distances, expected_indices = brute_force(queries, bank, k)
+    assert distances.shape == (23, k) and indices.shape == (23, k)
+    torch.testing.assert_close(distances.double(), expected_distances, atol=1e-3, rtol=1e-4)
+    assert torch.equal(indices, expected_indices)
+
+
+def test_kneighbors_rejects_bad_k():
+    index = build_search(torch.zeros(3, 2))
+    with pytest.raises(ValueError):
+        index.kneighbors(torch.zeros(1, 2), k=4)
+
+
+def test_empty_bank_is_a_clear_error():
+    with pytest.raises(FlawmapError, match="non-empty"):
+        build_search(torch.zeros(0, 4))
+
+
+def test_principal_axes_keep_requested_variance():
+    generator = torch.Generator().manual_seed(5)
+    scales = torch.tensor([10.0, 5.0, 1.0, 0.1])
+    rows = torch.randn(5000, 4, generator=generator) * scales
+    rows -= rows.mean(dim=0)
+    axes = search.principal_axes(rows, 0.95)
+    assert axes.shape == (4, 2)  # 100 + 25 of 126.01 total variance > 95%
+    torch.testing.assert_close(axes.T @ axes, torch.eye(2), atol=1e-5, rtol=0)
+    assert search.principal_axes(rows, 1.0).shape == (4, 4)
+
+
+@pytest.mark.parametrize("center_scale, min_recall, max_mean_excess", [(6.0, 0.9, 0.01), (10.0, 0.4, 0.05)])
+def test_coarse_pass_recall_and_exact_distances(center_scale, min_recall, max_mean_excess):
+    """bfloat16 coarse pass + float32 re-rank on clustered banks. Returned distances are always
+    exact for the returned rows; the rows are the true nearest ones unless bfloat16 rounding of
+    |q|^2 + |b|^2 swamps the neighbour distances: squared norms ~18x the squared neighbour
+    distances (scale 6, like real PatchCore banks on MVTec bottle) keep recall high and the
+    distance excess tiny, ~50x (scale 10) does not, which is why ``precision="float32"`` exists."""
+    generator = torch.Generator().manual_seed(6)
+    centers = torch.randn(20, 64, generator=generator) * center_scale
+    bank = centers.repeat_interleave(100, dim=0) + torch.randn(2000, 64, generator=generator)
+    queries = centers.repeat(10, 1) + torch.randn(200, 64, generator=generator)
+    distances, indices = build_search(bank, low_precision=torch.bfloat16).kneighbors(queries)
+    true_distances, true_indices = brute_force(queries, bank, 1)
+    returned_rows = bank[indices[:, 0]]
+    torch.testing.assert_close(distances[:, 0], (returned_rows - queries).norm(dim=1), atol=1e-3, rtol=1e-4)
+    assert torch.all(distances.double() >= true_distances - 1e-3)
+    assert (indices == true_indices).float().mean() >= min_recall
+    assert float((distances.double() / true_distances - 1).mean()) < max_mean_excess
+    exact_distances, exact_indices = build_search(bank).kneighbors(queries)
+    assert torch.equal(exact_indices, true_indices)
+
+
+@pytest.mark.parametrize("low_precision", [None, torch.bfloat16])
+@pytest.mark.parametrize("storage_dtype", [torch.float32, torch.float16])
+def test_search_among_a_subset_returns_rows_of_the_whole_index(low_precision, storage_dtype):
+    generator = torch.Generator().manual_seed(7)
+    bank = torch.randn(400, 12, generator=generator)
+    queries = torch.randn(9, 12, generator=generator)
+    among = torch.randperm(400, generator=generator)[:120]
+    index = build_search(bank, low_precision=low_precision, storage_dtype=storage_dtype)
+    distances, rows = index.kneighbors(queries, k=3, among=among)
+    stored = bank.to(storage_dtype).double()
+    expected_distances, positions = brute_force(queries, stored[among], 3)
+    assert set(rows.flatten().tolist()) <= set(among.tolist())
+    assert torch.equal(rows, among[positions])
+    torch.testing.assert_close(distances.double(), expected_distances, atol=2e-2 if storage_dtype == torch.float16 else 1e-3, rtol=1e-3)
+
+
+def test_vectors_returns_the_stored_rows():
+    bank = torch.randn(30, 5, generator=torch.Generator().manual_seed(8)) + 50.0
+    index = build_search(bank)
+    rows = torch.tensor([[3, 7], [0, 29]])
+    torch.testing.assert_close(index.vectors(rows), bank[rows], atol=1e-4, rtol=0)
+    assert len(index) == 30
+
+
+def test_state_round_trip_is_exact_and_names_the_backend():
+    bank = torch.randn(64, 6, generator=torch.Generator().manual_seed(9))
+    index = build_search(bank)
+    tensors = search_state(index, "bank")
+    assert all(name.startswith("bank.torch.") for name in tensors)
+    restored = search_from_state({**tensors, "other": torch.zeros(1)}, "bank")
+    queries = torch.randn(10, 6)
+    for first, second in zip(index.kneighbors(queries, k=2), restored.kneighbors(queries, k=2)):
+        assert torch.equal(first, second)
+    with pytest.raises(FlawmapError, match="search backend 'faiss9'"):
+        search_from_state({"bank.faiss9.vectors": bank}, "bank")
+
+
+def test_precision_can_be_switched_after_building():
+    """A loaded model's precision change must reach its searches: the coarse tensors come and go."""
+    bank = torch.randn(500, 16, generator=torch.Generator().manual_seed(10))
+    index = build_search(bank, low_precision=torch.bfloat16)
+    assert index.coarse_bank is not None and index.coarse_bank.dtype == torch.bfloat16
+    index.set_precision(None)
+    assert index.coarse_bank is None
+    queries = torch.randn(20, 16)
+    assert torch.equal(index.kneighbors(queries)[1], brute_force(queries, bank, 1).indices)
+
+
+def test_search_is_a_module_whose_buffers_move_with_it():
+    index = build_search(torch.randn(10, 3))
+    assert isinstance(index, TorchSearch)
+    assert {name for name, _ in index.named_buffers()} >= {"centered", "center", "sq_norms"}
+    assert set(index.state_dict()) == {"centered", "center"}  # derived buffers are not persistent
