@@ -72,6 +72,11 @@ def build_search(
     return SEARCH_BACKENDS.get(backend).from_vectors(vectors, low_precision=low_precision, storage_dtype=storage_dtype)
 
 
+def all_vectors(search: SearchIndex) -> torch.Tensor:
+    """Every stored vector, (N, D) float32 on the CPU, in row order (to extend or re-sample a bank)."""
+    return search.vectors(torch.arange(len(search))).cpu()
+
+
 def search_state(search: SearchIndex, prefix: str) -> dict[str, torch.Tensor]:
     """The index's tensors named ``<prefix>.<backend>.<name>``, for a model's tensor file."""
     return {f"{prefix}.{search.backend}.{name}": tensor for name, tensor in search.state().items()}

@@ -6,12 +6,12 @@ from flawmap.data import open_dataset
 from flawmap.errors import FlawmapError
 from flawmap.evaluate import evaluate
 from flawmap.models import PatchCore
-from flawmap.search import build_search
+from flawmap.search import all_vectors, build_search
 
 
 def memory_bank(model: PatchCore) -> torch.Tensor:
     search = model.scorer_.search
-    return search.vectors(torch.arange(len(search)))
+    return all_vectors(search)
 
 
 def test_fit_builds_coreset_bank_of_requested_size(tiny_model):

@@ -9,7 +9,7 @@ from flawmap.evaluate import evaluate
 from flawmap.models import SFR, AnomalyModel
 from flawmap.models import sfr
 from flawmap.models.sfr import reconstruction_residuals, self_expressive_usage
-from flawmap.search import build_search
+from flawmap.search import all_vectors, build_search
 
 AMBIENT_DIM, SUBSPACE_DIM = 32, 3
 SUBSPACE_SIZES = (300, 100, 40)  # unequal on purpose: sampling must not drop the small subspace
@@ -133,7 +133,7 @@ def quick_sfr(**params) -> SFR:
 
 def bank(model: SFR) -> torch.Tensor:
     search = model.scorer_.search
-    return search.vectors(torch.arange(len(search)))
+    return all_vectors(search)
 
 
 @pytest.fixture(scope="module")

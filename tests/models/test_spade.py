@@ -5,7 +5,7 @@ from conftest import fit_whole_and_in_halves, assert_same_predictions, random_im
 from flawmap.backbones import create_backbone
 from flawmap.errors import FlawmapError
 from flawmap.models.spade import PATCH_BANK_DTYPE, Spade, SpadeFeatures, SpadeScorer
-from flawmap.search import build_search
+from flawmap.search import all_vectors, build_search
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +70,8 @@ def test_fit_indexes_pooled_features_and_every_patch_in_float16():
     channels = [info.channels for info in model.scorer_.backbone.tap_info(model.taps_)]
     image_search, patch_search = model.scorer_.image_search, model.scorer_.patch_search
     assert model.n_train_images_ == 5  # one image held out for calibration
-    assert image_search.vectors(torch.arange(len(image_search))).shape == (5, channels[-1])
-    assert patch_search.vectors(torch.arange(len(patch_search))).shape == (5 * 8 * 8, sum(channels))
+    assert all_vectors(image_search).shape == (5, channels[-1])
+    assert all_vectors(patch_search).shape == (5 * 8 * 8, sum(channels))
     assert {tensor.dtype for tensor in patch_search.state().values()} >= {PATCH_BANK_DTYPE}
 
 
@@ -83,10 +83,10 @@ def test_partial_fit_on_the_second_half_equals_one_fit_on_all(through_save, tmp_
     for name in ("image_search", "patch_search"):
         full_search, updated_search = getattr(full.scorer_, name), getattr(updated.scorer_, name)
         assert len(updated_search) == len(full_search)
-        expected = full_search.vectors(torch.arange(len(full_search)))
+        expected = all_vectors(full_search)
         # same rows in the same order; float16 patch rows are re-rounded around the new mean
         tolerance = 2.0**-10 * float(expected.abs().max())
-        torch.testing.assert_close(updated_search.vectors(torch.arange(len(updated_search))), expected, rtol=0, atol=tolerance)
+        torch.testing.assert_close(all_vectors(updated_search), expected, rtol=0, atol=tolerance)
     assert_same_predictions(full, updated, random_images(1, 2), rel=1e-3)
 
 

@@ -29,7 +29,7 @@ from flawmap.coreset import StreamingCoreset
 from flawmap.errors import FlawmapError
 from flawmap.features import flatten_patches, locally_aware_patches
 from flawmap.models.base import AnomalyModel, PatchScores, Scorer, check_positive_odd, register_method
-from flawmap.search import SearchIndex, build_search, search_from_state, search_state
+from flawmap.search import SearchIndex, all_vectors, build_search, search_from_state, search_state
 
 
 class PatchCoreScorer(Scorer):
@@ -125,7 +125,7 @@ class PatchCore(AnomalyModel):
         if self.scorer_.search is None:
             generator = torch.Generator().manual_seed(self.random_state)
             return StreamingCoreset(self.coreset_fraction, projection_dim=self.projection_dim, generator=generator)
-        bank = self.scorer_.search.vectors(torch.arange(len(self.scorer_.search))).cpu()
+        bank = all_vectors(self.scorer_.search)
         return StreamingCoreset.from_state(self.coreset_state_, bank, self.coreset_fraction, projection_dim=self.projection_dim)
 
     def to_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -64,7 +64,7 @@ from flawmap.coreset import StreamingCoreset, StreamingRandomSample
 from flawmap.errors import FlawmapError
 from flawmap.features import flatten_patches, locally_aware_patches
 from flawmap.models.base import AnomalyModel, PatchScores, Scorer, check_positive_odd, register_method
-from flawmap.search import SearchIndex, build_search, is_exporting, search_from_state, search_state
+from flawmap.search import SearchIndex, all_vectors, build_search, is_exporting, search_from_state, search_state
 
 #: How the bank is sampled from the training patches: ``"sparse"`` (steps 2-4), or, for
 #: comparison, a greedy coreset or a uniform random sample of the same size.
@@ -230,8 +230,7 @@ class SFR(AnomalyModel):
         """The fitted pool (P, D) on the CPU: ``pool_``, or for the baselines the bank itself."""
         if self.sampling == "sparse":
             return self.pool_
-        search = self.scorer_.search
-        return search.vectors(torch.arange(len(search))).cpu()
+        return all_vectors(self.scorer_.search)
 
     def to_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         tensors = {

@@ -31,7 +31,7 @@ from flawmap.backbones import Backbone
 from flawmap.errors import FlawmapError
 from flawmap.features import flatten_patches, fuse_levels
 from flawmap.models.base import AnomalyModel, PatchScores, Scorer, register_method
-from flawmap.search import SearchIndex, build_search, search_from_state, search_state
+from flawmap.search import SearchIndex, all_vectors, build_search, search_from_state, search_state
 
 #: Storage type of the training patch features.
 PATCH_BANK_DTYPE = torch.float16
@@ -129,8 +129,8 @@ class Spade(AnomalyModel):
     def _learn(self, feature_batches: Iterable[SpadeFeatures]) -> None:
         pooled, patches = [], []
         if self.scorer_.image_search is not None:
-            pooled.append(_all_vectors(self.scorer_.image_search))
-            patches.append(_all_vectors(self.scorer_.patch_search))
+            pooled.append(all_vectors(self.scorer_.image_search))
+            patches.append(all_vectors(self.scorer_.patch_search))
         for batch in feature_batches:
             pooled.append(batch.pooled.cpu())
             patches.append(flatten_patches(batch.patches).to(device="cpu", dtype=PATCH_BANK_DTYPE))  # (B * h * w, C)
@@ -144,8 +144,3 @@ class Spade(AnomalyModel):
     def from_state(self, fitted: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         self.scorer_.image_search = search_from_state(tensors, "image_features")
         self.scorer_.patch_search = search_from_state(tensors, "patch_features")
-
-
-def _all_vectors(search: SearchIndex) -> torch.Tensor:
-    """Every vector of ``search``, (N, D) float32 on the CPU, in row order."""
-    return search.vectors(torch.arange(len(search))).cpu()
