@@ -111,7 +111,7 @@ def embedded_test_batches(model: AnomalyModel, dataset: Dataset) -> list[torch.T
     runtime = model.runtime
     batches = iter_batches(dataset.test, model.image_size, batch_size=runtime.batch_size, num_workers=runtime.num_workers)
     with torch.inference_mode():
-        return [model.scorer_.embed(batch.images.to(runtime.torch_device)) for batch in batches]
+        return [model.scorer_.embed(torch.from_numpy(batch.images).to(runtime.torch_device)) for batch in batches]
 
 
 def score_ms_per_image(model: AnomalyModel, feature_batches: list[torch.Tensor]) -> float:

@@ -34,6 +34,9 @@ Toggles (flawmap default -> anomalib 2.7), monkeypatched here, never in src/:
   bank       10% of the training images held out for calibration only -> every image in the bank
   coreset    greedy k-center per 16k-row shard -> one greedy k-center over all rows
 
+Extras (not differences, measured alongside): ``bf16`` (bfloat16 backbone and search, emulated on
+CPUs without native support) and ``gain`` (ImageNet std with the TF-Lite mean).
+
 Examples (from the repository root, flawmap venv)::
 
     python benchmarks/compare_anomalib.py stages --settings anomalib
@@ -64,6 +67,9 @@ DEFAULT_PYTHON = os.environ.get("ANOMALIB_PYTHON", "/tmp/anomalib-venv/bin/pytho
 DEFAULT_CATEGORY = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad" / "bottle"
 TOGGLES = ("resize", "norm", "pool", "upsample", "bank", "coreset")
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
+# Not differences from anomalib, measured alongside: bfloat16 backbone and search; ImageNet std with
+# the TF-Lite mean (the contrast gain of ImageNet normalisation without its per-channel shift).
+EXTRAS = ("bf16", "gain")
 
 
 # =========================================================================== anomalib worker
@@ -216,9 +222,9 @@ def parse_config(name: str) -> frozenset[str]:
 
 
 def _check_toggles(names: set[str]) -> set[str]:
-    unknown = names - set(TOGGLES) - {"bf16"}
+    unknown = names - set(TOGGLES) - set(EXTRAS)
     if unknown:
-        raise SystemExit(f"unknown toggles {sorted(unknown)}; choose from {', '.join(TOGGLES)}, bf16")
+        raise SystemExit(f"unknown toggles {sorted(unknown)}; choose from {', '.join(TOGGLES + EXTRAS)}")
     return names
 
 
@@ -239,6 +245,8 @@ def toggled(toggles: frozenset[str]):
         patches.append((loader, "_decode", _decode_float_antialiased))
     if "norm" in toggles:
         patches += [(lite, "_MEAN", IMAGENET_MEAN), (lite, "_STD", IMAGENET_STD)]
+    elif "gain" in toggles:
+        patches.append((lite, "_STD", IMAGENET_STD))
     if "pool" in toggles:
         def local_average(feature_map, size=3):
             if size == 1:
@@ -338,7 +346,7 @@ def embed_all(model, samples, batch_size: int = 16) -> torch.Tensor:
     parts = []
     with torch.inference_mode():
         for batch in iter_batches(samples, model.image_size, batch_size=batch_size):
-            parts.append(model.scorer_.embed(batch.images))
+            parts.append(model.scorer_.embed(torch.as_tensor(batch.images)))
     return torch.cat(parts)
 
 
@@ -391,7 +399,7 @@ def cmd_stages(args) -> list[dict]:
         ours: dict[str, list] = {}
         with torch.inference_mode():
             for batch in iter_batches(test, IMAGE_SIZE, batch_size=16):
-                images = batch.images
+                images = torch.as_tensor(batch.images)
                 levels = scorer.levels(images)
                 scored = scorer(images)
                 before = postprocess.upsample(scored.patch_scores.float(), (IMAGE_SIZE, IMAGE_SIZE))

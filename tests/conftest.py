@@ -31,6 +31,14 @@ def tiny_model_dir(tiny_model, tmp_path_factory) -> Path:
     return tiny_model.save(tmp_path_factory.mktemp("models") / "brick")
 
 
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_model_dir, tmp_path_factory) -> Path:
+    """``tiny_model`` exported to ONNX (dynamic batch, float32)."""
+    from flawmap.export import export_onnx
+
+    return export_onnx(tiny_model_dir, tmp_path_factory.mktemp("onnx") / "tiny.onnx")
+
+
 #: The shared real data beside a checkout: ``../shared/data`` (used when FLAWMAP_DATA is unset).
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -43,6 +51,43 @@ def mvtec_bottle() -> Path:
     if not bottle.is_dir():
         pytest.skip(f"{bottle} does not exist")
     return bottle
+
+
+#: Parity runs: methods fitted at the default 256 px on the first BOTTLE_TRAIN good images.
+BOTTLE_TRAIN = 8
+#: Parity runs: the first BOTTLE_TEST_PER_TYPE test images of every type (good and each defect).
+BOTTLE_TEST_PER_TYPE = 2
+#: Batch of the graph for methods that cannot export a dynamic batch.
+FIXED_EXPORT_BATCH = {"spade": 4}
+
+
+@pytest.fixture(scope="session")
+def bottle_test_images(mvtec_bottle) -> list[Path]:
+    folders = sorted(path for path in (mvtec_bottle / "test").iterdir() if path.is_dir())
+    return [image for folder in folders for image in sorted(folder.glob("*.png"))[:BOTTLE_TEST_PER_TYPE]]
+
+
+@pytest.fixture(scope="session")
+def bottle_export(mvtec_bottle, tmp_path_factory):
+    """method -> (model directory, exported .onnx file) of that method fitted on a few bottle
+    images at 256 px with its ``quick_params`` (fitted and exported lazily, once per session)."""
+    from flawmap.export import export_onnx
+    from flawmap.models import METHODS, create_model
+
+    cache = {}
+    train = sorted((mvtec_bottle / "train" / "good").glob("*.png"))[:BOTTLE_TRAIN]
+
+    def get(method: str) -> tuple[Path, Path]:
+        if method not in cache:
+            folder = tmp_path_factory.mktemp(f"bottle-{method}")
+            params = {**METHODS.get(method).quick_params, "image_size": 256}
+            model = create_model(method, **params).set_runtime(batch_size=4, num_workers=1).fit(train)
+            model_dir = model.save(folder / "model")
+            batch = FIXED_EXPORT_BATCH.get(method, "dynamic")
+            cache[method] = model_dir, export_onnx(model_dir, folder / f"{method}.onnx", batch=batch)
+        return cache[method]
+
+    return get
 
 
 def assert_same_predictions(first, second, images, rel: float = 1e-5) -> None:

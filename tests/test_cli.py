@@ -61,6 +61,30 @@ def test_fit_evaluate_predict_end_to_end(capsys, tiny_dataset, tmp_path):
         assert overlay.size == (2 * 96, 96)  # original | heat map, at the image's own size
 
 
+def test_export_then_predict_and_evaluate_the_onnx_file(capsys, tiny_dataset, tiny_model_dir, tmp_path):
+    onnx_path = tmp_path / "model.onnx"
+    code, out, _ = run_cli(capsys, "export", tiny_model_dir, "--out", onnx_path, "--batch", "2", "--input-dtype", "uint8")
+    assert code == 0 and f"to {onnx_path}" in out and "batch 2" in out
+    images = sorted((tiny_dataset / "test").glob("*/*.png"))[:3]
+    outputs = {}
+    for model in (tiny_model_dir, onnx_path):
+        out_dir = tmp_path / f"predictions-{model.name}"
+        precision = ["--precision", "float32"] if model == tiny_model_dir else []
+        code, _, _ = run_cli(capsys, "predict", model, *images, "--out", out_dir, *precision)
+        assert code == 0
+        outputs[model] = [json.loads(line) for line in (out_dir / "scores.jsonl").read_text().splitlines()]
+    for exported, reference in zip(outputs[onnx_path], outputs[tiny_model_dir], strict=True):
+        assert exported["score"] == pytest.approx(reference["score"], rel=1e-4)
+        assert exported["is_anomalous"] == reference["is_anomalous"]
+    code, out, _ = run_cli(capsys, "evaluate", onnx_path, tiny_dataset)
+    assert code == 0 and "image_auroc" in out
+    code, _, err = run_cli(capsys, "predict", onnx_path, *images, "--out", tmp_path / "o", "--precision", "bfloat16")
+    assert_one_line_error(code, err, "keeps the precision it was exported with")
+    code, _, err = run_cli(capsys, "export", tiny_model_dir, "--out", tmp_path / "m.onnx", "--batch", "0")
+    assert_one_line_error(code, err, "batch must be")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "m.onnx").exists()
+
+
 def assert_metrics_reproduce_from_maps(metrics, maps_dir, dataset_root):
     """Recompute the metrics from the written maps and scores, with scikit-learn where it can."""
     scores = json.loads((maps_dir / "scores.json").read_text())

@@ -33,6 +33,13 @@ def test_kneighbors_matches_brute_force_with_chunk_remainder(monkeypatch, k):
     assert torch.equal(indices, expected_indices)
 
 
+def test_row_chunks_cover_the_remainder_and_are_one_slice_while_exporting(monkeypatch):
+    rows = torch.arange(10)
+    assert [rows[chunk].tolist() for chunk in search.row_chunks(10, 4)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    monkeypatch.setattr(search, "is_exporting", lambda: True)
+    assert search.row_chunks(10, 4) == [slice(None)]
+
+
 def test_kneighbors_rejects_bad_k():
     index = build_search(torch.zeros(3, 2))
     with pytest.raises(ValueError):

@@ -3,6 +3,10 @@
 Method hyper-parameters become flags automatically: every field of every registered method
 (``coreset_fraction`` -> ``--coreset-fraction``) is a flag, and giving one to a method that does
 not have it is an error. User mistakes end in one ``flawmap: error: ...`` line and exit code 2.
+
+Without the torch extra (``pip install "flawmap[runtime]"``) the parser is built without torch:
+``predict`` and ``evaluate`` run exported ``.onnx`` models, and the commands that need torch
+(``fit``, ``export``, ``demo``, ...) end in one error line naming the extra to install.
 """
 
 from __future__ import annotations
@@ -18,8 +22,13 @@ from typing import Any, Callable, Sequence
 
 from flawmap._version import __version__
 from flawmap.errors import FlawmapError
-from flawmap.models import METHODS, AnomalyModel, create_model, load_model
+from flawmap.loading import load, missing_torch_error
 from flawmap.runtime import PRECISIONS, Runtime
+
+try:
+    from flawmap.models import METHODS, AnomalyModel, create_model, load_model
+except ImportError as import_error:  # the torch-free install: the commands that need torch say so when run
+    METHODS, _TORCH_IMPORT_ERROR = None, import_error
 
 #: Fields the CLI sets itself (``random_state`` from ``--seed``): no flags.
 _DEDICATED_FIELDS = {"random_state"}
@@ -29,7 +38,9 @@ EXIT_USER_ERROR = 2
 def main(argv: Sequence[str] | None = None) -> int:
     warnings.formatwarning = _one_line_warning
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.handler not in _NEEDS_TORCH.values():
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.handler(args) or 0
     except FlawmapError as error:
@@ -49,7 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flawmap", description="Unsupervised visual anomaly detection.")
     parser.add_argument("--version", action="version", version=f"flawmap {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    if METHODS is None:
+        _add_runtime_only_commands(commands)
+    else:
+        _add_torch_commands(commands)
+    return parser
 
+
+def _add_torch_commands(commands) -> None:
+    """Every command, with its flags (method hyper-parameters included)."""
     fit = _command(commands, "fit", "learn normality from good images and save a model", run_fit)
     fit.add_argument("data", nargs="+", type=Path, metavar="DATA_DIR", help="dataset or image folder(s); several train one model")
     fit.add_argument("--method", default=None, help=f"one of: {', '.join(METHODS.names())} (default patchcore)")
@@ -63,19 +82,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_flags(fit)
     _add_hyperparameter_flags(fit)
 
-    evaluate = _command(commands, "evaluate", "compute metrics of a model on a dataset's test split", run_evaluate)
-    evaluate.add_argument("model", type=Path, metavar="MODEL_DIR")
-    evaluate.add_argument("data", type=Path, metavar="DATA_DIR")
-    evaluate.add_argument("--json", type=Path, metavar="FILE", help="write the metrics as JSON")
-    evaluate.add_argument("--maps-dir", type=Path, metavar="DIR", help="write each anomaly map (.npy) and scores.json")
-    _add_runtime_flags(evaluate)
+    _add_prediction_commands(commands)
 
-    predict = _command(commands, "predict", "score images and write heat-map overlays", run_predict)
-    predict.add_argument("model", type=Path, metavar="MODEL_DIR")
-    predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE_OR_DIR")
-    predict.add_argument("--out", required=True, type=Path, metavar="DIR", help="overlays and scores.jsonl go here")
-    predict.add_argument("--skip-invalid", action="store_true", help="skip unreadable images with a warning")
-    _add_runtime_flags(predict)
+    export = _command(commands, "export", "write a fitted model as one ONNX graph (images -> maps, scores)", run_export)
+    export.add_argument("model", type=Path, metavar="MODEL_DIR")
+    export.add_argument("--out", required=True, type=Path, metavar="FILE", help="the .onnx file to write")
+    export.add_argument("--opset", type=int, default=None, metavar="INT", help="ONNX opset, at least 18 (default: the exporter's)")
+    export.add_argument(
+        "--batch", type=_parse_batch, default="dynamic", metavar="dynamic|INT",
+        help="any batch size (default), or a graph for exactly INT images",
+    )
+    export.add_argument(
+        "--precision", default="float32", choices=("float32", "float16"),
+        help="float16 stores weights and banks at half the size; arithmetic stays float32 (default float32)",
+    )
+    export.add_argument(
+        "--input-dtype", default="float32", choices=("float32", "uint8"),
+        help="graph input: float32 RGB in [0, 1] (default) or uint8 RGB in [0, 255]",
+    )
 
     demo = _command(commands, "demo", "make demo data, fit, evaluate and draw overlays", run_demo)
     demo.add_argument("--out", type=Path, default=Path("flawmap-demo"), metavar="DIR", help="default ./flawmap-demo")
@@ -94,7 +118,47 @@ def build_parser() -> argparse.ArgumentParser:
         help="a method hyper-parameter, e.g. padim.n_features=64 (repeatable)",
     )
     _add_runtime_flags(bench)
-    return parser
+
+
+def _add_prediction_commands(commands) -> None:
+    """``evaluate`` and ``predict``: with torch or without, for model directories or .onnx files."""
+    model_help = "a model directory, or an exported .onnx file (runs with onnxruntime, no torch needed)"
+    evaluate = _command(commands, "evaluate", "compute metrics of a model on a dataset's test split", run_evaluate)
+    evaluate.add_argument("model", type=Path, metavar="MODEL", help=model_help)
+    evaluate.add_argument("data", type=Path, metavar="DATA_DIR")
+    evaluate.add_argument("--json", type=Path, metavar="FILE", help="write the metrics as JSON")
+    evaluate.add_argument("--maps-dir", type=Path, metavar="DIR", help="write each anomaly map (.npy) and scores.json")
+    _add_runtime_flags(evaluate)
+
+    predict = _command(commands, "predict", "score images and write heat-map overlays", run_predict)
+    predict.add_argument("model", type=Path, metavar="MODEL", help=model_help)
+    predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE_OR_DIR")
+    predict.add_argument("--out", required=True, type=Path, metavar="DIR", help="overlays and scores.jsonl go here")
+    predict.add_argument("--skip-invalid", action="store_true", help="skip unreadable images with a warning")
+    _add_runtime_flags(predict)
+
+
+def _add_runtime_only_commands(commands) -> None:
+    """Without torch: ``evaluate`` and ``predict``, and a stub for each command that needs torch."""
+    _add_prediction_commands(commands)
+    for name, handler in _NEEDS_TORCH.items():
+        _command(commands, name, f"needs the torch extra: pip install \"flawmap[torch]\"", handler)
+
+
+def _needs_torch(name: str) -> Callable[[argparse.Namespace], None]:
+    def handler(args: argparse.Namespace) -> None:
+        raise missing_torch_error(f"flawmap {name}", _TORCH_IMPORT_ERROR)
+
+    return handler
+
+
+def _parse_batch(text: str) -> int | str:
+    if text == "dynamic":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'dynamic' or an integer, got {text!r}") from None
 
 
 def _command(commands, name: str, help_text: str, handler: Callable[[argparse.Namespace], int | None]):
@@ -107,7 +171,7 @@ def _command(commands, name: str, help_text: str, handler: Callable[[argparse.Na
 def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("runtime (how the model runs here; never saved with it)")
     defaults = Runtime()
-    group.add_argument("--device", default=None, help=f"torch device, e.g. cpu, cuda, cuda:1 (default {defaults.device})")
+    group.add_argument("--device", default=None, help=f"cpu, cuda, cuda:1, ... (default {defaults.device})")
     group.add_argument("--precision", default=None, choices=PRECISIONS, help=f"arithmetic (default {defaults.precision})")
     group.add_argument("--batch-size", type=int, default=None, metavar="INT", help=f"images per backbone pass (default {defaults.batch_size})")
     group.add_argument("--num-workers", type=int, default=None, metavar="INT", help=f"image-decoding threads (default {defaults.num_workers})")
@@ -232,7 +296,7 @@ def _update(args: argparse.Namespace, data: Any) -> AnomalyModel:
 def run_evaluate(args: argparse.Namespace) -> None:
     from flawmap.evaluate import evaluate
 
-    model = load_model(args.model, **dataclasses.asdict(_runtime(args)))
+    model = load(args.model, **dataclasses.asdict(_runtime(args)))
     result = evaluate(model, args.data, maps_dir=args.maps_dir)
     print(format_metrics(result))
     if args.json is not None:
@@ -244,7 +308,7 @@ def run_predict(args: argparse.Namespace) -> None:
     from flawmap.data import samples_from_paths
     from flawmap.report import write_overlay
 
-    model = load_model(args.model, **dataclasses.asdict(_runtime(args)))
+    model = load(args.model, **dataclasses.asdict(_runtime(args)))
     args.out.mkdir(parents=True, exist_ok=True)
     n_scored = n_anomalous = 0
     with open(args.out / "scores.jsonl", "w", encoding="utf-8") as lines:
@@ -258,6 +322,18 @@ def run_predict(args: argparse.Namespace) -> None:
             n_scored += 1
             n_anomalous += prediction.is_anomalous
     print(f"scored {n_scored} images, {n_anomalous} anomalous; overlays and scores.jsonl in {args.out}")
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from flawmap.export import export_onnx
+
+    out = export_onnx(
+        args.model, args.out, opset=args.opset, batch=args.batch, precision=args.precision, input_dtype=args.input_dtype
+    )
+    print(
+        f"exported {args.model} to {out} ({out.stat().st_size / 2**20:.1f} MiB, batch {args.batch}, "
+        f"{args.input_dtype} input, {args.precision}; checked against the torch model on its calibration images)"
+    )
 
 
 def run_demo_data(args: argparse.Namespace) -> None:
@@ -338,6 +414,11 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 def _cell(value: Any) -> str:
     """Floats with four decimals, anything else as ``str``."""
     return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+
+#: Commands that need torch, and what they do without it.
+_NEEDS_TORCH = {name: _needs_torch(name) for name in ("fit", "export", "demo", "demo-data", "benchmark")}
 
 
 if __name__ == "__main__":

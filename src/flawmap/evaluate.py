@@ -16,20 +16,20 @@ import numpy as np
 from flawmap.data import Dataset, open_dataset
 from flawmap.errors import FlawmapError
 from flawmap.metrics import image_metrics, pixel_metrics
-from flawmap.models.base import AnomalyModel
+from flawmap.prediction import Predictor
 
 #: The keys of an evaluation result, in order.
 RESULT_KEYS = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1_max", "n_images", "predict_ms_per_image")
 
 
 def evaluate(
-    model: AnomalyModel, dataset: Dataset | str | Path, *, maps_dir: str | Path | None = None
+    model: Predictor, dataset: Dataset | str | Path, *, maps_dir: str | Path | None = None
 ) -> dict[str, float]:
     """Score every test image of ``dataset`` and compute the metrics.
 
     Parameters
     ----------
-    model : a fitted AnomalyModel
+    model : a fitted model, torch or exported (any Predictor)
     dataset : Dataset or path to an MVTec-layout category folder
     maps_dir : path, optional
         If given, writes ``<defect_type>/<stem>.npy`` (float32 map at the mask's resolution) per

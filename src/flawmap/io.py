@@ -89,6 +89,17 @@ def read_model_directory(directory: str | Path) -> tuple[dict[str, Any], dict[st
     return document, groups
 
 
+def model_directory_digest(directory: str | Path) -> str:
+    """sha256 (hex) of a model directory's ``config.json`` and tensor files (in group order):
+    names exactly which saved model something, such as an exported graph, was made from."""
+    config_path = Path(directory) / CONFIG_FILE
+    _, files = read_model_directory(directory)
+    digest = hashlib.sha256(config_path.read_bytes())
+    for group in sorted(files):
+        digest.update(files[group].read_bytes())
+    return digest.hexdigest()
+
+
 # ---------------------------------------------------------------------------- records
 def write_record(folder: str | Path, document_name: str, document: dict[str, Any], groups: TensorGroups) -> None:
     """Write ``document`` (plus ``files``) and one tensor file per group into ``folder`` atomically.

@@ -2,18 +2,22 @@
 
 Every method's ``B x h x w`` patch scores go through the same steps: bilinear upsampling to the
 network input size, Gaussian smoothing (sigma 4 px, as in PatchCore and PaDiM), then resizing to
-each image's original size.
+each image's original size. An exported model (:mod:`flawmap.export`) does the first two steps
+inside its graph; the last step and the thresholds are shared by both, so this module imports
+torch only inside the functions that take tensors.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_SIGMA = 4.0
 
@@ -42,6 +46,8 @@ def gaussian_blur(maps: torch.Tensor, sigma: float = DEFAULT_SIGMA) -> torch.Ten
     -------
     Tensor of shape (B, H, W), float32, on the CPU
     """
+    import torch
+
     if sigma <= 0:
         return maps
     kernel = gaussian_kernel1d(sigma)
@@ -53,6 +59,8 @@ def gaussian_blur(maps: torch.Tensor, sigma: float = DEFAULT_SIGMA) -> torch.Ten
 
 def upsample(patch_scores: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
     """Bilinear resize of score grids: (B, h, w) -> (B, H, W)."""
+    import torch.nn.functional as F
+
     return F.interpolate(patch_scores.unsqueeze(1), size=size_hw, mode="bilinear", align_corners=False).squeeze(1)
 
 
@@ -61,13 +69,14 @@ def anomaly_maps(patch_scores: torch.Tensor, image_size: int, sigma: float = DEF
     return gaussian_blur(upsample(patch_scores.float().cpu(), (image_size, image_size)), sigma)
 
 
-def to_original_size(anomaly_map: torch.Tensor, original_hw: tuple[int, int]) -> np.ndarray:
-    """One map (S, S) resized bilinearly to the image's original (H, W), as float32 numpy.
+def to_original_size(anomaly_map: np.ndarray | torch.Tensor, original_hw: tuple[int, int]) -> np.ndarray:
+    """One map (S, S) on the CPU (array or tensor) resized bilinearly to the image's original
+    (H, W), as float32 numpy.
 
     Pillow's float resize is used: about 2x faster than ``F.interpolate`` on the CPU, and equal
     to it within 1e-4 relative.
     """
-    values = anomaly_map.detach().float().cpu().numpy()
+    values = np.asarray(anomaly_map, dtype=np.float32)
     if values.shape == tuple(original_hw):
         return values
     height, width = original_hw

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from flawmap.data import read_image
-from flawmap.models.base import AnomalyModel, Prediction
+from flawmap.prediction import Prediction, Predictor
 
 # Colour ramp from blue through green and yellow to red: (position, (r, g, b)).
 _RAMP = np.array([[0.0, 0, 0, 255], [0.35, 0, 200, 255], [0.5, 0, 220, 0], [0.7, 255, 230, 0], [1.0, 230, 0, 0]])
@@ -47,7 +47,7 @@ def overlay(image: np.ndarray, anomaly_map: np.ndarray, low: float, high: float)
     return blended.round().astype(np.uint8)
 
 
-def write_overlay(model: AnomalyModel, prediction: Prediction, path: Path) -> Path:
+def write_overlay(model: Predictor, prediction: Prediction, path: Path) -> Path:
     """Save ``original | overlay`` side by side with the score and verdict as a PNG."""
     image = read_image(prediction.sample.image_path)
     normal_spread = model.map_high_ - model.map_low_

@@ -194,10 +194,10 @@ class TorchSearch(nn.Module):
             raise ValueError(f"k must be in [1, {bank.n_rows}], got {k}")
         centered_queries = queries.float() - self.center
         coarse = bank.coarse is not None and k + self.RERANK_MARGIN < bank.n_rows
-        chunk_rows = _chunk_rows(centered_queries.shape[0], bank.n_rows)
+        chunk_rows = max(1, DISTANCE_BLOCK_ELEMENTS // bank.n_rows)
         distance_chunks, index_chunks = [], []
-        for start in range(0, centered_queries.shape[0], chunk_rows):
-            chunk = centered_queries[start : start + chunk_rows]
+        for rows in row_chunks(centered_queries.shape[0], chunk_rows):
+            chunk = centered_queries[rows]
             if coarse:
                 chunk_sq, chunk_idx = self._coarse_then_exact(chunk, k, bank)
             else:
@@ -252,11 +252,15 @@ def is_exporting() -> bool:
     return torch.jit.is_tracing() or torch.compiler.is_compiling()
 
 
-def _chunk_rows(n_queries: int, n_bank: int) -> int:
-    """Queries per distance block; one block while exporting."""
+def row_chunks(n_rows: int, chunk_rows: int) -> list[slice]:
+    """Slices of ``chunk_rows`` rows covering ``n_rows``; one slice of every row while exporting.
+
+    The exported form never does arithmetic on ``n_rows``, which is symbolic when the batch
+    dimension of the graph is dynamic (a Python loop over it would fix the batch size).
+    """
     if is_exporting():
-        return max(1, n_queries)
-    return max(1, DISTANCE_BLOCK_ELEMENTS // n_bank)
+        return [slice(None)]
+    return [slice(start, start + chunk_rows) for start in range(0, n_rows, chunk_rows)]
 
 
 def principal_axes(centered_rows: torch.Tensor, variance_share: float) -> torch.Tensor:

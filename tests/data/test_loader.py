@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from flawmap.data import loader
@@ -32,11 +31,12 @@ def test_batches_keep_order_with_remainder(tmp_path: Path) -> None:
     batches = list(iter_batches(samples, image_size=16, batch_size=3, num_workers=2))
     assert [len(batch.samples) for batch in batches] == [3, 3, 1]
     assert [sample for batch in batches for sample in batch.samples] == samples
-    images = torch.cat([batch.images for batch in batches])
-    assert images.shape == (7, 3, 16, 16) and images.dtype == torch.float32 and images.is_contiguous()
-    expected_levels = torch.arange(7, dtype=torch.float32) * 10 / 255
-    torch.testing.assert_close(images.amax(dim=(1, 2, 3)), expected_levels)
-    torch.testing.assert_close(images.amin(dim=(1, 2, 3)), expected_levels)
+    assert all(batch.images.dtype == np.float32 and batch.images.flags.c_contiguous for batch in batches)
+    images = np.concatenate([batch.images for batch in batches])
+    assert images.shape == (7, 3, 16, 16)
+    expected_levels = np.arange(7, dtype=np.float32) * 10 / np.float32(255)  # exactly uint8 / 255 in float32
+    np.testing.assert_array_equal(images.max(axis=(1, 2, 3)), expected_levels)
+    np.testing.assert_array_equal(images.min(axis=(1, 2, 3)), expected_levels)
     assert [hw for batch in batches for hw in batch.original_hw] == [(8 + i, 12 + i) for i in range(7)]
     assert all(mask is None for batch in batches for mask in batch.masks)
 
@@ -49,7 +49,7 @@ def test_resize_squashes_without_cropping_into_unit_range(tmp_path: Path) -> Non
     (batch,) = iter_batches([Sample(image_path=path)], image_size=10)
     image = batch.images[0]
     assert image.min() == 0.0 and image.max() == 1.0
-    assert torch.all(image[:, :, :4] == 0) and torch.all(image[:, :, 6:] == 1)
+    assert np.all(image[:, :, :4] == 0) and np.all(image[:, :, 6:] == 1)
 
 
 def test_masks_at_original_size(tmp_path: Path) -> None:
@@ -99,8 +99,8 @@ def test_numpy_arrays_and_samples_mix(tmp_path: Path) -> None:
     assert [str(sample.image_path) for sample in batch.samples[::2]] == ["<array 0>", "<array 2>"]
     assert batch.samples[1] is file_sample
     assert batch.original_hw == [(5, 6), (8, 12), (7, 3), (7, 3)]
-    torch.testing.assert_close(batch.images[0], torch.full((3, 4, 4), 0.2))
-    torch.testing.assert_close(batch.images[2], batch.images[3])
+    np.testing.assert_allclose(batch.images[0], np.full((3, 4, 4), 0.2), rtol=1e-6)
+    np.testing.assert_array_equal(batch.images[2], batch.images[3])
     assert batch.images[2, 2].min() == 1.0 and batch.images[2, :2].max() == 0.0
     assert all(mask is not None and not mask.any() for mask in batch.masks)
 

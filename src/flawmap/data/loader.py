@@ -1,8 +1,9 @@
-"""Streaming samples into batches of resized float tensors, decoding in a small thread pool.
+"""Streaming samples into batches of resized float arrays, decoding in a small thread pool.
 
 Pillow releases the GIL while decoding and resizing, so a few threads keep the backbone fed.
 At most about two batches are decoded ahead of the consumer, so memory stays bounded however
-many samples are given, and batches come out in input order.
+many samples are given, and batches come out in input order. Batches are numpy arrays, so that
+exported models predict without torch; torch code wraps them with ``torch.from_numpy``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -38,8 +38,8 @@ class Batch:
 
     Attributes
     ----------
-    images : torch.Tensor
-        ``float32`` of shape ``B x 3 x S x S``, RGB in ``[0, 1]`` (not mean/std normalised).
+    images : ndarray of shape (B, 3, S, S)
+        ``float32`` RGB in ``[0, 1]`` (not mean/std normalised), C-contiguous.
     samples : list of Sample
         The samples in batch order (in-memory arrays get ``image_path`` ``"<array i>"``).
     original_hw : list of (int, int)
@@ -49,7 +49,7 @@ class Batch:
         samples, None for an anomalous sample without a mask file or when not requested.
     """
 
-    images: torch.Tensor
+    images: np.ndarray
     samples: list[Sample]
     original_hw: list[tuple[int, int]]
     masks: list[np.ndarray | None]
@@ -199,8 +199,9 @@ def _read_sample_mask(sample: Sample, original_hw: tuple[int, int]) -> np.ndarra
 
 def _stack(decoded: list[_Decoded]) -> Batch:
     """One :class:`Batch` from decoded samples: ``uint8 B x S x S x 3`` to ``float B x 3 x S x S``."""
-    pixels = torch.from_numpy(np.stack([item.pixels for item in decoded]))
-    images = pixels.permute(0, 3, 1, 2).contiguous().float().div_(255.0)
+    pixels = np.stack([item.pixels for item in decoded])
+    images = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2), dtype=np.float32)
+    images /= np.float32(255.0)
     return Batch(
         images=images,
         samples=[item.sample for item in decoded],

@@ -5,12 +5,13 @@ from typing import Any
 
 from flawmap.errors import FlawmapError
 
-from flawmap.models.base import METHODS, AnomalyModel, PatchScores, Prediction, Scorer, load_model, register_method
+from flawmap.models.base import METHODS, AnomalyModel, PatchScores, Scorer, load_model, register_method
 from flawmap.models.padim import Padim
 from flawmap.models.patchcore import PatchCore
 from flawmap.models.rlr import RLR
 from flawmap.models.sfr import SFR
 from flawmap.models.spade import Spade
+from flawmap.prediction import Prediction
 from flawmap.runtime import Runtime
 
 __all__ = [

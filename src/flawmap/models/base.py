@@ -5,7 +5,8 @@ A method is a keyword-only dataclass of hyper-parameters (``__init__`` only stor
 ``PatchScores(patch_scores B x h x w, image_scores B or None)``, with the fitted tensors as its
 buffers. ``predict``, ``evaluate`` and (later) ONNX export and the server all run that one module,
 so there is one inference path; postprocessing (upsampling, smoothing, resizing, thresholds) is
-shared and stays outside it.
+shared and stays outside it. What follows the scores (batching, resizing to the original size,
+the threshold) is :class:`flawmap.prediction.Predictor`, shared with exported ONNX models.
 
 How a model runs (device, precision, batch size, decoding threads, progress bars) is a
 :class:`flawmap.runtime.Runtime`, set with :meth:`AnomalyModel.set_runtime` or at load time, and
@@ -42,38 +43,13 @@ from torch import nn
 
 from flawmap import io, postprocess
 from flawmap.backbones import Backbone, create_backbone
-from flawmap.data import Dataset, Sample, iter_batches, open_dataset, samples_from_paths
+from flawmap.data import Dataset, Sample, open_dataset, samples_from_paths
 from flawmap.errors import FlawmapError
+from flawmap.prediction import ImageInput, Predictor
 from flawmap.registry import Registry
 from flawmap.runtime import Runtime, autocast
 
 METHODS: Registry[type["AnomalyModel"]] = Registry("method")
-
-#: What ``fit`` and ``predict`` accept: a path (dataset folder, image folder or image file), a
-#: Dataset, a uint8 image array, or a sequence of any of these.
-ImageInput = Any
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """The result for one image.
-
-    Attributes
-    ----------
-    sample : Sample
-        Which image (its path and, for datasets, its defect type).
-    score : float
-        Image anomaly score; higher is more anomalous.
-    is_anomalous : bool
-        ``score > threshold_`` of the model.
-    anomaly_map : ndarray of shape (H, W), float32
-        Pixel anomaly scores at the image's original size.
-    """
-
-    sample: Sample
-    score: float
-    is_anomalous: bool
-    anomaly_map: np.ndarray
 
 
 class PatchScores(NamedTuple):
@@ -143,8 +119,8 @@ def register_method(name: str):
 
 
 @dataclass(kw_only=True, eq=False)
-class AnomalyModel:
-    """Base estimator. Shared hyper-parameters:
+class AnomalyModel(Predictor):
+    """Base estimator; predicts through :class:`flawmap.prediction.Predictor`. Shared hyper-parameters:
 
     Parameters
     ----------
@@ -194,8 +170,9 @@ class AnomalyModel:
         ``model.set_runtime(device="cuda", precision="float32")`` or ``set_runtime(Runtime(...))``.
         """
         self.runtime = (runtime or self.runtime).replace(**settings)
+        device = self.runtime.torch_device  # an unusable device is an error here, fitted or not
         if hasattr(self, "scorer_"):
-            self.scorer_.to(self.runtime.torch_device)
+            self.scorer_.to(device)
             self.scorer_.set_precision(self.runtime.low_precision_dtype())
         return self
 
@@ -242,32 +219,16 @@ class AnomalyModel:
         self.fit_seconds_ = seconds
         return self
 
-    def predict(self, images: ImageInput, *, skip_invalid: bool = False) -> list[Prediction]:
-        """Score images: one Prediction (score, flag, map at original size) per image, in order."""
-        return [prediction for prediction, _ in self.iter_predictions(prediction_samples(images), skip_invalid=skip_invalid)]
-
-    def iter_predictions(
-        self, samples: Sequence[Sample | np.ndarray], *, load_masks: bool = False, skip_invalid: bool = False
-    ) -> Iterator[tuple[Prediction, np.ndarray | None]]:
-        """Stream ``(Prediction, mask)`` pairs; masks (bool, original size) only with ``load_masks``."""
-        self._check_is_fitted()
-        for batch in self._batches(samples, skip_invalid, "predicting", load_masks=load_masks):
-            image_scores, maps = self.score_images(batch.images)
-            for sample, score, anomaly_map, original_hw, mask in zip(
-                batch.samples, image_scores.tolist(), maps, batch.original_hw, batch.masks
-            ):
-                full_map = postprocess.to_original_size(anomaly_map, original_hw)
-                yield Prediction(sample, score, score > self.threshold_, full_map), mask
-
-    def score_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images (B, 3, S, S) in [0, 1] to image scores (B,) and smoothed maps (B, S, S) on the CPU."""
+    def score_images(self, images: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Images (B, 3, S, S) in [0, 1] (array or tensor) to image scores (B,) and smoothed maps
+        (B, S, S), float32 numpy: ``scorer_`` plus the shared postprocessing."""
         if not hasattr(self, "scorer_"):
             self._check_is_fitted()
         with torch.inference_mode():
-            scored = self.scorer_(images.to(self.runtime.torch_device))
+            scored = self.scorer_(torch.as_tensor(images).to(self.runtime.torch_device))
             maps = postprocess.anomaly_maps(scored.patch_scores, self.image_size, self.sigma)
             image_scores = maps.amax(dim=(1, 2)) if scored.image_scores is None else scored.image_scores.cpu()
-        return image_scores.float(), maps
+        return image_scores.float().numpy(), maps.numpy()
 
     def save(self, directory: str | Path) -> Path:
         """Write the fitted model to ``directory`` atomically (config.json + safetensors, no pickle)."""
@@ -348,28 +309,18 @@ class AnomalyModel:
         fit_samples = [sample for sample, out in zip(samples, held_out) if not out]
         return fit_samples, [sample for sample, out in zip(samples, held_out) if out]
 
-    def _batches(self, samples: Sequence[Sample | np.ndarray], skip_invalid: bool, what: str, load_masks: bool = False):
-        return iter_batches(
-            samples,
-            self.image_size,
-            batch_size=self.runtime.batch_size,
-            num_workers=self.runtime.num_workers,
-            load_masks=load_masks,
-            skip_invalid=skip_invalid,
-            progress=what if self.runtime.progress else None,
-        )
-
     def _embedded_batches(self, samples: Sequence[Sample | np.ndarray], skip_invalid: bool) -> Iterator[Any]:
         """The scorer's features of each batch, computed in inference mode (yielded outside it)."""
         for batch in self._batches(samples, skip_invalid, "extracting features"):
             with torch.inference_mode():
-                features = self.scorer_.embed(batch.images.to(self.runtime.torch_device))
+                features = self.scorer_.embed(torch.from_numpy(batch.images).to(self.runtime.torch_device))
             yield features
 
     def _calibrate(self, new_samples: Sequence[Sample | np.ndarray], skip_invalid: bool) -> None:
         """Add ``new_samples`` to the held-out images; threshold and display range from all of them."""
         new_images = [
-            batch.images.mul(255.0).round_().to(torch.uint8) for batch in self._batches(new_samples, skip_invalid, "calibrating")
+            torch.from_numpy(batch.images).mul(255.0).round_().to(torch.uint8)
+            for batch in self._batches(new_samples, skip_invalid, "calibrating")
         ]
         self.calibration_images_ = torch.cat([self.calibration_images_, *new_images])
         if self.calibration_images_.shape[0] == 0:
@@ -378,7 +329,8 @@ class AnomalyModel:
         for start in range(0, self.calibration_images_.shape[0], self.runtime.batch_size):
             images = self.calibration_images_[start : start + self.runtime.batch_size].float().div_(255.0)
             scores, maps = self.score_images(images)
-            image_scores.append(scores)
+            maps = torch.from_numpy(maps)
+            image_scores.append(torch.from_numpy(scores))
             map_maxima.append(maps.amax(dim=(1, 2)))
             map_medians.append(maps.flatten(1).median(dim=1).values)
         normal_scores = torch.cat(image_scores).numpy()
@@ -453,20 +405,6 @@ def training_samples(images: ImageInput) -> list[Sample | np.ndarray]:
     if isinstance(images, (np.ndarray, Sample)):
         return [images]
     return [sample for item in images for sample in training_samples(item)]
-
-
-def prediction_samples(images: ImageInput) -> list[Sample | np.ndarray]:
-    """Images to score: files, folders of images, a Dataset (its test split) or uint8 arrays."""
-    if isinstance(images, Dataset):
-        return list(images.test)
-    if isinstance(images, (str, Path)):
-        return samples_from_paths([images])
-    if isinstance(images, np.ndarray):
-        return [images]
-    items = list(images)
-    if all(isinstance(item, np.ndarray) for item in items):
-        return items
-    return samples_from_paths(items)
 
 
 def _uniform_hash(seed: int, sample: Sample | np.ndarray) -> float:

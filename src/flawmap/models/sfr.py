@@ -64,7 +64,7 @@ from flawmap.coreset import StreamingCoreset, StreamingRandomSample
 from flawmap.errors import FlawmapError
 from flawmap.features import flatten_patches, locally_aware_patches
 from flawmap.models.base import AnomalyModel, PatchScores, Scorer, check_positive_odd, register_method
-from flawmap.search import SearchIndex, all_vectors, build_search, is_exporting, search_from_state, search_state
+from flawmap.search import SearchIndex, all_vectors, build_search, row_chunks, search_from_state, search_state
 
 #: How the bank is sampled from the training patches: ``"sparse"`` (steps 2-4), or, for
 #: comparison, a greedy coreset or a uniform random sample of the same size.
@@ -347,12 +347,8 @@ def reconstruction_residuals(
         """Proximal map of ``step * lambda_1 s^2 |c|_1``."""
         return values.sign() * (values.abs() - step * threshold).clamp_min(0.0)
 
-    # one chunk while tracing for export, so that the graph does not depend on the batch size
-    exporting = is_exporting()
-    chunk_rows = queries.shape[0] if exporting else CODING_CHUNK_ROWS
     residuals = []
-    for start in range(0, queries.shape[0], chunk_rows):
-        rows = slice(start, start + chunk_rows)
+    for rows in row_chunks(queries.shape[0], CODING_CHUNK_ROWS):  # one chunk while exporting
         chunk, local_atoms = queries[rows].float(), search.vectors(neighbors[rows])  # (n, D), (n, k, D)
         gram, correlations = _normal_equations(chunk, local_atoms, ridge * atom_sq_norm)
         step = 1.0 / gram.diagonal(dim1=1, dim2=2).sum(dim=1, keepdim=True)  # 1 / trace <= 1 / L per query
@@ -394,8 +390,8 @@ def _normal_equations(
     correlations : Tensor of shape (n, k)
         ``A x``.
     """
-    gram = torch.bmm(local_atoms, local_atoms.transpose(1, 2))
-    gram.diagonal(dim1=1, dim2=2).add_(ridge_weight)
+    identity = torch.eye(local_atoms.shape[1], dtype=local_atoms.dtype, device=local_atoms.device)
+    gram = torch.bmm(local_atoms, local_atoms.transpose(1, 2)) + ridge_weight * identity  # no in-place: exports
     return gram, torch.bmm(local_atoms, targets.unsqueeze(2)).squeeze(2)
 
 

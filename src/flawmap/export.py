@@ -1,0 +1,283 @@
+"""Export a fitted model to one ONNX graph, from images to smoothed anomaly maps and image scores.
+
+The graph is the method's scorer (``model.scorer_``, the one inference path of every method)
+followed by the shared postprocessing of :mod:`flawmap.postprocess`, written as torch operations
+so that it traces: bilinear upsampling to ``S x S``, the same Gaussian kernel as
+:func:`flawmap.postprocess.gaussian_blur` as two 1-D convolutions with reflect padding (which is
+SciPy's ``"mirror"`` border), and the image score (the scorer's own, or the map's maximum).
+Nearest-neighbour searches are matrix products and reductions (:mod:`flawmap.search`; one chunk
+while exporting), SFR's solver runs its fixed number of iterations, so the graph has no custom
+operators.
+
+The exporter is ``torch.export`` (non-strict) and ``torch.onnx``'s dynamo translation, in float32.
+A dynamic batch dimension is asked of ``torch.export`` as ``Dim.DYNAMIC``, which fails loudly if
+the scorer fixes the batch size while tracing (SPADE searches each image's own gallery in a loop
+over the batch): such methods export with a fixed ``batch`` only.
+
+Before anything is written the graph is run with onnxruntime on the model's held-out calibration
+images and compared with the torch model (maps within :data:`MAP_TOLERANCE` of the maps' range,
+scores within :data:`SCORE_TOLERANCE` relative); then the file is written under a temporary name
+and renamed, so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flawmap import io, postprocess
+from flawmap._version import __version__
+from flawmap.errors import FlawmapError
+from flawmap.models.base import AnomalyModel, Scorer, load_model
+from flawmap.onnx_model import FORMAT_NAME, FORMAT_VERSION, INPUT_DTYPES, INPUT_NAME, OUTPUT_NAMES, load_onnx
+
+PRECISIONS = ("float32", "float16")
+#: ``precision="float16"`` stores float32 weights of at least this many elements as float16.
+FLOAT16_MIN_ELEMENTS = 1024
+#: Largest float16 value; tensors beyond it stay float32.
+FLOAT16_MAX = 65504.0
+#: Export-time check: largest map difference, as a share of the torch maps' range, per precision.
+MAP_TOLERANCE = {"float32": 1e-3, "float16": 2e-2}
+#: Export-time check: largest relative image-score difference, per precision.
+SCORE_TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
+#: Calibration images the export-time check runs (at most).
+CHECK_IMAGES = 4
+#: What exporting needs besides torch (the ``flawmap[export]`` extra).
+EXPORT_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
+
+
+class ExportGraph(nn.Module):
+    """A scorer plus the shared postprocessing: images -> (maps (B, S, S), image scores (B,)).
+
+    Parameters
+    ----------
+    scorer : Scorer
+        A fitted method's ``scorer_`` (float32, on the CPU).
+    image_size : int
+        ``S``.
+    sigma : float
+        Gaussian smoothing in pixels; 0 turns it off.
+    uint8_input : bool
+        Take uint8 RGB in [0, 255] (divided by 255 inside) instead of float32 in [0, 1].
+    """
+
+    def __init__(self, scorer: Scorer, image_size: int, sigma: float, uint8_input: bool) -> None:
+        super().__init__()
+        self.scorer = scorer
+        self.image_size = image_size
+        self.uint8_input = uint8_input
+        kernel = torch.from_numpy(postprocess.gaussian_kernel1d(sigma)) if sigma > 0 else None
+        if kernel is not None and kernel.shape[0] // 2 >= image_size:
+            raise FlawmapError(f"sigma {sigma} needs a blur radius below image_size {image_size} to export")
+        self.register_buffer("kernel", kernel)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, 3, S, S) -> smoothed maps (B, S, S) and image scores (B,), float32."""
+        if self.uint8_input:
+            images = images.float() / 255.0
+        scored = self.scorer(images)
+        maps = postprocess.upsample(scored.patch_scores.float(), (self.image_size, self.image_size))
+        if self.kernel is not None:
+            maps = mirror_blur(maps, self.kernel)
+        image_scores = maps.amax(dim=(1, 2)) if scored.image_scores is None else scored.image_scores.float()
+        return maps, image_scores
+
+
+def mirror_blur(maps: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Separable correlation of maps (B, H, W) with a 1-D kernel (2r + 1,) along both axes, with
+    mirrored borders (``d c b | a b c d | c b a``, SciPy's ``"mirror"``); needs ``r < H, W``."""
+    radius = kernel.shape[0] // 2
+    planes = maps.unsqueeze(1)
+    planes = F.conv2d(F.pad(planes, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
+    planes = F.conv2d(F.pad(planes, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
+    return planes.squeeze(1)
+
+
+def export_onnx(
+    model_dir: str | Path,
+    out: str | Path,
+    *,
+    opset: int | None = None,
+    batch: int | str = "dynamic",
+    precision: str = "float32",
+    input_dtype: str = "float32",
+) -> Path:
+    """Export the model saved in ``model_dir`` to the ONNX file ``out``; returns ``out``.
+
+    Parameters
+    ----------
+    model_dir : path
+        A model directory (``model.save``).
+    out : path
+        The ``.onnx`` file to write (replaced if it exists).
+    opset : int, optional
+        ONNX opset of the graph; None uses the exporter's default.
+    batch : "dynamic" or int
+        A graph for any batch size, or for exactly this many images.
+    precision : {"float32", "float16"}
+        ``"float16"`` stores the larger weights and memory banks as float16 (about half the
+        file); the graph still computes in float32, so the maps move by about 1e-3 relative.
+    input_dtype : {"float32", "uint8"}
+        The graph's input: RGB float32 in [0, 1], or uint8 in [0, 255].
+
+    Raises
+    ------
+    FlawmapError
+        Bad arguments, a directory that is not a fitted model, a method that cannot be
+        exported as asked, or an exported graph that does not reproduce the torch model.
+    """
+    _check_arguments(batch, precision, input_dtype, opset)
+    missing = [name for name in EXPORT_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise FlawmapError(f'exporting needs {", ".join(missing)}: pip install "flawmap[torch,export]"')
+    target = Path(out)
+    if target.is_dir():
+        raise FlawmapError(f"{target}: is a directory; give the .onnx file to write")
+    if not target.parent.is_dir():
+        raise FlawmapError(f"{target.parent}: folder does not exist")
+    source_sha256 = io.model_directory_digest(model_dir)
+    model = load_model(model_dir, device="cpu", precision="float32", batch_size=CHECK_IMAGES, num_workers=1)
+    graph = ExportGraph(model.scorer_, model.image_size, model.sigma, input_dtype == "uint8").eval()
+    proto = _to_onnx(graph, model, batch, opset)
+    if precision == "float16":
+        store_float16(proto)
+    exporter = f"torch.export (non-strict) + torch.onnx dynamo, torch {torch.__version__}"
+    metadata = {
+        "flawmap_format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "flawmap_version": __version__,
+        "method": model.method,
+        "image_size": str(model.image_size),
+        "threshold": repr(model.threshold_),
+        "map_low": repr(model.map_low_),
+        "map_high": repr(model.map_high_),
+        "input_dtype": input_dtype,
+        "normalization": _normalization_note(model, input_dtype),
+        "batch": str(batch),
+        "precision": precision,
+        "source_sha256": source_sha256,
+        "params": json.dumps(model.get_params()),
+        "exporter": exporter,
+    }
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    payload = proto.SerializeToString()
+    _check_parity(payload, model, precision, target)
+    io.write_atomically(target, payload)
+    return target
+
+
+def store_float16(proto) -> None:
+    """Store the float32 initializers of ``proto`` (an onnx ModelProto) that have at least
+    :data:`FLOAT16_MIN_ELEMENTS` elements, all within float16 range, as float16, each followed
+    by a Cast back to float32 under its old name (onnxruntime folds the casts when it loads)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = proto.graph
+    casts = []
+    for initializer in graph.initializer:
+        if initializer.data_type != TensorProto.FLOAT or int(np.prod(initializer.dims)) < FLOAT16_MIN_ELEMENTS:
+            continue
+        values = numpy_helper.to_array(initializer)
+        if not np.all(np.abs(values) <= FLOAT16_MAX):
+            continue
+        name = initializer.name
+        initializer.CopyFrom(numpy_helper.from_array(values.astype(np.float16), f"{name}.float16"))
+        casts.append(helper.make_node("Cast", [f"{name}.float16"], [name], to=TensorProto.FLOAT))
+    for cast in reversed(casts):
+        graph.node.insert(0, cast)
+
+
+def _check_arguments(batch: int | str, precision: str, input_dtype: str, opset: int | None) -> None:
+    if batch != "dynamic" and not (isinstance(batch, int) and batch >= 1):
+        raise FlawmapError(f"batch must be 'dynamic' or a positive integer, got {batch!r}")
+    if precision not in PRECISIONS:
+        raise FlawmapError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if input_dtype not in INPUT_DTYPES:
+        raise FlawmapError(f"input_dtype must be one of {', '.join(INPUT_DTYPES)}, got {input_dtype!r}")
+    if opset is not None and opset < 18:
+        raise FlawmapError(f"opset must be at least 18 (the dynamo exporter's minimum), got {opset}")
+
+
+def _to_onnx(graph: ExportGraph, model: AnomalyModel, batch: int | str, opset: int | None):
+    """The ONNX ModelProto of ``graph``, traced with ``torch.export`` at the requested batch."""
+    size = model.image_size
+    example_batch = 2 if batch == "dynamic" else batch  # 0 and 1 would be specialised
+    if graph.uint8_input:
+        example = torch.randint(0, 256, (example_batch, 3, size, size), dtype=torch.uint8)
+    else:
+        example = torch.rand(example_batch, 3, size, size)
+    dynamic_shapes = {"images": {0: torch.export.Dim("batch", min=1)}} if batch == "dynamic" else None
+    with torch.no_grad(), _quiet_exporter():
+        try:
+            exported = torch.export.export(graph, (example,), dynamic_shapes=dynamic_shapes, strict=False)
+        except torch._dynamo.exc.UserError as error:
+            if batch != "dynamic":
+                raise
+            raise FlawmapError(
+                f"{model.method} cannot be exported with a dynamic batch: its scorer's code depends on the batch "
+                "size (tracing fixes it); export it with a fixed batch, e.g. --batch 1"
+            ) from None
+        program = torch.onnx.export(
+            exported, dynamo=True, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+            opset_version=opset, external_data=False, verbose=False,
+        )
+    return program.model_proto
+
+
+@contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporter's progress lines, its notes about optional packages and torch's
+    deprecation notes to itself."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _normalization_note(model: AnomalyModel, input_dtype: str) -> str:
+    values = "uint8 RGB in [0, 255]" if input_dtype == "uint8" else "float32 RGB in [0, 1]"
+    return (
+        f"images: B x 3 x {model.image_size} x {model.image_size} {values}, each image resized (squashed, "
+        "bilinear, Pillow) to that size; the graph applies the backbone's mean/std normalisation itself. "
+        f"anomaly_map: B x {model.image_size} x {model.image_size} float32, upsampled and Gaussian-smoothed "
+        f"(sigma {model.sigma}); resize it to the original image size. score: B float32; anomalous if > threshold."
+    )
+
+
+def _check_parity(payload: bytes, model: AnomalyModel, precision: str, target: Path) -> None:
+    """Run the serialised graph on the model's calibration images and compare with the torch model."""
+    probe = target.with_name(f".{target.name}.check")  # removed below, whatever happens
+    io.write_atomically(probe, payload)
+    try:
+        exported = load_onnx(probe, batch_size=CHECK_IMAGES, num_workers=1)
+        images = model.calibration_images_[:CHECK_IMAGES].float().div_(255.0).numpy()
+        torch_scores, torch_maps = model.score_images(images)
+        onnx_scores, onnx_maps = exported.score_images(images)
+    finally:
+        probe.unlink(missing_ok=True)
+    map_range = max(float(torch_maps.max() - torch_maps.min()), 1e-12)
+    map_error = float(np.abs(onnx_maps - torch_maps).max()) / map_range
+    score_error = float(np.max(np.abs(onnx_scores - torch_scores) / np.maximum(np.abs(torch_scores), 1e-12)))
+    if map_error > MAP_TOLERANCE[precision] or score_error > SCORE_TOLERANCE[precision]:
+        raise FlawmapError(
+            f"the exported {model.method} graph does not reproduce the torch model on calibration images "
+            f"(map error {map_error:.2e} of the range, score error {score_error:.2e} relative); nothing written"
+        )

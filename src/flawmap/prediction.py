@@ -1,0 +1,124 @@
+"""Predicting with any fitted model: the pipeline shared by torch models and exported ONNX models.
+
+A :class:`Predictor` turns images into :class:`Prediction` objects: it decodes and batches them
+(:func:`flawmap.data.iter_batches`), asks the model for image scores and anomaly maps at the
+network size (:meth:`Predictor.score_images`, the only part that differs between a torch model
+and an exported one), resizes each map to its image's original size and applies the calibrated
+threshold. ``predict``, ``evaluate``, the overlays of ``flawmap predict`` and the CLI see only
+this interface, so they work with either. This module does not import torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from flawmap import postprocess
+from flawmap.data import Batch, Dataset, Sample, iter_batches, samples_from_paths
+from flawmap.runtime import Runtime
+
+#: What ``fit`` and ``predict`` accept: a path (dataset folder, image folder or image file), a
+#: Dataset, a uint8 image array, or a sequence of any of these.
+ImageInput = Any
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The result for one image.
+
+    Attributes
+    ----------
+    sample : Sample
+        Which image (its path and, for datasets, its defect type).
+    score : float
+        Image anomaly score; higher is more anomalous.
+    is_anomalous : bool
+        ``score > threshold_`` of the model.
+    anomaly_map : ndarray of shape (H, W), float32
+        Pixel anomaly scores at the image's original size.
+    """
+
+    sample: Sample
+    score: float
+    is_anomalous: bool
+    anomaly_map: np.ndarray
+
+
+class Predictor:
+    """A model that can predict. Subclasses provide :meth:`score_images` and these attributes:
+
+    Attributes
+    ----------
+    method : str
+        The method's registered name.
+    image_size : int
+        ``S``: images are resized to ``S x S`` for the network.
+    runtime : Runtime
+        How the model runs here (batch size, decoding threads, progress, device).
+    threshold_ : float
+        Image scores above it are anomalous.
+    map_low_, map_high_ : float
+        Median and calibrated maximum pixel score of normal images (the overlays' colour range).
+    """
+
+    method: str
+    image_size: int
+    runtime: Runtime
+    threshold_: float
+    map_low_: float
+    map_high_: float
+
+    def predict(self, images: ImageInput, *, skip_invalid: bool = False) -> list[Prediction]:
+        """Score images: one Prediction (score, flag, map at original size) per image, in order."""
+        return [prediction for prediction, _ in self.iter_predictions(prediction_samples(images), skip_invalid=skip_invalid)]
+
+    def iter_predictions(
+        self, samples: Sequence[Sample | np.ndarray], *, load_masks: bool = False, skip_invalid: bool = False
+    ) -> Iterator[tuple[Prediction, np.ndarray | None]]:
+        """Stream ``(Prediction, mask)`` pairs; masks (bool, original size) only with ``load_masks``."""
+        self._check_is_fitted()
+        for batch in self._batches(samples, skip_invalid, "predicting", load_masks=load_masks):
+            image_scores, maps = self.score_images(batch.images)
+            for sample, score, anomaly_map, original_hw, mask in zip(
+                batch.samples, image_scores.tolist(), maps, batch.original_hw, batch.masks
+            ):
+                full_map = postprocess.to_original_size(anomaly_map, original_hw)
+                yield Prediction(sample, score, score > self.threshold_, full_map), mask
+
+    def score_images(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Images (B, 3, S, S) float32 in [0, 1] to image scores (B,) and smoothed maps (B, S, S),
+        both float32 numpy."""
+        raise NotImplementedError
+
+    def _check_is_fitted(self) -> None:
+        """Raise FlawmapError unless the model can score (an exported model always can)."""
+
+    def _batches(
+        self, samples: Sequence[Sample | np.ndarray], skip_invalid: bool, what: str, load_masks: bool = False
+    ) -> Iterator[Batch]:
+        return iter_batches(
+            samples,
+            self.image_size,
+            batch_size=self.runtime.batch_size,
+            num_workers=self.runtime.num_workers,
+            load_masks=load_masks,
+            skip_invalid=skip_invalid,
+            progress=what if self.runtime.progress else None,
+        )
+
+
+def prediction_samples(images: ImageInput) -> list[Sample | np.ndarray]:
+    """Images to score: files, folders of images, a Dataset (its test split) or uint8 arrays."""
+    if isinstance(images, Dataset):
+        return list(images.test)
+    if isinstance(images, (str, Path)):
+        return samples_from_paths([images])
+    if isinstance(images, np.ndarray):
+        return [images]
+    items = list(images)
+    if all(isinstance(item, np.ndarray) for item in items):
+        return items
+    return samples_from_paths(items)
