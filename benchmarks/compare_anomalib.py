@@ -294,10 +294,10 @@ def _decode_float_antialiased(sample, array, image_size, load_masks):
     return loader._Decoded(sample=sample, pixels=pixels, original_hw=original_hw, mask=mask)
 
 
-def new_model(toggles: frozenset[str], coreset_fraction: float = 0.1):
+def new_model(toggles: frozenset[str], coreset_fraction: float = 0.1, seed: int = 0):
     from flawmap.models import PatchCore
 
-    model = PatchCore(coreset_fraction=coreset_fraction)
+    model = PatchCore(coreset_fraction=coreset_fraction, random_state=seed)
     return model.set_runtime(precision="bfloat16" if "bf16" in toggles else "float32", progress=False)
 
 
@@ -516,21 +516,22 @@ def cmd_ablation(args) -> list[dict]:
     from flawmap.evaluate import evaluate
 
     rows = []
-    for category in args.categories:
-        for config in args.configs.split(","):
-            toggles = parse_config(config.strip())
-            with toggled(toggles):
-                start = time.perf_counter()
-                model = new_model(toggles, args.coreset).fit(category)
-                fit_s = time.perf_counter() - start
-                result = evaluate(model, category)
-            rows.append({"category": Path(category).name, "config": config.strip(),
-                         **{k: result[k] for k in METRICS}, "bank": len(model.scorer_.search),
-                         "fit_s": fit_s, "predict_ms": result["predict_ms_per_image"]})
-            print(markdown(rows[-1:], list(rows[-1])), file=sys.stderr, flush=True)
+    runs = [(category, int(seed), config.strip()) for category in args.categories
+            for seed in args.seeds.split(",") for config in args.configs.split(",")]
+    for category, seed, config in runs:
+        toggles = parse_config(config)
+        with toggled(toggles):
+            start = time.perf_counter()
+            model = new_model(toggles, args.coreset, seed).fit(category)
+            fit_s = time.perf_counter() - start
+            result = evaluate(model, category)
+        rows.append({"category": Path(category).name, "config": config, "seed": seed,
+                     **{k: result[k] for k in METRICS}, "bank": len(model.scorer_.search),
+                     "fit_s": fit_s, "predict_ms": result["predict_ms_per_image"]})
+        print(markdown(rows[-1:], list(rows[-1])), file=sys.stderr, flush=True)
     print(markdown(rows, list(rows[0])))
     print()
-    print(markdown(mean_rows(rows), ["config", *METRICS, "n_categories"]))
+    print(markdown(mean_rows(rows), ["config", *METRICS, "n_runs"]))
     return rows
 
 
@@ -540,7 +541,7 @@ def mean_rows(rows: list[dict]) -> list[dict]:
     for config in configs:
         chosen = [row for row in rows if row["config"] == config]
         result.append({"config": config, **{k: float(np.mean([r[k] for r in chosen])) for k in METRICS},
-                       "n_categories": len(chosen)})
+                       "n_runs": len(chosen)})
     return result
 
 
@@ -569,6 +570,7 @@ def main() -> int:
     ablation.add_argument("categories", nargs="*", default=[str(DEFAULT_CATEGORY)])
     ablation.add_argument("--configs", default="flawmap," + ",".join(f"+{t}" for t in TOGGLES) + ",anomalib")
     ablation.add_argument("--coreset", type=float, default=0.1)
+    ablation.add_argument("--seeds", default="0", help="comma-separated random_state values (hold-out split and coreset)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="compare-anomalib-") as scratch:

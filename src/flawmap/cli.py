@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 from flawmap._version import __version__
 from flawmap.errors import FlawmapError
 from flawmap.loading import load, missing_torch_error
+from flawmap.onnx_model import INPUT_DTYPES, STORAGE_PRECISIONS
 from flawmap.runtime import PRECISIONS, Runtime
 
 try:
@@ -93,11 +94,11 @@ def _add_torch_commands(commands) -> None:
         help="any batch size (default), or a graph for exactly INT images",
     )
     export.add_argument(
-        "--precision", default="float32", choices=("float32", "float16"),
+        "--precision", default="float32", choices=STORAGE_PRECISIONS,
         help="float16 stores weights and banks at half the size; arithmetic stays float32 (default float32)",
     )
     export.add_argument(
-        "--input-dtype", default="float32", choices=("float32", "uint8"),
+        "--input-dtype", default="float32", choices=INPUT_DTYPES,
         help="graph input: float32 RGB in [0, 1] (default) or uint8 RGB in [0, 255]",
     )
 
@@ -142,7 +143,7 @@ def _add_runtime_only_commands(commands) -> None:
     """Without torch: ``evaluate`` and ``predict``, and a stub for each command that needs torch."""
     _add_prediction_commands(commands)
     for name, handler in _NEEDS_TORCH.items():
-        _command(commands, name, f"needs the torch extra: pip install \"flawmap[torch]\"", handler)
+        _command(commands, name, 'needs the torch extra: pip install "flawmap[torch]"', handler)
 
 
 def _needs_torch(name: str) -> Callable[[argparse.Namespace], None]:

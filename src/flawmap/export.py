@@ -39,9 +39,10 @@ from flawmap import io, postprocess
 from flawmap._version import __version__
 from flawmap.errors import FlawmapError
 from flawmap.models.base import AnomalyModel, Scorer, load_model
-from flawmap.onnx_model import FORMAT_NAME, FORMAT_VERSION, INPUT_DTYPES, INPUT_NAME, OUTPUT_NAMES, load_onnx
+from flawmap.onnx_model import (
+    FORMAT_NAME, FORMAT_VERSION, INPUT_DTYPES, INPUT_NAME, OUTPUT_NAMES, STORAGE_PRECISIONS, load_onnx,
+)
 
-PRECISIONS = ("float32", "float16")
 #: ``precision="float16"`` stores float32 weights of at least this many elements as float16.
 FLOAT16_MIN_ELEMENTS = 1024
 #: Largest float16 value; tensors beyond it stay float32.
@@ -202,8 +203,8 @@ def store_float16(proto) -> None:
 def _check_arguments(batch: int | str, precision: str, input_dtype: str, opset: int | None) -> None:
     if batch != "dynamic" and not (isinstance(batch, int) and batch >= 1):
         raise FlawmapError(f"batch must be 'dynamic' or a positive integer, got {batch!r}")
-    if precision not in PRECISIONS:
-        raise FlawmapError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision not in STORAGE_PRECISIONS:
+        raise FlawmapError(f"precision must be one of {', '.join(STORAGE_PRECISIONS)}, got {precision!r}")
     if input_dtype not in INPUT_DTYPES:
         raise FlawmapError(f"input_dtype must be one of {', '.join(INPUT_DTYPES)}, got {input_dtype!r}")
     if opset is not None and opset < 18:

@@ -42,6 +42,8 @@ FORMAT_VERSION = "1"
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("anomaly_map", "score")
 INPUT_DTYPES = ("float32", "uint8")
+#: How weights are stored; the graph computes in float32 either way.
+STORAGE_PRECISIONS = ("float32", "float16")
 #: Metadata keys every exported flawmap model has.
 METADATA_KEYS = (
     "flawmap_format", "format_version", "flawmap_version", "method", "image_size", "threshold", "map_low", "map_high",
