@@ -20,13 +20,12 @@ file). On a CPU without native bfloat16, ``auto`` is float32. Measure on a quiet
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import flawmap
+from common import default_category, write_rows
 from flawmap.cli import format_table
 from flawmap.data import iter_batches, open_dataset
 from flawmap.evaluate import evaluate
@@ -34,7 +33,6 @@ from flawmap.export import export_onnx
 from flawmap.io import CONFIG_FILE
 from flawmap.prediction import Predictor
 
-DEFAULT_CATEGORY = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad" / "bottle"
 BATCH_SIZES = (1, 16)
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
 #: Test images timed by the model-only measurement (decoded once, beforehand).
@@ -55,14 +53,8 @@ def main() -> int:
         print(format_table(rows[-3:], list(rows[-1])), file=sys.stderr)
     columns = ["method", "runtime", "model_ms_b1", "model_ms_b16", "predict_ms_per_image", "file_mb", *METRICS]
     print(format_table(rows, columns))
-    args.json.write_text(json.dumps({"category": str(args.category), "cpu_count": os.cpu_count(), "rows": rows}, indent=2) + "\n")
-    print(f"\nwrote {args.json}")
+    write_rows(args.json, args.category, rows)
     return 0
-
-
-def default_category() -> Path:
-    data_root = os.environ.get("FLAWMAP_DATA")
-    return Path(data_root) / "mvtec_ad" / "bottle" if data_root else DEFAULT_CATEGORY
 
 
 def compare(method: str, category: Path, folder: Path, repeats: int) -> list[dict]:

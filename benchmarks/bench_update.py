@@ -12,13 +12,12 @@ calibration images. Prints a markdown table and writes JSON; measure on a quiet 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from common import default_category, write_rows
 from flawmap.cli import format_table
 from flawmap.cli import main as flawmap_main
 from flawmap.data import open_dataset
@@ -26,7 +25,6 @@ from flawmap.evaluate import evaluate
 from flawmap.models import load_model
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
-DEFAULT_CATEGORY = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad" / "bottle"
 
 
 def main() -> int:
@@ -42,14 +40,8 @@ def main() -> int:
             rows += compare(method, args.category, halves, Path(folder) / method)
             print(format_table(rows[-2:], ["method", "procedure", *METRICS, "fit_s", "update_s"]), file=sys.stderr)
     print(format_table(rows, ["method", "procedure", *METRICS, "max_abs_difference", "fit_s", "update_s", "n_train_images"]))
-    args.json.write_text(json.dumps({"category": str(args.category), "cpu_count": os.cpu_count(), "rows": rows}, indent=2) + "\n")
-    print(f"\nwrote {args.json}")
+    write_rows(args.json, args.category, rows)
     return 0
-
-
-def default_category() -> Path:
-    data_root = os.environ.get("FLAWMAP_DATA")
-    return Path(data_root) / "mvtec_ad" / "bottle" if data_root else DEFAULT_CATEGORY
 
 
 def split_train(category: Path, folder: Path) -> tuple[Path, Path]:

@@ -223,7 +223,7 @@ def _to_onnx(graph: ExportGraph, model: AnomalyModel, batch: int | str, opset: i
     with torch.no_grad(), _quiet_exporter():
         try:
             exported = torch.export.export(graph, (example,), dynamic_shapes=dynamic_shapes, strict=False)
-        except torch._dynamo.exc.UserError as error:
+        except torch._dynamo.exc.UserError:
             if batch != "dynamic":
                 raise
             raise FlawmapError(
