@@ -28,21 +28,32 @@ Toggles (flawmap default -> anomalib 2.7), monkeypatched here, never in src/:
 
   resize     PIL bilinear (antialiased) on uint8, result rounded to uint8
              -> torch antialiased bilinear on float [0, 1] (torchvision v2 ``Resize(antialias=True)``)
-  norm       TF-Lite (x - 127/255) / (128/255) -> ImageNet mean/std
-  pool       3x3 average ignoring the padding at borders -> counting zero padding (``AvgPool2d(3, 1, 1)``)
   upsample   patch scores to the input size bilinearly -> nearest neighbour
   bank       10% of the training images held out for calibration only -> every image in the bank
   coreset    greedy k-center per 16k-row shard -> one greedy k-center over all rows
 
-Extras (not differences, measured alongside): ``bf16`` (bfloat16 backbone and search, emulated on
-CPUs without native support) and ``gain`` (ImageNet std with the TF-Lite mean).
+Two differences found by this study are now flawmap's defaults (ImageNet mean/std for
+EfficientNet-Lite, zero padding counted by the 3x3 aggregation). Extras put back what flawmap did
+before, or measure something alongside:
 
-Examples (from the repository root, flawmap venv)::
+  tflite     TF-Lite normalisation (x - 127/255) / (128/255) instead of ImageNet mean/std
+  nopad      3x3 average over the existing neighbours only at borders (``count_include_pad=False``)
+  gain       ImageNet std with the TF-Lite mean (the contrast gain without the per-channel shift)
+  bf16       bfloat16 backbone and search (emulated on CPUs without native support)
 
-    python benchmarks/compare_anomalib.py stages --settings anomalib
-    python benchmarks/compare_anomalib.py correlate --settings anomalib
-    python benchmarks/compare_anomalib.py reference /tmp/demo/brick /tmp/demo/moon
-    python benchmarks/compare_anomalib.py ablation --configs flawmap,+norm,+upsample,anomalib
+Configuration names: ``flawmap`` = defaults; ``+a+b`` = defaults plus toggles or extras a and b;
+``anomalib`` = every toggle; ``anomalib-a`` = every toggle but a. flawmap before issue 18 is
+``+tflite+nopad``.
+
+Examples (from the repository root, flawmap venv; times on a 2-core CPU)::
+
+    python benchmarks/compare_anomalib.py stages --settings anomalib         # ~35 s
+    python benchmarks/compare_anomalib.py correlate --settings anomalib      # bottle ~3 min
+    python benchmarks/compare_anomalib.py reference /tmp/demo/brick          # ~6 min per demo category
+    python benchmarks/compare_anomalib.py ablation --configs +tflite+nopad,flawmap   # bottle ~1-2 min per config
+    python benchmarks/compare_anomalib.py ablation /tmp/demo/grass --seeds 0,1,2 --configs +tflite,flawmap
+
+A global coreset (``coreset`` toggle) makes a bottle fit take ~8 min instead of ~30 s.
 """
 
 from __future__ import annotations
@@ -65,11 +76,12 @@ IMAGE_SIZE = 256
 LAYERS = ("blocks.2", "blocks.4")  # anomalib/timm names of flawmap's stage3 and stage5
 DEFAULT_PYTHON = os.environ.get("ANOMALIB_PYTHON", "/tmp/anomalib-venv/bin/python")
 DEFAULT_CATEGORY = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad" / "bottle"
-TOGGLES = ("resize", "norm", "pool", "upsample", "bank", "coreset")
+TOGGLES = ("resize", "upsample", "bank", "coreset")
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
-# Not differences from anomalib, measured alongside: bfloat16 backbone and search; ImageNet std with
-# the TF-Lite mean (the contrast gain of ImageNet normalisation without its per-channel shift).
-EXTRAS = ("bf16", "gain")
+# flawmap's behaviour before issue 18 (TF-Lite normalisation, border average without the padding)
+# and things measured alongside (ImageNet std with the TF-Lite mean; bfloat16): see the docstring.
+EXTRAS = ("tflite", "nopad", "gain", "bf16")
+TFLITE_MEAN, TFLITE_STD = (127 / 255,) * 3, (128 / 255,) * 3
 
 
 # =========================================================================== anomalib worker
@@ -196,7 +208,8 @@ def run_worker(job: dict, python: str) -> dict:
     job_path.write_text(json.dumps(job))
     start = time.perf_counter()
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"}
-    completed = subprocess.run([python, __file__, "_worker", str(job_path)], capture_output=True, text=True, env=env)
+    completed = subprocess.run([python, __file__, "_worker", str(job_path)], capture_output=True, text=True, env=env,
+                               check=False)
     if completed.returncode != 0:
         raise RuntimeError(f"anomalib worker failed:\n{completed.stderr[-4000:]}")
     timings = json.loads((Path(job["out"]) / "timings.json").read_text())
@@ -216,7 +229,7 @@ def parse_config(name: str) -> frozenset[str]:
     if name.startswith("anomalib-"):
         removed = set(name[len("anomalib-"):].split("-"))
         return frozenset(set(TOGGLES) - _check_toggles(removed))
-    if name.startswith("+") or name.startswith("="):
+    if name.startswith(("+", "=")):
         return frozenset(_check_toggles({part for part in name[1:].split("+") if part}))
     raise SystemExit(f"unknown configuration {name!r}")
 
@@ -231,27 +244,25 @@ def _check_toggles(names: set[str]) -> set[str]:
 @contextlib.contextmanager
 def toggled(toggles: frozenset[str]):
     """Monkeypatch flawmap so that the named toggles behave as in anomalib; undone on exit."""
-    import flawmap.backbones.efficientnet_lite as lite
-    import flawmap.data.loader as loader
-    import flawmap.features as features
-    import flawmap.postprocess as postprocess
-    from flawmap.backbones.base import IMAGENET_MEAN, IMAGENET_STD
+    from flawmap import features, postprocess
+    from flawmap.backbones import efficientnet_lite as lite
     from flawmap.coreset import StreamingCoreset
+    from flawmap.data import loader
     from flawmap.models.base import AnomalyModel
     from flawmap.models.patchcore import PatchCore
 
     patches = []  # (owner, attribute, new value)
     if "resize" in toggles:
         patches.append((loader, "_decode", _decode_float_antialiased))
-    if "norm" in toggles:
-        patches += [(lite, "_MEAN", IMAGENET_MEAN), (lite, "_STD", IMAGENET_STD)]
+    if "tflite" in toggles:
+        patches += [(lite, "IMAGENET_MEAN", TFLITE_MEAN), (lite, "IMAGENET_STD", TFLITE_STD)]
     elif "gain" in toggles:
-        patches.append((lite, "_STD", IMAGENET_STD))
-    if "pool" in toggles:
+        patches.append((lite, "IMAGENET_MEAN", TFLITE_MEAN))
+    if "nopad" in toggles:
         def local_average(feature_map, size=3):
             if size == 1:
                 return feature_map
-            return F.avg_pool2d(feature_map, size, stride=1, padding=size // 2, count_include_pad=True)
+            return F.avg_pool2d(feature_map, size, stride=1, padding=size // 2, count_include_pad=False)
         patches.append((features, "local_average", local_average))
     if "upsample" in toggles:
         def upsample(patch_scores, size_hw):
@@ -282,7 +293,7 @@ def toggled(toggles: frozenset[str]):
 def _decode_float_antialiased(sample, array, image_size, load_masks):
     """``loader._decode`` as anomalib resizes: float [0, 1] tensor, antialiased bilinear, no
     rounding back to uint8 (pixels are returned x255 as float32; ``_stack`` divides by 255)."""
-    import flawmap.data.loader as loader
+    from flawmap.data import loader
 
     rgb = loader.read_image(sample.image_path) if array is None else loader._array_to_rgb(array, sample.image_path)
     original_hw = rgb.shape[:2]
@@ -482,6 +493,8 @@ def cmd_correlate(args) -> list[dict]:
 
 
 def cmd_reference(args) -> list[dict]:
+    from PIL import Image
+
     from flawmap import postprocess
     from flawmap.data import open_dataset
     from flawmap.data.images import read_mask
@@ -498,7 +511,6 @@ def cmd_reference(args) -> list[dict]:
         maps, scores = np.load(out / "maps.npy"), np.load(out / "image_scores.npy")
         full_maps, masks = [], []
         for sample, their_map in zip(dataset.test, maps):
-            from PIL import Image
             with Image.open(sample.image_path) as image:
                 hw = (image.height, image.width)
             full_maps.append(postprocess.to_original_size(torch.from_numpy(their_map), hw))

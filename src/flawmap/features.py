@@ -24,11 +24,15 @@ def local_average(feature_map: torch.Tensor, size: int = 3) -> torch.Tensor:
     Returns
     -------
     Tensor of shape (B, C, h, w)
-        Border positions average only the neighbours that exist.
+        Border positions count the zero padding, as the PatchCore reference code's zero-padded
+        ``Unfold`` does: edge features shrink by 6/9 and corners by 4/9, so their noisier
+        averages (fewer real neighbours, few such rows in a bank) do not light up the image
+        border. Averaging only the existing neighbours cost 0.018 pixel AUROC and 0.20 image
+        AUROC on the mean over bottle and the demo categories (docs/patchcore.md, 2.1).
     """
     if size == 1:
         return feature_map
-    return F.avg_pool2d(feature_map, size, stride=1, padding=size // 2, count_include_pad=False)
+    return F.avg_pool2d(feature_map, size, stride=1, padding=size // 2, count_include_pad=True)
 
 
 def fuse_levels(feature_maps: Sequence[torch.Tensor], grid_hw: tuple[int, int] | None = None) -> torch.Tensor:
