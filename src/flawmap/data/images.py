@@ -6,7 +6,9 @@ fails here, with a :class:`~flawmap.errors.FlawmapError` naming it, and not late
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -45,6 +47,20 @@ def read_image(path: str | Path) -> np.ndarray:
     """
     path = Path(path)
     return np.asarray(_to_8bit(_load(path), path).convert("RGB"))
+
+
+def decode_image(data: bytes, name: str) -> np.ndarray:
+    """Decode an image file's bytes (an upload, say) exactly as :func:`read_image` decodes the
+    file: ``uint8`` RGB of shape ``H x W x 3``. Errors name ``name``.
+
+    Raises
+    ------
+    FlawmapError
+        If the bytes are empty, not a decodable image, truncated, or of an unsupported pixel mode.
+    """
+    if not data:
+        raise FlawmapError(f"{name}: empty (0 bytes)")
+    return np.asarray(_to_8bit(_open(io.BytesIO(data), name), name).convert("RGB"))
 
 
 def read_mask(path: str | Path, expected_hw: tuple[int, int], threshold: int = 127) -> np.ndarray:
@@ -95,21 +111,26 @@ def _load(path: Path) -> Image.Image:
         raise FlawmapError(f"{path}: no such file")
     if path.is_dir():
         raise FlawmapError(f"{path}: is a folder, not an image file")
+    return _open(path, path)
+
+
+def _open(source: Path | BinaryIO, name: str | Path) -> Image.Image:
+    """Open and fully decode a file or file object; every failure is a one-line FlawmapError naming ``name``."""
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             image.load()
             return image
     except Image.DecompressionBombError as error:
-        raise FlawmapError(f"{path}: image too large to decode safely ({error})") from None
+        raise FlawmapError(f"{name}: image too large to decode safely ({error})") from None
     except PermissionError:
-        raise FlawmapError(f"{path}: permission denied") from None
+        raise FlawmapError(f"{name}: permission denied") from None
     except Image.UnidentifiedImageError:
-        raise FlawmapError(f"{path}: not an image file (unrecognised format)") from None
+        raise FlawmapError(f"{name}: not an image file (unrecognised format)") from None
     except (OSError, SyntaxError, ValueError, EOFError):
-        raise FlawmapError(f"{path}: cannot decode image (truncated or corrupt)") from None
+        raise FlawmapError(f"{name}: cannot decode image (truncated or corrupt)") from None
 
 
-def _to_8bit(image: Image.Image, path: Path) -> Image.Image:
+def _to_8bit(image: Image.Image, path: Path | str) -> Image.Image:
     """``image`` with 16-bit grey scaled by the dtype range to 8-bit ``L``; 8-bit modes unchanged."""
     if image.mode in _EIGHT_BIT_MODES:
         return image

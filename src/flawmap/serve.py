@@ -1,0 +1,507 @@
+"""``flawmap serve``: an HTTP inference server for a fitted or exported model.
+
+A FastAPI application run by uvicorn. Requests that arrive together are *micro-batched*: the
+first image waits at most ``max_wait_ms`` for up to ``max_batch - 1`` more, and the batch goes
+through the model in one pass, on one worker thread, off the event loop. At most ``max_queue``
+requests are admitted at once (reading, decoding, waiting or being scored); one more is answered
+``503`` with ``Retry-After`` at once, so the server never hangs and its memory stays bounded.
+
+=======================  ======================================================================
+``POST /v1/predict``     one image (raw body or multipart; PNG, JPEG, BMP, TIFF) -> score,
+                         verdict, threshold, model, latency, anomalous regions (bounding boxes
+                         of the connected map regions above the threshold, with peak scores);
+                         ``?map=png`` adds the anomaly map (16-bit grey PNG, base64, at the
+                         image's size, with the score range its levels span)
+``GET /v1/health``       liveness: 200 while the process serves
+``GET /v1/ready``        200 once the model is loaded and warmed up, 503 before and when stopping
+``GET /v1/model``        method, hyper-parameters, threshold, image size, model hash, versions
+``GET /metrics``         Prometheus text: requests by route and status, predict latency and batch
+                         size histograms, queue depth
+``GET /docs``            OpenAPI documentation (FastAPI's)
+=======================  ======================================================================
+
+Bad input never disturbs other requests: a body over ``max_upload_mb`` is ``413``, an empty body
+or bytes that are not a decodable image ``400`` (naming the problem), another content type or image
+format ``415``. With an exported ``.onnx`` model this module does not import torch.
+
+No ``from __future__ import annotations`` here: FastAPI reads the route handlers' annotations,
+which name classes imported inside :func:`create_app`.
+"""
+
+import asyncio
+import base64
+import io
+import json
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from flawmap._version import __version__
+from flawmap.data.images import decode_image
+from flawmap.errors import FlawmapError
+from flawmap.loading import load
+from flawmap.onnx_model import OnnxModel
+from flawmap.prediction import Prediction, Predictor
+
+#: Pillow format -> content type of the image formats accepted.
+IMAGE_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "BMP": "image/bmp", "TIFF": "image/tiff"}
+#: Content types a raw body or a multipart file part may declare besides the image types (the
+#: bytes tell the format): none, bytes, variants, and ``curl --data-binary``'s default.
+GENERIC_CONTENT_TYPES = ("", "application/octet-stream", "image/x-ms-bmp", "image/jpg", "application/x-www-form-urlencoded")
+#: Upper bounds (seconds) of the predict latency histogram's buckets.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+#: Upper bounds of the batch size histogram's buckets.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+#: Seconds a client is asked to wait after a 503.
+RETRY_AFTER_S = 1
+RUNTIMES = ("torch", "onnx")
+ROUTES = ("/v1/predict", "/v1/health", "/v1/ready", "/v1/model", "/metrics")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """How the server batches and what it admits.
+
+    Parameters
+    ----------
+    max_batch : int
+        Most images scored in one model pass.
+    max_queue : int
+        Most requests admitted at once; more are answered 503.
+    max_upload_mb : float
+        Largest request body, in MiB; larger is 413.
+    max_wait_ms : float
+        How long the first image of a batch waits for more.
+    """
+
+    max_batch: int = 16
+    max_queue: int = 64
+    max_upload_mb: float = 20.0
+    max_wait_ms: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1 or self.max_queue < 1:
+            raise FlawmapError(f"max_batch and max_queue must be at least 1, got {self.max_batch} and {self.max_queue}")
+        if self.max_upload_mb <= 0 or self.max_wait_ms < 0:
+            raise FlawmapError(f"max_upload_mb must be > 0 and max_wait_ms >= 0, got {self.max_upload_mb} and {self.max_wait_ms}")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 2**20)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A loaded model and what ``/v1/model`` says about it."""
+
+    model: Predictor
+    runtime: str
+    model_hash: str
+    source: str
+
+    def describe(self) -> dict[str, Any]:
+        if isinstance(self.model, OnnxModel):
+            params, model_version = json.loads(self.model.metadata["params"]), self.model.metadata["flawmap_version"]
+        else:
+            params, model_version = self.model.get_params(), None
+        return {
+            "method": self.model.method,
+            "params": params,
+            "threshold": self.model.threshold_,
+            "image_size": self.model.image_size,
+            "model_hash": self.model_hash,
+            "runtime": self.runtime,
+            "device": self.model.runtime.device,
+            "source": self.source,
+            "flawmap_version": __version__,
+            "exported_with_flawmap": model_version,
+        }
+
+
+def load_served_model(path: str | Path, runtime: str | None = None, **runtime_settings: Any) -> ServedModel:
+    """Load a model to serve: a model directory (``runtime="torch"``) or an exported ``.onnx`` file
+    (``"onnx"``; no torch). None picks the runtime from the path.
+
+    Raises
+    ------
+    FlawmapError
+        If the path does not fit the runtime asked for, or the model does not load.
+    """
+    path = Path(path)
+    kind = runtime or ("onnx" if path.is_file() else "torch")
+    if kind not in RUNTIMES:
+        raise FlawmapError(f"runtime must be one of {', '.join(RUNTIMES)}, got {kind!r}")
+    if kind == "onnx" and path.is_dir():
+        raise FlawmapError(f"{path}: is a model directory; --runtime onnx serves an exported file (flawmap export {path} --out model.onnx)")
+    if kind == "torch" and path.is_file():
+        raise FlawmapError(f"{path}: is a file; --runtime torch serves a model directory (or use --runtime onnx)")
+    model = load(path, **runtime_settings)
+    if isinstance(model, OnnxModel):
+        model_hash = model.metadata["source_sha256"]
+    else:
+        from flawmap.io import model_directory_digest
+
+        model_hash = model_directory_digest(path)
+    return ServedModel(model=model, runtime=kind, model_hash=model_hash, source=str(path))
+
+
+class RequestError(Exception):
+    """A request the server refuses: HTTP ``status`` with a one-line ``message``."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+@dataclass
+class _Waiting:
+    """One decoded image (uint8 H x W x 3) waiting for its batch, and where its result goes."""
+
+    image: np.ndarray
+    result: asyncio.Future
+
+
+class MicroBatcher:
+    """Admits at most ``max_queue`` requests and scores their images in batches of up to
+    ``max_batch``, one model pass at a time on one worker thread."""
+
+    def __init__(self, model: Predictor, settings: ServeSettings, observe_batch) -> None:
+        self.model = model
+        self.settings = settings
+        self.depth = 0
+        self._observe_batch = observe_batch
+        self._queue: asyncio.Queue[_Waiting] = asyncio.Queue()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flawmap-model")
+        self._task: asyncio.Task | None = None
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold one of the ``max_queue`` places for a request; 503 at once if none is free."""
+        if self.depth >= self.settings.max_queue:
+            raise RequestError(
+                503, f"busy: {self.depth} requests in progress (--max-queue {self.settings.max_queue}); retry shortly",
+                {"Retry-After": str(RETRY_AFTER_S)},
+            )
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+
+    async def predict(self, image: np.ndarray) -> Prediction:
+        """The prediction for one image (uint8 H x W x 3), scored with whatever arrives with it."""
+        waiting = _Waiting(image, asyncio.get_running_loop().create_future())
+        self._queue.put_nowait(waiting)
+        return await waiting.result
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._serve_batches())
+
+    async def run_in_worker(self, function, *args):
+        """Run ``function(*args)`` on the model's worker thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._worker, function, *args)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._worker.shutdown(wait=True)
+
+    async def _serve_batches(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            self._observe_batch(len(batch))
+            try:
+                predictions = await self.run_in_worker(self.model.predict, [waiting.image for waiting in batch])
+            except Exception as error:  # a failed pass fails its requests (500), not the server
+                for waiting in batch:
+                    if not waiting.result.done():
+                        waiting.result.set_exception(error)
+                continue
+            for waiting, prediction in zip(batch, predictions):
+                if not waiting.result.done():  # its client may have gone
+                    waiting.result.set_result(prediction)
+
+    async def _next_batch(self) -> list[_Waiting]:
+        """The first waiting image, and whatever else arrives within ``max_wait_ms``, up to ``max_batch``."""
+        batch = [await self._queue.get()]
+        deadline = time.perf_counter() + self.settings.max_wait_ms / 1000.0
+        while len(batch) < self.settings.max_batch:
+            if not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+                continue
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except asyncio.TimeoutError:
+                break
+        return batch
+
+
+@dataclass
+class Histogram:
+    """A cumulative Prometheus histogram over fixed bucket bounds."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+    n: int = 0
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * len(self.bounds)
+
+    def observe(self, value: float) -> None:
+        for index, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[index] += 1
+        self.total += value
+        self.n += 1
+
+    def lines(self, name: str) -> list[str]:
+        buckets = [f'{name}_bucket{{le="{bound:g}"}} {count}' for bound, count in zip(self.bounds, self.counts)]
+        return [*buckets, f'{name}_bucket{{le="+Inf"}} {self.n}', f"{name}_sum {self.total:.6f}", f"{name}_count {self.n}"]
+
+
+@dataclass
+class ServerMetrics:
+    """Counters the ``/metrics`` endpoint reports."""
+
+    requests: Counter = field(default_factory=Counter)
+    latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    batch_size: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
+
+    def prometheus_text(self, queue_depth: int) -> str:
+        lines = [
+            "# HELP flawmap_requests_total HTTP requests by route and status code.",
+            "# TYPE flawmap_requests_total counter",
+            *(f'flawmap_requests_total{{route="{route}",status="{status}"}} {count}' for (route, status), count in sorted(self.requests.items())),
+            "# HELP flawmap_predict_latency_seconds Time from receiving a predict request to its answer.",
+            "# TYPE flawmap_predict_latency_seconds histogram",
+            *self.latency.lines("flawmap_predict_latency_seconds"),
+            "# HELP flawmap_batch_size Images per model pass.",
+            "# TYPE flawmap_batch_size histogram",
+            *self.batch_size.lines("flawmap_batch_size"),
+            "# HELP flawmap_queue_depth Predict requests admitted and not yet answered.",
+            "# TYPE flawmap_queue_depth gauge",
+            f"flawmap_queue_depth {queue_depth}",
+        ]
+        return "\n".join(lines) + "\n"
+
+
+def anomalous_regions(anomaly_map: np.ndarray, threshold: float) -> list[dict[str, Any]]:
+    """The 8-connected regions of ``anomaly_map`` (H x W) above ``threshold``, highest peak first:
+    ``{"box": [x0, y0, x1, y1]`` (pixels, end exclusive), ``"peak_score"``, ``"area_px"}``."""
+    labels, n_regions = ndimage.label(anomaly_map > threshold, structure=np.ones((3, 3), dtype=bool))
+    if n_regions == 0:
+        return []
+    index = np.arange(1, n_regions + 1)
+    peaks = ndimage.maximum(anomaly_map, labels, index)
+    areas = np.bincount(labels.ravel(), minlength=n_regions + 1)[1:]
+    regions = [
+        {"box": [cols.start, rows.start, cols.stop, rows.stop], "peak_score": float(peak), "area_px": int(area)}
+        for (rows, cols), peak, area in zip(ndimage.find_objects(labels), peaks, areas)
+    ]
+    return sorted(regions, key=lambda region: -region["peak_score"])
+
+
+def map_png(anomaly_map: np.ndarray) -> dict[str, Any]:
+    """The map (H x W) as a 16-bit grey PNG, base64: level ``v`` is score ``low + v / 65535 * (high - low)``."""
+    low, high = float(anomaly_map.min()), float(anomaly_map.max())
+    levels = np.rint((anomaly_map - low) / max(high - low, 1e-12) * 65535.0).astype(np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(levels).save(buffer, format="PNG")
+    return {"png_base64": base64.b64encode(buffer.getvalue()).decode("ascii"), "low": low, "high": high}
+
+
+def create_app(served: ServedModel, settings: ServeSettings = ServeSettings()):
+    """The FastAPI application serving ``served`` (run it with any ASGI server)."""
+    try:
+        from fastapi import FastAPI, Query, Request
+        from fastapi.responses import JSONResponse, PlainTextResponse
+    except ImportError as error:
+        raise FlawmapError(f'flawmap serve needs the serve extra ({error}): pip install "flawmap[serve]"') from None
+
+    metrics = ServerMetrics()
+    batcher = MicroBatcher(served.model, settings, metrics.batch_size.observe)
+    state = {"ready": False}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        batcher.start()
+        size = served.model.image_size
+        await batcher.run_in_worker(served.model.predict, np.zeros((size, size, 3), dtype=np.uint8))  # warm-up
+        state["ready"] = True
+        yield
+        state["ready"] = False
+        await batcher.stop()
+
+    app = FastAPI(
+        title="flawmap", version=__version__, lifespan=lifespan,
+        description=f"Anomaly detection with a {served.model.method} model ({served.source}).",
+    )
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        response = await call_next(request)
+        route = request.url.path if request.url.path in ROUTES else "other"
+        metrics.requests[(route, response.status_code)] += 1
+        return response
+
+    @app.exception_handler(RequestError)
+    async def refuse(request: Request, error: RequestError):
+        return _error_response(JSONResponse, error)
+
+    @app.post("/v1/predict", openapi_extra=_PREDICT_BODY_DOC, summary="Score one image")
+    async def predict(request: Request, map: str | None = Query(None, pattern="^png$", description="png: add the anomaly map")):
+        start = time.perf_counter()
+        _check_length(request, settings.max_upload_bytes)
+        if not state["ready"]:
+            raise RequestError(503, "the model is not ready", {"Retry-After": str(RETRY_AFTER_S)})
+        async with batcher.slot():
+            data, content_type = await _read_image_bytes(request, settings.max_upload_bytes)
+            image = await asyncio.to_thread(_decode_upload, data, content_type)
+            prediction = await batcher.predict(image)
+            answer = await asyncio.to_thread(_answer, served, prediction, map == "png")
+        latency = time.perf_counter() - start
+        metrics.latency.observe(latency)
+        return {**answer, "latency_ms": 1000.0 * latency}
+
+    @app.get("/v1/health", summary="Liveness")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/ready", summary="Readiness: the model is loaded and warmed up")
+    async def ready():
+        if not state["ready"]:
+            return JSONResponse({"ready": False}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+        return {"ready": True}
+
+    @app.get("/v1/model", summary="The model served")
+    async def model_card():
+        return {**served.describe(), "settings": vars(settings)}
+
+    @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.prometheus_text(batcher.depth), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def serve(served: ServedModel, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8080, log_level: str = "info") -> None:
+    """Run the server until interrupted (uvicorn; SIGINT/SIGTERM stop it after the requests in progress)."""
+    app = create_app(served, settings)
+    import uvicorn
+
+    # A backstop on open connections (uvicorn answers 503 past it), well above what --max-queue admits.
+    connections = 2 * settings.max_queue + settings.max_batch + 16
+    uvicorn.run(app, host=host, port=port, log_level=log_level, limit_concurrency=connections, timeout_graceful_shutdown=10)
+
+
+# ---------------------------------------------------------------- reading and answering one request
+_PREDICT_BODY_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            **{content_type: {"schema": {"type": "string", "format": "binary"}} for content_type in IMAGE_FORMATS.values()},
+            "multipart/form-data": {
+                "schema": {"type": "object", "properties": {"image": {"type": "string", "format": "binary"}}, "required": ["image"]}
+            },
+        },
+    }
+}
+
+
+def _error_response(json_response, error: RequestError):
+    return json_response({"error": error.message}, status_code=error.status, headers=error.headers)
+
+
+def _check_length(request, max_bytes: int) -> None:
+    """413 at once when the declared body length is over the limit."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise RequestError(413, f"request body of {int(declared)} bytes is over the limit of {max_bytes} bytes (--max-upload-mb)")
+
+
+async def _read_image_bytes(request, max_bytes: int) -> tuple[bytes, str]:
+    """The uploaded file's bytes and declared content type, from a raw body or a multipart form."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise RequestError(413, f"request body is over the limit of {max_bytes} bytes (--max-upload-mb)")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        return await _multipart_file(request, body)
+    return body, content_type
+
+
+async def _multipart_file(request, body: bytes) -> tuple[bytes, str]:
+    """The one file part of a multipart body (already read, ``body``)."""
+    from starlette.datastructures import UploadFile
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+
+    async def replay() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_files=1, max_fields=16)
+    except HTTPException as error:
+        raise RequestError(400, f"malformed multipart body: {error.detail}") from None
+    try:
+        files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
+        if not files:
+            raise RequestError(400, "the multipart body has no file part; send the image as a file field (e.g. image=@photo.png)")
+        return await files[0].read(), (files[0].content_type or "").lower()
+    finally:
+        await form.close()
+
+
+def _decode_upload(data: bytes, content_type: str) -> np.ndarray:
+    """Check the content type and the format, then decode: uint8 H x W x 3. 400 or 415 otherwise."""
+    if not data:
+        raise RequestError(400, "empty body: send the image file's bytes (raw or as a multipart file field)")
+    if content_type not in GENERIC_CONTENT_TYPES and content_type not in IMAGE_FORMATS.values():
+        raise RequestError(415, f"unsupported content type {content_type!r}; send {', '.join(IMAGE_FORMATS.values())}")
+    try:
+        with Image.open(io.BytesIO(data)) as header:
+            image_format = header.format
+    except Exception:  # Pillow's errors for bytes it cannot read; decoding below names them
+        image_format = None
+    if image_format is not None and image_format not in IMAGE_FORMATS:
+        raise RequestError(415, f"unsupported image format {image_format}; send {', '.join(IMAGE_FORMATS)}")
+    try:
+        return decode_image(data, "upload")
+    except FlawmapError as error:
+        raise RequestError(400, str(error)) from None
+
+
+def _answer(served: ServedModel, prediction: Prediction, with_map: bool) -> dict[str, Any]:
+    """The JSON answer for one prediction (without the latency)."""
+    model = served.model
+    height, width = prediction.anomaly_map.shape
+    answer = {
+        "score": prediction.score,
+        "is_anomalous": bool(prediction.is_anomalous),
+        "threshold": model.threshold_,
+        "model": {"method": model.method, "hash": served.model_hash},
+        "image_size": [width, height],
+        "regions": anomalous_regions(prediction.anomaly_map, model.threshold_),
+    }
+    if with_map:
+        answer["map"] = map_png(prediction.anomaly_map)
+    return answer

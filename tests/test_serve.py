@@ -1,0 +1,289 @@
+"""flawmap serve: the HTTP API in process (TestClient), and a real uvicorn process under load."""
+
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+import flawmap
+from conftest import blocked_packages_path
+from flawmap.errors import FlawmapError
+from flawmap.prediction import Predictor
+from flawmap.serve import ServedModel, ServeSettings, anomalous_regions, create_app, load_served_model
+
+#: Good requests and bad ones in the load test, and its concurrent clients.
+N_GOOD, N_BAD, N_CLIENTS = 600, 50, 12
+#: The load test's upload limit (--max-upload-mb): above the test images, below OVERSIZED.
+UPLOAD_LIMIT_MB = 0.25
+OVERSIZED = b"\x89PNG" + bytes(400_000)
+
+
+@pytest.fixture(scope="module")
+def test_images(tiny_dataset) -> list[Path]:
+    return sorted((tiny_dataset / "test").glob("*/*.png"))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, test_images) -> dict[Path, flawmap.Prediction]:
+    """What model.predict says about each test image (float32, as the servers below run)."""
+    model = flawmap.load(tiny_model_dir, precision="float32")
+    return dict(zip(test_images, model.predict(test_images)))
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dir) -> ServedModel:
+    return load_served_model(tiny_model_dir, precision="float32", batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    with TestClient(create_app(served, ServeSettings(max_upload_mb=0.1))) as client:
+        yield client
+
+
+def png_bytes(pixels: np.ndarray, image_format: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=image_format)
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------- the API, in process
+def test_predict_raw_and_multipart_equal_model_predict(client, test_images, reference):
+    anomalous = next(path for path in test_images if path.parent.name != "good")
+    expected = reference[anomalous]
+    raw = client.post("/v1/predict", content=anomalous.read_bytes(), headers={"Content-Type": "image/png"})
+    multipart = client.post("/v1/predict?map=png", files={"image": (anomalous.name, anomalous.read_bytes(), "image/png")})
+    for response in (raw, multipart):
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert answer["score"] == pytest.approx(expected.score, rel=1e-4)
+        assert answer["is_anomalous"] == expected.is_anomalous
+        assert answer["threshold"] == pytest.approx(client.get("/v1/model").json()["threshold"])
+        assert answer["model"]["method"] == "patchcore" and len(answer["model"]["hash"]) == 64
+        assert answer["image_size"] == [96, 96] and answer["latency_ms"] > 0
+        assert answer["regions"] == anomalous_regions(expected.anomaly_map, answer["threshold"])
+    assert "map" not in raw.json()
+    encoded = multipart.json()["map"]
+    with Image.open(io.BytesIO(base64.b64decode(encoded["png_base64"]))) as picture:
+        levels = np.asarray(picture, dtype=np.float64)
+    assert levels.shape == expected.anomaly_map.shape
+    decoded = encoded["low"] + levels / 65535.0 * (encoded["high"] - encoded["low"])
+    np.testing.assert_allclose(decoded, expected.anomaly_map, atol=1e-3 * (encoded["high"] - encoded["low"]) + 1e-4)
+
+
+def test_anomalous_regions_are_connected_components_above_the_threshold():
+    anomaly_map = np.zeros((20, 30), dtype=np.float32)
+    anomaly_map[2:5, 3:9] = 2.0
+    anomaly_map[3, 4] = 5.0
+    anomaly_map[10:18, 20:22] = 3.0
+    anomaly_map[19, 0] = 0.5  # below the threshold
+    regions = anomalous_regions(anomaly_map, threshold=1.0)
+    assert regions == [
+        {"box": [3, 2, 9, 5], "peak_score": 5.0, "area_px": 18},
+        {"box": [20, 10, 22, 18], "peak_score": 3.0, "area_px": 16},
+    ]
+    assert anomalous_regions(anomaly_map, threshold=10.0) == []
+
+
+def bad_requests() -> dict[str, tuple[int, dict]]:
+    """Name -> (expected status, httpx request arguments)."""
+    noise = np.random.default_rng(0).integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
+    truncated = png_bytes(noise)[:2000]  # cut inside the pixel data
+    gif = png_bytes(np.zeros((16, 16, 3), dtype=np.uint8), "GIF")
+    return {
+        "empty": (400, {"content": b""}),
+        "not an image": (400, {"content": b"hello, this is text", "headers": {"Content-Type": "application/octet-stream"}}),
+        "truncated": (400, {"content": truncated, "headers": {"Content-Type": "image/png"}}),
+        "text type": (415, {"content": b"hello", "headers": {"Content-Type": "text/plain"}}),
+        "gif": (415, {"content": gif, "headers": {"Content-Type": "image/gif"}}),
+        "gif as bytes": (415, {"content": gif}),
+        "oversized": (413, {"content": OVERSIZED, "headers": {"Content-Type": "image/png"}}),
+        "form without file": (400, {"files": {"name": (None, "just a field")}}),
+    }
+
+
+@pytest.mark.parametrize("name", list(bad_requests()))
+def test_bad_input_is_a_clear_client_error(client, name):
+    status, arguments = bad_requests()[name]
+    response = client.post("/v1/predict", **arguments)
+    assert response.status_code == status, response.text
+    message = response.json()["error"]
+    assert message and "\n" not in message and "Traceback" not in message
+    if name == "truncated":
+        assert "truncated" in message
+    assert client.get("/v1/health").status_code == 200
+
+
+def test_health_ready_model_and_metrics(client, served, tiny_model_dir):
+    assert client.get("/v1/health").json() == {"status": "ok"}
+    assert client.get("/v1/ready").json() == {"ready": True}
+    card = client.get("/v1/model").json()
+    assert card["method"] == "patchcore" and card["params"]["image_size"] == 64 and card["image_size"] == 64
+    assert card["threshold"] == served.model.threshold_ and card["runtime"] == "torch"
+    assert card["model_hash"] == flawmap.io.model_directory_digest(tiny_model_dir)
+    assert card["settings"]["max_batch"] == 16 and card["flawmap_version"] == flawmap.__version__
+    client.post("/v1/predict", content=b"")
+    text = client.get("/metrics").text
+    assert 'flawmap_requests_total{route="/v1/predict",status="400"}' in text
+    assert 'flawmap_requests_total{route="/v1/ready",status="200"}' in text
+    assert "flawmap_predict_latency_seconds_bucket{le=\"+Inf\"}" in text and "flawmap_queue_depth 0" in text
+    assert client.get("/docs").status_code == 200 and "/v1/predict" in client.get("/openapi.json").json()["paths"]
+
+
+def test_not_ready_before_the_model_is_warmed_up(served, test_images):
+    client = TestClient(create_app(served))  # not entered: the application has not started
+    assert client.get("/v1/health").status_code == 200
+    assert client.get("/v1/ready").status_code == 503
+    response = client.post("/v1/predict", content=test_images[0].read_bytes())
+    assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+
+
+class GatedModel(Predictor):
+    """A model whose passes wait until ``gate`` is open."""
+
+    def __init__(self, inner: Predictor, gate: threading.Event) -> None:
+        self.inner, self.gate = inner, gate
+        self.method, self.image_size, self.runtime = inner.method, inner.image_size, inner.runtime
+        self.threshold_, self.map_low_, self.map_high_ = inner.threshold_, inner.map_low_, inner.map_high_
+
+    def score_images(self, images):
+        assert self.gate.wait(timeout=60)
+        return self.inner.score_images(images)
+
+
+def test_a_full_queue_answers_503_at_once_and_recovers(served, test_images):
+    gate = threading.Event()
+    gate.set()
+    gated = ServedModel(GatedModel(served.model, gate), "torch", "0" * 64, "gated")
+    image = test_images[0].read_bytes()
+    with TestClient(create_app(gated, ServeSettings(max_batch=1, max_queue=2))) as client:
+        gate.clear()
+        with ThreadPoolExecutor(2) as pool:
+            admitted = [pool.submit(client.post, "/v1/predict", content=image) for _ in range(2)]
+            deadline = time.monotonic() + 30
+            while "flawmap_queue_depth 2" not in client.get("/metrics").text:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            start = time.monotonic()
+            refused = client.post("/v1/predict", content=image)
+            assert time.monotonic() - start < 5
+            assert refused.status_code == 503 and refused.headers["Retry-After"] == "1" and "busy" in refused.json()["error"]
+            gate.set()
+            assert [future.result().status_code for future in admitted] == [200, 200]
+        assert client.post("/v1/predict", content=image).status_code == 200
+
+
+def test_runtime_must_fit_the_model_path(tiny_model_dir, tmp_path):
+    with pytest.raises(FlawmapError, match="is a model directory; --runtime onnx serves an exported file"):
+        load_served_model(tiny_model_dir, "onnx")
+    with pytest.raises(FlawmapError, match="no such model directory"):
+        load_served_model(tmp_path / "absent")
+
+
+# ---------------------------------------------------------------- a real server process
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def resident_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@contextmanager
+def running_server(model: Path, *flags: str, command_prefix: tuple[str, ...] = (sys.executable,), env=None):
+    """``flawmap serve MODEL`` on a free loopback port; yields its base URL and process once ready."""
+    port = free_port()
+    command = [*command_prefix, "-m", "flawmap.cli", "serve", str(model), "--port", str(port), "--log-level", "warning", *flags]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            assert time.monotonic() < deadline, "the server did not get ready"
+            try:
+                if httpx.get(f"{url}/v1/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        yield url, process
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_load_real_server(tiny_model_dir, test_images, reference):
+    """600 good requests from 12 clients with 50 bad ones among them: no 5xx but deliberate 503s,
+    every answer equal to model.predict, bounded memory."""
+    bad = list(bad_requests().values())
+    jobs = [("good", test_images[index % len(test_images)]) for index in range(N_GOOD)]
+    for index in range(N_BAD):
+        jobs.insert(index * (N_GOOD // N_BAD), ("bad", bad[index % len(bad)]))
+    contents = {path: path.read_bytes() for path in test_images}
+
+    def send(client: httpx.Client, job) -> tuple:
+        kind, item = job
+        if kind == "bad":
+            return job, client.post("/v1/predict", **item[1])
+        for _ in range(100):
+            response = client.post("/v1/predict", content=contents[item], headers={"Content-Type": "image/png"})
+            if response.status_code != 503:
+                return job, response
+            time.sleep(float(response.headers["Retry-After"]) / 10)
+        return job, response
+
+    def run_client(share: list) -> list:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            return [send(client, job) for job in share]
+
+    flags = ("--precision", "float32", "--max-upload-mb", str(UPLOAD_LIMIT_MB), "--max-batch", "16")
+    with running_server(tiny_model_dir, *flags) as (url, process):
+        before = resident_mb(process.pid)
+        with ThreadPoolExecutor(N_CLIENTS) as pool:
+            results = [result for share in pool.map(run_client, [jobs[i::N_CLIENTS] for i in range(N_CLIENTS)]) for result in share]
+        after = resident_mb(process.pid)
+        metrics = httpx.get(f"{url}/metrics").text
+    assert len(results) == N_GOOD + N_BAD
+    for (kind, item), response in results:
+        if kind == "bad":
+            assert response.status_code == item[0], response.text
+            continue
+        assert response.status_code == 200, response.text
+        answer, expected = response.json(), reference[item]
+        assert answer["score"] == pytest.approx(expected.score, rel=1e-4)
+        assert answer["is_anomalous"] == expected.is_anomalous
+    assert after - before < 100, f"resident memory grew from {before:.0f} MB to {after:.0f} MB"
+    assert f'flawmap_requests_total{{route="/v1/predict",status="200"}} {N_GOOD}' in metrics
+    batch_count = int(next(line for line in metrics.splitlines() if line.startswith("flawmap_batch_size_count")).split()[1])
+    assert batch_count < N_GOOD  # concurrent requests were batched
+
+
+def test_onnx_server_without_torch(tiny_onnx, test_images, tmp_path):
+    """``--runtime onnx`` where torch cannot be imported; answers equal the exported model's predict."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocked_packages_path(tmp_path)), os.environ.get("PYTHONPATH", "")])}
+    expected = flawmap.load(tiny_onnx).predict(test_images[:4])
+    with running_server(tiny_onnx, "--runtime", "onnx", env=env) as (url, _):
+        card = httpx.get(f"{url}/v1/model").json()
+        answers = [httpx.post(f"{url}/v1/predict", content=path.read_bytes()).json() for path in test_images[:4]]
+    assert card["runtime"] == "onnx" and card["model_hash"] == flawmap.load(tiny_onnx).metadata["source_sha256"]
+    for answer, prediction in zip(answers, expected, strict=True):
+        assert answer["score"] == pytest.approx(prediction.score, rel=1e-5)
