@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         _add_torch_commands(commands)
     _add_serve_command(commands)
+    _add_report_command(commands)
     return parser
 
 
@@ -130,6 +131,7 @@ def _add_prediction_commands(commands) -> None:
     evaluate.add_argument("data", type=Path, metavar="DATA_DIR")
     evaluate.add_argument("--json", type=Path, metavar="FILE", help="write the metrics as JSON")
     evaluate.add_argument("--maps-dir", type=Path, metavar="DIR", help="write each anomaly map (.npy) and scores.json")
+    evaluate.add_argument("--report", type=Path, metavar="DIR", help="also write the HTML report (DIR/index.html)")
     _add_runtime_flags(evaluate)
 
     predict = _command(commands, "predict", "score images and write heat-map overlays", run_predict)
@@ -137,6 +139,7 @@ def _add_prediction_commands(commands) -> None:
     predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE_OR_DIR")
     predict.add_argument("--out", required=True, type=Path, metavar="DIR", help="overlays and scores.jsonl go here")
     predict.add_argument("--skip-invalid", action="store_true", help="skip unreadable images with a warning")
+    predict.add_argument("--report", type=Path, metavar="DIR", help="also write the HTML report (DIR/index.html)")
     _add_runtime_flags(predict)
 
 
@@ -304,6 +307,10 @@ def run_evaluate(args: argparse.Namespace) -> None:
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    if args.report is not None:
+        from flawmap.data import open_dataset
+
+        _write_report(model, open_dataset(args.data), args.report, metrics=result)
 
 
 def run_predict(args: argparse.Namespace) -> None:
@@ -324,6 +331,8 @@ def run_predict(args: argparse.Namespace) -> None:
             n_scored += 1
             n_anomalous += prediction.is_anomalous
     print(f"scored {n_scored} images, {n_anomalous} anomalous; overlays and scores.jsonl in {args.out}")
+    if args.report is not None:
+        _write_report(model, samples_from_paths(args.images), args.report, skip_invalid=args.skip_invalid)
 
 
 def run_export(args: argparse.Namespace) -> None:
@@ -451,6 +460,33 @@ def run_serve(args: argparse.Namespace) -> None:
         f"(docs: /docs); Ctrl+C stops", flush=True,
     )
     serve(served, settings, host=args.host, port=args.port, log_level=args.log_level)
+
+
+# ---------------------------------------------------------------- report
+def _add_report_command(commands) -> None:
+    """``report``: with torch or without (an exported .onnx model needs only onnxruntime)."""
+    report = _command(commands, "report", "score a dataset's test images and write an HTML report", run_report)
+    report.add_argument("model", type=Path, metavar="MODEL", help="a model directory, or an exported .onnx file")
+    report.add_argument("data", type=Path, metavar="DATA_DIR", help="a dataset (its labelled test split) or a folder of images")
+    report.add_argument("--out", required=True, type=Path, metavar="DIR", help="DIR/index.html and its pictures go here")
+    _add_runtime_flags(report)
+
+
+def run_report(args: argparse.Namespace) -> None:
+    from flawmap.data import open_dataset, samples_from_paths
+
+    model = load(args.model, **dataclasses.asdict(_runtime(args)))
+    dataset = open_dataset(args.data)
+    _write_report(model, dataset if dataset.test else samples_from_paths([args.data]), args.out)
+
+
+def _write_report(model: Any, data: Any, out: Path, **options: Any) -> Path:
+    """Write the HTML report of ``model`` on ``data`` (a Dataset or samples) and print where it is."""
+    from flawmap.html_report import write_report
+
+    path = write_report(model, data, out, **options)
+    print(f"report: {path}")
+    return path
 
 
 #: Commands that need torch, and what they do without it.

@@ -204,6 +204,36 @@ def image_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     }
 
 
+def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ROC curve whose area :func:`auroc` is: one point per distinct score, from (0, 0).
+
+    ``scores`` and ``labels`` are as in :func:`auroc`.
+
+    Returns
+    -------
+    (fpr, tpr) : tuple of ndarray of shape (n_thresholds + 1,)
+        False- and true-positive rates, non-decreasing, starting at 0 and ending at 1.
+    """
+    ranking = _rank_labelled(scores, labels)
+    fpr = ranking.false_positives / ranking.n_normal
+    tpr = ranking.true_positives / ranking.n_anomalous
+    return np.concatenate(([0.0], fpr)), np.concatenate(([0.0], tpr))
+
+
+def pro_curve(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The per-region-overlap curve that :func:`aupro` integrates, over all false-positive rates.
+
+    ``maps`` and ``masks`` are as in :func:`aupro`.
+
+    Returns
+    -------
+    (fpr, pro) : tuple of ndarray of shape (n_thresholds + 1,)
+        Pixel false-positive rate and mean region overlap at every distinct pixel score, from (0, 0).
+    """
+    pixels = _flatten_pixels(maps, masks)
+    return _pro_points(_rank(pixels.scores, pixels.anomalous_scores, unit="pixels"), pixels)
+
+
 def _auroc(ranking: _Ranking) -> float:
     """Trapezoid area under the ROC curve through (FP_k / N, TP_k / P), from (0, 0).
 
@@ -236,12 +266,16 @@ def _aupro(ranking: _Ranking, pixels: _PixelScores, fpr_limit: float) -> float:
     PRO(t_k) = sum of the weights w = 1 / (n_regions * region size) of the anomalous pixels with
     score >= t_k, and those are exactly the first TP_k anomalous pixels in descending score order.
     """
+    return _area_up_to(*_pro_points(ranking, pixels), fpr_limit) / fpr_limit
+
+
+def _pro_points(ranking: _Ranking, pixels: _PixelScores) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, PRO) at every threshold of ``ranking``, from (0, 0); see :func:`_aupro`."""
     descending = np.argsort(pixels.anomalous_scores)[::-1]
     pro_of_first = np.concatenate(([0.0], np.cumsum(pixels.anomalous_weights[descending])))
     pro = pro_of_first[ranking.true_positives]
     fpr = ranking.false_positives / ranking.n_normal
-    area = _area_up_to(np.concatenate(([0.0], fpr)), np.concatenate(([0.0], pro)), fpr_limit)
-    return area / fpr_limit
+    return np.concatenate(([0.0], fpr)), np.concatenate(([0.0], pro))
 
 
 def _area_up_to(x: np.ndarray, y: np.ndarray, x_limit: float) -> float:

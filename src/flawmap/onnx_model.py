@@ -28,6 +28,7 @@ original size and the threshold are the same code as for torch models.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,10 @@ class OnnxModel(Predictor):
             self._session = _open_session(self.path, runtime.device)
         self.runtime = runtime
         return self
+
+    def get_params(self) -> dict[str, Any]:
+        """The hyper-parameters of the model it was exported from."""
+        return json.loads(self.metadata["params"])
 
     def score_images(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Images (B, 3, S, S) float32 in [0, 1] to image scores (B,) and maps (B, S, S), float32."""

@@ -93,6 +93,10 @@ class Predictor:
         both float32 numpy."""
         raise NotImplementedError
 
+    def get_params(self) -> dict[str, Any]:
+        """The method's hyper-parameters as a plain dict (JSON values)."""
+        raise NotImplementedError
+
     def _check_is_fitted(self) -> None:
         """Raise FlawmapError unless the model can score (an exported model always can)."""
 

@@ -31,7 +31,6 @@ which name classes imported inside :func:`create_app`.
 import asyncio
 import base64
 import io
-import json
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -108,13 +107,10 @@ class ServedModel:
     source: str
 
     def describe(self) -> dict[str, Any]:
-        if isinstance(self.model, OnnxModel):
-            params, model_version = json.loads(self.model.metadata["params"]), self.model.metadata["flawmap_version"]
-        else:
-            params, model_version = self.model.get_params(), None
+        exported = isinstance(self.model, OnnxModel)
         return {
             "method": self.model.method,
-            "params": params,
+            "params": self.model.get_params(),
             "threshold": self.model.threshold_,
             "image_size": self.model.image_size,
             "model_hash": self.model_hash,
@@ -122,7 +118,7 @@ class ServedModel:
             "device": self.model.runtime.device,
             "source": self.source,
             "flawmap_version": __version__,
-            "exported_with_flawmap": model_version,
+            "exported_with_flawmap": self.model.metadata["flawmap_version"] if exported else None,
         }
 
 
