@@ -3,13 +3,9 @@
 import base64
 import io
 import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -22,7 +18,9 @@ import flawmap
 from conftest import blocked_packages_path
 from flawmap.errors import FlawmapError
 from flawmap.prediction import Predictor
-from flawmap.serve import ServedModel, ServeSettings, anomalous_regions, create_app, load_served_model
+from flawmap.serve import (
+    ServedModel, ServeSettings, anomalous_regions, create_app, load_served_model, metric_values, serve_in_subprocess,
+)
 
 #: Good requests and bad ones in the load test, and its concurrent clients.
 N_GOOD, N_BAD, N_CLIENTS = 600, 50, 12
@@ -194,43 +192,6 @@ def test_runtime_must_fit_the_model_path(tiny_model_dir, tmp_path):
 
 
 # ---------------------------------------------------------------- a real server process
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def resident_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
-
-@contextmanager
-def running_server(model: Path, *flags: str, command_prefix: tuple[str, ...] = (sys.executable,), env=None):
-    """``flawmap serve MODEL`` on a free loopback port; yields its base URL and process once ready."""
-    port = free_port()
-    command = [*command_prefix, "-m", "flawmap.cli", "serve", str(model), "--port", str(port), "--log-level", "warning", *flags]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            assert time.monotonic() < deadline, "the server did not get ready"
-            try:
-                if httpx.get(f"{url}/v1/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        yield url, process
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-
-
 def test_load_real_server(tiny_model_dir, test_images, reference):
     """600 good requests from 12 clients with 50 bad ones among them: no 5xx but deliberate 503s,
     every answer equal to model.predict, bounded memory."""
@@ -256,12 +217,11 @@ def test_load_real_server(tiny_model_dir, test_images, reference):
             return [send(client, job) for job in share]
 
     flags = ("--precision", "float32", "--max-upload-mb", str(UPLOAD_LIMIT_MB), "--max-batch", "16")
-    with running_server(tiny_model_dir, *flags) as (url, process):
-        before = resident_mb(process.pid)
+    with serve_in_subprocess(tiny_model_dir, *flags) as (url, _):
+        before = metric_values(httpx.get(f"{url}/metrics").text)
         with ThreadPoolExecutor(N_CLIENTS) as pool:
             results = [result for share in pool.map(run_client, [jobs[i::N_CLIENTS] for i in range(N_CLIENTS)]) for result in share]
-        after = resident_mb(process.pid)
-        metrics = httpx.get(f"{url}/metrics").text
+        after = metric_values(httpx.get(f"{url}/metrics").text)
     assert len(results) == N_GOOD + N_BAD
     for (kind, item), response in results:
         if kind == "bad":
@@ -271,17 +231,18 @@ def test_load_real_server(tiny_model_dir, test_images, reference):
         answer, expected = response.json(), reference[item]
         assert answer["score"] == pytest.approx(expected.score, rel=1e-4)
         assert answer["is_anomalous"] == expected.is_anomalous
-    assert after - before < 100, f"resident memory grew from {before:.0f} MB to {after:.0f} MB"
-    assert f'flawmap_requests_total{{route="/v1/predict",status="200"}} {N_GOOD}' in metrics
-    batch_count = int(next(line for line in metrics.splitlines() if line.startswith("flawmap_batch_size_count")).split()[1])
-    assert batch_count < N_GOOD  # concurrent requests were batched
+    growth_mb = (after["process_resident_memory_bytes"] - before["process_resident_memory_bytes"]) / 2**20
+    assert growth_mb < 100, f"resident memory grew by {growth_mb:.0f} MB"
+    assert after['flawmap_requests_total{route="/v1/predict",status="200"}'] == N_GOOD
+    assert after["flawmap_batch_size_sum"] - before["flawmap_batch_size_sum"] == N_GOOD
+    assert after["flawmap_batch_size_count"] - before["flawmap_batch_size_count"] < N_GOOD  # concurrent requests were batched
 
 
 def test_onnx_server_without_torch(tiny_onnx, test_images, tmp_path):
     """``--runtime onnx`` where torch cannot be imported; answers equal the exported model's predict."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocked_packages_path(tmp_path)), os.environ.get("PYTHONPATH", "")])}
     expected = flawmap.load(tiny_onnx).predict(test_images[:4])
-    with running_server(tiny_onnx, "--runtime", "onnx", env=env) as (url, _):
+    with serve_in_subprocess(tiny_onnx, "--runtime", "onnx", env=env) as (url, _):
         card = httpx.get(f"{url}/v1/model").json()
         answers = [httpx.post(f"{url}/v1/predict", content=path.read_bytes()).json() for path in test_images[:4]]
     assert card["runtime"] == "onnx" and card["model_hash"] == flawmap.load(tiny_onnx).metadata["source_sha256"]

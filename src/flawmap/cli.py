@@ -376,6 +376,9 @@ def run_demo(args: argparse.Namespace) -> None:
     print()
     print(format_table(rows, ["dataset", "image_auroc", "pixel_auroc", "aupro", "pixel_ap", "predict_ms_per_image"]))
     print(f"\noverlays: {args.out / 'overlays'}   models: {args.out / 'models'}")
+    first = open_dataset(folders[0])
+    model = load(args.out / "models" / first.name, **dataclasses.asdict(_runtime(args)))
+    _write_report(model, first, args.out / "report", metrics=rows[0])
 
 
 def run_benchmark(args: argparse.Namespace) -> None:

@@ -31,13 +31,16 @@ which name classes imported inside :func:`create_app`.
 import asyncio
 import base64
 import io
+import socket
+import subprocess
+import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 import numpy as np
 from PIL import Image
@@ -293,7 +296,28 @@ class ServerMetrics:
             "# TYPE flawmap_queue_depth gauge",
             f"flawmap_queue_depth {queue_depth}",
         ]
+        resident = resident_memory_bytes()
+        if resident is not None:
+            lines += [
+                "# HELP process_resident_memory_bytes Resident memory of the server process.",
+                "# TYPE process_resident_memory_bytes gauge",
+                f"process_resident_memory_bytes {resident}",
+            ]
         return "\n".join(lines) + "\n"
+
+
+def resident_memory_bytes() -> int | None:
+    """This process's resident memory (Linux ``/proc``), or None where that cannot be read."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    return next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:")), None)
+
+
+def metric_values(text: str) -> dict[str, float]:
+    """Prometheus text (as ``/metrics`` writes it) to ``{"name{labels}": value}``."""
+    return {name: float(value) for name, value in (line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))}
 
 
 def anomalous_regions(anomaly_map: np.ndarray, threshold: float) -> list[dict[str, Any]]:
@@ -403,6 +427,44 @@ def serve(served: ServedModel, settings: ServeSettings, host: str = "127.0.0.1",
     # A backstop on open connections (uvicorn answers 503 past it), well above what --max-queue admits.
     connections = 2 * settings.max_queue + settings.max_batch + 16
     uvicorn.run(app, host=host, port=port, log_level=log_level, limit_concurrency=connections, timeout_graceful_shutdown=10)
+
+
+@contextmanager
+def serve_in_subprocess(
+    model: str | Path, *flags: str, env: dict[str, str] | None = None, timeout_s: float = 120.0
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Run ``flawmap serve MODEL *flags`` in a child process on a free loopback port, wait until
+    ``/v1/ready``, and yield its base URL and process; the process is stopped on exit.
+
+    For tests and benchmarks against a real server. Raises FlawmapError (with the server's
+    output) if it exits or is not ready within ``timeout_s``.
+    """
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "flawmap.cli", "serve", str(model), "--port", str(port), "--log-level", "warning", *flags]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not _is_ready(httpx, url):
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise FlawmapError(f"flawmap serve {model} did not get ready: {process.communicate()[0].strip()[-2000:]}")
+            time.sleep(0.2)
+        yield url, process
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _is_ready(httpx, url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/v1/ready", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 # ---------------------------------------------------------------- reading and answering one request
