@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from flawmap.cli import main
-from flawmap.data import open_dataset
+from flawmap.data import make_demo_data, open_dataset
+from flawmap.data.demo import DEFECT_TYPES
 from flawmap.html_report import write_report
 
 #: Runs in the browser after the report (in an iframe) has loaded: which pictures did not load.
@@ -41,7 +42,7 @@ def gallery(page: str) -> list[tuple[str, str, float]]:
 def test_report_shows_metrics_curves_confusion_gallery_and_model_card(report, tiny_model, tiny_dataset):
     page = report.read_text(encoding="utf-8")
     dataset = open_dataset(tiny_dataset)
-    for heading in ("Metrics", "Curves and scores", "At the calibrated threshold", "Gallery", "Model card"):
+    for heading in ("Metrics, and verdicts at the calibrated threshold", "Curves and scores", "Gallery", "Model card"):
         assert f"<h2>{heading}</h2>" in page
     for figure in ("roc", "pro", "histogram"):
         assert f'src="figures/{figure}.png"' in page and (report.parent / "figures" / f"{figure}.png").stat().st_size > 1000
@@ -113,3 +114,12 @@ def test_report_loads_in_a_browser_without_errors(report, tmp_path):
     (damaged / "index.html").write_text(page, encoding="utf-8")
     loaded, console = browser_check(damaged / "index.html", tmp_path / "second")
     assert len(loaded["broken"]) == 1 and len(console) == 1
+
+
+def test_demo_ends_with_the_report(capsys, tmp_path):
+    make_demo_data(tmp_path / "data", categories=("brick",), image_size=64, n_train=4, n_test_good=2, n_test_defect=1)
+    assert main(["demo", "--out", str(tmp_path), "--batch-size", "8"]) == 0
+    report = tmp_path / "report" / "index.html"
+    assert capsys.readouterr().out.rstrip().endswith(f"report: {report}")
+    page = report.read_text(encoding="utf-8")
+    assert "flawmap report: brick" in page and len(gallery(page)) == 2 + len(DEFECT_TYPES)

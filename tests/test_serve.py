@@ -3,8 +3,10 @@
 import base64
 import io
 import os
+import struct
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -110,7 +112,17 @@ def bad_requests() -> dict[str, tuple[int, dict]]:
         "gif as bytes": (415, {"content": gif}),
         "oversized": (413, {"content": OVERSIZED, "headers": {"Content-Type": "image/png"}}),
         "form without file": (400, {"files": {"name": (None, "just a field")}}),
+        "huge dimensions": (413, {"content": png_header_claiming(8000, 6000)}),
+        "decompression bomb": (400, {"content": png_header_claiming(30000, 30000)}),
     }
+
+
+def png_header_claiming(width: int, height: int) -> bytes:
+    """A small PNG whose header says it is ``width x height`` (its pixel data is for 8 x 8)."""
+    data = bytearray(png_bytes(np.zeros((8, 8, 3), dtype=np.uint8)))
+    data[16:24] = struct.pack(">II", width, height)  # the IHDR chunk's data starts at byte 16
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
 
 
 @pytest.mark.parametrize("name", list(bad_requests()))
@@ -147,6 +159,35 @@ def test_not_ready_before_the_model_is_warmed_up(served, test_images):
     assert client.get("/v1/ready").status_code == 503
     response = client.post("/v1/predict", content=test_images[0].read_bytes())
     assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+
+
+class WhiteFailingModel(Predictor):
+    """A model that fails every pass holding an all-white image."""
+
+    def __init__(self, inner: Predictor) -> None:
+        self.inner = inner
+        self.method, self.image_size, self.runtime = inner.method, inner.image_size, inner.runtime
+        self.threshold_, self.map_low_, self.map_high_ = inner.threshold_, inner.map_low_, inner.map_high_
+
+    def score_images(self, images):
+        if (images.reshape(len(images), -1).min(axis=1) == 1.0).any():
+            raise RuntimeError("cannot score a white image")
+        return self.inner.score_images(images)
+
+
+def test_a_model_failure_fails_only_its_own_request(served, test_images, reference):
+    failing = ServedModel(WhiteFailingModel(served.model), "torch", "0" * 64, "failing")
+    white = png_bytes(np.full((32, 32, 3), 255, dtype=np.uint8))
+    bodies = [test_images[0].read_bytes(), white, test_images[1].read_bytes(), test_images[2].read_bytes()]
+    with TestClient(create_app(failing, ServeSettings(max_wait_ms=300))) as client:
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            responses = list(pool.map(lambda body: client.post("/v1/predict", content=body), bodies))
+        batches = metric_values(client.get("/metrics").text)
+    assert [response.status_code for response in responses] == [200, 500, 200, 200]
+    assert responses[1].json()["error"] == "the model failed on this image: cannot score a white image"
+    for response, path in zip([responses[0], *responses[2:]], test_images[:3]):
+        assert response.json()["score"] == pytest.approx(reference[path].score, rel=1e-4)
+    assert batches["flawmap_batch_size_sum"] > len(bodies) + 1  # the warm-up, a failed batch, then one by one
 
 
 class GatedModel(Predictor):

@@ -112,8 +112,8 @@ def write_report(
     figures = _draw_figures(model.threshold_, scores, labels if labelled else None, maps, masks, metrics, out / "figures")
     sections = [
         _summary(model, items, metrics),
+        _metrics_section(items, metrics) if labelled else "",
         _figures_section(figures),
-        _confusion_section(items) if labelled else "",
         _gallery_section(model.threshold_, items),
         _model_card(model),
     ]
@@ -137,7 +137,7 @@ def _score_and_draw(
     with tempfile.TemporaryDirectory(prefix="flawmap-report-") as scratch:
         for index, (prediction, mask) in enumerate(model.iter_predictions(samples, load_masks=labelled, skip_invalid=skip_invalid)):
             stem = f"{index:04d}_{prediction.sample.image_path.stem}"
-            panel = _panel_picture(model, prediction, Path(scratch) / "panel.png", out / "images" / f"{stem}_overlay.jpg")
+            panel = _panel_picture(model, prediction, Path(scratch) / "panel.bmp", out / "images" / f"{stem}_overlay.jpg")
             truth = None
             if labelled and mask is not None:
                 truth = _truth_picture(prediction.sample.image_path, mask, out / "images" / f"{stem}_truth.jpg")
@@ -148,7 +148,8 @@ def _score_and_draw(
 
 
 def _panel_picture(model: Predictor, prediction: Prediction, scratch: Path, target: Path) -> str:
-    """``flawmap predict``'s overlay picture of ``prediction``, shrunk to PANEL_SIDE as a JPEG."""
+    """``flawmap predict``'s overlay picture of ``prediction``, shrunk to PANEL_SIDE as a JPEG
+    (drawn into an uncompressed ``scratch`` file first: quicker than a PNG)."""
     write_overlay(model, prediction, scratch)
     with Image.open(scratch) as picture:
         _save_small(picture.convert("RGB"), target, PANEL_SIDE)
@@ -242,7 +243,7 @@ def _thinned(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 # ---------------------------------------------------------------- page sections
 def _summary(model: Predictor, items: list[GalleryItem], metrics: dict[str, Any] | None) -> str:
-    """Headline numbers, and the metrics table for labelled data."""
+    """Headline numbers."""
     outcomes = [item.outcome for item in items]
     if metrics is None:
         tiles = [("images", len(items)), ("flagged anomalous", outcomes.count("anomalous")), ("threshold", f"{model.threshold_:.4g}")]
@@ -255,8 +256,7 @@ def _summary(model: Predictor, items: list[GalleryItem], metrics: dict[str, Any]
         ("defects missed", f"{outcomes.count('missed')} / {n_defective}"),
         ("false alarms", f"{outcomes.count('false alarm')} / {len(items) - n_defective}"),
     ]
-    rows = "".join(f"<tr><th>{_escape(key)}</th><td>{_escape(_number(value))}</td></tr>" for key, value in metrics.items())
-    return _tiles(tiles) + f'<section><h2>Metrics</h2><table class="metrics">{rows}</table></section>'
+    return _tiles(tiles)
 
 
 def _tiles(tiles: list[tuple[str, Any]]) -> str:
@@ -272,8 +272,11 @@ def _figures_section(figures: list[tuple[str, str]]) -> str:
     return f'<section><h2>Curves and scores</h2><div class="plots">{cells}</div></section>'
 
 
-def _confusion_section(items: list[GalleryItem]) -> str:
-    """The confusion table at the calibrated threshold, and detections per defect type."""
+def _metrics_section(items: list[GalleryItem], metrics: dict[str, Any]) -> str:
+    """The metrics table, the confusion table at the calibrated threshold, and detections per defect type."""
+    rows = "".join(f"<tr><th>{_escape(key)}</th><td>{_escape(_number(value))}</td></tr>" for key, value in metrics.items())
+    metrics_table = f'<table class="metrics"><tr><th colspan="2">metrics</th></tr>{rows}</table>'
+
     count = {outcome: sum(item.outcome == outcome for item in items) for outcome in ("correct", "false alarm", "missed", "detected")}
     n_normal, n_defective = count["correct"] + count["false alarm"], count["missed"] + count["detected"]
     confusion = (
@@ -292,7 +295,7 @@ def _confusion_section(items: list[GalleryItem]) -> str:
             f"<td>{np.median(scores):.4g}</td><td>{max(scores):.4g}</td></tr>"
         )
     per_type.append("</table>")
-    return f'<section><h2>At the calibrated threshold</h2><div class="pair">{confusion}{"".join(per_type)}</div></section>'
+    return f'<section><h2>Metrics, and verdicts at the calibrated threshold</h2><div class="pair">{metrics_table}{confusion}{"".join(per_type)}</div></section>'
 
 
 def _gallery_section(threshold: float, items: list[GalleryItem]) -> str:
@@ -389,9 +392,9 @@ td { font-variant-numeric: tabular-nums; }
 .confusion td.ok { background: #e3f4e6; font-weight: 600; }
 .confusion td.bad { background: #fbe4e2; font-weight: 600; }
 .pair { display: flex; gap: 24px; flex-wrap: wrap; align-items: flex-start; }
-.plots { display: flex; gap: 16px; flex-wrap: wrap; }
+.plots { display: grid; grid-template-columns: repeat(auto-fit, minmax(300px, 460px)); gap: 16px; }
 .plot { margin: 0; background: #fff; padding: 8px; border-radius: 8px; box-shadow: 0 1px 2px rgba(0,0,0,.08); }
-.plot img { display: block; width: 460px; max-width: 100%; }
+.plot img { display: block; width: 100%; }
 .plot figcaption, .note { font-size: 13px; color: #5b6475; }
 .gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(460px, 1fr)); gap: 14px; }
 .card { margin: 0; background: #fff; border-radius: 8px; padding: 8px; border-left: 6px solid #9aa3b2; box-shadow: 0 1px 2px rgba(0,0,0,.08); }

@@ -62,6 +62,8 @@ GENERIC_CONTENT_TYPES = ("", "application/octet-stream", "image/x-ms-bmp", "imag
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 #: Upper bounds of the batch size histogram's buckets.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+#: Largest image accepted, in pixels (decoded, it takes 3 bytes a pixel and more while resized).
+MAX_IMAGE_PIXELS = 40_000_000
 #: Seconds a client is asked to wait after a 503.
 RETRY_AFTER_S = 1
 RUNTIMES = ("torch", "onnx")
@@ -218,18 +220,23 @@ class MicroBatcher:
 
     async def _serve_batches(self) -> None:
         while True:
-            batch = await self._next_batch()
-            self._observe_batch(len(batch))
-            try:
-                predictions = await self.run_in_worker(self.model.predict, [waiting.image for waiting in batch])
-            except Exception as error:  # a failed pass fails its requests (500), not the server
+            await self._score(await self._next_batch())
+
+    async def _score(self, batch: list[_Waiting]) -> None:
+        """One model pass for ``batch``; if it fails, each image alone, so only a culprit fails."""
+        self._observe_batch(len(batch))
+        try:
+            predictions = await self.run_in_worker(self.model.predict, [waiting.image for waiting in batch])
+        except Exception as error:  # the model's own failure: its request gets a 500, the server goes on
+            if len(batch) > 1:
                 for waiting in batch:
-                    if not waiting.result.done():
-                        waiting.result.set_exception(error)
-                continue
-            for waiting, prediction in zip(batch, predictions):
-                if not waiting.result.done():  # its client may have gone
-                    waiting.result.set_result(prediction)
+                    await self._score([waiting])
+            elif not batch[0].result.done():
+                batch[0].result.set_exception(error)
+            return
+        for waiting, prediction in zip(batch, predictions):
+            if not waiting.result.done():  # its client may have gone
+                waiting.result.set_result(prediction)
 
     async def _next_batch(self) -> list[_Waiting]:
         """The first waiting image, and whatever else arrives within ``max_wait_ms``, up to ``max_batch``."""
@@ -392,7 +399,10 @@ def create_app(served: ServedModel, settings: ServeSettings = ServeSettings()):
         async with batcher.slot():
             data, content_type = await _read_image_bytes(request, settings.max_upload_bytes)
             image = await asyncio.to_thread(_decode_upload, data, content_type)
-            prediction = await batcher.predict(image)
+            try:
+                prediction = await batcher.predict(image)
+            except Exception as error:
+                raise RequestError(500, f"the model failed on this image: {error}") from None
             answer = await asyncio.to_thread(_answer, served, prediction, map == "png")
         latency = time.perf_counter() - start
         metrics.latency.observe(latency)
@@ -537,11 +547,13 @@ def _decode_upload(data: bytes, content_type: str) -> np.ndarray:
         raise RequestError(415, f"unsupported content type {content_type!r}; send {', '.join(IMAGE_FORMATS.values())}")
     try:
         with Image.open(io.BytesIO(data)) as header:
-            image_format = header.format
+            image_format, (width, height) = header.format, header.size
     except Exception:  # Pillow's errors for bytes it cannot read; decoding below names them
         image_format = None
     if image_format is not None and image_format not in IMAGE_FORMATS:
         raise RequestError(415, f"unsupported image format {image_format}; send {', '.join(IMAGE_FORMATS)}")
+    if image_format is not None and width * height > MAX_IMAGE_PIXELS:
+        raise RequestError(413, f"a {width} x {height} image is over the limit of {MAX_IMAGE_PIXELS / 1e6:g} megapixels")
     try:
         return decode_image(data, "upload")
     except FlawmapError as error:
