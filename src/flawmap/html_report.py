@@ -276,7 +276,6 @@ def _metrics_section(items: list[GalleryItem], metrics: dict[str, Any]) -> str:
     """The metrics table, the confusion table at the calibrated threshold, and detections per defect type."""
     rows = "".join(f"<tr><th>{_escape(key)}</th><td>{_escape(_number(value))}</td></tr>" for key, value in metrics.items())
     metrics_table = f'<table class="metrics"><tr><th colspan="2">metrics</th></tr>{rows}</table>'
-
     count = {outcome: sum(item.outcome == outcome for item in items) for outcome in ("correct", "false alarm", "missed", "detected")}
     n_normal, n_defective = count["correct"] + count["false alarm"], count["missed"] + count["detected"]
     confusion = (
@@ -295,7 +294,8 @@ def _metrics_section(items: list[GalleryItem], metrics: dict[str, Any]) -> str:
             f"<td>{np.median(scores):.4g}</td><td>{max(scores):.4g}</td></tr>"
         )
     per_type.append("</table>")
-    return f'<section><h2>Metrics, and verdicts at the calibrated threshold</h2><div class="pair">{metrics_table}{confusion}{"".join(per_type)}</div></section>'
+    verdicts = f'<div class="stack">{confusion}{"".join(per_type)}</div>'
+    return f'<section><h2>Metrics, and verdicts at the calibrated threshold</h2><div class="pair">{metrics_table}{verdicts}</div></section>'
 
 
 def _gallery_section(threshold: float, items: list[GalleryItem]) -> str:
@@ -392,7 +392,8 @@ td { font-variant-numeric: tabular-nums; }
 .confusion td.ok { background: #e3f4e6; font-weight: 600; }
 .confusion td.bad { background: #fbe4e2; font-weight: 600; }
 .pair { display: flex; gap: 24px; flex-wrap: wrap; align-items: flex-start; }
-.plots { display: grid; grid-template-columns: repeat(auto-fit, minmax(300px, 460px)); gap: 16px; }
+.stack { display: flex; flex-direction: column; gap: 16px; }
+.plots { display: grid; grid-template-columns: repeat(auto-fit, minmax(320px, 1fr)); gap: 16px; max-width: 1500px; }
 .plot { margin: 0; background: #fff; padding: 8px; border-radius: 8px; box-shadow: 0 1px 2px rgba(0,0,0,.08); }
 .plot img { display: block; width: 100%; }
 .plot figcaption, .note { font-size: 13px; color: #5b6475; }
