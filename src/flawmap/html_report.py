@@ -80,7 +80,6 @@ def write_report(
     out_dir: str | Path,
     *,
     metrics: dict[str, Any] | None = None,
-    title: str | None = None,
     skip_invalid: bool = False,
 ) -> Path:
     """Score ``data`` with ``model`` and write ``out_dir/index.html``; returns its path.
@@ -91,8 +90,6 @@ def write_report(
     data : Dataset (its labelled test split is scored) or a sequence of unlabelled samples
     metrics : dict, optional
         The ``evaluate`` result to show; None computes the image and pixel metrics from this pass.
-    title : str, optional
-        The page title (default: the dataset's name).
     skip_invalid : bool
         Leave out unreadable images with a warning instead of stopping.
     """
@@ -103,12 +100,14 @@ def write_report(
         raise FlawmapError(f"{data.root if labelled else out}: no test images to report on")
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "figures").mkdir(exist_ok=True)
+    for previous in [*out.glob("images/[0-9][0-9][0-9][0-9]_*.jpg"), *out.glob("figures/*.png")]:
+        previous.unlink()  # an earlier report's pictures
     start = time.perf_counter()
     items, maps, masks = _score_and_draw(model, samples, labelled, skip_invalid, out)
     scores = np.array([item.score for item in items])
     labels = np.array([item.sample.is_anomalous for item in items])
     if labelled and metrics is None:
-        metrics = {**image_metrics(scores, labels), **pixel_metrics(maps, masks), "n_images": len(items)}
+        metrics = {**image_metrics(scores, labels), **(pixel_metrics(maps, masks) if masks else {}), "n_images": len(items)}
     figures = _draw_figures(model.threshold_, scores, labels if labelled else None, maps, masks, metrics, out / "figures")
     sections = [
         _summary(model, items, metrics),
@@ -117,7 +116,7 @@ def write_report(
         _gallery_section(model.threshold_, items),
         _model_card(model),
     ]
-    name = title or (data.name if labelled else "images")
+    name = data.name if labelled else samples[0].image_path.parent.name
     subtitle = (
         f"{model.method} model on {len(items)} {'test ' if labelled else ''}images · written "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by flawmap {__version__} in {time.perf_counter() - start:.0f} s"
