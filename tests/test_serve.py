@@ -289,3 +289,4 @@ def test_onnx_server_without_torch(tiny_onnx, test_images, tmp_path):
     assert card["runtime"] == "onnx" and card["model_hash"] == flawmap.load(tiny_onnx).metadata["source_sha256"]
     for answer, prediction in zip(answers, expected, strict=True):
         assert answer["score"] == pytest.approx(prediction.score, rel=1e-5)
+

@@ -34,6 +34,7 @@ import io
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -455,19 +456,22 @@ def serve_in_subprocess(
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "flawmap.cli", "serve", str(model), "--port", str(port), "--log-level", "warning", *flags]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout_s
-        while not _is_ready(httpx, url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise FlawmapError(f"flawmap serve {model} did not get ready: {process.communicate()[0].strip()[-2000:]}")
-            time.sleep(0.2)
-        yield url, process
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    with tempfile.TemporaryFile("w+") as output:  # a file, not a pipe: a full pipe would stall the server
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, text=True, env=env)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + timeout_s
+            while not _is_ready(httpx, url):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    process.kill()
+                    process.wait()
+                    output.seek(0)
+                    raise FlawmapError(f"flawmap serve {model} did not get ready: {output.read().strip()[-2000:]}")
+                time.sleep(0.2)
+            yield url, process
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
 
 
 def _is_ready(httpx, url: str) -> bool:
