@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 from flawmap._version import __version__
 from flawmap.errors import FlawmapError
-from flawmap.loading import load, missing_torch_error
+from flawmap.loading import RUNTIMES, load, missing_torch_error
 from flawmap.onnx_model import INPUT_DTYPES, STORAGE_PRECISIONS
 from flawmap.runtime import PRECISIONS, Runtime
 
@@ -87,7 +87,10 @@ def _add_torch_commands(commands) -> None:
 
     export = _command(commands, "export", "write a fitted model as one ONNX graph (images -> maps, scores)", run_export)
     export.add_argument("model", type=Path, metavar="MODEL_DIR")
-    export.add_argument("--out", required=True, type=Path, metavar="FILE", help="the .onnx file to write")
+    export.add_argument(
+        "--out", type=Path, metavar="FILE",
+        help="the .onnx file to write (default MODEL_DIR/model.onnx, which --runtime onnx runs)",
+    )
     export.add_argument("--opset", type=int, default=None, metavar="INT", help="ONNX opset, at least 18 (default: the exporter's)")
     export.add_argument(
         "--batch", type=_parse_batch, default="dynamic", metavar="dynamic|INT",
@@ -124,11 +127,16 @@ def _add_torch_commands(commands) -> None:
 def _add_prediction_commands(commands) -> None:
     """``evaluate`` and ``predict``: with torch or without, for model directories or .onnx files."""
     model_help = "a model directory, or an exported .onnx file (runs with onnxruntime, no torch needed)"
+    runtime_help = (
+        "torch or onnx (onnxruntime: the .onnx file, or MODEL/model.onnx written by `flawmap export MODEL`); "
+        "default auto: torch for a model directory, onnx for a .onnx file"
+    )
     evaluate = _command(commands, "evaluate", "compute metrics of a model on a dataset's test split", run_evaluate)
     evaluate.add_argument("model", type=Path, metavar="MODEL", help=model_help)
     evaluate.add_argument("data", type=Path, metavar="DATA_DIR")
     evaluate.add_argument("--json", type=Path, metavar="FILE", help="write the metrics as JSON")
     evaluate.add_argument("--maps-dir", type=Path, metavar="DIR", help="write each anomaly map (.npy) and scores.json")
+    evaluate.add_argument("--runtime", default="auto", choices=RUNTIMES, help=runtime_help)
     _add_runtime_flags(evaluate)
 
     predict = _command(commands, "predict", "score images and write heat-map overlays", run_predict)
@@ -136,6 +144,7 @@ def _add_prediction_commands(commands) -> None:
     predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE_OR_DIR")
     predict.add_argument("--out", required=True, type=Path, metavar="DIR", help="overlays and scores.jsonl go here")
     predict.add_argument("--skip-invalid", action="store_true", help="skip unreadable images with a warning")
+    predict.add_argument("--runtime", default="auto", choices=RUNTIMES, help=runtime_help)
     _add_runtime_flags(predict)
 
 
@@ -297,7 +306,7 @@ def _update(args: argparse.Namespace, data: Any) -> AnomalyModel:
 def run_evaluate(args: argparse.Namespace) -> None:
     from flawmap.evaluate import evaluate
 
-    model = load(args.model, **dataclasses.asdict(_runtime(args)))
+    model = load(args.model, runtime=args.runtime, **dataclasses.asdict(_runtime(args)))
     result = evaluate(model, args.data, maps_dir=args.maps_dir)
     print(format_metrics(result))
     if args.json is not None:
@@ -309,7 +318,7 @@ def run_predict(args: argparse.Namespace) -> None:
     from flawmap.data import samples_from_paths
     from flawmap.report import write_overlay
 
-    model = load(args.model, **dataclasses.asdict(_runtime(args)))
+    model = load(args.model, runtime=args.runtime, **dataclasses.asdict(_runtime(args)))
     args.out.mkdir(parents=True, exist_ok=True)
     n_scored = n_anomalous = 0
     with open(args.out / "scores.jsonl", "w", encoding="utf-8") as lines:
