@@ -9,8 +9,9 @@ def test_local_average_interior_and_border():
     assert averaged.shape == feature_map.shape
     # interior position (1, 1): mean of rows 0-2, cols 0-2
     assert averaged[0, 0, 1, 1] == feature_map[0, 0, 0:3, 0:3].mean()
-    # corner (0, 0): only the 4 existing neighbours count
-    assert averaged[0, 0, 0, 0] == feature_map[0, 0, 0:2, 0:2].mean()
+    # corner (0, 0) and edge (0, 1): the zero padding counts, so 4 and 6 real neighbours over 9
+    assert averaged[0, 0, 0, 0] == feature_map[0, 0, 0:2, 0:2].sum() / 9
+    assert averaged[0, 0, 0, 1] == feature_map[0, 0, 0:2, 0:3].sum() / 9
     assert torch.equal(local_average(feature_map, 1), feature_map)
 
 

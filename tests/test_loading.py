@@ -4,6 +4,7 @@ with the scores of the torch model, while the commands that need torch say which
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -35,6 +36,19 @@ def test_predict_without_torch_gives_the_torch_scores(bottle_export, bottle_test
     for record, expected in zip(records, reference, strict=True):
         assert record["score"] == pytest.approx(expected.score, rel=1e-4)
         assert record["is_anomalous"] == expected.is_anomalous
+
+
+def test_model_directory_runs_its_export_without_torch(tiny_model_dir, tiny_onnx, tiny_dataset, tmp_path):
+    model_dir = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    shutil.copy(tiny_onnx, model_dir / "model.onnx")  # exported from these very files
+    images = sorted(str(path) for path in (tiny_dataset / "test").rglob("*.png"))[:3]
+    out = tmp_path / "predictions"
+    command = ["-m", "flawmap.cli", "predict", str(model_dir), *images, "--out", str(out), "--runtime", "onnx"]
+    result = run_without_torch(tmp_path, *command)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    expected = load_model(tiny_model_dir, precision="float32").predict(images)
+    assert [record["score"] for record in records] == pytest.approx([item.score for item in expected], rel=1e-4)
 
 
 def test_python_api_without_torch(tiny_onnx, tiny_dataset, tmp_path):

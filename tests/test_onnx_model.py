@@ -1,11 +1,14 @@
 """Exported models under onnxruntime: what is refused on loading and scoring, and the runtime."""
 
+import shutil
+
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
 
 import flawmap
+from flawmap.cli import main
 from flawmap.errors import FlawmapError
 from flawmap.onnx_model import OnnxModel, load_onnx
 
@@ -25,6 +28,26 @@ def test_load_dispatches_on_file_or_directory(tiny_onnx, tiny_model_dir, tmp_pat
     assert isinstance(flawmap.load(tiny_model_dir), flawmap.AnomalyModel)
     with pytest.raises(FlawmapError, match="no such model directory or .onnx file"):
         flawmap.load(tmp_path / "absent.onnx")
+
+
+def test_runtime_onnx_runs_the_export_of_the_directorys_present_content(tiny_model_dir, tmp_path):
+    model_dir = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    with pytest.raises(FlawmapError, match=r"no model.onnx to run with onnxruntime; write it with: flawmap export"):
+        flawmap.load(model_dir, runtime="onnx")
+    assert main(["export", str(model_dir)]) == 0  # default --out: MODEL_DIR/model.onnx
+    assert isinstance(flawmap.load(model_dir, runtime="onnx"), OnnxModel)
+    assert isinstance(flawmap.load(model_dir, runtime="torch"), flawmap.AnomalyModel)
+    config = model_dir / "config.json"
+    config.write_text(config.read_text() + " ")  # the directory changed after the export (a refit, an update)
+    with pytest.raises(FlawmapError, match="exported from an earlier state .* export it again"):
+        flawmap.load(model_dir, runtime="onnx")
+
+
+def test_runtime_names_are_checked(tiny_onnx):
+    with pytest.raises(FlawmapError, match="runs with onnxruntime only"):
+        flawmap.load(tiny_onnx, runtime="torch")
+    with pytest.raises(FlawmapError, match="runtime must be one of auto, torch, onnx, got 'tensorrt'"):
+        flawmap.load(tiny_onnx, runtime="tensorrt")
 
 
 def test_a_file_that_is_not_onnx(tmp_path):

@@ -225,9 +225,11 @@ def test_a_full_queue_answers_503_at_once_and_recovers(served, test_images):
         assert client.post("/v1/predict", content=image).status_code == 200
 
 
-def test_runtime_must_fit_the_model_path(tiny_model_dir, tmp_path):
-    with pytest.raises(FlawmapError, match="is a model directory; --runtime onnx serves an exported file"):
+def test_runtime_must_fit_the_model_path(tiny_model_dir, tiny_onnx, tmp_path):
+    with pytest.raises(FlawmapError, match="no model.onnx to run with onnxruntime; write it with: flawmap export"):
         load_served_model(tiny_model_dir, "onnx")
+    with pytest.raises(FlawmapError, match="an exported .onnx file runs with onnxruntime only"):
+        load_served_model(tiny_onnx, "torch")
     with pytest.raises(FlawmapError, match="no such model directory"):
         load_served_model(tmp_path / "absent")
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 from flawmap._version import __version__
 from flawmap.errors import FlawmapError
-from flawmap.loading import load, missing_torch_error
+from flawmap.loading import RUNTIMES, load, missing_torch_error
 from flawmap.onnx_model import INPUT_DTYPES, STORAGE_PRECISIONS
 from flawmap.runtime import PRECISIONS, Runtime
 
@@ -89,7 +89,10 @@ def _add_torch_commands(commands) -> None:
 
     export = _command(commands, "export", "write a fitted model as one ONNX graph (images -> maps, scores)", run_export)
     export.add_argument("model", type=Path, metavar="MODEL_DIR")
-    export.add_argument("--out", required=True, type=Path, metavar="FILE", help="the .onnx file to write")
+    export.add_argument(
+        "--out", type=Path, metavar="FILE",
+        help="the .onnx file to write (default MODEL_DIR/model.onnx, which --runtime onnx runs)",
+    )
     export.add_argument("--opset", type=int, default=None, metavar="INT", help="ONNX opset, at least 18 (default: the exporter's)")
     export.add_argument(
         "--batch", type=_parse_batch, default="dynamic", metavar="dynamic|INT",
@@ -126,11 +129,16 @@ def _add_torch_commands(commands) -> None:
 def _add_prediction_commands(commands) -> None:
     """``evaluate`` and ``predict``: with torch or without, for model directories or .onnx files."""
     model_help = "a model directory, or an exported .onnx file (runs with onnxruntime, no torch needed)"
+    runtime_help = (
+        "torch or onnx (onnxruntime: the .onnx file, or MODEL/model.onnx written by `flawmap export MODEL`); "
+        "default auto: torch for a model directory, onnx for a .onnx file"
+    )
     evaluate = _command(commands, "evaluate", "compute metrics of a model on a dataset's test split", run_evaluate)
     evaluate.add_argument("model", type=Path, metavar="MODEL", help=model_help)
     evaluate.add_argument("data", type=Path, metavar="DATA_DIR")
     evaluate.add_argument("--json", type=Path, metavar="FILE", help="write the metrics as JSON")
     evaluate.add_argument("--maps-dir", type=Path, metavar="DIR", help="write each anomaly map (.npy) and scores.json")
+    evaluate.add_argument("--runtime", default="auto", choices=RUNTIMES, help=runtime_help)
     evaluate.add_argument("--report", type=Path, metavar="DIR", help="also write the HTML report (DIR/index.html)")
     _add_runtime_flags(evaluate)
 
@@ -139,6 +147,7 @@ def _add_prediction_commands(commands) -> None:
     predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE_OR_DIR")
     predict.add_argument("--out", required=True, type=Path, metavar="DIR", help="overlays and scores.jsonl go here")
     predict.add_argument("--skip-invalid", action="store_true", help="skip unreadable images with a warning")
+    predict.add_argument("--runtime", default="auto", choices=RUNTIMES, help=runtime_help)
     predict.add_argument("--report", type=Path, metavar="DIR", help="also write the HTML report (DIR/index.html)")
     _add_runtime_flags(predict)
 
@@ -301,7 +310,7 @@ def _update(args: argparse.Namespace, data: Any) -> AnomalyModel:
 def run_evaluate(args: argparse.Namespace) -> None:
     from flawmap.evaluate import evaluate
 
-    model = load(args.model, **dataclasses.asdict(_runtime(args)))
+    model = load(args.model, runtime=args.runtime, **dataclasses.asdict(_runtime(args)))
     result = evaluate(model, args.data, maps_dir=args.maps_dir)
     print(format_metrics(result))
     if args.json is not None:
@@ -317,7 +326,7 @@ def run_predict(args: argparse.Namespace) -> None:
     from flawmap.data import samples_from_paths
     from flawmap.report import write_overlay
 
-    model = load(args.model, **dataclasses.asdict(_runtime(args)))
+    model = load(args.model, runtime=args.runtime, **dataclasses.asdict(_runtime(args)))
     args.out.mkdir(parents=True, exist_ok=True)
     n_scored = n_anomalous = 0
     with open(args.out / "scores.jsonl", "w", encoding="utf-8") as lines:
@@ -434,14 +443,17 @@ def _cell(value: Any) -> str:
 # ---------------------------------------------------------------- serve
 def _add_serve_command(commands) -> None:
     """``serve``: with torch or without (an exported .onnx model needs only onnxruntime)."""
-    from flawmap.serve import RUNTIMES, ServeSettings
+    from flawmap.serve import ServeSettings
 
     defaults = ServeSettings()
     serve = _command(commands, "serve", "answer HTTP prediction requests (micro-batched; docs at /docs)", run_serve)
     serve.add_argument("model", type=Path, metavar="MODEL", help="a model directory, or an exported .onnx file")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8080, help="default 8080")
-    serve.add_argument("--runtime", choices=RUNTIMES, default=None, help="torch (a model directory) or onnx (an .onnx file; no torch); default: by MODEL")
+    serve.add_argument(
+        "--runtime", default="auto", choices=RUNTIMES,
+        help="torch, or onnx (the .onnx file, or MODEL/model.onnx written by `flawmap export MODEL`; no torch needed); default auto",
+    )
     serve.add_argument("--max-batch", type=int, default=defaults.max_batch, metavar="INT", help=f"most images per model pass (default {defaults.max_batch})")
     serve.add_argument("--max-queue", type=int, default=defaults.max_queue, metavar="INT", help=f"most requests in progress; more get 503 (default {defaults.max_queue})")
     serve.add_argument("--max-upload-mb", type=float, default=defaults.max_upload_mb, metavar="MB", help=f"largest request body (default {defaults.max_upload_mb:g})")
@@ -472,13 +484,14 @@ def _add_report_command(commands) -> None:
     report.add_argument("model", type=Path, metavar="MODEL", help="a model directory, or an exported .onnx file")
     report.add_argument("data", type=Path, metavar="DATA_DIR", help="a dataset (its labelled test split) or a folder of images")
     report.add_argument("--out", required=True, type=Path, metavar="DIR", help="DIR/index.html and its pictures go here")
+    report.add_argument("--runtime", default="auto", choices=RUNTIMES, help="torch or onnx (as for evaluate); default auto")
     _add_runtime_flags(report)
 
 
 def run_report(args: argparse.Namespace) -> None:
     from flawmap.data import open_dataset, samples_from_paths
 
-    model = load(args.model, **dataclasses.asdict(_runtime(args)))
+    model = load(args.model, runtime=args.runtime, **dataclasses.asdict(_runtime(args)))
     dataset = open_dataset(args.data)
     _write_report(model, dataset if dataset.test else samples_from_paths([args.data]), args.out)
 

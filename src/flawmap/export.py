@@ -38,6 +38,7 @@ from torch import nn
 from flawmap import io, postprocess
 from flawmap._version import __version__
 from flawmap.errors import FlawmapError
+from flawmap.loading import EXPORT_FILE
 from flawmap.models.base import AnomalyModel, Scorer, load_model
 from flawmap.onnx_model import (
     FORMAT_NAME, FORMAT_VERSION, INPUT_DTYPES, INPUT_NAME, OUTPUT_NAMES, STORAGE_PRECISIONS, load_onnx,
@@ -106,21 +107,22 @@ def mirror_blur(maps: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
 
 def export_onnx(
     model_dir: str | Path,
-    out: str | Path,
+    out: str | Path | None = None,
     *,
     opset: int | None = None,
     batch: int | str = "dynamic",
     precision: str = "float32",
     input_dtype: str = "float32",
 ) -> Path:
-    """Export the model saved in ``model_dir`` to the ONNX file ``out``; returns ``out``.
+    """Export the model saved in ``model_dir`` to the ONNX file ``out``; returns its path.
 
     Parameters
     ----------
     model_dir : path
         A model directory (``model.save``).
-    out : path
-        The ``.onnx`` file to write (replaced if it exists).
+    out : path, optional
+        The ``.onnx`` file to write (replaced if it exists). Default ``model_dir/model.onnx``,
+        which ``flawmap.load(model_dir, runtime="onnx")`` runs.
     opset : int, optional
         ONNX opset of the graph; None uses the exporter's default.
     batch : "dynamic" or int
@@ -141,12 +143,12 @@ def export_onnx(
     missing = [name for name in EXPORT_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
         raise FlawmapError(f'exporting needs {", ".join(missing)}: pip install "flawmap[torch,export]"')
-    target = Path(out)
+    source_sha256 = io.model_directory_digest(model_dir)
+    target = Path(model_dir) / EXPORT_FILE if out is None else Path(out)
     if target.is_dir():
         raise FlawmapError(f"{target}: is a directory; give the .onnx file to write")
     if not target.parent.is_dir():
         raise FlawmapError(f"{target.parent}: folder does not exist")
-    source_sha256 = io.model_directory_digest(model_dir)
     model = load_model(model_dir, device="cpu", precision="float32", batch_size=CHECK_IMAGES, num_workers=1)
     graph = ExportGraph(model.scorer_, model.image_size, model.sigma, input_dtype == "uint8").eval()
     proto = _to_onnx(graph, model, batch, opset)

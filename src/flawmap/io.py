@@ -23,6 +23,9 @@ A model directory is a record whose document is ``config.json``::
 
 ``saved_with`` says where the model was fitted (device, torch version), for information only:
 loading never reads it.
+
+torch and safetensors are imported by the functions that read or write tensors, so that the
+torch-free runtime can name a model directory's exact content (:func:`model_directory_digest`).
 """
 
 from __future__ import annotations
@@ -32,11 +35,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from typing import TYPE_CHECKING, Any
 
 from flawmap._version import __version__
 from flawmap.errors import FlawmapError
@@ -47,7 +46,10 @@ CONFIG_FILE = "config.json"
 #: Top-level keys every model config has besides the format fields.
 MODEL_KEYS = ("method", "params", "fitted", "files")
 
-TensorGroups = dict[str, dict[str, torch.Tensor]]
+if TYPE_CHECKING:
+    import torch
+
+    TensorGroups = dict[str, dict[str, torch.Tensor]]
 
 
 # ---------------------------------------------------------------------------- model directories
@@ -143,6 +145,8 @@ def read_record(folder: str | Path, document_name: str) -> tuple[dict[str, Any],
 
 def write_tensor_file(folder: Path, stem: str, tensors: dict[str, torch.Tensor]) -> str:
     """Save ``tensors`` as ``<stem>-<content hash>.safetensors`` in ``folder``; returns the name."""
+    from safetensors.torch import save
+
     payload = save({name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()})
     name = f"{stem}-{hashlib.sha256(payload).hexdigest()[:16]}.safetensors"
     if not (folder / name).is_file():
@@ -152,6 +156,9 @@ def write_tensor_file(folder: Path, stem: str, tensors: dict[str, torch.Tensor])
 
 def read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of one safetensors file, on the CPU; FlawmapError naming the file if unreadable."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:

@@ -1,8 +1,12 @@
 """``flawmap.load``: a saved model of either kind, and the check that torch is installed.
 
-A model directory (``model.save``) needs torch (the ``flawmap[torch]`` extra); an exported
+A model directory (``model.save``) runs with torch (the ``flawmap[torch]`` extra); an exported
 ``.onnx`` file (``flawmap export``) needs only onnxruntime (``flawmap[runtime]``). Both load into
 a :class:`flawmap.prediction.Predictor`, so what follows does not depend on the kind.
+
+``runtime="onnx"`` on a model directory runs the export ``flawmap export MODEL_DIR`` wrote into it
+(``MODEL_DIR/model.onnx``), after checking it was exported from exactly that directory's content,
+so a model refitted or updated since its export is never run from the stale graph.
 """
 
 from __future__ import annotations
@@ -14,25 +18,55 @@ from flawmap.errors import FlawmapError
 from flawmap.onnx_model import load_onnx
 from flawmap.prediction import Predictor
 
+#: What runs a model: ``auto`` = torch for a model directory, onnxruntime for an ``.onnx`` file.
+RUNTIMES = ("auto", "torch", "onnx")
+#: Where ``flawmap export MODEL_DIR`` writes by default, and where ``runtime="onnx"`` looks.
+EXPORT_FILE = "model.onnx"
 
-def load(path: str | Path, **runtime_settings: Any) -> Predictor:
+
+def load(path: str | Path, runtime: str = "auto", **runtime_settings: Any) -> Predictor:
     """Load a model: a model directory (torch) or an exported ``.onnx`` file (onnxruntime).
 
-    ``runtime_settings`` (``device``, ``precision``, ``batch_size``, ``num_workers``,
-    ``progress``) choose how it runs here; an exported model takes only ``precision="auto"``.
+    ``runtime``: one of :data:`RUNTIMES`; ``"onnx"`` with a model directory runs its export
+    ``MODEL_DIR/model.onnx``. ``runtime_settings`` (``device``, ``precision``, ``batch_size``,
+    ``num_workers``, ``progress``) choose how it runs here; an exported model takes only
+    ``precision="auto"``.
 
     >>> flawmap.load("bottle-model").predict("photo.png")[0].score          # doctest: +SKIP
+    >>> flawmap.load("bottle-model", runtime="onnx").predict("photo.png")    # doctest: +SKIP
     >>> flawmap.load("bottle.onnx", device="cuda").predict("photo.png")       # doctest: +SKIP
     """
+    if runtime not in RUNTIMES:
+        raise FlawmapError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     source = Path(path)
     if source.is_file():
+        if runtime == "torch":
+            raise FlawmapError(f"{source}: an exported .onnx file runs with onnxruntime only; give its model directory to run it with torch")
         return load_onnx(source, **runtime_settings)
     if not source.exists():
         raise FlawmapError(f"{source}: no such model directory or .onnx file")
+    if runtime == "onnx":
+        return _load_current_export(source, runtime_settings)
     require_torch(f"loading the model directory {source}")
     from flawmap.models.base import load_model
 
     return load_model(source, **runtime_settings)
+
+
+def _load_current_export(model_dir: Path, runtime_settings: dict[str, Any]) -> Predictor:
+    """``model_dir/model.onnx``, checked to be an export of the directory's present content."""
+    from flawmap import io
+
+    exported = model_dir / EXPORT_FILE
+    if not exported.is_file():
+        raise FlawmapError(f"{model_dir}: no {EXPORT_FILE} to run with onnxruntime; write it with: flawmap export {model_dir}")
+    model = load_onnx(exported, **runtime_settings)
+    if model.metadata["source_sha256"] != io.model_directory_digest(model_dir):
+        raise FlawmapError(
+            f"{exported}: exported from an earlier state of {model_dir} (refitted or updated since); "
+            f"export it again with: flawmap export {model_dir}"
+        )
+    return model
 
 
 def require_torch(what: str) -> None:

@@ -67,7 +67,6 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 MAX_IMAGE_PIXELS = 40_000_000
 #: Seconds a client is asked to wait after a 503.
 RETRY_AFTER_S = 1
-RUNTIMES = ("torch", "onnx")
 ROUTES = ("/v1/predict", "/v1/health", "/v1/ready", "/v1/model", "/metrics")
 
 
@@ -128,31 +127,21 @@ class ServedModel:
         }
 
 
-def load_served_model(path: str | Path, runtime: str | None = None, **runtime_settings: Any) -> ServedModel:
-    """Load a model to serve: a model directory (``runtime="torch"``) or an exported ``.onnx`` file
-    (``"onnx"``; no torch). None picks the runtime from the path.
+def load_served_model(path: str | Path, runtime: str = "auto", **runtime_settings: Any) -> ServedModel:
+    """Load a model to serve with :func:`flawmap.load` (``runtime``: ``"auto"``, ``"torch"`` or
+    ``"onnx"``; an ``.onnx`` file, or a model directory's own export, runs without torch).
 
     Raises
     ------
     FlawmapError
-        If the path does not fit the runtime asked for, or the model does not load.
+        If the model does not load with the runtime asked for.
     """
-    path = Path(path)
-    kind = runtime or ("onnx" if path.is_file() else "torch")
-    if kind not in RUNTIMES:
-        raise FlawmapError(f"runtime must be one of {', '.join(RUNTIMES)}, got {kind!r}")
-    if kind == "onnx" and path.is_dir():
-        raise FlawmapError(f"{path}: is a model directory; --runtime onnx serves an exported file (flawmap export {path} --out model.onnx)")
-    if kind == "torch" and path.is_file():
-        raise FlawmapError(f"{path}: is a file; --runtime torch serves a model directory (or use --runtime onnx)")
-    model = load(path, **runtime_settings)
+    model = load(path, runtime=runtime, **runtime_settings)
     if isinstance(model, OnnxModel):
-        model_hash = model.metadata["source_sha256"]
-    else:
-        from flawmap.io import model_directory_digest
+        return ServedModel(model=model, runtime="onnx", model_hash=model.metadata["source_sha256"], source=str(path))
+    from flawmap.io import model_directory_digest
 
-        model_hash = model_directory_digest(path)
-    return ServedModel(model=model, runtime=kind, model_hash=model_hash, source=str(path))
+    return ServedModel(model=model, runtime="torch", model_hash=model_directory_digest(path), source=str(path))
 
 
 class RequestError(Exception):
