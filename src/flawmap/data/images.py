@@ -69,8 +69,9 @@ def read_mask(path: str | Path, expected_hw: tuple[int, int], threshold: int = 1
     return grey > threshold
 
 
-def list_images(folder: str | Path) -> list[Path]:
-    """The image files directly inside ``folder`` (by suffix, see :data:`IMAGE_SUFFIXES`), sorted.
+def list_images(folder: str | Path, *, recursive: bool = False) -> list[Path]:
+    """The image files directly inside ``folder`` (by suffix, see :data:`IMAGE_SUFFIXES`), or
+    anywhere below it with ``recursive`` (hidden folders excluded), sorted.
 
     Raises
     ------
@@ -82,10 +83,15 @@ def list_images(folder: str | Path) -> list[Path]:
         raise FlawmapError(f"{folder}: no such folder")
     if not folder.is_dir():
         raise FlawmapError(f"{folder}: not a folder")
-    images = sorted(path for path in folder.iterdir() if path.is_file() and is_image_file(path))
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    images = sorted(
+        path for path in candidates
+        if path.is_file() and is_image_file(path) and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    )
     if not images:
         suffixes = ", ".join(IMAGE_SUFFIXES)
-        raise FlawmapError(f"{folder}: no image files ({suffixes}) in this folder")
+        where = "in or below this folder" if recursive else "in this folder (subfolders not searched)"
+        raise FlawmapError(f"{folder}: no image files ({suffixes}) {where}")
     return images
 
 
