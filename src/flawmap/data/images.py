@@ -2,14 +2,18 @@
 
 Every reader fully decodes the file (Pillow is lazy by default), so a truncated or corrupt file
 fails here, with a :class:`~flawmap.errors.FlawmapError` naming it, and not later inside a model.
+Images are turned upright by their EXIF orientation (as viewers show them), and a header
+announcing more than Pillow's ``MAX_IMAGE_PIXELS`` (a decompression bomb) is refused before decoding.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import warnings
+
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from flawmap.errors import FlawmapError
 
@@ -102,17 +106,22 @@ def _load(path: Path) -> Image.Image:
     if path.is_dir():
         raise FlawmapError(f"{path}: is a folder, not an image file")
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image
-    except Image.DecompressionBombError as error:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                upright = ImageOps.exif_transpose(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise FlawmapError(f"{path}: image too large to decode safely ({error})") from None
     except PermissionError:
         raise FlawmapError(f"{path}: permission denied") from None
     except Image.UnidentifiedImageError:
         raise FlawmapError(f"{path}: not an image file (unrecognised format)") from None
-    except (OSError, SyntaxError, ValueError, EOFError):
+    except (OSError, SyntaxError, ValueError, EOFError, TypeError, IndexError, KeyError, ZeroDivisionError, MemoryError):
         raise FlawmapError(f"{path}: cannot decode image (truncated or corrupt)") from None
+    if upright.width == 0 or upright.height == 0:
+        raise FlawmapError(f"{path}: image has zero size ({upright.width}x{upright.height})")
+    return upright
 
 
 def _to_8bit(image: Image.Image, path: Path) -> Image.Image:

@@ -56,13 +56,14 @@ from typing import Any, ClassVar, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from flawmap import io, postprocess
 from flawmap.calibration import Calibration, calibrate_threshold, check_false_alarm_rate, quantile_estimate
 from flawmap.backbones import Backbone, create_backbone
 from flawmap.data import Batch, Dataset, Sample, open_dataset, samples_from_paths
-from flawmap.data.loader import InvalidImageWarning
+from flawmap.data.loader import InvalidImageWarning, pil_to_array
 from flawmap.errors import FlawmapError
 from flawmap.prediction import ImageInput, Predictor
 from flawmap.registry import Registry
@@ -71,6 +72,9 @@ from flawmap.runtime import Runtime, autocast
 METHODS: Registry[type["AnomalyModel"]] = Registry("method")
 #: Training images a cross-fitted model keeps as ``calibration_images_`` (for checks).
 KEPT_CROSS_FIT_IMAGES = 8
+#: Features of a fit's training images up to this size are kept (on the CPU) from the learning
+#: pass for the cross-fitting pass; larger fits embed their images a second time instead.
+CROSS_FIT_CACHE_BYTES = 1 << 30
 
 
 class PatchScores(NamedTuple):
@@ -237,18 +241,17 @@ class AnomalyModel(Predictor):
         start = time.perf_counter()
         fit_samples, held_out = (samples, []) if self.cross_fits else self._hold_out(samples, first, skip_invalid)
         seconds = {"features": 0.0}
-        numbers: dict[str, int] = {}
+        training = _EmbeddedTraining(self.n_train_images_, keep_features=self.cross_fits)
         if fit_samples:
-            batches = self._embedded_batches(fit_samples, skip_invalid, numbers)
-            self._learn(_timed(batches, seconds))
+            self._learn(_timed(self._embedded_batches(fit_samples, skip_invalid, training), seconds))
             self.set_runtime()  # new fitted tensors follow the device and precision
-        if not numbers and (first or self.cross_fits):
+        if not training.numbers and (first or self.cross_fits):
             raise FlawmapError("no valid training image left: every image was skipped")
         learned = time.perf_counter()
-        self.n_train_images_ += len(numbers)
+        self.n_train_images_ += len(training.numbers)
         self.n_fits_ += 1
         if self.cross_fits:
-            self._add_left_out_scores(fit_samples, numbers, skip_invalid)
+            self._add_left_out_scores(fit_samples, training, skip_invalid)
         else:
             self._rescore_held_out(held_out)
         self.calibrate_threshold()
@@ -403,40 +406,44 @@ class AnomalyModel(Predictor):
         return [sample for i, sample in enumerate(samples) if i not in kept], decoded
 
     def _embedded_batches(
-        self, samples: Sequence[Sample | np.ndarray], skip_invalid: bool, numbers: dict[str, int]
+        self, samples: Sequence[Sample | np.ndarray], skip_invalid: bool, training: "_EmbeddedTraining"
     ) -> Iterator[Any]:
-        """The scorer's features of each batch, computed in inference mode (yielded outside it).
-
-        Numbers each embedded image in ``numbers`` (its key -> ``n_train_images_`` + its position).
-        """
+        """The scorer's features of each batch, computed in inference mode (yielded outside it);
+        ``training`` numbers the embedded images (and keeps their features, when asked)."""
         for batch in self._batches(samples, skip_invalid, "extracting features"):
-            for sample in batch.samples:
-                numbers[str(sample.image_path)] = self.n_train_images_ + len(numbers)
             with torch.inference_mode():
                 features = self.scorer_.embed(torch.from_numpy(batch.images).to(self.runtime.torch_device))
+            training.add(batch, features)
             yield features
 
     def _add_left_out_scores(
-        self, samples: Sequence[Sample | np.ndarray], numbers: dict[str, int], skip_invalid: bool
+        self, samples: Sequence[Sample | np.ndarray], training: "_EmbeddedTraining", skip_invalid: bool
     ) -> None:
-        """Embed the training ``samples`` again and add their leave-one-out scores to the normal
-        scores (images skipped while learning are skipped again, silently: they were reported)."""
+        """Add the leave-one-out scores of this fit's training images to the normal scores: from
+        the features kept by the learning pass, or by embedding the images again (images skipped
+        while learning are skipped again, silently: they were reported)."""
+        if training.batches is not None:
+            device = self.runtime.torch_device
+            for image_ids, features, images in training.batches:
+                self._add_left_out_batch(image_ids, _map_tensors(lambda t: t.to(device), features), images)
+            return
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", InvalidImageWarning)
             for batch in self._batches(samples, skip_invalid, "cross-fitting"):
-                self._add_left_out_batch(batch, numbers)
+                image_ids = torch.tensor([training.numbers[str(sample.image_path)] for sample in batch.samples])
+                with torch.inference_mode():
+                    features = self.scorer_.embed(torch.from_numpy(batch.images).to(self.runtime.torch_device))
+                self._add_left_out_batch(image_ids, features, _to_uint8(batch.images))
 
-    def _add_left_out_batch(self, batch: Batch, numbers: dict[str, int]) -> None:
-        """One batch of :meth:`_add_left_out_scores`; keeps the first images as ``calibration_images_``."""
-        image_ids = torch.tensor([numbers[str(sample.image_path)] for sample in batch.samples])
+    def _add_left_out_batch(self, image_ids: torch.Tensor, features: Any, images: np.ndarray) -> None:
+        """Score one batch of training images leave-one-out; keep the first images (uint8
+        B x 3 x S x S) as ``calibration_images_``."""
         with torch.inference_mode():
-            features = self.scorer_.embed(torch.from_numpy(batch.images).to(self.runtime.torch_device))
             image_scores, maps = self._postprocess(self._left_out_scores(features, image_ids))
         self._add_normal_scores(image_scores, maps)
         room = KEPT_CROSS_FIT_IMAGES - self.calibration_images_.shape[0]
-        if room > 0:
-            kept = torch.from_numpy(_to_uint8(batch.images[:room]))
-            self.calibration_images_ = torch.cat([self.calibration_images_, kept])
+        if room > 0 and len(images):
+            self.calibration_images_ = torch.cat([self.calibration_images_, torch.from_numpy(images[:room])])
 
     def _rescore_held_out(self, new_images: list[np.ndarray]) -> None:
         """Add the new held-out images and score every held-out image again (the model changed)."""
@@ -525,11 +532,11 @@ def load_model(directory: str | Path, **runtime_settings: Any) -> AnomalyModel:
     model.calibration_images_ = images
     try:
         model.scorer_ = model._new_scorer(create_backbone(model.backbone, model.weights), model.taps_)
-    except (KeyError, ValueError) as error:
+    except (KeyError, ValueError, FlawmapError) as error:
         raise FlawmapError(f"{config_path}: 'taps_' do not fit backbone {model.backbone!r} ({error})") from None
     try:
         model.from_state(fitted, io.read_tensor_file(files["model"]))
-    except (KeyError, RuntimeError, ValueError, IndexError) as error:
+    except (KeyError, RuntimeError, ValueError, IndexError, FlawmapError) as error:
         raise FlawmapError(f"{files['model']}: tensors do not match the {config['method']} configuration ({error})") from None
     return model.set_runtime()
 
@@ -571,6 +578,8 @@ def training_samples(images: ImageInput) -> list[Sample | np.ndarray]:
         return list(open_dataset(path).train) if path.is_dir() else samples_from_paths([path])
     if isinstance(images, (np.ndarray, Sample)):
         return [images]
+    if isinstance(images, Image.Image):
+        return [pil_to_array(images)]
     return [sample for item in images for sample in training_samples(item)]
 
 
@@ -584,6 +593,55 @@ def _uniform_hash(seed: int, sample: Sample | np.ndarray) -> float:
         # folder and file name of the real file: survives moving the dataset and links to its files
         digest.update("/".join(sample.image_path.resolve().parts[-2:]).encode())
     return int.from_bytes(digest.digest()[:8], "big") / 2.0**64
+
+
+class _EmbeddedTraining:
+    """What a fit's learning pass leaves for its cross-fitting pass.
+
+    ``numbers`` maps each embedded image's key (its path, or ``<array i>``) to its training image
+    number; ``batches`` holds ``(image numbers (B,), features on the CPU, the first images as
+    uint8)`` per batch, while they fit in :data:`CROSS_FIT_CACHE_BYTES` (None beyond, or when
+    not asked for).
+    """
+
+    def __init__(self, first_number: int, *, keep_features: bool) -> None:
+        self.first_number = first_number
+        self.numbers: dict[str, int] = {}
+        self.batches: list[tuple[torch.Tensor, Any, np.ndarray]] | None = [] if keep_features else None
+        self._bytes = 0
+
+    def add(self, batch: Batch, features: Any) -> None:
+        start = self.first_number + len(self.numbers)
+        for sample in batch.samples:
+            self.numbers[str(sample.image_path)] = self.first_number + len(self.numbers)
+        if self.batches is None:
+            return
+        cpu_features = _map_tensors(torch.Tensor.cpu, features)
+        self._bytes += sum(t.numel() * t.element_size() for t in _tensors(cpu_features))
+        if self._bytes > CROSS_FIT_CACHE_BYTES:
+            self.batches = None
+            return
+        n_kept = sum(len(images) for _, _, images in self.batches)
+        images = _to_uint8(batch.images[: max(0, KEPT_CROSS_FIT_IMAGES - n_kept)])
+        self.batches.append((torch.arange(start, start + len(batch.samples)), cpu_features, images))
+
+
+def _map_tensors(function: Any, value: Any) -> Any:
+    """``value`` (a tensor, or tuples, named tuples and lists of them) with ``function`` applied to each tensor."""
+    if isinstance(value, torch.Tensor):
+        return function(value)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(_map_tensors(function, item) for item in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_map_tensors(function, item) for item in value)
+    return value
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """Every tensor in ``value`` (see :func:`_map_tensors`)."""
+    found: list[torch.Tensor] = []
+    _map_tensors(found.append, value)
+    return found
 
 
 def _to_uint8(images: np.ndarray) -> np.ndarray:
