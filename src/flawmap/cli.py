@@ -42,6 +42,8 @@ EXIT_USER_ERROR = 2
 
 def main(argv: Sequence[str] | None = None) -> int:
     warnings.formatwarning = _one_line_warning
+    # image decoding refuses such images with an error of its own; Pillow's warning would repeat it
+    warnings.filterwarnings("ignore", message=".*decompression bomb", module="PIL")
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown and args.handler not in _NEEDS_TORCH.values():

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import warnings
-
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -106,22 +104,33 @@ def _load(path: Path) -> Image.Image:
     if path.is_dir():
         raise FlawmapError(f"{path}: is a folder, not an image file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image.load()
-                upright = ImageOps.exif_transpose(image)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        with Image.open(path) as image:
+            _check_pixel_count(image, path)
+            image.load()
+            upright = ImageOps.exif_transpose(image)
+    except Image.DecompressionBombError as error:
         raise FlawmapError(f"{path}: image too large to decode safely ({error})") from None
     except PermissionError:
         raise FlawmapError(f"{path}: permission denied") from None
     except Image.UnidentifiedImageError:
         raise FlawmapError(f"{path}: not an image file (unrecognised format)") from None
-    except (OSError, SyntaxError, ValueError, EOFError, TypeError, IndexError, KeyError, ZeroDivisionError, MemoryError):
+    except FlawmapError:
+        raise
+    except Exception:  # Pillow's decoders raise many kinds (struct.error, KeyError, ...) on corrupt data
         raise FlawmapError(f"{path}: cannot decode image (truncated or corrupt)") from None
     if upright.width == 0 or upright.height == 0:
         raise FlawmapError(f"{path}: image has zero size ({upright.width}x{upright.height})")
     return upright
+
+
+def _check_pixel_count(image: Image.Image, path: Path) -> None:
+    """Refuse, before decoding, an image whose header announces more than ``MAX_IMAGE_PIXELS``
+    (Pillow itself only warns up to twice that)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and image.width * image.height > limit:
+        raise FlawmapError(
+            f"{path}: image too large to decode safely ({image.width}x{image.height} pixels, limit {limit})"
+        )
 
 
 def _to_8bit(image: Image.Image, path: Path) -> Image.Image:
