@@ -193,3 +193,26 @@ def test_calibration_scores_are_out_of_sample(method, fitted, tiny_dataset):
     left_out = np.array(model.calibration_scores_)
     assert left_out.shape == in_sample.shape
     assert (left_out >= in_sample - 1e-4 * np.abs(in_sample)).all() and (left_out > in_sample).mean() > 0.5
+
+
+def test_skip_invalid_never_aborts_because_the_held_out_images_were_skipped(tiny_dataset, tmp_path):
+    """A method calibrated on a hold-out: when every image the hash holds out is unreadable,
+    ``skip_invalid`` holds out the next valid ones instead of failing."""
+    import shutil
+
+    from flawmap.models.base import _uniform_hash
+
+    class HeldOutPatchCore(PatchCore):
+        cross_fits = False
+
+    dataset = shutil.copytree(tiny_dataset, tmp_path / "data")
+    model = HeldOutPatchCore(image_size=64, coreset_fraction=0.25).set_runtime(batch_size=4, num_workers=1)
+    train = list(open_dataset(dataset).train)
+    held_out = [s.image_path for s in train if _uniform_hash(model.random_state, s) < model.calibration_fraction]
+    held_out = held_out or [min(train, key=lambda s: _uniform_hash(model.random_state, s)).image_path]
+    for path in held_out:
+        path.write_bytes(b"not an image any more")
+    with pytest.warns(UserWarning, match="skipping"):
+        model.fit(dataset, skip_invalid=True)
+    assert model.calibration_images_.shape[0] >= 1 and len(model.calibration_scores_) >= 1
+    assert model.n_train_images_ + model.calibration_images_.shape[0] == 12 - len(held_out)
