@@ -106,7 +106,7 @@ class StreamingCoreset:
     def add(self, rows: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """Add feature rows (n, D) with optional integer labels (n,); reduces a shard whenever one is full."""
         self._buffer.append(rows)
-        self._label_buffer.append(torch.full((rows.shape[0],), -1, dtype=torch.int64) if labels is None else labels.long())
+        self._label_buffer.append(_labels(labels, rows.shape[0]))
         self._buffered_rows += rows.shape[0]
         if self._buffered_rows >= self.shard_rows:
             self._reduce_buffer()
@@ -148,10 +148,7 @@ class StreamingCoreset:
         coreset = cls(fraction, projection_dim=projection_dim, shard_rows=shard_rows, generator=_generator(state))
         coreset._rows_seen = int(state["rows_seen"])
         coreset._kept, coreset._n_kept = [kept], kept.shape[0]
-        labels = state.get("labels", torch.full((kept.shape[0],), -1, dtype=torch.int64))
-        if labels.shape != (kept.shape[0],):
-            raise RuntimeError(f"{labels.shape[0] if labels.ndim else 0} row labels for {kept.shape[0]} kept rows")
-        coreset._kept_labels = [labels.long()]
+        coreset._kept_labels = [_kept_labels(state, kept)]
         coreset._projection = state.get("projection")
         return coreset
 
@@ -199,15 +196,18 @@ class StreamingRandomSample:
         self.fraction = fraction
         self.generator = generator
         self._kept: list[torch.Tensor] = []
+        self._kept_labels: list[torch.Tensor] = []
         self._n_kept = 0
         self._rows_seen = 0
 
-    def add(self, rows: torch.Tensor) -> None:
-        """Add feature rows (n, D)."""
+    def add(self, rows: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """Add feature rows (n, D) with optional integer labels (n,) (as :class:`StreamingCoreset`)."""
         self._rows_seen += rows.shape[0]
         quota = min(rows.shape[0], max(1, round(self.fraction * self._rows_seen)) - self._n_kept)
         if quota > 0:
-            self._kept.append(rows[torch.randperm(rows.shape[0], generator=self.generator)[:quota]])
+            chosen = torch.randperm(rows.shape[0], generator=self.generator)[:quota]
+            self._kept.append(rows[chosen])
+            self._kept_labels.append(_labels(labels, rows.shape[0])[chosen])
             self._n_kept += quota
 
     def result(self) -> torch.Tensor:
@@ -215,11 +215,17 @@ class StreamingRandomSample:
         if not self._kept:
             raise ValueError("no rows were added")
         self._kept = [torch.cat(self._kept)]
+        self._kept_labels = [torch.cat(self._kept_labels)]
         return self._kept[0]
 
+    def labels(self) -> torch.Tensor:
+        """The labels (M,) int64 of the rows :meth:`result` returns."""
+        self.result()
+        return self._kept_labels[0]
+
     def state(self) -> dict[str, torch.Tensor]:
-        """What resuming needs besides the kept rows: rows seen and the generator."""
-        state = {"rows_seen": torch.tensor(self._rows_seen)}
+        """What resuming needs besides the kept rows: rows seen, their labels and the generator."""
+        state = {"rows_seen": torch.tensor(self._rows_seen), "labels": self.labels()}
         if self.generator is not None:
             state["generator"] = self.generator.get_state()
         return state
@@ -230,8 +236,22 @@ class StreamingRandomSample:
         sample = cls(fraction, generator=_generator(state))
         sample._rows_seen = int(state["rows_seen"])
         sample._kept, sample._n_kept = [kept], kept.shape[0]
+        sample._kept_labels = [_kept_labels(state, kept)]
         return sample
 
+
+
+def _labels(labels: torch.Tensor | None, n_rows: int) -> torch.Tensor:
+    """Row labels as int64 (n,): the given ones, or -1 for rows added without."""
+    return torch.full((n_rows,), -1, dtype=torch.int64) if labels is None else labels.long()
+
+
+def _kept_labels(state: dict[str, torch.Tensor], kept: torch.Tensor) -> torch.Tensor:
+    """The kept rows' labels saved in a sampler's ``state`` (-1 when it has none); checked."""
+    labels = state.get("labels", _labels(None, kept.shape[0]))
+    if labels.shape != (kept.shape[0],):
+        raise RuntimeError(f"{labels.shape[0] if labels.ndim else 0} row labels for {kept.shape[0]} kept rows")
+    return labels.long()
 
 
 def _generator(state: dict[str, torch.Tensor]) -> torch.Generator | None:
