@@ -65,7 +65,7 @@ from flawmap.backbones import Backbone, create_backbone
 from flawmap.data import Batch, Dataset, Sample, open_dataset, samples_from_paths
 from flawmap.data.loader import InvalidImageWarning, pil_to_array
 from flawmap.errors import FlawmapError
-from flawmap.prediction import ImageInput, Predictor
+from flawmap.prediction import ImageInput, Predictor, prediction_samples
 from flawmap.registry import Registry
 from flawmap.runtime import Runtime, autocast
 
@@ -265,7 +265,8 @@ class AnomalyModel(Predictor):
     ) -> "AnomalyModel":
         """Re-calibrate the threshold on new normal images without refitting; returns ``self``.
 
-        ``images`` are scored by the fitted model (they are out of sample: it never saw them)
+        ``images``: normal images the model never learned from (files, folders of images, arrays,
+        PIL images; a Dataset gives its good test images). They are scored by the fitted model
         and replace the normal scores the threshold came from; ``false_alarm_rate`` (if given)
         becomes the model's target rate. A later :meth:`partial_fit` calibrates again from the
         training data (module docstring).
@@ -273,7 +274,10 @@ class AnomalyModel(Predictor):
         self._check_is_fitted()
         if false_alarm_rate is not None:
             check_false_alarm_rate(false_alarm_rate)
-        samples = training_samples(images)
+        if isinstance(images, Dataset):
+            samples = [sample for sample in images.test if not sample.is_anomalous]
+        else:
+            samples = prediction_samples(images)
         if not samples:
             raise FlawmapError("no images given to calibrate on")
         scores: list[tuple[np.ndarray, np.ndarray]] = []
