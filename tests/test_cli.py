@@ -54,11 +54,14 @@ def test_fit_evaluate_predict_end_to_end(capsys, tiny_dataset, tmp_path):
     assert code == 0
     records = [json.loads(line) for line in (out_dir / "scores.jsonl").read_text().splitlines()]
     assert [record["path"] for record in records] == [str(path) for path in images]
-    assert all(set(record) == {"path", "score", "is_anomalous"} for record in records)
-    overlays = sorted(out_dir.glob("*.png"))
-    assert len(overlays) == 3
+    assert all(set(record) == {"path", "score", "is_anomalous", "threshold", "overlay"} for record in records)
+    # names keep the inputs' paths below their common folder (test/), not a flat index
+    assert [record["overlay"] for record in records] == [f"{path.parent.name}/{path.stem}.png" for path in images]
+    overlays = sorted(out_dir.glob("*/*.png"))
+    assert len(overlays) == 3 and all((out_dir / record["overlay"]).is_file() for record in records)
     with Image.open(overlays[0]) as overlay:
-        assert overlay.size == (2 * 96, 96)  # original | heat map, at the image's own size
+        width, height = overlay.size  # original | heat map at the image's own size, caption and colour bar below
+        assert width == 2 * 96 and height > 96
 
 
 def test_export_then_predict_and_evaluate_the_onnx_file(capsys, tiny_dataset, tiny_model_dir, tmp_path):
@@ -115,8 +118,7 @@ def test_fit_several_folders_into_one_model(capsys, tiny_dataset, tmp_path):
     assert code == 0
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     fitted = config["fitted"]
-    assert fitted["n_train_images_"] + len(fitted["calibration_scores_"]) == 12 + 3
-    assert len(fitted["calibration_scores_"]) >= 1
+    assert fitted["n_train_images_"] == len(fitted["calibration_scores_"]) == 12 + 3  # PatchCore cross-fits: nothing held out
 
 
 def test_fit_update_adds_images_to_a_saved_model(capsys, tiny_dataset, tmp_path):
@@ -125,7 +127,7 @@ def test_fit_update_adds_images_to_a_saved_model(capsys, tiny_dataset, tmp_path)
     for folder, paths in ((first, train[:6]), (second, train[6:])):
         folder.mkdir()
         for path in paths:
-            (folder / path.name).symlink_to(path)  # the same files: the same calibration hold-out
+            (folder / path.name).symlink_to(path)
     model_dir = tmp_path / "model"
     code, out, _ = run_cli(capsys, "fit", first, "--out", model_dir, *SMALL, "--coreset-fraction", "0.25")
     assert code == 0
@@ -133,7 +135,7 @@ def test_fit_update_adds_images_to_a_saved_model(capsys, tiny_dataset, tmp_path)
     assert code == 0 and "in 2 fits" in out
     config = json.loads((model_dir / "config.json").read_text())
     assert config["fitted"]["n_fits_"] == 2
-    assert config["fitted"]["n_train_images_"] + len(config["fitted"]["calibration_scores_"]) == 12
+    assert config["fitted"]["n_train_images_"] == len(config["fitted"]["calibration_scores_"]) == 12
     one_fit = tmp_path / "one-fit"
     code, _, _ = run_cli(capsys, "fit", tiny_dataset, "--out", one_fit, *SMALL, "--coreset-fraction", "0.25")
     assert code == 0
@@ -238,3 +240,149 @@ def test_demo_data_command(capsys, tmp_path):
     for category in categories:
         dataset = open_dataset(tmp_path / "demo" / category)
         assert len({sample.defect_type for sample in dataset.test}) >= 4  # good + 3 defect types
+
+
+# ---------------------------------------------------------------- calibration commands (issue 17)
+def copy_model(tiny_model_dir, tmp_path):
+    return shutil.copytree(tiny_model_dir, tmp_path / "model")
+
+
+def test_info_describes_the_model_and_its_calibration(capsys, tiny_model_dir):
+    code, out, _ = run_cli(capsys, "info", tiny_model_dir)
+    assert code == 0
+    assert "method: patchcore" in out and "coreset_fraction=0.25" in out
+    assert "false-alarm rate: target 0.01, expected" in out and "cross-fit" in out and "12 normal scores" in out
+    code, out, _ = run_cli(capsys, "info", tiny_model_dir, "--json", "-")
+    description = json.loads(out)  # stdout holds the JSON only
+    assert description["threshold"] == load_model(tiny_model_dir).threshold_
+    low, high = description["threshold_interval_90"]
+    assert low <= description["threshold"] <= high
+
+
+def test_calibrate_replaces_the_threshold_without_refitting(capsys, tiny_dataset, tiny_model_dir, tmp_path):
+    model_dir = copy_model(tiny_model_dir, tmp_path)
+    model_file = json.loads((model_dir / "config.json").read_text())["files"]["model"]
+    code, out, _ = run_cli(capsys, "calibrate", model_dir, tiny_dataset / "test" / "good", "--false-alarm-rate", "0.2")
+    assert code == 0 and "false-alarm rate of 0.2" in out
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["files"]["model"] == model_file  # the bank is untouched
+    assert config["params"]["false_alarm_rate"] == 0.2 and len(config["fitted"]["calibration_scores_"]) == 4
+    assert config["fitted"]["calibration_"]["source"].startswith("calibrate: 4 new normal images")
+    scores = np.sort(config["fitted"]["calibration_scores_"])
+    assert scores[0] <= config["fitted"]["threshold_"] <= scores[-1] * 2
+
+
+@pytest.mark.parametrize("rate", ["0", "1", "1.5", "-0.1", "nan"])
+def test_false_alarm_rate_outside_zero_one_is_rejected(capsys, tiny_dataset, tiny_model_dir, tmp_path, rate):
+    code, _, err = run_cli(capsys, "calibrate", tiny_model_dir, tiny_dataset / "test" / "good", "--false-alarm-rate", rate)
+    assert_one_line_error(code, err, "false_alarm_rate must be in (0, 1)")
+    code, _, err = run_cli(capsys, "fit", tiny_dataset, "--out", tmp_path / "m", *SMALL, "--false-alarm-rate", rate)
+    assert_one_line_error(code, err, "false_alarm_rate must be in (0, 1)")
+
+
+@pytest.mark.parametrize("sigma", ["-1", "nan"])
+def test_bad_sigma_is_rejected_before_fitting(capsys, tiny_dataset, tmp_path, sigma):
+    code, _, err = run_cli(capsys, "fit", tiny_dataset, "--out", tmp_path / "m", *SMALL, "--sigma", sigma)
+    assert_one_line_error(code, err, "sigma must be >= 0")
+    assert not (tmp_path / "m").exists()
+
+
+def test_predict_threshold_overrides_the_calibrated_one(capsys, tiny_dataset, tiny_model_dir, tmp_path):
+    images = sorted((tiny_dataset / "test").glob("*/*.png"))[:3]
+    code, _, _ = run_cli(capsys, "predict", tiny_model_dir, *images, "--out", tmp_path / "p", "--threshold", "1e9")
+    assert code == 0
+    records = [json.loads(line) for line in (tmp_path / "p" / "scores.jsonl").read_text().splitlines()]
+    assert all(record["threshold"] == 1e9 and not record["is_anomalous"] for record in records)
+
+
+def test_evaluate_reports_the_achieved_rates_and_json_to_stdout(capsys, tiny_dataset, tiny_model_dir):
+    code, out, err = run_cli(capsys, "evaluate", tiny_model_dir, tiny_dataset, "--json", "-")
+    assert code == 0 and "false_alarm_rate" in err  # the table goes to stderr, stdout is JSON only
+    metrics = json.loads(out)
+    model = load_model(tiny_model_dir)
+    scores = {prediction.sample.key: prediction for prediction in model.predict(open_dataset(tiny_dataset))}
+    normal = [p.score > model.threshold_ for p in scores.values() if not p.sample.is_anomalous]
+    anomalous = [p.score > model.threshold_ for p in scores.values() if p.sample.is_anomalous]
+    assert metrics["threshold"] == model.threshold_
+    assert metrics["false_alarm_rate"] == pytest.approx(np.mean(normal))
+    assert metrics["recall"] == pytest.approx(np.mean(anomalous))
+
+
+# ---------------------------------------------------------------- nothing lost (issue 17)
+def test_failed_predict_leaves_the_earlier_output_byte_identical(capsys, tiny_dataset, tiny_model_dir, tmp_path):
+    images = sorted((tiny_dataset / "test").glob("*/*.png"))[:3]
+    out_dir = tmp_path / "out"
+    assert run_cli(capsys, "predict", tiny_model_dir, *images, "--out", out_dir)[0] == 0
+    before = {path.relative_to(out_dir): path.read_bytes() for path in out_dir.rglob("*") if path.is_file()}
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(images[0].read_bytes()[:100])
+    code, _, err = run_cli(capsys, "predict", tiny_model_dir, images[1], broken, "--out", out_dir)
+    assert_one_line_error(code, err, broken)
+    after = {path.relative_to(out_dir): path.read_bytes() for path in out_dir.rglob("*") if path.is_file()}
+    assert after == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["broken.png", "out"]  # no staging left behind
+    # a successful re-run replaces the whole output: no stale overlays of the earlier run
+    assert run_cli(capsys, "predict", tiny_model_dir, images[2], "--out", out_dir)[0] == 0
+    assert [path.name for path in out_dir.rglob("*.png")] == [images[2].name]
+
+
+def test_predict_refuses_to_replace_a_folder_it_did_not_write(capsys, tiny_dataset, tiny_model_dir, tmp_path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "holiday.jpg").write_bytes(b"precious")
+    code, _, err = run_cli(capsys, "predict", tiny_model_dir, tiny_dataset / "test" / "good", "--out", tmp_path / "photos")
+    assert_one_line_error(code, err, "photos", "not an earlier predict output")
+    assert (tmp_path / "photos" / "holiday.jpg").read_bytes() == b"precious"
+
+
+def test_predict_recursive_keeps_relative_paths(capsys, tiny_dataset, tiny_model_dir, tmp_path):
+    code, _, err = run_cli(capsys, "predict", tiny_model_dir, tiny_dataset / "test", "--out", tmp_path / "p")
+    assert_one_line_error(code, err, "subfolders not searched")
+    code, _, _ = run_cli(capsys, "predict", tiny_model_dir, tiny_dataset / "test", "--out", tmp_path / "p", "--recursive", "--quiet")
+    assert code == 0
+    records = [json.loads(line) for line in (tmp_path / "p" / "scores.jsonl").read_text().splitlines()]
+    expected = sorted(path.relative_to(tiny_dataset / "test").as_posix() for path in (tiny_dataset / "test").glob("*/*.png"))
+    assert sorted(record["overlay"] for record in records) == expected
+
+
+def test_fit_onto_an_existing_model_needs_force(capsys, tiny_dataset, tiny_model_dir, tmp_path):
+    model_dir = copy_model(tiny_model_dir, tmp_path)
+    config_before = (model_dir / "config.json").read_bytes()
+    code, _, err = run_cli(capsys, "fit", tiny_dataset, "--out", model_dir, *SMALL, "--coreset-fraction", "0.5")
+    assert_one_line_error(code, err, model_dir, "--force")
+    assert (model_dir / "config.json").read_bytes() == config_before
+    code, _, _ = run_cli(capsys, "fit", tiny_dataset, "--out", model_dir, *SMALL, "--coreset-fraction", "0.5", "--force")
+    assert code == 0 and json.loads((model_dir / "config.json").read_text())["params"]["coreset_fraction"] == 0.5
+
+
+def test_unwritable_outputs_fail_before_the_long_work(capsys, tiny_dataset, tiny_model_dir, tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    started = []
+    monkeypatch.setattr("flawmap.models.base.AnomalyModel.partial_fit", lambda *a, **k: started.append(1))
+    monkeypatch.setattr("flawmap.evaluate.evaluate", lambda *a, **k: started.append(1))
+    code, _, err = run_cli(capsys, "fit", tiny_dataset, "--out", blocker / "model", *SMALL)
+    assert_one_line_error(code, err, blocker / "model", "is a file, not a folder")
+    code, _, err = run_cli(capsys, "evaluate", tiny_model_dir, tiny_dataset, "--json", blocker / "m.json")
+    assert_one_line_error(code, err, blocker / "m.json")
+    code, _, err = run_cli(capsys, "evaluate", tiny_model_dir, tiny_dataset, "--maps-dir", blocker)
+    assert_one_line_error(code, err, blocker, "is a file, not a folder")
+    code, _, err = run_cli(capsys, "predict", tiny_model_dir, tiny_dataset / "test" / "good", "--out", blocker / "p")
+    assert_one_line_error(code, err, blocker / "p")
+    assert not started
+
+
+def test_warnings_start_on_a_new_line_while_a_progress_bar_is_drawn():
+    import io
+
+    from tqdm import tqdm
+
+    from flawmap.cli import _one_line_warning
+
+    assert _one_line_warning("careful", UserWarning, "x.py", 1) == "flawmap: warning: careful\n"
+    with tqdm(total=3, file=io.StringIO()):
+        assert _one_line_warning("careful", UserWarning, "x.py", 1) == "\nflawmap: warning: careful\n"
+
+
+def test_quiet_silences_progress_bars(capsys, tiny_dataset, tiny_model_dir, tmp_path):
+    code, _, err = run_cli(capsys, "predict", tiny_model_dir, tiny_dataset / "test" / "good", "--out", tmp_path / "p", "--quiet")
+    assert code == 0 and "predicting" not in err

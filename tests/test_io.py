@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -144,3 +145,60 @@ def _edit_config(directory, **changes):
     config = json.loads((directory / "config.json").read_text())
     config.update(changes)
     (directory / "config.json").write_text(json.dumps(config))
+
+
+def _edit_section(directory, section, **changes):
+    """Set (or, with the value ``...``, delete) keys of ``config.json``'s ``section``."""
+    config = json.loads((directory / "config.json").read_text())
+    for key, value in changes.items():
+        if value is ...:
+            del config[section][key]
+        else:
+            config[section][key] = value
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (dict(section="params", image_size="big"), r"config\.json: params\.image_size must be int, got \"big\""),
+        (dict(section="params", sigma=...), r"config\.json: missing key params\.sigma"),
+        (dict(section="params", colour="red"), r"config\.json: unknown key params\.colour"),
+        (dict(section="params", taps=[1, 2]), r"config\.json: params\.taps must be a list of str or null"),
+        (dict(section="params", false_alarm_rate=2.0), r"config\.json: false_alarm_rate must be in \(0, 1\)"),
+        (dict(section="fitted", threshold_=...), r"config\.json: missing key fitted\.threshold_"),
+        (dict(section="fitted", threshold_="high"), r"config\.json: fitted\.threshold_ must be float"),
+        (dict(section="fitted", calibration_={"threshold": 1}), r"config\.json: 'calibration_': malformed"),
+        (dict(section="fitted", taps_=["no_such_stage"]), r"config\.json: 'taps_' do not fit backbone"),
+    ],
+)
+def test_tampered_config_is_one_clear_error_naming_config_json(tiny_model, tmp_path, edit, message):
+    target = tiny_model.save(tmp_path / "model")
+    _edit_section(target, **edit)
+    with pytest.raises(FlawmapError, match=message) as raised:
+        AnomalyModel.load(target)
+    assert "\n" not in str(raised.value) and "fit() first" not in str(raised.value)
+
+
+def test_tensor_file_of_another_method_names_the_tensor_file(tiny_model, tiny_dataset, tmp_path):
+    from flawmap.models import Padim
+
+    target = tiny_model.save(tmp_path / "patchcore")
+    other = Padim(image_size=64, n_features=8).set_runtime(batch_size=8).fit(tiny_dataset).save(tmp_path / "padim")
+    config, other_config = (json.loads((d / "config.json").read_text()) for d in (target, other))
+    foreign = other / other_config["files"]["model"]
+    shutil.copy(foreign, target / foreign.name)
+    config["files"]["model"] = foreign.name
+    (target / "config.json").write_text(json.dumps(config))
+    with pytest.raises(FlawmapError, match=rf"{foreign.name}: .*patchcore"):
+        AnomalyModel.load(target)
+
+
+def test_calibration_images_of_the_wrong_shape_name_their_file(tiny_model, tmp_path):
+    from safetensors.torch import save_file
+
+    target = tiny_model.save(tmp_path / "model")
+    (calibration_file,) = target.glob("calibration-*.safetensors")
+    save_file({"images": torch.zeros(2, 3, 8, 8, dtype=torch.uint8)}, str(calibration_file))
+    with pytest.raises(FlawmapError, match=rf"{calibration_file.name}: expected uint8 calibration images"):
+        AnomalyModel.load(target)

@@ -31,7 +31,7 @@ def test_predict_without_torch_gives_the_torch_scores(bottle_export, bottle_test
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
     assert [record["path"] for record in records] == images
-    assert len(list(out.glob("*.png"))) == len(images)
+    assert len(list(out.rglob("*.png"))) == len(images)
     reference = load_model(model_dir, precision="float32").predict(bottle_test_images)
     for record, expected in zip(records, reference, strict=True):
         assert record["score"] == pytest.approx(expected.score, rel=1e-4)

@@ -14,13 +14,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import shutil
 import sys
+import tempfile
 import typing
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from flawmap._version import __version__
+from flawmap.calibration import check_false_alarm_rate
 from flawmap.errors import FlawmapError
 from flawmap.loading import RUNTIMES, load, missing_torch_error
 from flawmap.onnx_model import INPUT_DTYPES, STORAGE_PRECISIONS
@@ -38,6 +42,8 @@ EXIT_USER_ERROR = 2
 
 def main(argv: Sequence[str] | None = None) -> int:
     warnings.formatwarning = _one_line_warning
+    # image decoding refuses such images with an error of its own; Pillow's warning would repeat it
+    warnings.filterwarnings("ignore", message=".*decompression bomb", module="PIL")
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown and args.handler not in _NEEDS_TORCH.values():
@@ -53,8 +59,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
-    """Warnings as ``flawmap: warning: ...`` lines, without source lines."""
-    return f"flawmap: warning: {message}\n"
+    """Warnings as ``flawmap: warning: ...`` lines, without source lines; while a progress bar is
+    drawn (its line has no newline yet) the warning starts on a new line."""
+    from tqdm import tqdm
+
+    bar_drawn = any(not bar.disable for bar in list(getattr(tqdm, "_instances", ())))
+    return f"{chr(10) if bar_drawn else ''}flawmap: warning: {message}\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,12 +90,29 @@ def _add_torch_commands(commands) -> None:
         "--update", type=Path, metavar="MODEL_DIR",
         help="add DATA_DIR's good images to this fitted model (partial_fit) instead of fitting a new one",
     )
+    fit.add_argument("--force", action="store_true", help="replace the model already in --out")
     fit.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     fit.add_argument("--skip-invalid", action="store_true", help="skip unreadable images with a warning instead of stopping")
     _add_runtime_flags(fit)
     _add_hyperparameter_flags(fit)
 
     _add_prediction_commands(commands)
+
+    info = _command(commands, "info", "describe a saved model: method, parameters, threshold and its calibration", run_info)
+    info.add_argument("model", type=Path, metavar="MODEL_DIR")
+    info.add_argument("--json", type=Path, metavar="FILE", help="also write the description as JSON ('-': stdout only)")
+
+    calibrate = _command(
+        commands, "calibrate", "re-calibrate a model's threshold on new good images, without refitting", run_calibrate
+    )
+    calibrate.add_argument("model", type=Path, metavar="MODEL_DIR", help="updated in place")
+    calibrate.add_argument("good", nargs="+", type=Path, metavar="GOOD_DIR", help="folders or files of normal images")
+    calibrate.add_argument(
+        "--false-alarm-rate", type=float, default=None, metavar="R",
+        help="target share of normal images flagged, in (0, 1) (default: the model's)",
+    )
+    calibrate.add_argument("--skip-invalid", action="store_true", help="skip unreadable images with a warning")
+    _add_runtime_flags(calibrate)
 
     export = _command(commands, "export", "write a fitted model as one ONNX graph (images -> maps, scores)", run_export)
     export.add_argument("model", type=Path, metavar="MODEL_DIR")
@@ -136,7 +163,7 @@ def _add_prediction_commands(commands) -> None:
     evaluate = _command(commands, "evaluate", "compute metrics of a model on a dataset's test split", run_evaluate)
     evaluate.add_argument("model", type=Path, metavar="MODEL", help=model_help)
     evaluate.add_argument("data", type=Path, metavar="DATA_DIR")
-    evaluate.add_argument("--json", type=Path, metavar="FILE", help="write the metrics as JSON")
+    evaluate.add_argument("--json", type=Path, metavar="FILE", help="write the metrics as JSON ('-': to stdout)")
     evaluate.add_argument("--maps-dir", type=Path, metavar="DIR", help="write each anomaly map (.npy) and scores.json")
     evaluate.add_argument("--runtime", default="auto", choices=RUNTIMES, help=runtime_help)
     evaluate.add_argument("--report", type=Path, metavar="DIR", help="also write the HTML report (DIR/index.html)")
@@ -145,8 +172,15 @@ def _add_prediction_commands(commands) -> None:
     predict = _command(commands, "predict", "score images and write heat-map overlays", run_predict)
     predict.add_argument("model", type=Path, metavar="MODEL", help=model_help)
     predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE_OR_DIR")
-    predict.add_argument("--out", required=True, type=Path, metavar="DIR", help="overlays and scores.jsonl go here")
+    predict.add_argument(
+        "--out", required=True, type=Path, metavar="DIR",
+        help="overlays and scores.jsonl go here (replaced as a whole when the run succeeds)",
+    )
     predict.add_argument("--skip-invalid", action="store_true", help="skip unreadable images with a warning")
+    predict.add_argument("--recursive", action="store_true", help="also take images in subfolders of IMAGE_OR_DIR")
+    predict.add_argument(
+        "--threshold", type=float, default=None, metavar="X", help="flag scores above X (default: the calibrated threshold)"
+    )
     predict.add_argument("--runtime", default="auto", choices=RUNTIMES, help=runtime_help)
     predict.add_argument("--report", type=Path, metavar="DIR", help="also write the HTML report (DIR/index.html)")
     _add_runtime_flags(predict)
@@ -189,11 +223,13 @@ def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--precision", default=None, choices=PRECISIONS, help=f"arithmetic (default {defaults.precision})")
     group.add_argument("--batch-size", type=int, default=None, metavar="INT", help=f"images per backbone pass (default {defaults.batch_size})")
     group.add_argument("--num-workers", type=int, default=None, metavar="INT", help=f"image-decoding threads (default {defaults.num_workers})")
+    group.add_argument("--quiet", action="store_true", help="no progress bars (also: environment variable TQDM_DISABLE=1)")
 
 
 def _runtime(args: argparse.Namespace) -> Runtime:
-    """The runtime the flags ask for, with progress bars on."""
-    return Runtime(progress=True).replace(
+    """The runtime the flags ask for, with progress bars unless ``--quiet`` or ``TQDM_DISABLE``."""
+    progress = not args.quiet and os.environ.get("TQDM_DISABLE", "").lower() in ("", "0", "false")
+    return Runtime(progress=progress).replace(
         device=args.device, precision=args.precision, batch_size=args.batch_size, num_workers=args.num_workers
     )
 
@@ -276,22 +312,26 @@ def _given_hyperparameters(args: argparse.Namespace, method: str) -> dict[str, A
 # ---------------------------------------------------------------- commands
 def run_fit(args: argparse.Namespace) -> None:
     data = args.data[0] if len(args.data) == 1 else args.data
+    out = args.out or args.update
+    if out is None:
+        raise FlawmapError("give --out MODEL_DIR (where to save the model), or --update MODEL_DIR")
+    if args.out is not None and args.out != args.update and (args.out / "config.json").is_file() and not args.force:
+        raise FlawmapError(f"{args.out}: already holds a model; give --force to replace it, or --update {args.out} to add to it")
+    check_writable(out, folder=True)
     if args.update is not None:
         model = _update(args, data)
     else:
-        if args.out is None:
-            raise FlawmapError("give --out MODEL_DIR (where to save the model), or --update MODEL_DIR")
         method = args.method or "patchcore"
         METHODS.get(method)  # an unknown method fails here, listing the choices, before the flags
         params = _given_hyperparameters(args, method)
         seed = 0 if args.seed is None else args.seed
         model = create_model(method, runtime=_runtime(args), random_state=seed, **params)
         model.fit(data, skip_invalid=args.skip_invalid)
-    out = args.out or args.update
     model.save(out)
     print(
-        f"saved {model.method} model to {out} (threshold {model.threshold_:.4f}, {model.n_train_images_} training "
-        f"images in {model.n_fits_} fit{'s' if model.n_fits_ > 1 else ''}, fit {sum(model.fit_seconds_.values()):.1f} s)"
+        f"saved {model.method} model to {out} (threshold {model.threshold_:.4f} for a false-alarm rate of "
+        f"{model.false_alarm_rate:g}, {model.n_train_images_} training images in {model.n_fits_} "
+        f"fit{'s' if model.n_fits_ > 1 else ''}, fit {sum(model.fit_seconds_.values()):.1f} s)"
     )
 
 
@@ -307,15 +347,73 @@ def _update(args: argparse.Namespace, data: Any) -> AnomalyModel:
     return model.partial_fit(data, skip_invalid=args.skip_invalid)
 
 
+def run_info(args: argparse.Namespace) -> None:
+    description = describe_model(load_model(args.model))
+    if args.json != Path("-"):
+        print(format_description(description))
+    _write_json(args.json, description)
+
+
+def describe_model(model: AnomalyModel) -> dict[str, Any]:
+    """What ``flawmap info`` shows: method, hyper-parameters, training, threshold and calibration."""
+    calibration = model.calibration_
+    return {
+        "method": model.method,
+        "params": model.get_params(),
+        "n_train_images": model.n_train_images_,
+        "n_fits": model.n_fits_,
+        "threshold": model.threshold_,
+        "false_alarm_rate": calibration.false_alarm_rate,
+        "expected_false_alarm_rate_range": list(calibration.false_alarm_rate_interval),
+        "threshold_interval_90": list(calibration.threshold_interval),
+        "calibration": calibration.source,
+        "n_normal_scores": calibration.n_scores,
+        "estimator": calibration.estimator,
+        "overlay_scale": [model.map_low_, model.map_high_],
+    }
+
+
+def format_description(description: dict[str, Any]) -> str:
+    """``flawmap info`` as readable lines."""
+    params = ", ".join(f"{name}={value}" for name, value in description["params"].items())
+    low, high = description["threshold_interval_90"]
+    rate_low, rate_high = description["expected_false_alarm_rate_range"]
+    return "\n".join([
+        f"method: {description['method']}",
+        f"parameters: {params}",
+        f"trained on: {description['n_train_images']} images in {description['n_fits']} fit(s)",
+        f"threshold: {description['threshold']:.6g} (90% interval {low:.6g} .. {high:.6g})",
+        f"false-alarm rate: target {description['false_alarm_rate']:g}, expected {rate_low:.3g} .. {rate_high:.3g}",
+        f"calibrated on: {description['calibration']}; {description['estimator']} quantile of "
+        f"{description['n_normal_scores']} normal scores",
+    ])
+
+
+def run_calibrate(args: argparse.Namespace) -> None:
+    if args.false_alarm_rate is not None:
+        check_false_alarm_rate(args.false_alarm_rate)
+    check_writable(args.model, folder=True)
+    model = load_model(args.model, **dataclasses.asdict(_runtime(args)))
+    good = args.good[0] if len(args.good) == 1 else args.good
+    model.calibrate(good, false_alarm_rate=args.false_alarm_rate, skip_invalid=args.skip_invalid)
+    model.save(args.model)
+    calibration = model.calibration_
+    print(
+        f"calibrated {args.model}: threshold {calibration.threshold:.4f} for a false-alarm rate of "
+        f"{calibration.false_alarm_rate:g} ({calibration.estimator} quantile of {calibration.n_scores} normal images)"
+    )
+
+
 def run_evaluate(args: argparse.Namespace) -> None:
     from flawmap.evaluate import evaluate
 
+    for path, folder in ((args.json, False), (args.maps_dir, True), (args.report, True)):
+        if path is not None and path != Path("-"):
+            check_writable(path, folder=folder)
     model = load(args.model, runtime=args.runtime, **dataclasses.asdict(_runtime(args)))
     result = evaluate(model, args.data, maps_dir=args.maps_dir)
-    print(format_metrics(result))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(format_metrics(result), file=sys.stderr if args.json == Path("-") else sys.stdout)
+    _write_json(args.json, result)
     if args.report is not None:
         from flawmap.data import open_dataset
 
@@ -326,22 +424,101 @@ def run_predict(args: argparse.Namespace) -> None:
     from flawmap.data import samples_from_paths
     from flawmap.report import write_overlay
 
-    model = load(args.model, runtime=args.runtime, **dataclasses.asdict(_runtime(args)))
-    args.out.mkdir(parents=True, exist_ok=True)
-    n_scored = n_anomalous = 0
-    with open(args.out / "scores.jsonl", "w", encoding="utf-8") as lines:
-        for index, (prediction, _) in enumerate(
-            model.iter_predictions(samples_from_paths(args.images), skip_invalid=args.skip_invalid)
-        ):
-            sample = prediction.sample
-            write_overlay(model, prediction, args.out / f"{index:05d}_{sample.image_path.stem}.png")
-            record = {"path": str(sample.image_path), "score": prediction.score, "is_anomalous": prediction.is_anomalous}
-            lines.write(json.dumps(record) + "\n")
-            n_scored += 1
-            n_anomalous += prediction.is_anomalous
+    if args.report is not None:
+        check_writable(args.report, folder=True)
+    staging = _staging_folder(args.out)
+    try:
+        model = load(args.model, runtime=args.runtime, **dataclasses.asdict(_runtime(args)))
+        if args.threshold is not None:
+            model.threshold_ = args.threshold
+        samples = samples_from_paths(args.images, recursive=args.recursive)
+        names = output_names([sample.image_path for sample in samples])
+        name_of = {id(sample): name for sample, name in zip(samples, names)}
+        n_scored = n_anomalous = 0
+        with open(staging / "scores.jsonl", "w", encoding="utf-8") as lines:
+            for prediction, _ in model.iter_predictions(samples, skip_invalid=args.skip_invalid):
+                overlay = f"{name_of[id(prediction.sample)]}.png"
+                write_overlay(model, prediction, staging / overlay)
+                record = {
+                    "path": str(prediction.sample.image_path), "score": prediction.score,
+                    "is_anomalous": prediction.is_anomalous, "threshold": model.threshold_, "overlay": overlay,
+                }
+                lines.write(json.dumps(record) + "\n")
+                n_scored += 1
+                n_anomalous += prediction.is_anomalous
+        _replace_folder(staging, args.out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     print(f"scored {n_scored} images, {n_anomalous} anomalous; overlays and scores.jsonl in {args.out}")
     if args.report is not None:
-        _write_report(model, samples_from_paths(args.images), args.report, skip_invalid=args.skip_invalid)
+        _write_report(model, samples, args.report, skip_invalid=args.skip_invalid)
+
+
+def output_names(paths: Sequence[Path]) -> list[str]:
+    """Output names (no suffix) that keep each input's path relative to the inputs' common
+    folder (``broken_large/003``); repeated inputs get ``_2``, ``_3``, ... appended."""
+    absolute = [Path(os.path.abspath(path)) for path in paths]
+    if not absolute:
+        return []
+    root = Path(os.path.commonpath([path.parent for path in absolute]))
+    names, seen = [], {}
+    for path in absolute:
+        name = path.relative_to(root).with_suffix("").as_posix()
+        seen[name] = seen.get(name, 0) + 1
+        names.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
+    return names
+
+
+def check_writable(path: Path, *, folder: bool) -> None:
+    """Fail now, before any long work, if ``path`` (a folder or a file to create or replace)
+    cannot be written: its nearest existing ancestor must be a writable folder."""
+    existing = Path(os.path.abspath(path))
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing == Path(os.path.abspath(path)):
+        if folder != existing.is_dir():
+            raise FlawmapError(f"{path}: exists and is {'a file, not a folder' if folder else 'a folder, not a file'}")
+        existing = existing if folder else existing.parent
+    elif not existing.is_dir():
+        raise FlawmapError(f"{path}: cannot be created ({existing} is a file, not a folder)")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as error:
+        raise FlawmapError(f"{path}: cannot write there ({error.strerror or error})") from None
+
+
+def _staging_folder(out: Path) -> Path:
+    """A new temporary sibling of ``out`` to write predictions into (``out`` is replaced by it
+    at the end); refuses an ``out`` that holds anything but an earlier prediction output."""
+    check_writable(out, folder=True)
+    if out.is_dir() and any(out.iterdir()) and not (out / "scores.jsonl").is_file():
+        raise FlawmapError(f"{out}: exists and is not an earlier predict output (no scores.jsonl); refusing to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Put folder ``new`` in place of ``target`` by renames; the old ``target`` is removed after."""
+    if not target.exists():
+        new.rename(target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+    target.rename(old / target.name)
+    new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_json(path: Path | None, document: dict[str, Any]) -> None:
+    """Write ``document`` as JSON to ``path``, or to stdout when ``path`` is ``-``; nothing for None."""
+    if path is None:
+        return
+    text = json.dumps(document, indent=2) + "\n"
+    if path == Path("-"):
+        sys.stdout.write(text)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
 
 
 def run_export(args: argparse.Namespace) -> None:
@@ -506,7 +683,7 @@ def _write_report(model: Any, data: Any, out: Path, **options: Any) -> Path:
 
 
 #: Commands that need torch, and what they do without it.
-_NEEDS_TORCH = {name: _needs_torch(name) for name in ("fit", "export", "demo", "demo-data", "benchmark")}
+_NEEDS_TORCH = {name: _needs_torch(name) for name in ("fit", "info", "calibrate", "export", "demo", "demo-data", "benchmark")}
 
 
 if __name__ == "__main__":

@@ -77,6 +77,9 @@ class StreamingCoreset:
         Rows per shard.
     generator : torch.Generator, optional
         Source of the projection and of each shard's first point.
+
+    Rows may carry integer labels (``add(rows, labels)``, e.g. the training image each row came
+    from); the labels of the kept rows are :meth:`labels`, -1 for rows added without.
     """
 
     def __init__(
@@ -97,10 +100,13 @@ class StreamingCoreset:
         self._kept: list[torch.Tensor] = []
         self._n_kept = 0
         self._projection: torch.Tensor | None = None
+        self._label_buffer: list[torch.Tensor] = []
+        self._kept_labels: list[torch.Tensor] = []
 
-    def add(self, rows: torch.Tensor) -> None:
-        """Add feature rows (n, D); reduces a shard whenever one is full."""
+    def add(self, rows: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """Add feature rows (n, D) with optional integer labels (n,); reduces a shard whenever one is full."""
         self._buffer.append(rows)
+        self._label_buffer.append(_labels(labels, rows.shape[0]))
         self._buffered_rows += rows.shape[0]
         if self._buffered_rows >= self.shard_rows:
             self._reduce_buffer()
@@ -112,16 +118,21 @@ class StreamingCoreset:
         if not self._kept:
             raise ValueError("no rows were added")
         self._kept = [torch.cat(self._kept)]
+        self._kept_labels = [torch.cat(self._kept_labels)]
         return self._kept[0]
 
-    def state(self) -> dict[str, torch.Tensor]:
-        """What resuming needs besides the kept rows: rows seen, the projection, the generator.
+    def labels(self) -> torch.Tensor:
+        """The labels (M,) int64 of the rows :meth:`result` returns, in the same order."""
+        self.result()
+        return self._kept_labels[0]
 
-        Call after :meth:`result` (nothing may be buffered).
+    def state(self) -> dict[str, torch.Tensor]:
+        """What resuming needs besides the kept rows: rows seen, the kept rows' labels, the
+        projection, the generator. Call after :meth:`result` (nothing may be buffered).
         """
         if self._buffered_rows:
             raise ValueError("call result() before state(): rows are still buffered")
-        state = {"rows_seen": torch.tensor(self._rows_seen)}
+        state = {"rows_seen": torch.tensor(self._rows_seen), "labels": self._kept_labels[0]}
         if self._projection is not None:
             state["projection"] = self._projection
         if self.generator is not None:
@@ -137,20 +148,25 @@ class StreamingCoreset:
         coreset = cls(fraction, projection_dim=projection_dim, shard_rows=shard_rows, generator=_generator(state))
         coreset._rows_seen = int(state["rows_seen"])
         coreset._kept, coreset._n_kept = [kept], kept.shape[0]
+        coreset._kept_labels = [_kept_labels(state, kept)]
         coreset._projection = state.get("projection")
         return coreset
 
     def _reduce_buffer(self) -> None:
-        shard = torch.cat(self._buffer)
-        self._buffer, self._buffered_rows = [], 0
+        shard, labels = torch.cat(self._buffer), torch.cat(self._label_buffer)
+        self._buffer, self._label_buffer, self._buffered_rows = [], [], 0
         self._rows_seen += shard.shape[0]
         # cumulative rounding: the kept total is round(fraction * rows seen) after every shard
         quota = max(1, round(self.fraction * self._rows_seen)) - self._n_kept
         quota = min(quota, shard.shape[0])
         if quota <= 0:
             return
-        selected = shard if quota == shard.shape[0] else shard[greedy_coreset(self._project(shard), quota, generator=self.generator)]
-        self._kept.append(selected)
+        if quota == shard.shape[0]:
+            selected = torch.arange(quota)
+        else:
+            selected = greedy_coreset(self._project(shard), quota, generator=self.generator)
+        self._kept.append(shard[selected])
+        self._kept_labels.append(labels[selected])
         self._n_kept += quota
 
     def _project(self, shard: torch.Tensor) -> torch.Tensor:
@@ -180,15 +196,18 @@ class StreamingRandomSample:
         self.fraction = fraction
         self.generator = generator
         self._kept: list[torch.Tensor] = []
+        self._kept_labels: list[torch.Tensor] = []
         self._n_kept = 0
         self._rows_seen = 0
 
-    def add(self, rows: torch.Tensor) -> None:
-        """Add feature rows (n, D)."""
+    def add(self, rows: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """Add feature rows (n, D) with optional integer labels (n,) (as :class:`StreamingCoreset`)."""
         self._rows_seen += rows.shape[0]
         quota = min(rows.shape[0], max(1, round(self.fraction * self._rows_seen)) - self._n_kept)
         if quota > 0:
-            self._kept.append(rows[torch.randperm(rows.shape[0], generator=self.generator)[:quota]])
+            chosen = torch.randperm(rows.shape[0], generator=self.generator)[:quota]
+            self._kept.append(rows[chosen])
+            self._kept_labels.append(_labels(labels, rows.shape[0])[chosen])
             self._n_kept += quota
 
     def result(self) -> torch.Tensor:
@@ -196,11 +215,17 @@ class StreamingRandomSample:
         if not self._kept:
             raise ValueError("no rows were added")
         self._kept = [torch.cat(self._kept)]
+        self._kept_labels = [torch.cat(self._kept_labels)]
         return self._kept[0]
 
+    def labels(self) -> torch.Tensor:
+        """The labels (M,) int64 of the rows :meth:`result` returns."""
+        self.result()
+        return self._kept_labels[0]
+
     def state(self) -> dict[str, torch.Tensor]:
-        """What resuming needs besides the kept rows: rows seen and the generator."""
-        state = {"rows_seen": torch.tensor(self._rows_seen)}
+        """What resuming needs besides the kept rows: rows seen, their labels and the generator."""
+        state = {"rows_seen": torch.tensor(self._rows_seen), "labels": self.labels()}
         if self.generator is not None:
             state["generator"] = self.generator.get_state()
         return state
@@ -211,8 +236,22 @@ class StreamingRandomSample:
         sample = cls(fraction, generator=_generator(state))
         sample._rows_seen = int(state["rows_seen"])
         sample._kept, sample._n_kept = [kept], kept.shape[0]
+        sample._kept_labels = [_kept_labels(state, kept)]
         return sample
 
+
+
+def _labels(labels: torch.Tensor | None, n_rows: int) -> torch.Tensor:
+    """Row labels as int64 (n,): the given ones, or -1 for rows added without."""
+    return torch.full((n_rows,), -1, dtype=torch.int64) if labels is None else labels.long()
+
+
+def _kept_labels(state: dict[str, torch.Tensor], kept: torch.Tensor) -> torch.Tensor:
+    """The kept rows' labels saved in a sampler's ``state`` (-1 when it has none); checked."""
+    labels = state.get("labels", _labels(None, kept.shape[0]))
+    if labels.shape != (kept.shape[0],):
+        raise RuntimeError(f"{labels.shape[0] if labels.ndim else 0} row labels for {kept.shape[0]} kept rows")
+    return labels.long()
 
 
 def _generator(state: dict[str, torch.Tensor]) -> torch.Generator | None:

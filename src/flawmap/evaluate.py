@@ -19,7 +19,10 @@ from flawmap.metrics import image_metrics, pixel_metrics
 from flawmap.prediction import Predictor
 
 #: The keys of an evaluation result, in order.
-RESULT_KEYS = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1_max", "n_images", "predict_ms_per_image")
+RESULT_KEYS = (
+    "image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1_max", "threshold", "false_alarm_rate", "recall",
+    "n_images", "predict_ms_per_image",
+)
 
 
 def evaluate(
@@ -37,7 +40,9 @@ def evaluate(
 
     Returns
     -------
-    dict with the keys of :data:`RESULT_KEYS`.
+    dict with the keys of :data:`RESULT_KEYS`. ``false_alarm_rate`` and ``recall`` are what the
+    model's calibrated ``threshold_`` achieves: the share of normal test images flagged, and of
+    anomalous ones (NaN when the split has none of that kind).
     """
     if not isinstance(dataset, Dataset):
         dataset = open_dataset(dataset)
@@ -60,7 +65,9 @@ def evaluate(
     if maps_dir is not None:
         scores_path = Path(maps_dir) / "scores.json"
         scores_path.write_text(json.dumps(dict(zip(keys, scores)), indent=1) + "\n", encoding="utf-8")
-    image = image_metrics(np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool))
+    score_array, label_array = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
+    image = image_metrics(score_array, label_array)
+    flagged = score_array > model.threshold_
     pixel = pixel_metrics(maps, masks)
     result = {
         "image_auroc": image["image_auroc"],
@@ -68,10 +75,18 @@ def evaluate(
         "aupro": pixel["aupro"],
         "pixel_ap": pixel["pixel_ap"],
         "image_f1_max": image["image_f1_max"],
+        "threshold": float(model.threshold_),
+        "false_alarm_rate": _share(flagged[~label_array]),
+        "recall": _share(flagged[label_array]),
         "n_images": len(scores),
         "predict_ms_per_image": predict_ms,
     }
     return {key: result[key] for key in RESULT_KEYS}
+
+
+def _share(flags: np.ndarray) -> float:
+    """The share of True in ``flags``; NaN when empty."""
+    return float(flags.mean()) if flags.size else float("nan")
 
 
 def _write_map(maps_dir: Path, key: str, anomaly_map: np.ndarray) -> None:

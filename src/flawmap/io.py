@@ -18,7 +18,7 @@ the new record, complete. Model directories and training checkpoints are both re
 
 A model directory is a record whose document is ``config.json``::
 
-    {"format": "flawmap-model", "format_version": 2, "flawmap_version": ...,
+    {"format": "flawmap-model", "format_version": 3, "flawmap_version": ...,
      "method": ..., "params": {...}, "fitted": {...}, "saved_with": {...}, "files": {...}}
 
 ``saved_with`` says where the model was fitted (device, torch version), for information only:
@@ -33,7 +33,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import math
 import tempfile
+import types
+import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +44,7 @@ from flawmap._version import __version__
 from flawmap.errors import FlawmapError
 
 FORMAT_NAME = "flawmap-model"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: out-of-sample calibration records (calibration_, map maxima and medians)
 CONFIG_FILE = "config.json"
 #: Top-level keys every model config has besides the format fields.
 MODEL_KEYS = ("method", "params", "fitted", "files")
@@ -89,6 +92,81 @@ def read_model_directory(directory: str | Path) -> tuple[dict[str, Any], dict[st
         if key not in document:
             raise FlawmapError(f"{config_path}: missing key {key!r}")
     return document, groups
+
+
+def check_params(config_path: Path, params: Any, types: dict[str, Any]) -> dict[str, Any]:
+    """``params`` checked against ``types`` (name -> type hint); FlawmapError naming ``config_path``
+    for a missing, unknown or mistyped value. Returns the values with JSON ints of float
+    parameters as floats."""
+    return _check_section(config_path, "params", params, types)
+
+
+def check_fitted(config_path: Path, fitted: Any, types: dict[str, Any]) -> dict[str, Any]:
+    """``fitted`` with the keys of ``types`` checked (other keys are the method's, passed on)."""
+    if not isinstance(fitted, dict):
+        raise FlawmapError(f"{config_path}: 'fitted' must be an object, got {type(fitted).__name__}")
+    checked = _check_section(config_path, "fitted", {k: v for k, v in fitted.items() if k in types}, types)
+    return {**fitted, **checked}
+
+
+def _check_section(config_path: Path, section: str, values: Any, types: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(values, dict):
+        raise FlawmapError(f"{config_path}: {section!r} must be an object, got {type(values).__name__}")
+    unknown = sorted(set(values) - set(types))
+    if unknown:
+        raise FlawmapError(f"{config_path}: unknown key {section}.{unknown[0]}")
+    missing = sorted(set(types) - set(values))
+    if missing:
+        raise FlawmapError(f"{config_path}: missing key {section}.{missing[0]}")
+    checked = {}
+    for name, hint in types.items():
+        value = _as_type(values[name], hint)
+        if value is _MISMATCH:
+            raise FlawmapError(
+                f"{config_path}: {section}.{name} must be {_type_name(hint)}, got {json.dumps(values[name])[:40]}"
+            )
+        checked[name] = value
+    return checked
+
+
+_MISMATCH = object()
+
+
+def _as_type(value: Any, hint: Any) -> Any:
+    """``value`` (parsed JSON) as ``hint`` (int, float, str, bool, list, dict, tuple[X, ...],
+    ``X | None``), or :data:`_MISMATCH`."""
+    if hint is type(None):
+        return None if value is None else _MISMATCH
+    options = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        for option in options:
+            converted = _as_type(value, option)
+            if converted is not _MISMATCH:
+                return converted
+        return _MISMATCH
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, list):
+            return _MISMATCH
+        items = [_as_type(item, options[0]) for item in value]
+        return _MISMATCH if any(item is _MISMATCH for item in items) else tuple(items)
+    if hint is bool:
+        return value if isinstance(value, bool) else _MISMATCH
+    if hint is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _MISMATCH
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return float(value) if ok else _MISMATCH
+    return value if isinstance(value, hint) else _MISMATCH
+
+
+def _type_name(hint: Any) -> str:
+    """A readable name of a type hint: ``int``, ``a list of str``, ``float or null``."""
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    options = typing.get_args(hint)
+    if options and typing.get_origin(hint) is not tuple:
+        return " or ".join(_type_name(option) for option in options)
+    return "null" if hint is type(None) else hint.__name__
 
 
 def model_directory_digest(directory: str | Path) -> str:

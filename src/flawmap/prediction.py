@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+from PIL import Image
 
 from flawmap import postprocess
 from flawmap.data import Batch, Dataset, Sample, iter_batches, samples_from_paths
+from flawmap.data.loader import pil_to_array
 from flawmap.runtime import Runtime
 
 #: What ``fit`` and ``predict`` accept: a path (dataset folder, image folder or image file), a
@@ -115,14 +117,15 @@ class Predictor:
 
 
 def prediction_samples(images: ImageInput) -> list[Sample | np.ndarray]:
-    """Images to score: files, folders of images, a Dataset (its test split) or uint8 arrays."""
+    """Images to score: files, folders of images, a Dataset (its test split), uint8 arrays or
+    PIL images (taken like arrays)."""
     if isinstance(images, Dataset):
         return list(images.test)
     if isinstance(images, (str, Path)):
         return samples_from_paths([images])
-    if isinstance(images, np.ndarray):
-        return [images]
-    items = list(images)
-    if all(isinstance(item, np.ndarray) for item in items):
+    if isinstance(images, (np.ndarray, Image.Image)):
+        images = [images]
+    items = [pil_to_array(item) if isinstance(item, Image.Image) else item for item in images]
+    if all(isinstance(item, (np.ndarray, Sample)) for item in items):
         return items
     return samples_from_paths(items)

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from flawmap.data.datasets import Sample
 from flawmap.data.images import list_images, read_image, read_mask
+from flawmap.data.loader import iter_batches
 from flawmap.errors import FlawmapError
 
 SIXTEEN_BIT_LEVELS = np.array([[0, 128, 385, 386, 25700, 65535]], dtype=np.uint16)
@@ -170,3 +172,88 @@ def test_list_images_errors(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(FlawmapError, match="no image files"):
         list_images(tmp_path / "empty")
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    """A camera JPEG stored landscape with 'rotate 90' in EXIF is read upright (portrait)."""
+    pixels = np.zeros((20, 40, 3), dtype=np.uint8)
+    pixels[:, :20] = (255, 0, 0)  # left half red as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    path = tmp_path / "camera.jpg"
+    Image.fromarray(pixels).save(path, exif=exif, quality=95)
+    upright = read_image(path)
+    assert upright.shape == (40, 20, 3)
+    assert upright[:20, :, 0].mean() > 200 and upright[20:, :, 0].mean() < 50  # red ends up on top
+
+
+def test_decompression_bomb_is_refused_before_decoding(tmp_path: Path) -> None:
+    """A small file that decodes to 144 megapixels: refused, not decoded into gigabytes."""
+    path = tmp_path / "bomb.png"
+    Image.new("1", (12_000, 12_000)).save(path)
+    assert path.stat().st_size < 100_000
+    with pytest.raises(FlawmapError, match="too large to decode safely") as raised:
+        read_image(path)
+    assert "\n" not in str(raised.value)
+
+
+def _png_with_size(width: int, height: int) -> bytes:
+    """A 1x1 grey PNG whose header claims ``width x height``."""
+    import io
+    import struct
+    import zlib
+
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    ihdr = 8 + 8  # signature, then length and type of the IHDR chunk
+    data[ihdr : ihdr + 8] = struct.pack(">II", width, height)
+    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4 : ihdr + 13])))
+    return bytes(data)
+
+
+@pytest.mark.parametrize("size", [(0, 0), (0, 10), (100_000, 100_000), (30_000, 20_000)])
+def test_zero_size_and_huge_headers_are_one_line_errors(tmp_path: Path, size: tuple[int, int]) -> None:
+    path = tmp_path / "header.png"
+    path.write_bytes(_png_with_size(*size))
+    with pytest.raises(FlawmapError) as raised:
+        read_image(path)
+    assert str(path) in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_empty_file_is_a_one_line_error(tmp_path: Path) -> None:
+    path = tmp_path / "empty.jpg"
+    path.write_bytes(b"")
+    with pytest.raises(FlawmapError, match="not an image file"):
+        read_image(path)
+
+
+FUZZ_FORMATS = {".png": {}, ".jpg": {"quality": 90}, ".bmp": {}, ".tif": {}, ".tiff": {"compression": "tiff_lzw"}}
+
+
+@pytest.mark.parametrize("suffix", sorted(FUZZ_FORMATS))
+def test_fuzzed_files_decode_or_fail_with_one_line(tmp_path: Path, suffix: str) -> None:
+    """Truncations at many lengths, bit flips, random bytes and tiny images of every supported
+    format, through the loader of a 64 px model: each file gives a batch of an image of at least
+    the 8 x 8 patch grid, or a one-line FlawmapError naming it; nothing else, never a silent score."""
+    rng = np.random.default_rng(len(suffix))
+    valid = save(tmp_path / f"valid{suffix}", noise_rgb(24, 32), **FUZZ_FORMATS[suffix]).read_bytes()
+    tiny = [save(tmp_path / f"tiny{side}{suffix}", noise_rgb(side, side), **FUZZ_FORMATS[suffix]) for side in (1, 7)]
+    variants = [valid[:length] for length in np.unique(np.linspace(0, len(valid) - 1, 25).astype(int))]
+    for _ in range(25):
+        flipped = bytearray(valid)
+        for position in rng.integers(0, min(len(valid), 256), size=3):
+            flipped[position] ^= 1 << int(rng.integers(8))
+        variants.append(bytes(flipped))
+    variants += [rng.integers(0, 256, size=int(rng.integers(1, 2000)), dtype=np.uint8).tobytes() for _ in range(10)]
+    paths = list(tiny)
+    for index, payload in enumerate(variants):
+        paths.append(tmp_path / f"fuzz{index:03d}{suffix}")
+        paths[-1].write_bytes(payload)
+    for path in paths:
+        try:
+            (batch,) = list(iter_batches([Sample(image_path=path)], 64))
+        except FlawmapError as error:
+            assert str(path) in str(error) and "\n" not in str(error)
+        else:
+            assert path not in tiny and batch.images.shape == (1, 3, 64, 64) and min(batch.original_hw[0]) >= 8

@@ -130,3 +130,26 @@ def test_progress_bar_goes_to_stderr(tmp_path: Path, capsys: pytest.CaptureFixtu
     list(iter_batches(uniform_samples(tmp_path, 3), image_size=4, progress="decoding"))
     captured = capsys.readouterr()
     assert "decoding" in captured.err and captured.out == ""
+
+
+def test_images_smaller_than_the_patch_grid_are_a_clear_error(tmp_path: Path) -> None:
+    """A 64 px model has an 8 x 8 patch grid: a 1 x 1 or 7 x 30 image would be a silent guess."""
+    for size in ((1, 1), (7, 30)):
+        path = tmp_path / f"tiny_{size[0]}x{size[1]}.png"
+        Image.new("RGB", size[::-1]).save(path)
+        with pytest.raises(FlawmapError, match=rf"{path.name}: image is {size[1]}x{size[0]}, smaller than the model's 8x8 patch grid"):
+            list(iter_batches([Sample(image_path=path)], 64))
+    with pytest.raises(FlawmapError, match="<array 0>: image is 2x2"):
+        list(iter_batches([np.zeros((2, 2, 3), dtype=np.uint8)], 64))
+    (batch,) = iter_batches([np.zeros((8, 8, 3), dtype=np.uint8)], 64)
+    assert batch.images.shape == (1, 3, 64, 64)
+
+
+def test_pil_images_are_taken_like_arrays() -> None:
+    pixels = np.random.default_rng(0).integers(0, 256, size=(20, 30, 3), dtype=np.uint8)
+    (from_pil,) = iter_batches([Image.fromarray(pixels), Image.fromarray(pixels).convert("L")], 16, batch_size=2)
+    (from_array,) = iter_batches([pixels], 16)
+    np.testing.assert_array_equal(from_pil.images[:1], from_array.images)
+    assert from_pil.original_hw == [(20, 30), (20, 30)]
+    with pytest.raises(FlawmapError, match=r"samples\[0\] is a str"):
+        list(iter_batches(["not a sample"], 16))

@@ -22,6 +22,11 @@ def quick_model(method: str) -> AnomalyModel:
     return create_model(method, **METHODS.get(method).quick_params).set_runtime(batch_size=4, num_workers=1)
 
 
+def n_held_out(model: AnomalyModel) -> int:
+    """Normal images the model did not learn from (cross-fitted methods hold none out)."""
+    return 0 if model.cross_fits else model.calibration_images_.shape[0]
+
+
 @pytest.fixture(scope="module")
 def fitted(tiny_dataset):
     """method -> a model fitted on the tiny category (fitted lazily, once per method)."""
@@ -53,7 +58,9 @@ def test_fit_returns_self_and_sets_fitted_state(method, tiny_dataset):
     assert not model.is_fitted()
     assert model.fit(tiny_dataset) is model
     assert model.is_fitted() and isinstance(model.scorer_, Scorer)
-    assert model.n_fits_ == 1 and model.n_train_images_ + model.calibration_images_.shape[0] == 12
+    assert model.n_fits_ == 1 and model.n_train_images_ + n_held_out(model) == 12
+    assert len(model.calibration_scores_) == (12 if model.cross_fits else n_held_out(model))
+    assert model.calibration_.n_scores == len(model.calibration_scores_) and model.calibration_.threshold == model.threshold_
 
 
 @pytest.mark.parametrize("method", ALL_METHODS)
@@ -147,8 +154,8 @@ def test_partial_fit_as_declared(method, fitted, tiny_dataset, test_images, tmp_
     updated = quick_model(method).fit(train[:6])
     assert updated.partial_fit(train[6:]) is updated
     assert updated.n_fits_ == 2
-    assert updated.n_train_images_ + updated.calibration_images_.shape[0] == 12
-    assert len(updated.calibration_scores_) == updated.calibration_images_.shape[0]
+    assert updated.n_train_images_ + n_held_out(updated) == 12
+    assert len(updated.calibration_scores_) == (12 if updated.cross_fits else n_held_out(updated))
     assert all(np.isfinite(prediction.score) for prediction in updated.predict(test_images))
     reloaded = load_model(updated.save(tmp_path / "updated"), batch_size=4, num_workers=1)
     assert_same_predictions(updated, reloaded, test_images, rel=1e-6)
@@ -171,3 +178,41 @@ def test_refit_forgets_and_is_reproducible(method, fitted, tiny_dataset, test_im
     again.fit(tiny_dataset)
     assert again.n_fits_ == 1
     assert_same_predictions(model, again, test_images, rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_calibration_scores_are_out_of_sample(method, fitted, tiny_dataset):
+    """The threshold's normal scores are not in-sample: a cross-fitted training image scores at
+    least as high left out as when the model scores it with its own contribution."""
+    model = fitted(method)
+    if not model.cross_fits:
+        assert model.calibration_images_.shape[0] >= 1 and len(model.calibration_scores_) == model.calibration_images_.shape[0]
+        return
+    train = list(open_dataset(tiny_dataset).train)
+    in_sample = np.array([prediction.score for prediction in model.predict([s.image_path for s in train])])
+    left_out = np.array(model.calibration_scores_)
+    assert left_out.shape == in_sample.shape
+    assert (left_out >= in_sample - 1e-4 * np.abs(in_sample)).all() and (left_out > in_sample).mean() > 0.5
+
+
+def test_skip_invalid_never_aborts_because_the_held_out_images_were_skipped(tiny_dataset, tmp_path):
+    """A method calibrated on a hold-out: when every image the hash holds out is unreadable,
+    ``skip_invalid`` holds out the next valid ones instead of failing."""
+    import shutil
+
+    from flawmap.models.base import _uniform_hash
+
+    class HeldOutPatchCore(PatchCore):
+        cross_fits = False
+
+    dataset = shutil.copytree(tiny_dataset, tmp_path / "data")
+    model = HeldOutPatchCore(image_size=64, coreset_fraction=0.25).set_runtime(batch_size=4, num_workers=1)
+    train = list(open_dataset(dataset).train)
+    held_out = [s.image_path for s in train if _uniform_hash(model.random_state, s) < model.calibration_fraction]
+    held_out = held_out or [min(train, key=lambda s: _uniform_hash(model.random_state, s)).image_path]
+    for path in held_out:
+        path.write_bytes(b"not an image any more")
+    with pytest.warns(UserWarning, match="skipping"):
+        model.fit(dataset, skip_invalid=True)
+    assert model.calibration_images_.shape[0] >= 1 and len(model.calibration_scores_) >= 1
+    assert model.n_train_images_ + model.calibration_images_.shape[0] == 12 - len(held_out)

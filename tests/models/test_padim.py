@@ -7,7 +7,7 @@ from scipy.spatial.distance import mahalanobis
 import flawmap
 from flawmap.errors import FlawmapError
 from flawmap.io import read_tensor_file
-from flawmap.models.padim import GaussianAccumulator, Padim, mahalanobis_distances, regularised_inverse
+from flawmap.models.padim import GaussianAccumulator, Padim, left_out_distances, mahalanobis_distances, regularised_inverse
 
 
 def correlated_samples(rng: np.random.Generator, n_samples: int, n_positions: int, n_dims: int) -> np.ndarray:
@@ -100,14 +100,37 @@ def test_too_many_features_keep_every_channel():
 
 @pytest.mark.parametrize("through_save", [False, True])
 def test_partial_fit_on_the_second_half_equals_one_fit_on_all(through_save, tmp_path):
-    # the hash holds out images 0, 3 and 9 of these in both procedures
     full, updated = fit_whole_and_in_halves(quick_padim, random_images(2, 10), through_save, tmp_path)
-    assert updated.n_train_images_ == 7 and updated.gaussians_.count == 7
+    assert updated.n_train_images_ == 10 and updated.gaussians_.count == 10  # cross-fitted: nothing held out
     assert torch.equal(updated.scorer_.channel_indices, full.scorer_.channel_indices)
-    torch.testing.assert_close(updated.scorer_.means, full.scorer_.means, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(updated.scorer_.inverse_covariances, full.scorer_.inverse_covariances, rtol=1e-6, atol=1e-6)
-    assert updated.threshold_ == pytest.approx(full.threshold_, rel=1e-6)
+    # float32 backbone features differ in the last bits between batch compositions
+    torch.testing.assert_close(updated.scorer_.means, full.scorer_.means, rtol=1e-5, atol=1e-5)
+    # the moments agree to float32 feature noise; the inverses (of 10 samples in 24 dimensions,
+    # so conditioned by epsilon alone) amplify that noise, so they are compared through the moments
+    for name, tensor in full.gaussians_.state().items():
+        scale = float(tensor.double().abs().max())
+        torch.testing.assert_close(updated.gaussians_.state()[name], tensor, rtol=1e-6, atol=1e-6 * scale)
+    # the first half's left-out scores were computed against its own 5-image Gaussians, so the
+    # thresholds differ; the second half's are those of the full model (up to the inverses' noise)
+    assert len(updated.calibration_scores_) == len(full.calibration_scores_) == 10
+    assert updated.calibration_scores_[5:] == pytest.approx(full.calibration_scores_[5:], rel=0.1)
     assert_same_predictions(full, updated, random_images(1, 2))
+
+
+def test_left_out_distances_equal_gaussians_refitted_without_each_sample():
+    """The closed form (Sherman-Morrison) against explicit leave-one-out refits, tiny epsilon."""
+    generator = torch.Generator().manual_seed(0)
+    samples = torch.randn(12, 3, 4, generator=generator, dtype=torch.float64)  # N, P positions, D dims
+    epsilon = 1e-9
+    full = GaussianAccumulator()
+    full.add(samples)
+    inverse = regularised_inverse(full.covariance(), epsilon)
+    distances = mahalanobis_distances(samples, full.mean(), inverse)
+    for i in range(samples.shape[0]):
+        others = GaussianAccumulator()
+        others.add(torch.cat([samples[:i], samples[i + 1 :]]))
+        refit = mahalanobis_distances(samples[i : i + 1], others.mean(), regularised_inverse(others.covariance(), epsilon))
+        torch.testing.assert_close(left_out_distances(distances[i : i + 1], 12), refit, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("params", [{"n_features": 0}, {"epsilon": 0.0}])

@@ -15,9 +15,9 @@ def memory_bank(model: PatchCore) -> torch.Tensor:
 
 
 def test_fit_builds_coreset_bank_of_requested_size(tiny_model):
-    # 12 train images, 1 held out for calibration (10%), 8 x 8 patches each at 64 px
+    # 12 train images (cross-fitted calibration: none held out), 8 x 8 patches each at 64 px
     n_patches = tiny_model.n_train_images_ * 8 * 8
-    assert tiny_model.n_train_images_ + tiny_model.calibration_images_.shape[0] == 12
+    assert tiny_model.n_train_images_ == 12
     assert memory_bank(tiny_model).shape == (round(0.25 * n_patches), 40 + 112)
 
 
@@ -71,10 +71,27 @@ def test_predict_maps_have_original_size(tiny_model):
     assert prediction.is_anomalous == (prediction.score > tiny_model.threshold_)
 
 
-def test_threshold_calibrated_on_held_out_normals(tiny_model):
+def test_threshold_calibrated_on_every_training_image_left_out(tiny_model):
     scores = np.asarray(tiny_model.calibration_scores_)
-    assert len(scores) == tiny_model.calibration_images_.shape[0] >= 1
-    assert tiny_model.threshold_ == pytest.approx(scores.max())  # fewer than 100 normals at a 1% rate
+    assert len(scores) == tiny_model.n_train_images_ == 12
+    assert tiny_model.calibration_.n_scores == 12 and tiny_model.calibration_.estimator == "exponential tail"
+    assert tiny_model.threshold_ > scores.max()  # a 1% rate from 12 scores: above all of them
+
+
+def test_left_out_scores_search_only_the_bank_rows_of_other_images(tiny_model, tiny_dataset):
+    train = list(open_dataset(tiny_dataset).train)
+    images = torch.from_numpy(next(iter(tiny_model._batches(train[:3], False, "test"))).images)
+    with torch.inference_mode():
+        features = tiny_model.scorer_.embed(images)
+        left_out = tiny_model._left_out_scores(features, torch.tensor([0, 1, 2])).patch_scores
+        in_sample = tiny_model.scorer_.score(features).patch_scores
+    bank, sources = memory_bank(tiny_model), tiny_model.coreset_state_["labels"]
+    for image in range(3):
+        queries = features[image].flatten(1).T  # (h * w, C)
+        others = torch.cdist(queries.double(), bank[sources != image].double()).min(dim=1).values
+        torch.testing.assert_close(left_out[image].flatten().double(), others, rtol=1e-3, atol=1e-3)
+    assert (sources >= 0).all() and set(sources.tolist()) <= set(range(12))
+    assert (left_out >= in_sample - 1e-4).all() and (left_out > in_sample + 1e-4).any()
 
 
 @pytest.mark.parametrize(
@@ -114,7 +131,7 @@ def test_partial_fit_continues_the_coreset_over_all_patches_seen(tiny_dataset):
     model.partial_fit(train[6:])
     bank = memory_bank(model)
     assert model.n_fits_ == 2
-    assert model.n_train_images_ + model.calibration_images_.shape[0] == 12
+    assert model.n_train_images_ == 12 and len(model.calibration_scores_) == 12
     assert bank.shape[0] == round(0.25 * model.n_train_images_ * 64)
     # the rows kept by the first fit stay in the bank
     exact = torch.cdist(first_bank, bank, compute_mode="donot_use_mm_for_euclid_dist")

@@ -69,17 +69,16 @@ def test_fit_indexes_pooled_features_and_every_patch_in_float16():
     model = quick_spade().fit(random_images(0, 6))
     channels = [info.channels for info in model.scorer_.backbone.tap_info(model.taps_)]
     image_search, patch_search = model.scorer_.image_search, model.scorer_.patch_search
-    assert model.n_train_images_ == 5  # one image held out for calibration
-    assert all_vectors(image_search).shape == (5, channels[-1])
-    assert all_vectors(patch_search).shape == (5 * 8 * 8, sum(channels))
+    assert model.n_train_images_ == 6  # cross-fitted calibration: nothing held out
+    assert all_vectors(image_search).shape == (6, channels[-1])
+    assert all_vectors(patch_search).shape == (6 * 8 * 8, sum(channels))
     assert {tensor.dtype for tensor in patch_search.state().values()} >= {PATCH_BANK_DTYPE}
 
 
 @pytest.mark.parametrize("through_save", [False, True])
 def test_partial_fit_on_the_second_half_equals_one_fit_on_all(through_save, tmp_path):
-    # the hash holds out images 0, 3 and 9 of these in both procedures
     full, updated = fit_whole_and_in_halves(quick_spade, random_images(2, 10), through_save, tmp_path)
-    assert updated.n_train_images_ == 7
+    assert updated.n_train_images_ == 10  # cross-fitted calibration: nothing held out
     for name in ("image_search", "patch_search"):
         full_search, updated_search = getattr(full.scorer_, name), getattr(updated.scorer_, name)
         assert len(updated_search) == len(full_search)

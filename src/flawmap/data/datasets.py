@@ -136,11 +136,11 @@ def open_visa(csv_path: str | Path, object_name: str) -> Dataset:
     )
 
 
-def samples_from_paths(paths: Sequence[str | Path]) -> list[Sample]:
+def samples_from_paths(paths: Sequence[str | Path], *, recursive: bool = False) -> list[Sample]:
     """Normal samples for image files and folders given on a command line, in the given order.
 
     A file gives one sample (whatever its suffix: decoding reports non-images); a folder gives
-    one sample per image file directly inside it, sorted.
+    one sample per image file directly inside it (or anywhere below it, with ``recursive``), sorted.
 
     Raises
     ------
@@ -150,7 +150,7 @@ def samples_from_paths(paths: Sequence[str | Path]) -> list[Sample]:
     samples = []
     for path in map(Path, paths):
         if path.is_dir():
-            samples.extend(_normal_samples(path))
+            samples.extend(Sample(image_path=image) for image in list_images(path, recursive=recursive))
         elif path.exists():
             samples.append(Sample(image_path=path))
         else:

@@ -2,6 +2,8 @@
 
 Every reader fully decodes the file (Pillow is lazy by default), so a truncated or corrupt file
 fails here, with a :class:`~flawmap.errors.FlawmapError` naming it, and not later inside a model.
+Images are turned upright by their EXIF orientation (as viewers show them), and a header
+announcing more than Pillow's ``MAX_IMAGE_PIXELS`` (a decompression bomb) is refused before decoding.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from flawmap.errors import FlawmapError
 
@@ -85,8 +87,9 @@ def read_mask(path: str | Path, expected_hw: tuple[int, int], threshold: int = 1
     return grey > threshold
 
 
-def list_images(folder: str | Path) -> list[Path]:
-    """The image files directly inside ``folder`` (by suffix, see :data:`IMAGE_SUFFIXES`), sorted.
+def list_images(folder: str | Path, *, recursive: bool = False) -> list[Path]:
+    """The image files directly inside ``folder`` (by suffix, see :data:`IMAGE_SUFFIXES`), or
+    anywhere below it with ``recursive`` (hidden folders excluded), sorted.
 
     Raises
     ------
@@ -98,10 +101,15 @@ def list_images(folder: str | Path) -> list[Path]:
         raise FlawmapError(f"{folder}: no such folder")
     if not folder.is_dir():
         raise FlawmapError(f"{folder}: not a folder")
-    images = sorted(path for path in folder.iterdir() if path.is_file() and is_image_file(path))
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    images = sorted(
+        path for path in candidates
+        if path.is_file() and is_image_file(path) and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    )
     if not images:
         suffixes = ", ".join(IMAGE_SUFFIXES)
-        raise FlawmapError(f"{folder}: no image files ({suffixes}) in this folder")
+        where = "in or below this folder" if recursive else "in this folder (subfolders not searched)"
+        raise FlawmapError(f"{folder}: no image files ({suffixes}) {where}")
     return images
 
 
@@ -118,16 +126,32 @@ def _open(source: Path | BinaryIO, name: str | Path) -> Image.Image:
     """Open and fully decode a file or file object; every failure is a one-line FlawmapError naming ``name``."""
     try:
         with Image.open(source) as image:
+            _check_pixel_count(image, name)
             image.load()
-            return image
+            upright = ImageOps.exif_transpose(image)
     except Image.DecompressionBombError as error:
         raise FlawmapError(f"{name}: image too large to decode safely ({error})") from None
     except PermissionError:
         raise FlawmapError(f"{name}: permission denied") from None
     except Image.UnidentifiedImageError:
         raise FlawmapError(f"{name}: not an image file (unrecognised format)") from None
-    except (OSError, SyntaxError, ValueError, EOFError):
+    except FlawmapError:
+        raise
+    except Exception:  # Pillow's decoders raise many kinds (struct.error, KeyError, ...) on corrupt data
         raise FlawmapError(f"{name}: cannot decode image (truncated or corrupt)") from None
+    if upright.width == 0 or upright.height == 0:
+        raise FlawmapError(f"{name}: image has zero size ({upright.width}x{upright.height})")
+    return upright
+
+
+def _check_pixel_count(image: Image.Image, name: str | Path) -> None:
+    """Refuse, before decoding, an image whose header announces more than ``MAX_IMAGE_PIXELS``
+    (Pillow itself only warns up to twice that)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and image.width * image.height > limit:
+        raise FlawmapError(
+            f"{name}: image too large to decode safely ({image.width}x{image.height} pixels, limit {limit})"
+        )
 
 
 def _to_8bit(image: Image.Image, path: Path | str) -> Image.Image:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from flawmap.data.datasets import Sample
@@ -26,6 +26,10 @@ from flawmap.errors import FlawmapError
 
 _BATCHES_AHEAD = 2
 """How many batches of decoding may run ahead of the consumer."""
+
+PATCH_STRIDE = 8
+"""Input pixels per cell of the finest patch grid (stride-8 features): an image needs at least
+``image_size / PATCH_STRIDE`` pixels a side to give every grid cell its own pixel."""
 
 
 class InvalidImageWarning(UserWarning):
@@ -136,12 +140,19 @@ def _generate_batches(
 
 
 def _as_sample(item: Sample | np.ndarray, index: int) -> tuple[Sample, np.ndarray | None]:
-    """``(sample, array)``: arrays get a synthetic normal sample named ``<array index>``."""
+    """``(sample, array)``: arrays and PIL images get a synthetic normal sample named ``<array index>``."""
     if isinstance(item, Sample):
         return item, None
+    if isinstance(item, Image.Image):
+        item = pil_to_array(item)
     if isinstance(item, np.ndarray):
         return Sample(image_path=Path(f"<array {index}>")), item
-    raise TypeError(f"samples[{index}] is a {type(item).__name__}, expected a Sample or a numpy array")
+    raise FlawmapError(f"samples[{index}] is a {type(item).__name__}, expected a Sample, a numpy array or a PIL image")
+
+
+def pil_to_array(image: Image.Image) -> np.ndarray:
+    """A PIL image as a uint8 ``H x W x 3`` array, upright by its EXIF orientation."""
+    return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
 
 
 def _collect(
@@ -171,6 +182,13 @@ def _decode(sample: Sample, array: np.ndarray | None, image_size: int, load_mask
     """Read (or take) one image, resize it to ``image_size`` squared and read its mask if asked."""
     rgb = read_image(sample.image_path) if array is None else _array_to_rgb(array, sample.image_path)
     original_hw = rgb.shape[:2]
+    min_side = max(1, image_size // PATCH_STRIDE)
+    if min(original_hw) < min_side:
+        height, width = original_hw
+        raise FlawmapError(
+            f"{sample.image_path}: image is {width}x{height}, smaller than the model's {min_side}x{min_side} patch grid "
+            f"(at least {min_side} pixels a side are needed)"
+        )
     resized = Image.fromarray(rgb).resize((image_size, image_size), Image.BILINEAR, reducing_gap=None)
     mask = _read_sample_mask(sample, original_hw) if load_masks else None
     return _Decoded(sample=sample, pixels=np.asarray(resized), original_hw=original_hw, mask=mask)

@@ -22,10 +22,25 @@ A method module implements five hooks and registers itself with :func:`register_
   tensors, and back (into a model whose scorer ``_new_scorer`` just made);
 - ``_validate_method_params()``: reject bad hyper-parameters with a FlawmapError.
 
-Fitting holds out a share of the normal images (chosen by a hash of each image's identity, so the
-same images are held out whether they arrive in one fit or several) and calibrates the score
-threshold on every held-out image of every fit so far, so ``is_anomalous`` needs no defect
-images. The held-out images are kept in the model (``uint8``, at the network size) for that.
+The threshold is calibrated on out-of-sample scores of normal images (:mod:`flawmap.calibration`),
+so ``is_anomalous`` needs no defect images and flags about ``false_alarm_rate`` of normal ones.
+One mechanism serves every method, through one more hook:
+
+- ``_left_out_scores(features, image_ids)``: for methods that set ``cross_fits = True``, the
+  scores of embedded *training* images by the fitted model without what it learned from each of
+  them (leave one image out: a memory bank without that image's rows, Gaussians without its
+  moments). Training images are numbered 0, 1, ... in the order their features reach
+  ``_learn``, across fits (a fit's first image is number ``n_train_images_`` before it). After
+  learning, the fit's training images are embedded once more and scored this way, so every
+  training image is a calibration image and nothing is held out. The scores of earlier fits are
+  kept as they were computed (against a smaller model, so they err on the high side).
+- Methods without it (trained networks) hold out a share ``calibration_fraction`` of the normal
+  images, chosen by a hash of each image's identity (so the same images are held out whether
+  they arrive in one fit or several); the held-out images of every fit are kept in the model
+  (``uint8``, at the network size) and all of them are scored again after every fit.
+
+``calibration_images_`` are those held-out images, or for cross-fitted methods the first
+:data:`KEPT_CROSS_FIT_IMAGES` training images (kept for checks such as the export parity test).
 """
 
 from __future__ import annotations
@@ -33,23 +48,33 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
+import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from flawmap import io, postprocess
+from flawmap.calibration import Calibration, calibrate_threshold, check_false_alarm_rate, quantile_estimate
 from flawmap.backbones import Backbone, create_backbone
-from flawmap.data import Dataset, Sample, open_dataset, samples_from_paths
+from flawmap.data import Batch, Dataset, Sample, open_dataset, samples_from_paths
+from flawmap.data.loader import InvalidImageWarning, pil_to_array
 from flawmap.errors import FlawmapError
-from flawmap.prediction import ImageInput, Predictor
+from flawmap.prediction import ImageInput, Predictor, prediction_samples
 from flawmap.registry import Registry
 from flawmap.runtime import Runtime, autocast
 
 METHODS: Registry[type["AnomalyModel"]] = Registry("method")
+#: Training images a cross-fitted model keeps as ``calibration_images_`` (for checks).
+KEPT_CROSS_FIT_IMAGES = 8
+#: Features of a fit's training images up to this size are kept (on the CPU) from the learning
+#: pass for the cross-fitting pass; larger fits embed their images a second time instead.
+CROSS_FIT_CACHE_BYTES = 1 << 30
 
 
 class PatchScores(NamedTuple):
@@ -135,9 +160,10 @@ class AnomalyModel(Predictor):
     sigma : float
         Gaussian smoothing of the anomaly map, in input pixels.
     calibration_fraction : float
-        Share of the normal training images held out to calibrate the threshold.
+        Share of the normal training images held out to calibrate the threshold, for methods
+        that cannot cross-fit (``cross_fits`` False); cross-fitted methods hold nothing out.
     false_alarm_rate : float
-        Target share of normal images flagged as anomalous by the threshold.
+        Target share of normal images flagged as anomalous by the threshold, in (0, 1).
     random_state : int
         Seed for every random choice in fitting.
 
@@ -150,6 +176,9 @@ class AnomalyModel(Predictor):
     method: ClassVar[str] = ""
     #: Whether a fitted model can learn from more images (``partial_fit``).
     supports_partial_fit: ClassVar[bool] = True
+    #: Whether the method scores its training images leave-one-out (``_left_out_scores``);
+    #: otherwise it holds out ``calibration_fraction`` of them for the threshold.
+    cross_fits: ClassVar[bool] = False
     #: Small hyper-parameters for a fast smoke fit at 64 px (tests and examples).
     quick_params: ClassVar[dict[str, Any]] = {}
 
@@ -191,33 +220,93 @@ class AnomalyModel(Predictor):
         """Learn from more normal images, keeping what was learned; returns ``self``.
 
         On an unfitted model this is :meth:`fit`. Afterwards the threshold is calibrated again
-        on the held-out images of every fit so far.
+        (see the module docstring: the new training images' left-out scores join the earlier
+        ones, or every held-out image is scored again).
         """
         first = not self.is_fitted()
         if not first and not self.supports_partial_fit:
             raise FlawmapError(f"method {self.method!r} cannot learn from more images; fit a new model on all of them")
         self._validate_params()
-        fit_samples, calibration_samples = self._split_calibration(training_samples(images), first)
-        start = time.perf_counter()
+        samples = training_samples(images)
+        if first and len(samples) < 2:
+            raise FlawmapError(f"need at least 2 training images (to calibrate the threshold), got {len(samples)}")
         if first:
             backbone = create_backbone(self.backbone, self.weights)
             self.taps_ = tuple(self.taps or backbone.default_taps)
             self.scorer_ = self._new_scorer(backbone, self.taps_)
             self.n_train_images_, self.n_fits_ = 0, 0
             self.calibration_images_ = torch.empty(0, 3, self.image_size, self.image_size, dtype=torch.uint8)
+            self.calibration_scores_, self.calibration_map_maxima_, self.calibration_map_medians_ = [], [], []
         self.set_runtime()
+        start = time.perf_counter()
+        fit_samples, held_out = (samples, []) if self.cross_fits else self._hold_out(samples, first, skip_invalid)
         seconds = {"features": 0.0}
+        training = _EmbeddedTraining(self.n_train_images_, keep_features=self.cross_fits)
         if fit_samples:
-            self._learn(_timed(self._embedded_batches(fit_samples, skip_invalid), seconds))
+            self._learn(_timed(self._embedded_batches(fit_samples, skip_invalid, training), seconds))
             self.set_runtime()  # new fitted tensors follow the device and precision
+        if not training.numbers and (first or self.cross_fits):
+            raise FlawmapError("no valid training image left: every image was skipped")
         learned = time.perf_counter()
-        self.n_train_images_ += len(fit_samples)
+        self.n_train_images_ += len(training.numbers)
         self.n_fits_ += 1
-        self._calibrate(calibration_samples, skip_invalid)
+        if self.cross_fits:
+            self._add_left_out_scores(fit_samples, training, skip_invalid)
+        else:
+            self._rescore_held_out(held_out)
+        self.calibrate_threshold()
         seconds["method"] = learned - start - seconds["features"]
         seconds["calibration"] = time.perf_counter() - learned
         self.fit_seconds_ = seconds
         return self
+
+    def calibrate(
+        self, images: ImageInput, *, false_alarm_rate: float | None = None, skip_invalid: bool = False
+    ) -> "AnomalyModel":
+        """Re-calibrate the threshold on new normal images without refitting; returns ``self``.
+
+        ``images``: normal images the model never learned from (files, folders of images, arrays,
+        PIL images; a Dataset gives its good test images). They are scored by the fitted model
+        and replace the normal scores the threshold came from; ``false_alarm_rate`` (if given)
+        becomes the model's target rate. A later :meth:`partial_fit` calibrates again from the
+        training data (module docstring).
+        """
+        self._check_is_fitted()
+        if false_alarm_rate is not None:
+            check_false_alarm_rate(false_alarm_rate)
+        if isinstance(images, Dataset):
+            samples = [sample for sample in images.test if not sample.is_anomalous]
+        else:
+            samples = prediction_samples(images)
+        if not samples:
+            raise FlawmapError("no images given to calibrate on")
+        scores: list[tuple[np.ndarray, np.ndarray]] = []
+        for batch in self._batches(samples, skip_invalid, "calibrating"):
+            scores.append(self.score_images(batch.images))
+        if not scores:
+            raise FlawmapError("no valid calibration image left: every image was skipped")
+        if false_alarm_rate is not None:
+            self.false_alarm_rate = false_alarm_rate
+        self.calibration_scores_, self.calibration_map_maxima_, self.calibration_map_medians_ = [], [], []
+        for image_scores, maps in scores:
+            self._add_normal_scores(image_scores, maps)
+        self.calibrate_threshold(f"calibrate: {len(self.calibration_scores_)} new normal images")
+        return self
+
+    def calibrate_threshold(self, source: str | None = None) -> Calibration:
+        """Set ``threshold_`` (and the overlays' ``map_low_``, ``map_high_``) from the stored
+        normal scores at ``false_alarm_rate``; returns the :class:`Calibration` (also ``calibration_``)."""
+        if source is None:
+            how = "cross-fit, each training image scored leave-one-out" if self.cross_fits else "held-out normal images"
+            source = f"{how} ({len(self.calibration_scores_)} images)"
+        calibration = calibrate_threshold(
+            np.asarray(self.calibration_scores_), self.false_alarm_rate, source=source, random_state=self.random_state
+        )
+        self.threshold_ = calibration.threshold
+        self.map_low_ = float(np.median(self.calibration_map_medians_))
+        self.map_high_ = quantile_estimate(np.sort(self.calibration_map_maxima_), self.false_alarm_rate)[0]
+        self.calibration_ = calibration
+        return calibration
 
     def score_images(self, images: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Images (B, 3, S, S) in [0, 1] (array or tensor) to image scores (B,) and smoothed maps
@@ -226,9 +315,7 @@ class AnomalyModel(Predictor):
             self._check_is_fitted()
         with torch.inference_mode():
             scored = self.scorer_(torch.as_tensor(images).to(self.runtime.torch_device))
-            maps = postprocess.anomaly_maps(scored.patch_scores, self.image_size, self.sigma)
-            image_scores = maps.amax(dim=(1, 2)) if scored.image_scores is None else scored.image_scores.cpu()
-        return image_scores.float().numpy(), maps.numpy()
+        return self._postprocess(scored)
 
     def save(self, directory: str | Path) -> Path:
         """Write the fitted model to ``directory`` atomically (config.json + safetensors, no pickle)."""
@@ -266,6 +353,12 @@ class AnomalyModel(Predictor):
         """Learn from embedded batches of normal images (consumed once), adding to earlier fits."""
         raise NotImplementedError
 
+    def _left_out_scores(self, features: Any, image_ids: torch.Tensor) -> PatchScores:
+        """Scores of embedded training images (B of them, numbered ``image_ids`` (B,) as in
+        ``_learn``) by the fitted model without what it learned from each one; methods that set
+        ``cross_fits`` implement it."""
+        raise NotImplementedError
+
     def to_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """The method's fitted state: JSON values (keys ending in ``_``) and tensors."""
         raise NotImplementedError
@@ -283,61 +376,101 @@ class AnomalyModel(Predictor):
             raise FlawmapError(f"image_size must be a multiple of 8 and at least 32, got {self.image_size}")
         if not 0.0 < self.calibration_fraction < 1.0:
             raise FlawmapError(f"calibration_fraction must be in (0, 1), got {self.calibration_fraction}")
-        if not 0.0 <= self.false_alarm_rate < 1.0:
-            raise FlawmapError(f"false_alarm_rate must be in [0, 1), got {self.false_alarm_rate}")
-        if self.sigma < 0.0:
+        check_false_alarm_rate(self.false_alarm_rate)
+        if not self.sigma >= 0.0:
             raise FlawmapError(f"sigma must be >= 0, got {self.sigma}")
         self._validate_method_params()
 
-    def _split_calibration(
-        self, samples: list[Sample | np.ndarray], first: bool
-    ) -> tuple[list[Sample | np.ndarray], list[Sample | np.ndarray]]:
-        """Hold out about ``calibration_fraction`` of the samples, chosen by a seeded hash of each
-        image's identity (its folder and file name, or an array's pixels): the same images are
-        held out whether they come in one fit or in several, and wherever the dataset lies. A
-        first fit holds out at least one and keeps one."""
-        if first and len(samples) < 2:
-            raise FlawmapError(f"need at least 2 training images (one is held out for calibration), got {len(samples)}")
+    def _hold_out(
+        self, samples: list[Sample | np.ndarray], first: bool, skip_invalid: bool
+    ) -> tuple[list[Sample | np.ndarray], list[np.ndarray]]:
+        """Split off about ``calibration_fraction`` of the samples, chosen by a seeded hash of
+        each image's identity (its folder and file name, or an array's pixels): the same images
+        are held out whether they come in one fit or in several, and wherever the dataset lies.
+
+        Returns the samples to learn from and the held-out images, decoded (uint8, 3 x S x S).
+        A first fit holds out at least one valid image (with ``skip_invalid``, the next images
+        by hash replace unreadable ones) and keeps at least one to learn from.
+        """
         if not samples:
             raise FlawmapError("no training images given")
         draws = np.array([_uniform_hash(self.random_state, sample) for sample in samples])
-        held_out = draws < self.calibration_fraction
-        if first and not held_out.any():
-            held_out[draws.argmin()] = True
-        if first and held_out.all():
-            held_out[draws.argmax()] = False
-        fit_samples = [sample for sample, out in zip(samples, held_out) if not out]
-        return fit_samples, [sample for sample, out in zip(samples, held_out) if out]
+        order = [int(i) for i in np.argsort(draws, kind="stable")]
+        n_held = int((draws < self.calibration_fraction).sum())
+        if first:
+            n_held = min(max(n_held, 1), len(samples) - 1)
+        held, decoded = order[:n_held], []
+        while True:
+            decoded = [image for batch in self._batches([samples[i] for i in held], skip_invalid, "holding out")
+                       for image in _to_uint8(batch.images)]
+            if decoded or not first or len(held) >= len(samples) - 1:
+                break
+            held = order[: len(held) + 1]  # every held-out image was unreadable: try the next one
+        kept = set(held)
+        return [sample for i, sample in enumerate(samples) if i not in kept], decoded
 
-    def _embedded_batches(self, samples: Sequence[Sample | np.ndarray], skip_invalid: bool) -> Iterator[Any]:
-        """The scorer's features of each batch, computed in inference mode (yielded outside it)."""
+    def _embedded_batches(
+        self, samples: Sequence[Sample | np.ndarray], skip_invalid: bool, training: "_EmbeddedTraining"
+    ) -> Iterator[Any]:
+        """The scorer's features of each batch, computed in inference mode (yielded outside it);
+        ``training`` numbers the embedded images (and keeps their features, when asked)."""
         for batch in self._batches(samples, skip_invalid, "extracting features"):
             with torch.inference_mode():
                 features = self.scorer_.embed(torch.from_numpy(batch.images).to(self.runtime.torch_device))
+            training.add(batch, features)
             yield features
 
-    def _calibrate(self, new_samples: Sequence[Sample | np.ndarray], skip_invalid: bool) -> None:
-        """Add ``new_samples`` to the held-out images; threshold and display range from all of them."""
-        new_images = [
-            torch.from_numpy(batch.images).mul(255.0).round_().to(torch.uint8)
-            for batch in self._batches(new_samples, skip_invalid, "calibrating")
-        ]
-        self.calibration_images_ = torch.cat([self.calibration_images_, *new_images])
+    def _add_left_out_scores(
+        self, samples: Sequence[Sample | np.ndarray], training: "_EmbeddedTraining", skip_invalid: bool
+    ) -> None:
+        """Add the leave-one-out scores of this fit's training images to the normal scores: from
+        the features kept by the learning pass, or by embedding the images again (images skipped
+        while learning are skipped again, silently: they were reported)."""
+        if training.batches is not None:
+            device = self.runtime.torch_device
+            for image_ids, features, images in training.batches:
+                self._add_left_out_batch(image_ids, _map_tensors(lambda t: t.to(device), features), images)
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", InvalidImageWarning)
+            for batch in self._batches(samples, skip_invalid, "cross-fitting"):
+                image_ids = torch.tensor([training.numbers[str(sample.image_path)] for sample in batch.samples])
+                with torch.inference_mode():
+                    features = self.scorer_.embed(torch.from_numpy(batch.images).to(self.runtime.torch_device))
+                self._add_left_out_batch(image_ids, features, _to_uint8(batch.images))
+
+    def _add_left_out_batch(self, image_ids: torch.Tensor, features: Any, images: np.ndarray) -> None:
+        """Score one batch of training images leave-one-out; keep the first images (uint8
+        B x 3 x S x S) as ``calibration_images_``."""
+        with torch.inference_mode():
+            image_scores, maps = self._postprocess(self._left_out_scores(features, image_ids))
+        self._add_normal_scores(image_scores, maps)
+        room = KEPT_CROSS_FIT_IMAGES - self.calibration_images_.shape[0]
+        if room > 0 and len(images):
+            self.calibration_images_ = torch.cat([self.calibration_images_, torch.from_numpy(images[:room])])
+
+    def _rescore_held_out(self, new_images: list[np.ndarray]) -> None:
+        """Add the new held-out images and score every held-out image again (the model changed)."""
+        if new_images:
+            self.calibration_images_ = torch.cat([self.calibration_images_, torch.from_numpy(np.stack(new_images))])
         if self.calibration_images_.shape[0] == 0:
             raise FlawmapError("no valid calibration image left: every held-out image was skipped")
-        image_scores, map_maxima, map_medians = [], [], []
+        self.calibration_scores_, self.calibration_map_maxima_, self.calibration_map_medians_ = [], [], []
         for start in range(0, self.calibration_images_.shape[0], self.runtime.batch_size):
             images = self.calibration_images_[start : start + self.runtime.batch_size].float().div_(255.0)
-            scores, maps = self.score_images(images)
-            maps = torch.from_numpy(maps)
-            image_scores.append(torch.from_numpy(scores))
-            map_maxima.append(maps.amax(dim=(1, 2)))
-            map_medians.append(maps.flatten(1).median(dim=1).values)
-        normal_scores = torch.cat(image_scores).numpy()
-        self.threshold_ = postprocess.normal_quantile_threshold(normal_scores, self.false_alarm_rate)
-        self.map_low_ = float(torch.cat(map_medians).median())
-        self.map_high_ = postprocess.normal_quantile_threshold(torch.cat(map_maxima).numpy(), self.false_alarm_rate)
-        self.calibration_scores_ = normal_scores.tolist()
+            self._add_normal_scores(*self.score_images(images))
+
+    def _add_normal_scores(self, image_scores: np.ndarray, maps: np.ndarray) -> None:
+        """Record out-of-sample normal image scores (B,) and their maps' maxima and medians (B, S, S)."""
+        self.calibration_scores_ += image_scores.tolist()
+        self.calibration_map_maxima_ += maps.max(axis=(1, 2)).tolist()
+        self.calibration_map_medians_ += np.median(maps.reshape(maps.shape[0], -1), axis=1).tolist()
+
+    def _postprocess(self, scored: PatchScores) -> tuple[np.ndarray, np.ndarray]:
+        """Scorer output to image scores (B,) and smoothed maps (B, S, S), float32 numpy."""
+        maps = postprocess.anomaly_maps(scored.patch_scores, self.image_size, self.sigma)
+        image_scores = maps.amax(dim=(1, 2)) if scored.image_scores is None else scored.image_scores.cpu()
+        return image_scores.float().numpy(), maps.numpy()
 
     def _check_is_fitted(self) -> None:
         if not self.is_fitted():
@@ -352,7 +485,10 @@ class AnomalyModel(Predictor):
             "threshold_": self.threshold_,
             "map_low_": self.map_low_,
             "map_high_": self.map_high_,
+            "calibration_": self.calibration_.to_json(),
             "calibration_scores_": self.calibration_scores_,
+            "calibration_map_maxima_": self.calibration_map_maxima_,
+            "calibration_map_medians_": self.calibration_map_medians_,
             "fit_seconds_": self.fit_seconds_,
         }
 
@@ -361,32 +497,74 @@ def load_model(directory: str | Path, **runtime_settings: Any) -> AnomalyModel:
     """Load a model directory written by :meth:`AnomalyModel.save`; never executes code from it.
 
     ``runtime_settings`` (``device``, ``precision``, ``batch_size``, ``num_workers``,
-    ``progress``) choose how it runs here; where it was fitted does not matter.
+    ``progress``) choose how it runs here; where it was fitted does not matter. A tampered or
+    foreign directory is a FlawmapError naming ``config.json`` or the tensor file and the problem.
     """
     source = Path(directory)
     config, files = io.read_model_directory(source)
-    model_class = METHODS.get(config["method"])
-    params = dict(config["params"])
+    config_path = source / io.CONFIG_FILE
+    model_class = METHODS.get(config["method"]) if config["method"] in METHODS else None
+    if model_class is None:
+        raise FlawmapError(f"{config_path}: unknown method {config['method']!r}; choose one of: {', '.join(METHODS.names())}")
+    params = io.check_params(config_path, config["params"], _param_types(model_class))
     if params.get("taps") is not None:
         params["taps"] = tuple(params["taps"])
     if "backbone" in files:
         params["weights"] = str(files["backbone"])
+    for group in ("model", "calibration"):
+        if group not in files:
+            raise FlawmapError(f"{config_path}: names no {group!r} tensor file; the model directory is incomplete")
+    model = model_class(**params)
     try:
-        model = model_class(**params)
-    except TypeError as error:
-        raise FlawmapError(f"{source / io.CONFIG_FILE}: parameters do not match method {config['method']!r}: {error}") from None
+        model._validate_params()
+    except FlawmapError as error:
+        raise FlawmapError(f"{config_path}: {error}") from None
     model.runtime = model.runtime.replace(**runtime_settings)
-    fitted = dict(config["fitted"])
+    fitted = io.check_fitted(config_path, config["fitted"], FITTED_TYPES)
     model.taps_ = tuple(fitted.pop("taps_"))
-    for name in ("n_train_images_", "n_fits_", "threshold_", "map_low_", "map_high_", "calibration_scores_", "fit_seconds_"):
-        setattr(model, name, fitted.pop(name))
-    model.calibration_images_ = io.read_tensor_file(files["calibration"])["images"]
-    model.scorer_ = model._new_scorer(create_backbone(model.backbone, model.weights), model.taps_)
+    for name in FITTED_TYPES:
+        if name != "taps_":
+            setattr(model, name, fitted.pop(name))
+    try:
+        model.calibration_ = Calibration.from_json(model.calibration_)
+    except ValueError as error:
+        raise FlawmapError(f"{config_path}: 'calibration_': {error}") from None
+    calibration = io.read_tensor_file(files["calibration"])
+    images = calibration.get("images")
+    if images is None or images.dtype != torch.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != (3, model.image_size, model.image_size):
+        raise FlawmapError(f"{files['calibration']}: expected uint8 calibration images N x 3 x {model.image_size} x {model.image_size}")
+    model.calibration_images_ = images
+    try:
+        model.scorer_ = model._new_scorer(create_backbone(model.backbone, model.weights), model.taps_)
+    except (KeyError, ValueError, FlawmapError) as error:
+        raise FlawmapError(f"{config_path}: 'taps_' do not fit backbone {model.backbone!r} ({error})") from None
     try:
         model.from_state(fitted, io.read_tensor_file(files["model"]))
-    except (KeyError, RuntimeError) as error:
+    except (KeyError, RuntimeError, ValueError, IndexError, FlawmapError) as error:
         raise FlawmapError(f"{files['model']}: tensors do not match the {config['method']} configuration ({error})") from None
     return model.set_runtime()
+
+
+#: JSON types of the fitted values every model saves (``_fitted_scalars``).
+FITTED_TYPES: dict[str, Any] = {
+    "taps_": list,
+    "n_train_images_": int,
+    "n_fits_": int,
+    "threshold_": float,
+    "map_low_": float,
+    "map_high_": float,
+    "calibration_": dict,
+    "calibration_scores_": list,
+    "calibration_map_maxima_": list,
+    "calibration_map_medians_": list,
+    "fit_seconds_": dict,
+}
+
+
+def _param_types(model_class: type[AnomalyModel]) -> dict[str, Any]:
+    """Hyper-parameter name -> its type hint, for :func:`flawmap.io.check_params`."""
+    hints = typing.get_type_hints(model_class)
+    return {f.name: hints[f.name] for f in dataclasses.fields(model_class) if f.init}
 
 
 def check_positive_odd(name: str, value: int) -> None:
@@ -404,6 +582,8 @@ def training_samples(images: ImageInput) -> list[Sample | np.ndarray]:
         return list(open_dataset(path).train) if path.is_dir() else samples_from_paths([path])
     if isinstance(images, (np.ndarray, Sample)):
         return [images]
+    if isinstance(images, Image.Image):
+        return [pil_to_array(images)]
     return [sample for item in images for sample in training_samples(item)]
 
 
@@ -417,6 +597,60 @@ def _uniform_hash(seed: int, sample: Sample | np.ndarray) -> float:
         # folder and file name of the real file: survives moving the dataset and links to its files
         digest.update("/".join(sample.image_path.resolve().parts[-2:]).encode())
     return int.from_bytes(digest.digest()[:8], "big") / 2.0**64
+
+
+class _EmbeddedTraining:
+    """What a fit's learning pass leaves for its cross-fitting pass.
+
+    ``numbers`` maps each embedded image's key (its path, or ``<array i>``) to its training image
+    number; ``batches`` holds ``(image numbers (B,), features on the CPU, the first images as
+    uint8)`` per batch, while they fit in :data:`CROSS_FIT_CACHE_BYTES` (None beyond, or when
+    not asked for).
+    """
+
+    def __init__(self, first_number: int, *, keep_features: bool) -> None:
+        self.first_number = first_number
+        self.numbers: dict[str, int] = {}
+        self.batches: list[tuple[torch.Tensor, Any, np.ndarray]] | None = [] if keep_features else None
+        self._bytes = 0
+
+    def add(self, batch: Batch, features: Any) -> None:
+        start = self.first_number + len(self.numbers)
+        for sample in batch.samples:
+            self.numbers[str(sample.image_path)] = self.first_number + len(self.numbers)
+        if self.batches is None:
+            return
+        cpu_features = _map_tensors(torch.Tensor.cpu, features)
+        self._bytes += sum(t.numel() * t.element_size() for t in _tensors(cpu_features))
+        if self._bytes > CROSS_FIT_CACHE_BYTES:
+            self.batches = None
+            return
+        n_kept = sum(len(images) for _, _, images in self.batches)
+        images = _to_uint8(batch.images[: max(0, KEPT_CROSS_FIT_IMAGES - n_kept)])
+        self.batches.append((torch.arange(start, start + len(batch.samples)), cpu_features, images))
+
+
+def _map_tensors(function: Any, value: Any) -> Any:
+    """``value`` (a tensor, or tuples, named tuples and lists of them) with ``function`` applied to each tensor."""
+    if isinstance(value, torch.Tensor):
+        return function(value)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(_map_tensors(function, item) for item in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_map_tensors(function, item) for item in value)
+    return value
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """Every tensor in ``value`` (see :func:`_map_tensors`)."""
+    found: list[torch.Tensor] = []
+    _map_tensors(found.append, value)
+    return found
+
+
+def _to_uint8(images: np.ndarray) -> np.ndarray:
+    """Images (B, 3, S, S) float in [0, 1] -> uint8 (B, 3, S, S)."""
+    return np.rint(np.asarray(images) * 255.0).astype(np.uint8)
 
 
 def _timed(batches: Iterator[Any], seconds: dict[str, float]) -> Iterator[Any]:

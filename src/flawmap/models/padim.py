@@ -12,6 +12,16 @@ and Localization", ICPR 2020.
    ``M(x_ij) = sqrt((x_ij - mu_ij)^T Sigma_ij^-1 (x_ij - mu_ij))``.
 4. Image score: the maximum of the smoothed anomaly map.
 
+Calibration (cross-fitting, leave-one-out moments): removing training image ``i`` from the
+moments is a rank-one downdate of each position's covariance, so by the Sherman-Morrison formula
+its Mahalanobis distance to the Gaussian fitted without it follows from its distance ``q`` to
+the full Gaussian alone (N images)::
+
+    M_{-i}^2 = (N / (N - 1))^2 (N - 2) / (N - 1) q^2 / (1 - N q^2 / (N - 1)^2)
+
+exact for the unregularised covariance; with ``eps I`` it treats the regulariser as scaled by
+``(N - 1) / (N - 2)``, a relative change of ``1 / (N - 2)`` in ``eps`` (:func:`left_out_distances`).
+
 Incremental fit (``partial_fit``): the streamed moments (count, sums, outer sums) are the fitted
 state; new images add their moments, and ``mu`` and ``(Sigma + eps I)^-1`` are recomputed from
 the totals, so fitting in several parts gives the model of one fit on all images (up to float64
@@ -134,6 +144,18 @@ def mahalanobis_distances(
     return squared.clamp_min_(0).sqrt_().T
 
 
+def left_out_distances(distances: torch.Tensor, n_samples: int) -> torch.Tensor:
+    """Mahalanobis distances of training samples to Gaussians fitted on all ``n_samples`` (any
+    shape) -> their distances to the Gaussians fitted without each one (module docstring)."""
+    n = float(n_samples)
+    if n_samples < 3:
+        return distances
+    squared = distances.double().square()
+    denominator = (1.0 - n * squared / (n - 1.0) ** 2).clamp_min(1e-6)
+    left_out = (n / (n - 1.0)) ** 2 * (n - 2.0) / (n - 1.0) * squared / denominator
+    return left_out.sqrt().to(distances.dtype)
+
+
 class PadimScorer(Scorer):
     """Images -> Mahalanobis distance of each patch to its position's Gaussian (steps 1, 3).
 
@@ -182,6 +204,7 @@ class Padim(AnomalyModel):
     """
 
     quick_params = {"image_size": 64, "n_features": 24}
+    cross_fits = True
 
     n_features: int = 100
     epsilon: float = 0.01
@@ -210,6 +233,10 @@ class Padim(AnomalyModel):
         if gaussians.count < 2:
             raise FlawmapError(f"PaDiM needs at least 2 training images besides the calibration ones, got {gaussians.count}")
         self._set_gaussians(gaussians)
+
+    def _left_out_scores(self, features: torch.Tensor, image_ids: torch.Tensor) -> PatchScores:
+        distances = self.scorer_.score(features).patch_scores
+        return PatchScores(left_out_distances(distances, self.gaussians_.count))
 
     def _set_gaussians(self, gaussians: GaussianAccumulator) -> None:
         """Keep ``gaussians`` as the fitted moments; derive the scorer's means and inverses."""

@@ -11,6 +11,10 @@
    ``N_b(m*)`` are the ``b`` nearest bank features of ``m*``. The weight grows when ``m*`` lies in a
    sparse part of the bank, i.e. when the nearest match is itself unusual.
 
+Calibration (cross-fitting): each bank row remembers the training image it came from, so a
+training image is scored against the bank without its own rows, as a new image of the same kind
+would be, at the cost of one more scoring pass over the training images.
+
 Incremental fit (``partial_fit``): the coreset is a stream over shards of training patches
 (:class:`flawmap.coreset.StreamingCoreset`); the bank is what it kept, and new images continue
 the stream, so the bank after an update is the coreset of the kept bank plus the new patches, of
@@ -48,24 +52,28 @@ class PatchCoreScorer(Scorer):
         """Images (B, 3, S, S) -> locally aware patch features (B, C, S/8, S/8)."""
         return locally_aware_patches(self.levels(images), self.neighborhood_size)
 
-    def score(self, features: torch.Tensor) -> PatchScores:
+    def score(self, features: torch.Tensor, among: torch.Tensor | None = None) -> PatchScores:
+        """Features (B, C, h, w) -> patch scores (B, h, w) and Eq. 7 image scores (B,), against
+        the whole bank or only its rows ``among`` (M,)."""
         n_images, _, grid_h, grid_w = features.shape
         queries = flatten_patches(features)
-        distances, nearest = self.search.kneighbors(queries, k=1)
+        distances, nearest = self.search.kneighbors(queries, k=1, among=among)
         patch_scores = distances[:, 0].view(n_images, grid_h * grid_w)
         # Eq. 7: re-weight each image's maximal patch score by how sparse the bank is around m*.
         max_scores, worst_patch = patch_scores.max(dim=1)
         worst_rows = torch.arange(n_images, device=worst_patch.device) * grid_h * grid_w + worst_patch
-        image_scores = max_scores * self.reweighting(queries[worst_rows], nearest[worst_rows, 0])
+        image_scores = max_scores * self.reweighting(queries[worst_rows], nearest[worst_rows, 0], among)
         return PatchScores(patch_scores.view(n_images, grid_h, grid_w), image_scores)
 
-    def reweighting(self, worst_queries: torch.Tensor, matched_rows: torch.Tensor) -> torch.Tensor:
+    def reweighting(
+        self, worst_queries: torch.Tensor, matched_rows: torch.Tensor, among: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``1 - softmax`` weight of Eq. 7 for each image's worst patch; shape (B,)."""
-        b = min(self.reweighting_neighbors, len(self.search))
+        b = min(self.reweighting_neighbors, len(self.search) if among is None else among.shape[0])
         if b == 1:
             return torch.ones(worst_queries.shape[0], device=worst_queries.device)
         matched = self.search.vectors(matched_rows)  # m*, (B, D)
-        _, support_rows = self.search.kneighbors(matched, k=b)  # N_b(m*), m* first
+        _, support_rows = self.search.kneighbors(matched, k=b, among=among)  # N_b(m*), m* first
         support_distances = torch.linalg.vector_norm(self.search.vectors(support_rows) - worst_queries.unsqueeze(1), dim=2)
         matched_distances = torch.linalg.vector_norm(matched - worst_queries, dim=1)
         return 1.0 - torch.exp(matched_distances - torch.logsumexp(support_distances, dim=1))
@@ -95,6 +103,7 @@ class PatchCore(AnomalyModel):
     """
 
     quick_params = {"image_size": 64, "coreset_fraction": 0.25}
+    cross_fits = True
 
     coreset_fraction: float = 0.1
     neighborhood_size: int = 3
@@ -115,10 +124,24 @@ class PatchCore(AnomalyModel):
 
     def _learn(self, feature_batches: Iterable[torch.Tensor]) -> None:
         coreset = self._coreset()
+        next_image = self.n_train_images_
         for batch in feature_batches:
-            coreset.add(flatten_patches(batch).cpu())
+            n_images, _, grid_h, grid_w = batch.shape
+            sources = torch.arange(next_image, next_image + n_images).repeat_interleave(grid_h * grid_w)
+            coreset.add(flatten_patches(batch).cpu(), sources)
+            next_image += n_images
         self.scorer_.search = build_search(coreset.result())
         self.coreset_state_ = coreset.state()
+
+    def _left_out_scores(self, features: torch.Tensor, image_ids: torch.Tensor) -> PatchScores:
+        """Each image against the bank rows of the other training images (its own rows, labelled
+        by the coreset, left out)."""
+        sources = self.coreset_state_["labels"].to(features.device)
+        scored = []
+        for i, image_id in enumerate(image_ids.tolist()):
+            others = torch.nonzero(sources != image_id).squeeze(1)
+            scored.append(self.scorer_.score(features[i : i + 1], among=others if others.numel() else None))
+        return PatchScores(torch.cat([s.patch_scores for s in scored]), torch.cat([s.image_scores for s in scored]))
 
     def _coreset(self) -> StreamingCoreset:
         """A new coreset stream, or the one that kept the current bank."""

@@ -42,6 +42,9 @@ norm of the atoms (it makes the penalty weights ``lambda_1 = sparsity`` and
    reconstructed feature dimensions are the anomaly evidence), upsampled and smoothed like every
    method's; image score: the maximum of the smoothed map.
 
+Calibration (cross-fitting): every pool and bank atom remembers the training image it came from,
+so a training image is coded over the other images' atoms only (``among`` in the search).
+
 Incremental fit (``partial_fit``): the pool of step 2 is a stream over the training patches
 (:class:`flawmap.coreset.StreamingCoreset`); the model keeps the pool and the stream's state, new
 images continue the stream (the pool keeps its atoms and gains the coreset share of the new
@@ -105,15 +108,16 @@ class SFRScorer(Scorer):
         """Images (B, 3, S, S) -> locally aware patch features (B, C, S/8, S/8)."""
         return locally_aware_patches(self.levels(images), self.neighborhood_size)
 
-    def score(self, features: torch.Tensor) -> PatchScores:
+    def score(self, features: torch.Tensor, among: torch.Tensor | None = None) -> PatchScores:
+        """Features (B, C, h, w) -> residual norms (B, h, w), coded over the whole bank or its rows ``among``."""
         n_images, _, grid_h, grid_w = features.shape
-        residuals = self.reconstruction_residuals(flatten_patches(features))
+        residuals = self.reconstruction_residuals(flatten_patches(features), among)
         return PatchScores(torch.linalg.vector_norm(residuals, dim=1).view(n_images, grid_h, grid_w))
 
-    def reconstruction_residuals(self, queries: torch.Tensor) -> torch.Tensor:
+    def reconstruction_residuals(self, queries: torch.Tensor, among: torch.Tensor | None = None) -> torch.Tensor:
         """Per-dimension residuals ``x - A^T c*(x)`` of Eq. (2) for features (Q, D); shape (Q, D)."""
         return reconstruction_residuals(
-            queries, self.search, self.dictionary_size, self.sparsity, self.ridge, self.atom_sq_norm
+            queries, self.search, self.dictionary_size, self.sparsity, self.ridge, self.atom_sq_norm, among=among
         )
 
     def set_bank(self, bank: torch.Tensor) -> None:
@@ -154,6 +158,8 @@ class SFR(AnomalyModel):
         The pool of step 2 (``"sparse"`` only; for the baselines the bank is the pool).
     pool_sampler_state_ : dict of str to Tensor
         What the pool's stream needs to resume (:meth:`StreamingCoreset.state`).
+    bank_sources_ : Tensor of shape (M,)
+        The training image number of each bank atom (for the left-out calibration scores).
 
     Examples
     --------
@@ -163,6 +169,7 @@ class SFR(AnomalyModel):
     """
 
     quick_params = {"image_size": 64, "bank_fraction": 0.25}
+    cross_fits = True
 
     bank_fraction: float = 0.025
     dictionary_size: int = 16
@@ -194,25 +201,37 @@ class SFR(AnomalyModel):
     def _learn(self, feature_batches: Iterable[torch.Tensor]) -> None:
         sampler = self._pool_sampler()
         n_patches = self.n_patches_ if self.scorer_.search is not None else 0
+        next_image = self.n_train_images_
         for batch in feature_batches:
             rows = flatten_patches(batch).cpu()
-            sampler.add(rows)
+            sources = torch.arange(next_image, next_image + batch.shape[0]).repeat_interleave(rows.shape[0] // batch.shape[0])
+            sampler.add(rows, sources)
             n_patches += rows.shape[0]
-        pool = sampler.result()
+            next_image += batch.shape[0]
+        pool, pool_sources = sampler.result(), sampler.labels()
         self.n_patches_ = n_patches
         self.pool_sampler_state_ = sampler.state()
-        if self.sampling != "sparse":
-            self.scorer_.set_bank(pool)
-            return
-        self.pool_ = pool
-        n_bank = max(1, round(self.bank_fraction * n_patches))
-        if n_bank < pool.shape[0]:
-            usage = self_expressive_usage(
-                pool.to(self.runtime.torch_device), self.dictionary_size, self.sparsity, self.ridge,
-                low_precision=self.runtime.low_precision_dtype(), progress=self.runtime.progress,
-            )
-            pool = pool[usage.topk(n_bank).indices.cpu()]  # step 4
+        if self.sampling == "sparse":
+            self.pool_ = pool
+            n_bank = max(1, round(self.bank_fraction * n_patches))
+            if n_bank < pool.shape[0]:
+                usage = self_expressive_usage(
+                    pool.to(self.runtime.torch_device), self.dictionary_size, self.sparsity, self.ridge,
+                    low_precision=self.runtime.low_precision_dtype(), progress=self.runtime.progress,
+                )
+                kept = usage.topk(n_bank).indices.cpu()  # step 4
+                pool, pool_sources = pool[kept], pool_sources[kept]
         self.scorer_.set_bank(pool)
+        self.bank_sources_ = pool_sources
+
+    def _left_out_scores(self, features: torch.Tensor, image_ids: torch.Tensor) -> PatchScores:
+        """Each image coded over the bank atoms of the other training images only."""
+        sources = self.bank_sources_.to(features.device)
+        scored = []
+        for i, image_id in enumerate(image_ids.tolist()):
+            others = torch.nonzero(sources != image_id).squeeze(1)
+            scored.append(self.scorer_.score(features[i : i + 1], among=others if others.numel() else None))
+        return PatchScores(torch.cat([s.patch_scores for s in scored]))
 
     def _pool_sampler(self) -> PoolSampler:
         """Step 2's stream (for the baselines: the bank's): new, or resumed from the fitted pool."""
@@ -236,6 +255,7 @@ class SFR(AnomalyModel):
         tensors = {
             **search_state(self.scorer_.search, "bank"),
             "atom_sq_norm": self.scorer_.atom_sq_norm,
+            "bank_sources": self.bank_sources_,
             **{f"pool_sampler.{name}": tensor for name, tensor in self.pool_sampler_state_.items()},
         }
         if self.sampling == "sparse":
@@ -245,6 +265,9 @@ class SFR(AnomalyModel):
     def from_state(self, fitted: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         self.scorer_.search = search_from_state(tensors, "bank")
         self.scorer_.atom_sq_norm = tensors["atom_sq_norm"]
+        self.bank_sources_ = tensors["bank_sources"].long()
+        if self.bank_sources_.shape != (len(self.scorer_.search),):
+            raise RuntimeError(f"{self.bank_sources_.shape[0]} bank sources for {len(self.scorer_.search)} atoms")
         self.n_patches_ = fitted["n_patches_"]
         prefix = "pool_sampler."
         self.pool_sampler_state_ = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
@@ -317,6 +340,7 @@ def reconstruction_residuals(
     atom_sq_norm: torch.Tensor | float,
     *,
     iterations: int = TARGET_ITERATIONS,
+    among: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Residuals of the elastic-net codes (2) of ``queries`` over their nearest atoms in ``search``.
 
@@ -333,14 +357,16 @@ def reconstruction_residuals(
         ``s^2``, the mean squared norm of the atoms.
     iterations : int
         FISTA iterations.
+    among : LongTensor of shape (M,), optional
+        Code over these atoms only (a training image's left-out score: the other images' atoms).
 
     Returns
     -------
     Tensor of shape (Q, D)
         ``x - A^T c*(x)`` for every query ``x``.
     """
-    k = min(n_neighbors, len(search))
-    _, neighbors = search.kneighbors(queries, k=k)  # (Q, k)
+    k = min(n_neighbors, len(search) if among is None else among.shape[0])
+    _, neighbors = search.kneighbors(queries, k=k, among=among)  # (Q, k)
     threshold = sparsity * atom_sq_norm
 
     def soft_threshold(values: torch.Tensor, step: torch.Tensor | float) -> torch.Tensor:

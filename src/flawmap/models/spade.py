@@ -14,6 +14,9 @@ training patch feature, stored in float16 (half the memory; distances are comput
 Patch ``p`` of training image ``i`` is row ``i * h * w + p`` of the patch index, so an image's
 gallery is a list of rows searched with ``among``.
 
+Calibration (cross-fitting): a training image is scored leave-one-out by searching its K nearest
+*other* training images; its own patches are then outside its gallery too.
+
 Incremental fit (``partial_fit``): the new images' pooled and patch features are appended to the
 old ones and both indexes are rebuilt. The float16 patch rows are stored relative to the mean of
 all rows, so a rebuild re-rounds the old rows around the new mean (at most half a float16 step,
@@ -68,18 +71,22 @@ class SpadeScorer(Scorer):
         levels = self.levels(images)
         return SpadeFeatures(pooled=levels[-1].mean(dim=(2, 3)), patches=fuse_levels(levels))
 
-    def score(self, features: SpadeFeatures) -> PatchScores:
+    def score(self, features: SpadeFeatures, left_out: torch.Tensor | None = None) -> PatchScores:
         """Features of B images -> patch scores (B, h, w) and image scores (B,).
 
         K is capped at the training images and kappa at the gallery size. Each image is searched
         in its own gallery, one image at a time: a batched search would compare every query with
         every gallery, a ``B x h*w x K*h*w`` block, B times the work for B - 1 wasted galleries.
+        ``left_out`` (B,): for training images, their own row of the image index, never used
+        as a neighbour (leave-one-out scores).
         """
         n_images, _, grid_h, grid_w = features.patches.shape
         n_positions = grid_h * grid_w
-        image_distances, nearest_images = self.image_search.kneighbors(
-            features.pooled, k=min(self.image_neighbors, len(self.image_search))
-        )
+        if left_out is None:
+            k = min(self.image_neighbors, len(self.image_search))
+            image_distances, nearest_images = self.image_search.kneighbors(features.pooled, k=k)
+        else:
+            image_distances, nearest_images = self.other_images(features.pooled, left_out)
         image_scores = image_distances.mean(dim=1)  # d(y)
         positions = torch.arange(n_positions, device=nearest_images.device)
         galleries = (nearest_images.unsqueeze(2) * n_positions + positions).flatten(1)  # (B, K * h * w) rows
@@ -90,6 +97,14 @@ class SpadeScorer(Scorer):
             for image in range(n_images)
         ])  # d(y, p)
         return PatchScores(patch_scores.view(n_images, grid_h, grid_w), image_scores)
+
+    def other_images(self, pooled: torch.Tensor, left_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Distances and rows (B, K) of the K nearest training images other than row ``left_out``."""
+        k = min(self.image_neighbors, len(self.image_search) - 1)
+        distances, rows = self.image_search.kneighbors(pooled, k=k + 1)
+        # stable sort on "is the left-out row": the others keep their order, the left-out one goes last
+        order = (rows == left_out.to(rows.device).unsqueeze(1)).to(torch.uint8).argsort(dim=1, stable=True)[:, :k]
+        return distances.gather(1, order), rows.gather(1, order)
 
 
 @register_method("spade")
@@ -113,6 +128,7 @@ class Spade(AnomalyModel):
     """
 
     quick_params = {"image_size": 64, "image_neighbors": 3}
+    cross_fits = True
 
     image_neighbors: int = 50
     patch_neighbors: int = 1
@@ -136,6 +152,9 @@ class Spade(AnomalyModel):
             patches.append(flatten_patches(batch.patches).to(device="cpu", dtype=PATCH_BANK_DTYPE))  # (B * h * w, C)
         self.scorer_.image_search = build_search(torch.cat(pooled))
         self.scorer_.patch_search = build_search(torch.cat(patches), storage_dtype=PATCH_BANK_DTYPE)
+
+    def _left_out_scores(self, features: SpadeFeatures, image_ids: torch.Tensor) -> PatchScores:
+        return self.scorer_.score(features, left_out=image_ids)
 
     def to_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         image_features = search_state(self.scorer_.image_search, "image_features")
