@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from flawmap.data.datasets import Sample
-from flawmap.data.images import read_image, read_mask
+from flawmap.data.images import open_rgb_image, read_mask
 from flawmap.errors import FlawmapError
 
 _BATCHES_AHEAD = 2
@@ -169,9 +169,12 @@ def _collect(
 
 def _decode(sample: Sample, array: np.ndarray | None, image_size: int, load_masks: bool) -> _Decoded:
     """Read (or take) one image, resize it to ``image_size`` squared and read its mask if asked."""
-    rgb = read_image(sample.image_path) if array is None else _array_to_rgb(array, sample.image_path)
-    original_hw = rgb.shape[:2]
-    resized = Image.fromarray(rgb).resize((image_size, image_size), Image.BILINEAR, reducing_gap=None)
+    if array is None:
+        image = open_rgb_image(sample.image_path)
+    else:
+        image = Image.fromarray(_array_to_rgb(array, sample.image_path))
+    original_hw = (image.height, image.width)
+    resized = image.resize((image_size, image_size), Image.BILINEAR, reducing_gap=None)
     mask = _read_sample_mask(sample, original_hw) if load_masks else None
     return _Decoded(sample=sample, pixels=np.asarray(resized), original_hw=original_hw, mask=mask)
 
