@@ -385,8 +385,10 @@ class StreamingPixelMetrics:
         if new.any():
             self._occupy(np.unique(blocks[new]))
             slots = self._slot_of_block[blocks]
-        bins = slots.astype(np.int64) * self.bins_per_block
-        bins += (keys & np.uint32(_BLOCK_SIZE - 1)) >> np.uint32(self.shift)
+        bins = slots.astype(np.int64)
+        bins *= self.bins_per_block
+        offsets = np.bitwise_and(keys, np.uint32(_BLOCK_SIZE - 1))
+        bins += np.right_shift(offsets, np.uint32(self.shift), out=offsets)
         _add_counts(self._pixels, bins, weights=pixels)
         if anomalous.dtype == bool:
             _add_counts(self._anomalous, bins[anomalous])
@@ -614,8 +616,11 @@ def _order_keys(scores: np.ndarray, name: str) -> np.ndarray:
     get equal keys. FlawmapError naming ``name`` if a score is NaN.
     """
     values = np.asarray(scores, dtype=np.float32).ravel() + np.float32(0.0)
-    bits = values.view(np.uint32)
-    keys = np.bitwise_xor(bits, np.where(bits & _SIGN_BIT, _ALL_BITS, _SIGN_BIT), out=bits)
+    keys = values.view(np.uint32)
+    flip = keys >> np.uint32(31)  # 1 for negative scores
+    flip *= np.uint32(0x7FFFFFFF)
+    flip |= _SIGN_BIT  # all bits for negative scores, the sign bit for the others
+    keys ^= flip
     lowest, highest = _NAN_FREE_KEYS
     if keys.size and (keys.min() < lowest or keys.max() > highest):
         raise FlawmapError(f"{name} contains NaN")
