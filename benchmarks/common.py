@@ -1,9 +1,11 @@
-"""What the real-data benchmark scripts share: the default category and the JSON they write."""
+"""What the benchmark scripts share: the default category, the JSON they write, peak-RSS runs."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import time
 from pathlib import Path
 
 #: MVTec bottle beside the checkout (``../shared/data``), unless ``FLAWMAP_DATA`` says otherwise.
@@ -20,3 +22,18 @@ def write_rows(path: Path, category: Path, rows: list[dict]) -> None:
     """Write ``rows`` with the category and the CPU count as JSON, and say where."""
     path.write_text(json.dumps({"category": str(category), "cpu_count": os.cpu_count(), "rows": rows}, indent=2) + "\n")
     print(f"\nwrote {path}")
+
+
+def run_measured(argv: list[str]) -> tuple[float, float]:
+    """Run ``argv`` as a child process: its wall seconds and its own peak RSS in MB.
+
+    ``os.wait4`` reports the child's own peak, not the largest of all children so far as
+    ``RUSAGE_CHILDREN`` would. A failing child ends the benchmark with its exit status.
+    """
+    start = time.perf_counter()
+    child = subprocess.Popen(argv)
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed ({os.waitstatus_to_exitcode(status)}): {' '.join(argv)}")
+    return seconds, usage.ru_maxrss / 1024.0  # Linux reports KiB

@@ -9,7 +9,16 @@ from scipy.integrate import trapezoid
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 from flawmap.errors import FlawmapError
-from flawmap.metrics import aupro, auroc, average_precision, f1_max, image_metrics, pixel_metrics
+from flawmap.metrics import (
+    DEFAULT_MAX_BINS,
+    StreamingPixelMetrics,
+    aupro,
+    auroc,
+    average_precision,
+    f1_max,
+    image_metrics,
+    pixel_metrics,
+)
 
 SEEDS = [0, 1, 2, 3, 4]
 
@@ -298,6 +307,7 @@ def test_pixel_metrics_equal_the_individual_metrics(seed: int) -> None:
             "pixel_auroc": auroc(all_scores, all_labels),
             "aupro": aupro(maps, masks),
             "pixel_ap": average_precision(all_scores, all_labels),
+            "pixel_f1_max": f1_max(all_scores, all_labels)[0],
         },
         rel=1e-12,
     )
@@ -325,7 +335,7 @@ def test_pixel_metrics_runs_at_full_resolution() -> None:
         mask[top : top + 100, left : left + 60] = True
         masks.append(mask)
     metrics = pixel_metrics(maps, masks)
-    assert set(metrics) == {"pixel_auroc", "aupro", "pixel_ap"}
+    assert set(metrics) == {"pixel_auroc", "aupro", "pixel_ap", "pixel_f1_max"}
     assert all(0.0 <= value <= 1.0 for value in metrics.values())
 
 
@@ -335,3 +345,103 @@ def test_metrics_return_python_floats() -> None:
     values = [*pixel_metrics(maps, masks).values(), *image_metrics(scores, labels).values()]
     values += [aupro(maps, masks), auroc(scores, labels), *f1_max(scores, labels)]
     assert all(type(value) is float for value in values)
+
+
+# --- StreamingPixelMetrics against the exact pixel_metrics ----------------------------------
+
+
+def stream(maps: list, masks: list, max_bins: int = DEFAULT_MAX_BINS) -> StreamingPixelMetrics:
+    metrics = StreamingPixelMetrics(max_bins=max_bins)
+    for anomaly_map, mask in zip(maps, masks):
+        metrics.add(anomaly_map, mask)
+    return metrics
+
+
+def awkward_maps_and_masks(seed: int) -> tuple[list, list]:
+    """Random maps with ties, plus a constant map, an image without defects, one-pixel regions,
+    negative scores and both signed zeros."""
+    maps, masks = random_maps_and_masks(seed, n_images=4, max_side=30)
+    rng = np.random.default_rng(seed)
+    maps.append(np.full((12, 9), 0.5, dtype=np.float32))  # constant, with a region
+    masks.append(random_blob_mask(rng, (12, 9)))
+    maps.append(np.round(rng.random((10, 10)), 1).astype(np.float32))  # no defect at all
+    masks.append(np.zeros((10, 10), dtype=bool))
+    signed = np.round(rng.normal(size=(9, 11)), 1).astype(np.float32)
+    signed[0, :3] = [-0.0, 0.0, -0.0]
+    single_pixels = np.zeros((9, 11), dtype=bool)
+    single_pixels[0, 1] = single_pixels[4, 4] = single_pixels[8, 0] = True  # one-pixel regions
+    maps.append(signed)
+    masks.append(single_pixels)
+    return maps, masks
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_streamed_pixel_metrics_equal_exact_ones_at_full_resolution(seed: int) -> None:
+    maps, masks = awkward_maps_and_masks(seed)
+    metrics = stream(maps, masks)
+    assert metrics.is_exact
+    assert metrics.result() == pytest.approx(pixel_metrics(maps, masks), rel=1e-12, abs=1e-15)
+    assert set(metrics.error_bounds().values()) == {0.0}
+
+
+def continuous_maps_and_masks(seed: int, n_images: int = 6) -> tuple[list, list]:
+    """Float32 maps of 1.2 million pixels in all, more distinct scores than ``DEFAULT_MAX_BINS``,
+    over about two binades, with blob regions scored somewhat higher."""
+    rng = np.random.default_rng(seed)
+    masks = [random_blob_mask(rng, (500, 400)) for _ in range(n_images)]
+    maps = [(1.0 + rng.random((500, 400)) + 0.6 * mask).astype(np.float32) for mask in masks]
+    return maps, masks
+
+
+@pytest.mark.parametrize("seed", SEEDS[:2])
+def test_streamed_pixel_metrics_with_merged_bins_stay_within_their_bounds(seed: int) -> None:
+    maps, masks = continuous_maps_and_masks(seed)
+    metrics = stream(maps, masks)
+    assert not metrics.is_exact
+    exact, streamed, bounds = pixel_metrics(maps, masks), metrics.result(), metrics.error_bounds()
+    for name, value in exact.items():
+        assert abs(streamed[name] - value) <= bounds[name] + 1e-12, name
+        assert abs(streamed[name] - value) < 1e-4, name
+    assert max(bounds.values()) > 0.0
+
+
+def test_streamed_pixel_metrics_do_not_depend_on_image_order() -> None:
+    maps, masks = continuous_maps_and_masks(0)
+    maps[4][0, 0] = 3e4  # an outlier in a late image opens far-away blocks
+    forward = stream(maps, masks)
+    backward = stream(maps[::-1], masks[::-1])
+    assert forward.shift == backward.shift > 0
+    assert forward.result() == pytest.approx(backward.result(), rel=1e-12)
+
+
+def test_streamed_pixel_metrics_bounds_cover_a_separation_lost_in_merging() -> None:
+    # Defects score one float32 step above the rest: perfectly separated at full resolution.
+    # A normal image of 1.1 million distinct scores over 66 binades forces merges, after which 1.0
+    # and the next float share a bin; the metrics change and the bounds must cover the change.
+    mask = np.zeros((4, 4), dtype=bool)
+    mask[0, :2] = True
+    anomaly_map = np.ones((4, 4), dtype=np.float32)
+    anomaly_map[mask] = np.nextafter(np.float32(1.0), np.float32(2.0))
+    spread = np.geomspace(1e-10, 1e10, 1100 * 1000, dtype=np.float32).reshape(1100, 1000)
+    maps, masks = [anomaly_map, spread], [mask, np.zeros(spread.shape, dtype=bool)]
+    metrics = stream(maps, masks)
+    assert metrics.shift >= 1
+    exact, streamed, bounds = pixel_metrics(maps, masks), metrics.result(), metrics.error_bounds()
+    assert streamed["pixel_auroc"] < exact["pixel_auroc"]
+    for name, value in exact.items():
+        assert abs(streamed[name] - value) <= bounds[name] + 1e-12, name
+
+
+def test_streamed_pixel_metrics_errors() -> None:
+    metrics = StreamingPixelMetrics()
+    with pytest.raises(FlawmapError, match="map 0 has shape"):
+        metrics.add(np.zeros((4, 4)), np.zeros((4, 5)))
+    with pytest.raises(FlawmapError, match="map 0 contains NaN"):
+        metrics.add(np.array([[0.1, np.nan]]), np.array([[1, 0]]))
+    with pytest.raises(FlawmapError, match="both normal and anomalous pixels"):
+        metrics.result()
+    metrics.add(np.eye(3), np.zeros((3, 3)))
+    with pytest.raises(FlawmapError, match="got 0 anomalous and 9 normal"):
+        metrics.result()
+    with pytest.raises(FlawmapError, match="max_bins"):
+        StreamingPixelMetrics(max_bins=DEFAULT_MAX_BINS // 2)

@@ -1,7 +1,9 @@
 """Evaluate a fitted model on a dataset's test split (the MVTec protocol).
 
 Pixel metrics are computed at each ground-truth mask's original resolution: anomaly maps are
-resized to the mask. Optionally every map and score is written out so that the metrics can be
+resized to the mask. Maps are streamed: each is counted into the pixel metrics
+(:class:`flawmap.metrics.StreamingPixelMetrics`) and dropped, so memory does not grow with the
+number of test images. Optionally every map and score is written out so that the metrics can be
 recomputed independently of flawmap.
 """
 
@@ -15,13 +17,13 @@ import numpy as np
 
 from flawmap.data import Dataset, open_dataset
 from flawmap.errors import FlawmapError
-from flawmap.metrics import image_metrics, pixel_metrics
+from flawmap.metrics import StreamingPixelMetrics, image_metrics
 from flawmap.prediction import Predictor
 
 #: The keys of an evaluation result, in order.
 RESULT_KEYS = (
-    "image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1_max", "threshold", "false_alarm_rate", "recall",
-    "n_images", "predict_ms_per_image",
+    "image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1_max", "pixel_f1_max", "threshold", "false_alarm_rate",
+    "recall", "n_images", "predict_ms_per_image",
 )
 
 
@@ -48,33 +50,34 @@ def evaluate(
         dataset = open_dataset(dataset)
     if not dataset.test:
         raise FlawmapError(f"{dataset.root}: no test images to evaluate on (expected test/<type>/ folders)")
-    keys, scores, labels, maps, masks = [], [], [], [], []
-    write_seconds = 0.0
+    keys, scores, labels = [], [], []
+    pixels = StreamingPixelMetrics()
+    counting_seconds = 0.0  # metrics and map files, kept out of the prediction time
     start = time.perf_counter()
     for prediction, mask in model.iter_predictions(dataset.test, load_masks=True):
+        counting_start = time.perf_counter()
         keys.append(prediction.sample.key)
         scores.append(prediction.score)
         labels.append(prediction.sample.is_anomalous)
-        maps.append(prediction.anomaly_map)
-        masks.append(mask)
+        pixels.add(prediction.anomaly_map, mask)
         if maps_dir is not None:
-            write_start = time.perf_counter()
             _write_map(Path(maps_dir), prediction.sample.key, prediction.anomaly_map)
-            write_seconds += time.perf_counter() - write_start
-    predict_ms = 1000.0 * (time.perf_counter() - start - write_seconds) / len(scores)
+        counting_seconds += time.perf_counter() - counting_start
+    predict_ms = 1000.0 * (time.perf_counter() - start - counting_seconds) / len(scores)
     if maps_dir is not None:
         scores_path = Path(maps_dir) / "scores.json"
         scores_path.write_text(json.dumps(dict(zip(keys, scores)), indent=1) + "\n", encoding="utf-8")
     score_array, label_array = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
     image = image_metrics(score_array, label_array)
     flagged = score_array > model.threshold_
-    pixel = pixel_metrics(maps, masks)
+    pixel = pixels.result()
     result = {
         "image_auroc": image["image_auroc"],
         "pixel_auroc": pixel["pixel_auroc"],
         "aupro": pixel["aupro"],
         "pixel_ap": pixel["pixel_ap"],
         "image_f1_max": image["image_f1_max"],
+        "pixel_f1_max": pixel["pixel_f1_max"],
         "threshold": float(model.threshold_),
         "false_alarm_rate": _share(flagged[~label_array]),
         "recall": _share(flagged[label_array]),

@@ -16,6 +16,13 @@ in scikit-learn. All curves are read off two cumulative counts over the threshol
 0.75
 >>> image_metrics(scores, labels)["image_f1_max"]
 0.8
+
+:class:`StreamingPixelMetrics` computes the pixel metrics image by image in memory that does not
+grow with the number of images: it counts pixels in bins of their float32 representation, exact
+while the scores seen need at most ``max_bins`` bins and otherwise with bins of a few units in the
+last place, and it bounds the error that binning can cause (:meth:`StreamingPixelMetrics.error_bounds`).
+:func:`pixel_metrics` sorts all pixels at once and is exact; it is the reference the streamed
+metrics are tested against.
 """
 
 from __future__ import annotations
@@ -33,6 +40,19 @@ DEFAULT_FPR_LIMIT = 0.3
 
 _EIGHT_CONNECTIVITY = np.ones((3, 3), dtype=bool)
 """Structuring element for ``ndimage.label``: diagonal neighbours belong to the same region."""
+
+DEFAULT_MAX_BINS = 2**20
+"""Bins of :class:`StreamingPixelMetrics` (24 bytes each, 24 MiB in all)."""
+
+_BLOCK_BITS = 12
+""":class:`StreamingPixelMetrics` bins the lower 12 bits of a key within blocks of the upper 20."""
+_BLOCK_SIZE = 1 << _BLOCK_BITS
+_N_BLOCKS = 1 << (32 - _BLOCK_BITS)
+
+_SIGN_BIT = np.uint32(0x80000000)
+_ALL_BITS = np.uint32(0xFFFFFFFF)
+_NAN_FREE_KEYS = (0x007FFFFF, 0xFF800000)
+"""Order keys of -inf and +inf: keys outside this range belong to NaNs."""
 
 
 @dataclass(frozen=True)
@@ -157,27 +177,24 @@ def aupro(
         raise FlawmapError(f"fpr_limit must be in (0, 1]; got {fpr_limit}")
     pixels = _flatten_pixels(maps, masks)
     ranking = _rank(pixels.scores, pixels.anomalous_scores, unit="pixels")
-    return _aupro(ranking, pixels, fpr_limit)
+    return _aupro(ranking, _exact_pro(ranking, pixels), fpr_limit)
 
 
 def pixel_metrics(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> dict[str, float]:
-    """Pixel AUROC, AUPRO (up to FPR 0.3) and pixel average precision from one ranking.
+    """Pixel AUROC, AUPRO (up to FPR 0.3), pixel average precision and best pixel F1, exactly.
 
-    The pixels are flattened and sorted once and all three metrics share that ranking.
+    The pixels are flattened and sorted once and all four metrics share that ranking, so memory
+    grows with the number of pixels; :class:`StreamingPixelMetrics` does not.
     ``maps`` and ``masks`` are as in :func:`aupro`.
 
     Returns
     -------
     dict
-        ``{"pixel_auroc": float, "aupro": float, "pixel_ap": float}``.
+        ``{"pixel_auroc": float, "aupro": float, "pixel_ap": float, "pixel_f1_max": float}``.
     """
     pixels = _flatten_pixels(maps, masks)
     ranking = _rank(pixels.scores, pixels.anomalous_scores, unit="pixels")
-    return {
-        "pixel_auroc": _auroc(ranking),
-        "aupro": _aupro(ranking, pixels, DEFAULT_FPR_LIMIT),
-        "pixel_ap": _average_precision(ranking),
-    }
+    return _pixel_metrics(ranking, _exact_pro(ranking, pixels))
 
 
 def image_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -215,9 +232,7 @@ def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.nd
         False- and true-positive rates, non-decreasing, starting at 0 and ending at 1.
     """
     ranking = _rank_labelled(scores, labels)
-    fpr = ranking.false_positives / ranking.n_normal
-    tpr = ranking.true_positives / ranking.n_anomalous
-    return np.concatenate(([0.0], fpr)), np.concatenate(([0.0], tpr))
+    return _from_origin(ranking.false_positives / ranking.n_normal, ranking.true_positives / ranking.n_anomalous)
 
 
 def pro_curve(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -231,7 +246,205 @@ def pro_curve(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> tuple[
         Pixel false-positive rate and mean region overlap at every distinct pixel score, from (0, 0).
     """
     pixels = _flatten_pixels(maps, masks)
-    return _pro_points(_rank(pixels.scores, pixels.anomalous_scores, unit="pixels"), pixels)
+    ranking = _rank(pixels.scores, pixels.anomalous_scores, unit="pixels")
+    return _from_origin(ranking.false_positives / ranking.n_normal, _exact_pro(ranking, pixels))
+
+
+class StreamingPixelMetrics:
+    """The pixel metrics of :func:`pixel_metrics`, accumulated one map at a time.
+
+    Memory does not grow with the number of images: three histograms over at most ``max_bins``
+    bins (24 bytes each) hold, per bin of scores, all pixels, the anomalous pixels and the
+    anomalous pixels' share of the PRO (``1 / size of the pixel's region``). Every metric is read
+    off their cumulative sums from the highest bin down, as :func:`pixel_metrics` reads them off
+    the sorted pixels.
+
+    While at most ``max_bins`` distinct scores have been seen, each has its own bin and the
+    metrics equal :func:`pixel_metrics` of the maps as float32. Beyond that, bins follow the
+    float32 representation, so their width is relative to the score and no score range is needed
+    in advance. Scores are mapped to 32-bit keys that sort like them (their bits, sign handled).
+    The upper 20 bits (sign, exponent, 11 mantissa bits) pick a *block*, and only blocks that hold
+    a score get bins: ``2**(12 - shift)`` each, by the lower 12 bits. Whenever the occupied
+    blocks would need more than ``max_bins`` bins, neighbouring bins are merged in pairs
+    (``shift + 1``). Scores over four binades (e.g. 0.5 to 8) occupy 8,192 blocks and keep 18 of
+    the 23 mantissa bits at the default ``max_bins``. :meth:`error_bounds` bounds what the merging
+    can change in each metric.
+
+    >>> rng = np.random.default_rng(0)
+    >>> metrics = StreamingPixelMetrics()
+    >>> for _ in range(3):
+    ...     mask = np.zeros((8, 8), dtype=bool)
+    ...     mask[2:4, 2:5] = True
+    ...     metrics.add(rng.random((8, 8)) + mask, mask)
+    >>> sorted(metrics.result())
+    ['aupro', 'pixel_ap', 'pixel_auroc', 'pixel_f1_max']
+    >>> metrics.result()["pixel_auroc"]
+    1.0
+    """
+
+    def __init__(self, max_bins: int = DEFAULT_MAX_BINS) -> None:
+        if max_bins < _N_BLOCKS:
+            raise FlawmapError(f"max_bins must be at least {_N_BLOCKS}, got {max_bins}")
+        self.max_bins = max_bins
+        self.shift = 0
+        self.n_images = 0
+        self.n_regions = 0
+        # Per bin: all pixels, anomalous pixels, summed 1 / region size of the anomalous pixels.
+        self._pixels = np.zeros(0, dtype=np.int64)
+        self._anomalous = np.zeros(0, dtype=np.int64)
+        self._region_shares = np.zeros(0, dtype=np.float64)
+        # Exact: the bins are these distinct keys, ascending; None once binned by blocks.
+        self._keys: np.ndarray | None = np.zeros(0, dtype=np.uint32)
+        # Binned: slot-major bins of the occupied blocks (the block of each slot, in order of arrival).
+        self._slot_of_block = np.full(_N_BLOCKS, -1, dtype=np.int32)
+        self._blocks = np.zeros(0, dtype=np.int64)
+
+    @property
+    def bins_per_block(self) -> int:
+        """Bins of each occupied block once binned: ``2**(12 - shift)``."""
+        return _BLOCK_SIZE >> self.shift
+
+    @property
+    def is_exact(self) -> bool:
+        """Whether every bin holds one float32 value, so that the metrics are exact."""
+        return self.shift == 0
+
+    def add(self, anomaly_map: np.ndarray, mask: np.ndarray) -> None:
+        """Count one map (H, W) and its ground-truth mask (H, W), 1 or True where anomalous."""
+        anomaly_map, mask = _checked_map_and_mask(anomaly_map, mask, self.n_images)
+        keys = _order_keys(anomaly_map, f"map {self.n_images}")
+        inverse_sizes, n_regions = _inverse_region_sizes(mask) if mask.any() else (np.zeros(0), 0)
+        if self._keys is not None:
+            self._count_distinct(keys, mask.ravel(), inverse_sizes)
+            if self._keys.size > self.max_bins:
+                self._switch_to_blocks()
+        else:
+            self._count_in_blocks(keys, None, mask.ravel(), inverse_sizes)
+        self.n_regions += n_regions
+        self.n_images += 1
+
+    def result(self) -> dict[str, float]:
+        """``{"pixel_auroc", "aupro", "pixel_ap", "pixel_f1_max"}`` over the maps added so far."""
+        return _pixel_metrics(*self._ranking())
+
+    def error_bounds(self) -> dict[str, float]:
+        """For each metric of :meth:`result`, a bound on its distance to :func:`pixel_metrics`.
+
+        All are 0 while :attr:`is_exact`. Otherwise the pixels inside one bin count as tied, and the
+        exact curves run anywhere inside each bin's box between the tied and untied orders:
+
+        - AUROC: pairs of an anomalous and a normal pixel in one bin count 1/2 where they count
+          0 or 1 exactly: ``sum_b a_b n_b / (2 P N)``;
+        - AP: a bin's recall step ``a_b / P`` is weighted by a precision between the bin's lowest
+          ``(TP_above + 1) / (TP_above + 1 + FP_b)`` and highest ``TP_b / (TP_b + FP_above)``;
+        - F1-max: no threshold inside a bin beats ``2 TP_b / (TP_b + FP_above + P)``;
+        - AUPRO: the curve stays inside each bin's FPR x PRO box, up to the FPR limit.
+        """
+        if self.is_exact:
+            return dict.fromkeys(("pixel_auroc", "aupro", "pixel_ap", "pixel_f1_max"), 0.0)
+        ranking, pro = self._ranking()
+        n_anomalous, n_normal = ranking.n_anomalous, ranking.n_normal
+        true_positives = ranking.true_positives.astype(np.float64)
+        false_positives = ranking.false_positives.astype(np.float64)
+        true_above = np.concatenate(([0.0], true_positives[:-1]))
+        false_above = np.concatenate(([0.0], false_positives[:-1]))
+        anomalous_in_bin = true_positives - true_above
+        auroc_bound = float(np.dot(anomalous_in_bin, false_positives - false_above)) / (2 * n_anomalous * n_normal)
+        steps = anomalous_in_bin > 0
+        highest_precision = true_positives[steps] / (true_positives[steps] + false_above[steps])
+        lowest_precision = (true_above[steps] + 1) / (true_above[steps] + 1 + false_positives[steps])
+        ap_bound = float(np.dot(anomalous_in_bin[steps], highest_precision - lowest_precision)) / n_anomalous
+        f1_bound = float(np.max(2 * true_positives / (true_positives + false_above + n_anomalous))) - _f1_max(ranking)[0]
+        fpr, fpr_above = false_positives / n_normal, false_above / n_normal
+        pro_above = np.concatenate(([0.0], pro[:-1]))
+        width = np.clip(np.minimum(fpr, DEFAULT_FPR_LIMIT) - fpr_above, 0.0, None)
+        aupro_bound = float(np.dot(width, pro - pro_above)) / DEFAULT_FPR_LIMIT
+        return {"pixel_auroc": auroc_bound, "aupro": aupro_bound, "pixel_ap": ap_bound, "pixel_f1_max": f1_bound}
+
+    def _ranking(self) -> tuple[_Ranking, np.ndarray]:
+        """The occupied bins as a :class:`_Ranking` (threshold: a bin's lowest score) and the PRO
+        at each of them."""
+        n_pixels, n_anomalous = int(self._pixels.sum()), int(self._anomalous.sum())
+        _check_both_classes(n_anomalous, n_pixels - n_anomalous, "pixels")
+        if self._keys is not None:
+            bins, lowest_keys = np.arange(self._keys.size), self._keys
+        else:
+            by_block = np.argsort(self._blocks)
+            bins = (by_block[:, None] * self.bins_per_block + np.arange(self.bins_per_block)).ravel()
+            bins = bins[self._pixels[bins] > 0]
+            slots, offsets = np.divmod(bins, self.bins_per_block)
+            lowest_keys = ((self._blocks[slots] << _BLOCK_BITS) + (offsets << self.shift)).astype(np.uint32)
+        descending = bins[::-1]
+        ranking = _Ranking(
+            thresholds=_scores_of_keys(lowest_keys[::-1]),
+            n_predicted=np.cumsum(self._pixels[descending]),
+            true_positives=np.cumsum(self._anomalous[descending]),
+            n_anomalous=n_anomalous,
+            n_normal=n_pixels - n_anomalous,
+        )
+        return ranking, np.cumsum(self._region_shares[descending]) / self.n_regions
+
+    def _count_distinct(self, keys: np.ndarray, anomalous: np.ndarray, inverse_sizes: np.ndarray) -> None:
+        """Add pixels with ``keys`` (n,), flagged ``anomalous`` (n,), to the exact bins."""
+        n_before = self._keys.size
+        self._keys, bins = np.unique(np.concatenate((self._keys, keys)), return_inverse=True)
+        old_bins, new_bins = bins[:n_before], bins[n_before:]
+        self._pixels, self._anomalous, self._region_shares = (
+            _moved(counts, old_bins, self._keys.size) for counts in (self._pixels, self._anomalous, self._region_shares)
+        )
+        _add_counts(self._pixels, new_bins)
+        _add_counts(self._anomalous, new_bins[anomalous])
+        _add_counts(self._region_shares, new_bins[anomalous], weights=inverse_sizes)
+
+    def _switch_to_blocks(self) -> None:
+        """Re-count the exact bins in blocks (which merges bins at least once)."""
+        keys, counts = self._keys, (self._pixels, self._anomalous, self._region_shares)
+        self._keys = None
+        self._pixels, self._anomalous, self._region_shares = (np.zeros(0, dtype=c.dtype) for c in counts)
+        self._count_in_blocks(keys, *counts)
+
+    def _count_in_blocks(
+        self, keys: np.ndarray, pixels: np.ndarray | None, anomalous: np.ndarray, shares: np.ndarray
+    ) -> None:
+        """Add to the block bins: ``pixels`` (n,) counts at ``keys`` (n,), or one pixel each if
+        None, ``anomalous`` (n,) counts or flags, and the ``shares`` of the anomalous ones."""
+        blocks = keys >> np.uint32(_BLOCK_BITS)
+        slots = self._slot_of_block[blocks]
+        new = slots < 0
+        if new.any():
+            self._occupy(np.unique(blocks[new]))
+            slots = self._slot_of_block[blocks]
+        bins = slots.astype(np.int64)
+        bins *= self.bins_per_block
+        offsets = np.bitwise_and(keys, np.uint32(_BLOCK_SIZE - 1))
+        bins += np.right_shift(offsets, np.uint32(self.shift), out=offsets)
+        _add_counts(self._pixels, bins, weights=pixels)
+        if anomalous.dtype == bool:
+            _add_counts(self._anomalous, bins[anomalous])
+            _add_counts(self._region_shares, bins[anomalous], weights=shares)
+        else:
+            _add_counts(self._anomalous, bins, weights=anomalous)
+            _add_counts(self._region_shares, bins, weights=shares)
+
+    def _occupy(self, new_blocks: np.ndarray) -> None:
+        """Give each of ``new_blocks`` its bins, merging bins in pairs while over budget."""
+        n_slots = self._blocks.size + new_blocks.size
+        while n_slots * self.bins_per_block > self.max_bins:
+            self._merge_pairs()
+        self._slot_of_block[new_blocks] = np.arange(self._blocks.size, n_slots)
+        self._blocks = np.concatenate((self._blocks, new_blocks))
+        grow = new_blocks.size * self.bins_per_block
+        self._pixels, self._anomalous, self._region_shares = (
+            np.concatenate((counts, np.zeros(grow, dtype=counts.dtype)))
+            for counts in (self._pixels, self._anomalous, self._region_shares)
+        )
+
+    def _merge_pairs(self) -> None:
+        """Halve the resolution: bins ``2j`` and ``2j + 1`` of each block become bin ``j``."""
+        self._pixels, self._anomalous, self._region_shares = (
+            counts.reshape(-1, 2).sum(axis=1) for counts in (self._pixels, self._anomalous, self._region_shares)
+        )
+        self.shift += 1
 
 
 def _auroc(ranking: _Ranking) -> float:
@@ -260,22 +473,35 @@ def _f1_max(ranking: _Ranking) -> tuple[float, float]:
     return float(f1[best]), float(ranking.thresholds[best])
 
 
-def _aupro(ranking: _Ranking, pixels: _PixelScores, fpr_limit: float) -> float:
-    """AUPRO from a ranking of ``pixels.scores``; see :func:`aupro`.
+def _pixel_metrics(ranking: _Ranking, pro: np.ndarray) -> dict[str, float]:
+    """The pixel metrics from a ranking of pixels and the PRO at each of its thresholds."""
+    return {
+        "pixel_auroc": _auroc(ranking),
+        "aupro": _aupro(ranking, pro, DEFAULT_FPR_LIMIT),
+        "pixel_ap": _average_precision(ranking),
+        "pixel_f1_max": _f1_max(ranking)[0],
+    }
+
+
+def _exact_pro(ranking: _Ranking, pixels: _PixelScores) -> np.ndarray:
+    """PRO at each threshold of a ranking of ``pixels.scores``; shape (n_thresholds,).
 
     PRO(t_k) = sum of the weights w = 1 / (n_regions * region size) of the anomalous pixels with
     score >= t_k, and those are exactly the first TP_k anomalous pixels in descending score order.
     """
-    return _area_up_to(*_pro_points(ranking, pixels), fpr_limit) / fpr_limit
-
-
-def _pro_points(ranking: _Ranking, pixels: _PixelScores) -> tuple[np.ndarray, np.ndarray]:
-    """(FPR, PRO) at every threshold of ``ranking``, from (0, 0); see :func:`_aupro`."""
     descending = np.argsort(pixels.anomalous_scores)[::-1]
     pro_of_first = np.concatenate(([0.0], np.cumsum(pixels.anomalous_weights[descending])))
-    pro = pro_of_first[ranking.true_positives]
-    fpr = ranking.false_positives / ranking.n_normal
-    return np.concatenate(([0.0], fpr)), np.concatenate(([0.0], pro))
+    return pro_of_first[ranking.true_positives]
+
+
+def _aupro(ranking: _Ranking, pro: np.ndarray, fpr_limit: float) -> float:
+    """AUPRO from a ranking and the PRO at each of its thresholds; see :func:`aupro`."""
+    return _area_up_to(*_from_origin(ranking.false_positives / ranking.n_normal, pro), fpr_limit) / fpr_limit
+
+
+def _from_origin(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The curve through the points (x, y), preceded by (0, 0)."""
+    return np.concatenate(([0.0], x)), np.concatenate(([0.0], y))
 
 
 def _area_up_to(x: np.ndarray, y: np.ndarray, x_limit: float) -> float:
@@ -315,11 +541,7 @@ def _rank(scores: np.ndarray, anomalous_scores: np.ndarray, unit: str) -> _Ranki
     """
     n_anomalous = anomalous_scores.size
     n_normal = scores.size - n_anomalous
-    if n_anomalous == 0 or n_normal == 0:
-        raise FlawmapError(
-            f"metrics need both normal and anomalous {unit}; got {n_anomalous} anomalous "
-            f"and {n_normal} normal"
-        )
+    _check_both_classes(n_anomalous, n_normal, unit)
     ascending = np.sort(scores)
     if np.isnan(ascending[-1]):  # np.sort puts NaN last
         raise FlawmapError("scores contain NaN")
@@ -343,6 +565,15 @@ def _rank(scores: np.ndarray, anomalous_scores: np.ndarray, unit: str) -> _Ranki
     )
 
 
+def _check_both_classes(n_anomalous: int, n_normal: int, unit: str) -> None:
+    """FlawmapError unless there are anomalous and normal ``unit`` ("samples", "pixels")."""
+    if n_anomalous == 0 or n_normal == 0:
+        raise FlawmapError(
+            f"metrics need both normal and anomalous {unit}; got {n_anomalous} anomalous "
+            f"and {n_normal} normal"
+        )
+
+
 def _rank_labelled(scores: np.ndarray, labels: np.ndarray) -> _Ranking:
     """Validate image-style inputs (scores and labels of one shape) and rank them."""
     scores = _as_scores(scores, "scores")
@@ -359,28 +590,79 @@ def _flatten_pixels(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> 
         raise FlawmapError(f"got {len(maps)} maps but {len(masks)} masks")
     if len(maps) == 0:
         raise FlawmapError("got no maps")
-    flat_maps, anomalous_scores, region_ids = [], [], []
+    flat_maps, anomalous_scores, inverse_sizes = [], [], []
     n_regions = 0
     for index, (anomaly_map, mask) in enumerate(zip(maps, masks)):
-        anomaly_map = _as_scores(anomaly_map, f"map {index}")
-        mask = _as_binary(mask, f"mask {index}")
-        if anomaly_map.ndim != 2 or anomaly_map.shape != mask.shape:
-            raise FlawmapError(
-                f"map {index} has shape {anomaly_map.shape} and its mask {mask.shape}; "
-                "both must be the same 2-D shape"
-            )
-        regions, n_image_regions = ndimage.label(mask, structure=_EIGHT_CONNECTIVITY)
+        anomaly_map, mask = _checked_map_and_mask(anomaly_map, mask, index)
+        image_inverse_sizes, n_image_regions = _inverse_region_sizes(mask)
         flat_maps.append(anomaly_map.ravel())
         anomalous_scores.append(anomaly_map[mask])
-        region_ids.append(regions[mask] - 1 + n_regions)  # 0 .. n_regions - 1 across all images
+        inverse_sizes.append(image_inverse_sizes)
         n_regions += n_image_regions
-    region_ids = np.concatenate(region_ids)
-    region_sizes = np.bincount(region_ids, minlength=n_regions)
     return _PixelScores(
         scores=np.concatenate(flat_maps),
         anomalous_scores=np.concatenate(anomalous_scores),
-        anomalous_weights=1.0 / (n_regions * region_sizes[region_ids]),
+        anomalous_weights=np.concatenate(inverse_sizes) / n_regions if n_regions else np.zeros(0),
     )
+
+
+def _checked_map_and_mask(anomaly_map: np.ndarray, mask: np.ndarray, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """Map ``index`` as real numbers and its mask as bool, both the same 2-D shape; else FlawmapError."""
+    anomaly_map = _as_scores(anomaly_map, f"map {index}")
+    mask = _as_binary(mask, f"mask {index}")
+    if anomaly_map.ndim != 2 or anomaly_map.shape != mask.shape:
+        raise FlawmapError(
+            f"map {index} has shape {anomaly_map.shape} and its mask {mask.shape}; "
+            "both must be the same 2-D shape"
+        )
+    return anomaly_map, mask
+
+
+def _inverse_region_sizes(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """``1 / size of its 8-connected region`` for each anomalous pixel of ``mask`` (H, W), in
+    row-major order, and the number of regions."""
+    regions, n_regions = ndimage.label(mask, structure=_EIGHT_CONNECTIVITY)
+    region_of_pixel = regions[mask]
+    sizes = np.bincount(region_of_pixel, minlength=n_regions + 1)
+    return 1.0 / sizes[region_of_pixel], n_regions
+
+
+def _add_counts(histogram: np.ndarray, bins: np.ndarray, weights: np.ndarray | None = None) -> None:
+    """Add the number (or the summed ``weights``) of ``bins`` entries in each bin to ``histogram``."""
+    counts = np.bincount(bins, weights=weights)
+    histogram[: counts.size] += counts.astype(histogram.dtype, copy=False)
+
+
+def _moved(counts: np.ndarray, new_places: np.ndarray, size: int) -> np.ndarray:
+    """``counts`` placed at ``new_places`` in a zero array of ``size`` (bins renumbered)."""
+    moved = np.zeros(size, dtype=counts.dtype)
+    moved[new_places] = counts
+    return moved
+
+
+def _order_keys(scores: np.ndarray, name: str) -> np.ndarray:
+    """Scores (any shape) as float32 to uint32 keys (flattened) that sort as the scores do.
+
+    A positive float's bits sort like the float once the sign bit is set; a negative float's
+    sort in reverse, so all its bits are flipped. -0.0 becomes +0.0 first so that equal scores
+    get equal keys. FlawmapError naming ``name`` if a score is NaN.
+    """
+    values = np.asarray(scores, dtype=np.float32).ravel() + np.float32(0.0)
+    keys = values.view(np.uint32)
+    flip = keys >> np.uint32(31)  # 1 for negative scores
+    flip *= np.uint32(0x7FFFFFFF)
+    flip |= _SIGN_BIT  # all bits for negative scores, the sign bit for the others
+    keys ^= flip
+    lowest, highest = _NAN_FREE_KEYS
+    if keys.size and (keys.min() < lowest or keys.max() > highest):
+        raise FlawmapError(f"{name} contains NaN")
+    return keys
+
+
+def _scores_of_keys(keys: np.ndarray) -> np.ndarray:
+    """The float32 scores of uint32 order keys: the inverse of :func:`_order_keys`."""
+    bits = np.bitwise_xor(keys, np.where(keys & _SIGN_BIT, _SIGN_BIT, _ALL_BITS))
+    return bits.view(np.float32)
 
 
 def _as_scores(values: np.ndarray, name: str) -> np.ndarray:

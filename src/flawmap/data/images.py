@@ -47,8 +47,15 @@ def read_image(path: str | Path) -> np.ndarray:
         If the file is missing, is not a decodable image, is truncated, or has an unsupported
         pixel mode (such as 32-bit float).
     """
+    return np.asarray(open_rgb_image(path))
+
+
+def open_rgb_image(path: str | Path) -> Image.Image:
+    """Decode an image file as an RGB Pillow image, as :func:`read_image` does (which returns its
+    pixels); the loader resizes it without a round trip through numpy."""
     path = Path(path)
-    return np.asarray(_to_8bit(_load(path), path).convert("RGB"))
+    image = _to_8bit(_load(path), path)
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def decode_image(data: bytes, name: str) -> np.ndarray:

@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from flawmap.data.datasets import Sample
-from flawmap.data.images import read_image, read_mask
+from flawmap.data.images import open_rgb_image, read_mask
 from flawmap.errors import FlawmapError
 
 _BATCHES_AHEAD = 2
@@ -180,8 +180,11 @@ def _collect(
 
 def _decode(sample: Sample, array: np.ndarray | None, image_size: int, load_masks: bool) -> _Decoded:
     """Read (or take) one image, resize it to ``image_size`` squared and read its mask if asked."""
-    rgb = read_image(sample.image_path) if array is None else _array_to_rgb(array, sample.image_path)
-    original_hw = rgb.shape[:2]
+    if array is None:
+        image = open_rgb_image(sample.image_path)
+    else:
+        image = Image.fromarray(_array_to_rgb(array, sample.image_path))
+    original_hw = (image.height, image.width)
     min_side = max(1, image_size // PATCH_STRIDE)
     if min(original_hw) < min_side:
         height, width = original_hw
@@ -189,7 +192,7 @@ def _decode(sample: Sample, array: np.ndarray | None, image_size: int, load_mask
             f"{sample.image_path}: image is {width}x{height}, smaller than the model's {min_side}x{min_side} patch grid "
             f"(at least {min_side} pixels a side are needed)"
         )
-    resized = Image.fromarray(rgb).resize((image_size, image_size), Image.BILINEAR, reducing_gap=None)
+    resized = image.resize((image_size, image_size), Image.BILINEAR, reducing_gap=None)
     mask = _read_sample_mask(sample, original_hw) if load_masks else None
     return _Decoded(sample=sample, pixels=np.asarray(resized), original_hw=original_hw, mask=mask)
 
