@@ -5,7 +5,7 @@ import torch
 from flawmap.data import open_dataset
 from flawmap.errors import FlawmapError
 from flawmap.evaluate import evaluate
-from flawmap.models import PatchCore
+from flawmap.models import PatchCore, patchcore
 from flawmap.search import all_vectors, build_search
 
 
@@ -78,15 +78,21 @@ def test_threshold_calibrated_on_every_training_image_left_out(tiny_model):
     assert tiny_model.threshold_ > scores.max()  # a 1% rate from 12 scores: above all of them
 
 
-def test_left_out_scores_search_only_the_bank_rows_of_other_images(tiny_model, tiny_dataset):
+@pytest.mark.parametrize("candidates", [1, patchcore.LEFT_OUT_CANDIDATES])  # 1: nearly every patch searched again
+def test_left_out_scores_search_only_the_bank_rows_of_other_images(tiny_model, tiny_dataset, candidates, monkeypatch):
+    monkeypatch.setattr(patchcore, "LEFT_OUT_CANDIDATES", candidates)
     train = list(open_dataset(tiny_dataset).train)
     images = torch.from_numpy(next(iter(tiny_model._batches(train[:3], False, "test"))).images)
     with torch.inference_mode():
         features = tiny_model.scorer_.embed(images)
-        left_out = tiny_model._left_out_scores(features, torch.tensor([0, 1, 2])).patch_scores
+        left_out_scores = tiny_model._left_out_scores(features, torch.tensor([0, 1, 2]))
         in_sample = tiny_model.scorer_.score(features).patch_scores
+    left_out = left_out_scores.patch_scores
     bank, sources = memory_bank(tiny_model), tiny_model.coreset_state_["labels"]
     for image in range(3):
+        with torch.inference_mode():  # Eq. 7 too: as if the bank had only the other images' rows
+            alone = tiny_model.scorer_.score(features[image : image + 1], among=torch.nonzero(sources != image)[:, 0])
+        torch.testing.assert_close(left_out_scores.image_scores[image], alone.image_scores[0], rtol=1e-4, atol=1e-4)
         queries = features[image].flatten(1).T  # (h * w, C)
         others = torch.cdist(queries.double(), bank[sources != image].double()).min(dim=1).values
         torch.testing.assert_close(left_out[image].flatten().double(), others, rtol=1e-3, atol=1e-3)

@@ -36,6 +36,11 @@ from flawmap.models.base import AnomalyModel, PatchScores, Scorer, check_positiv
 from flawmap.search import SearchIndex, all_vectors, build_search, search_from_state, search_state
 
 
+#: Nearest bank rows searched per training patch when scoring it leave-one-out; the rare patch
+#: whose candidates all come from its own image is searched again without them.
+LEFT_OUT_CANDIDATES = 16
+
+
 class PatchCoreScorer(Scorer):
     """Images -> nearest-bank-feature distances (steps 1, 3) and Eq. 7 image scores (step 4).
 
@@ -55,14 +60,26 @@ class PatchCoreScorer(Scorer):
     def score(self, features: torch.Tensor, among: torch.Tensor | None = None) -> PatchScores:
         """Features (B, C, h, w) -> patch scores (B, h, w) and Eq. 7 image scores (B,), against
         the whole bank or only its rows ``among`` (M,)."""
-        n_images, _, grid_h, grid_w = features.shape
         queries = flatten_patches(features)
         distances, nearest = self.search.kneighbors(queries, k=1, among=among)
-        patch_scores = distances[:, 0].view(n_images, grid_h * grid_w)
+        return self.scores_from_nearest(features.shape, queries, distances[:, 0], nearest[:, 0], among)
+
+    def scores_from_nearest(
+        self,
+        shape: torch.Size,
+        queries: torch.Tensor,
+        distances: torch.Tensor,
+        nearest: torch.Tensor,
+        among: torch.Tensor | None = None,
+    ) -> PatchScores:
+        """Each query's distance (B*h*w,) to its nearest bank row ``nearest`` (B*h*w,) -> patch
+        scores (B, h, w) and Eq. 7 image scores (B,); ``shape`` is the features' (B, C, h, w)."""
+        n_images, _, grid_h, grid_w = shape
+        patch_scores = distances.view(n_images, grid_h * grid_w)
         # Eq. 7: re-weight each image's maximal patch score by how sparse the bank is around m*.
         max_scores, worst_patch = patch_scores.max(dim=1)
         worst_rows = torch.arange(n_images, device=worst_patch.device) * grid_h * grid_w + worst_patch
-        image_scores = max_scores * self.reweighting(queries[worst_rows], nearest[worst_rows, 0], among)
+        image_scores = max_scores * self.reweighting(queries[worst_rows], nearest[worst_rows], among)
         return PatchScores(patch_scores.view(n_images, grid_h, grid_w), image_scores)
 
     def reweighting(
@@ -135,12 +152,35 @@ class PatchCore(AnomalyModel):
 
     def _left_out_scores(self, features: torch.Tensor, image_ids: torch.Tensor) -> PatchScores:
         """Each image against the bank rows of the other training images (its own rows, labelled
-        by the coreset, left out)."""
-        sources = self.coreset_state_["labels"].to(features.device)
+        by the coreset, left out).
+
+        One search over the whole bank gives every patch its ``LEFT_OUT_CANDIDATES`` nearest
+        rows; the first that belongs to another image is its nearest row among the other images'
+        rows, exactly. Only patches whose candidates are all their own image's rows are searched
+        again, among the other images' rows.
+        """
+        search, sources = self.scorer_.search, self.coreset_state_["labels"].to(features.device)
+        queries = flatten_patches(features)
+        patches_per_image = queries.shape[0] // features.shape[0]
+        patch_images = image_ids.to(features.device).repeat_interleave(patches_per_image)
+        distances, rows = search.kneighbors(queries, k=min(LEFT_OUT_CANDIDATES, len(search)))
+        of_other_image = sources[rows] != patch_images[:, None]
+        first = of_other_image.int().argmax(dim=1, keepdim=True)
+        nearest_distances, nearest_rows = distances.gather(1, first)[:, 0], rows.gather(1, first)[:, 0]
         scored = []
         for i, image_id in enumerate(image_ids.tolist()):
+            patches = slice(i * patches_per_image, (i + 1) * patches_per_image)
             others = torch.nonzero(sources != image_id).squeeze(1)
-            scored.append(self.scorer_.score(features[i : i + 1], among=others if others.numel() else None))
+            among = others if others.numel() else None
+            image_distances, image_rows = nearest_distances[patches], nearest_rows[patches]
+            missed = ~of_other_image[patches].any(dim=1)
+            if missed.any():
+                again_distances, again_rows = search.kneighbors(queries[patches][missed], k=1, among=among)
+                image_distances, image_rows = image_distances.clone(), image_rows.clone()
+                image_distances[missed], image_rows[missed] = again_distances[:, 0], again_rows[:, 0]
+            scored.append(self.scorer_.scores_from_nearest(
+                features[i : i + 1].shape, queries[patches], image_distances, image_rows, among
+            ))
         return PatchScores(torch.cat([s.patch_scores for s in scored]), torch.cat([s.image_scores for s in scored]))
 
     def _coreset(self) -> StreamingCoreset:
