@@ -73,7 +73,7 @@ def test_an_onnx_model_that_is_not_ours(tmp_path):
     "changes, message",
     [
         ({"format_version": "9"}, "format version 9 is not supported"),
-        ({"threshold": None}, "lacks 'threshold'"),
+        ({"threshold": None}, "missing key 'threshold'"),
         ({"image_size": "128"}, "do not match its metadata"),
         ({"batch": "4"}, "do not match its metadata"),
         ({"input_dtype": "uint8"}, "do not match its metadata"),

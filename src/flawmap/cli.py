@@ -156,16 +156,12 @@ def _add_torch_commands(commands) -> None:
 def _add_prediction_commands(commands) -> None:
     """``evaluate`` and ``predict``: with torch or without, for model directories or .onnx files."""
     model_help = "a model directory, or an exported .onnx file (runs with onnxruntime, no torch needed)"
-    runtime_help = (
-        "torch or onnx (onnxruntime: the .onnx file, or MODEL/model.onnx written by `flawmap export MODEL`); "
-        "default auto: torch for a model directory, onnx for a .onnx file"
-    )
     evaluate = _command(commands, "evaluate", "compute metrics of a model on a dataset's test split", run_evaluate)
     evaluate.add_argument("model", type=Path, metavar="MODEL", help=model_help)
     evaluate.add_argument("data", type=Path, metavar="DATA_DIR")
     evaluate.add_argument("--json", type=Path, metavar="FILE", help="write the metrics as JSON ('-': to stdout)")
     evaluate.add_argument("--maps-dir", type=Path, metavar="DIR", help="write each anomaly map (.npy) and scores.json")
-    evaluate.add_argument("--runtime", default="auto", choices=RUNTIMES, help=runtime_help)
+    _add_runtime_choice(evaluate)
     evaluate.add_argument("--report", type=Path, metavar="DIR", help="also write the HTML report (DIR/index.html)")
     _add_runtime_flags(evaluate)
 
@@ -181,9 +177,18 @@ def _add_prediction_commands(commands) -> None:
     predict.add_argument(
         "--threshold", type=float, default=None, metavar="X", help="flag scores above X (default: the calibrated threshold)"
     )
-    predict.add_argument("--runtime", default="auto", choices=RUNTIMES, help=runtime_help)
+    _add_runtime_choice(predict)
     predict.add_argument("--report", type=Path, metavar="DIR", help="also write the HTML report (DIR/index.html)")
     _add_runtime_flags(predict)
+
+
+def _add_runtime_choice(parser: argparse.ArgumentParser) -> None:
+    """``--runtime``: what runs a saved model (evaluate, predict, report, serve)."""
+    parser.add_argument(
+        "--runtime", default="auto", choices=RUNTIMES,
+        help="torch or onnx (onnxruntime, no torch needed: the .onnx file, or MODEL/model.onnx written by "
+        "`flawmap export MODEL`); default auto: torch for a model directory, onnx for a .onnx file",
+    )
 
 
 def _add_runtime_only_commands(commands) -> None:
@@ -627,10 +632,7 @@ def _add_serve_command(commands) -> None:
     serve.add_argument("model", type=Path, metavar="MODEL", help="a model directory, or an exported .onnx file")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8080, help="default 8080")
-    serve.add_argument(
-        "--runtime", default="auto", choices=RUNTIMES,
-        help="torch, or onnx (the .onnx file, or MODEL/model.onnx written by `flawmap export MODEL`; no torch needed); default auto",
-    )
+    _add_runtime_choice(serve)
     serve.add_argument("--max-batch", type=int, default=defaults.max_batch, metavar="INT", help=f"most images per model pass (default {defaults.max_batch})")
     serve.add_argument("--max-queue", type=int, default=defaults.max_queue, metavar="INT", help=f"most requests in progress; more get 503 (default {defaults.max_queue})")
     serve.add_argument("--max-upload-mb", type=float, default=defaults.max_upload_mb, metavar="MB", help=f"largest request body (default {defaults.max_upload_mb:g})")
@@ -661,7 +663,7 @@ def _add_report_command(commands) -> None:
     report.add_argument("model", type=Path, metavar="MODEL", help="a model directory, or an exported .onnx file")
     report.add_argument("data", type=Path, metavar="DATA_DIR", help="a dataset (its labelled test split) or a folder of images")
     report.add_argument("--out", required=True, type=Path, metavar="DIR", help="DIR/index.html and its pictures go here")
-    report.add_argument("--runtime", default="auto", choices=RUNTIMES, help="torch or onnx (as for evaluate); default auto")
+    _add_runtime_choice(report)
     _add_runtime_flags(report)
 
 

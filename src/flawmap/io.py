@@ -38,7 +38,7 @@ import tempfile
 import types
 import typing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from flawmap._version import __version__
 from flawmap.errors import FlawmapError
@@ -81,17 +81,37 @@ def read_model_directory(directory: str | Path) -> tuple[dict[str, Any], dict[st
     if not config_path.is_file():
         raise FlawmapError(f"{source}: not a flawmap model (no {CONFIG_FILE})")
     document, groups = read_record(source, CONFIG_FILE)
-    if document.get("format") != FORMAT_NAME:
-        raise FlawmapError(f"{config_path}: not a flawmap model config")
-    if document.get("format_version") != FORMAT_VERSION:
-        raise FlawmapError(
-            f"{config_path}: model format version {document.get('format_version')} is not supported "
-            f"(this flawmap reads version {FORMAT_VERSION}); fit the model again with this version"
-        )
-    for key in MODEL_KEYS:
-        if key not in document:
-            raise FlawmapError(f"{config_path}: missing key {key!r}")
+    check_format(
+        config_path, document, ("format", FORMAT_NAME), FORMAT_VERSION, MODEL_KEYS,
+        not_ours="not a flawmap model config", redo="fit the model again",
+    )
     return document, groups
+
+
+def check_format(
+    where: Path,
+    document: dict[str, Any],
+    marker: tuple[str, Any],
+    version: Any,
+    required: Sequence[str],
+    *,
+    not_ours: str,
+    redo: str,
+) -> None:
+    """One-line FlawmapError naming ``where`` unless ``document`` carries ``marker`` (key, value),
+    ``format_version == version`` and every key of ``required``; ``not_ours`` says what ``where``
+    is not, ``redo`` how to make a readable one. Shared by model directories and ONNX exports."""
+    key, value = marker
+    if document.get(key) != value:
+        raise FlawmapError(f"{where}: {not_ours}")
+    if document.get("format_version") != version:
+        raise FlawmapError(
+            f"{where}: format version {document.get('format_version')} is not supported "
+            f"(this flawmap reads version {version}); {redo} with this version"
+        )
+    missing = [name for name in required if name not in document]
+    if missing:
+        raise FlawmapError(f"{where}: missing key {missing[0]!r}")
 
 
 def check_params(config_path: Path, params: Any, types: dict[str, Any]) -> dict[str, Any]:

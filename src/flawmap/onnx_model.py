@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from flawmap.errors import FlawmapError
+from flawmap.io import check_format
 from flawmap.prediction import Predictor
 from flawmap.runtime import Runtime
 
@@ -178,16 +179,11 @@ def _providers(device: str, available: list[str]) -> list[Any]:
 def _flawmap_metadata(path: Path, session: Any) -> dict[str, str]:
     """The flawmap metadata of a session's model; FlawmapError if the file is not ours."""
     metadata = dict(session.get_modelmeta().custom_metadata_map)
-    if metadata.get("flawmap_format") != FORMAT_NAME:
-        raise FlawmapError(f"{path}: not a flawmap model (no flawmap metadata); make one with `flawmap export MODEL_DIR`")
-    if metadata.get("format_version") != FORMAT_VERSION:
-        raise FlawmapError(
-            f"{path}: exported model format version {metadata.get('format_version')} is not supported "
-            f"(this flawmap reads version {FORMAT_VERSION}); export the model again with this version"
-        )
-    missing = [key for key in METADATA_KEYS if key not in metadata]
-    if missing:
-        raise FlawmapError(f"{path}: flawmap metadata lacks {missing[0]!r}")
+    check_format(
+        path, metadata, ("flawmap_format", FORMAT_NAME), FORMAT_VERSION, METADATA_KEYS,
+        not_ours="not a flawmap model (no flawmap metadata); make one with `flawmap export MODEL_DIR`",
+        redo="export the model again",
+    )
     return metadata
 
 

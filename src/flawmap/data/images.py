@@ -54,8 +54,7 @@ def open_rgb_image(path: str | Path) -> Image.Image:
     """Decode an image file as an RGB Pillow image, as :func:`read_image` does (which returns its
     pixels); the loader resizes it without a round trip through numpy."""
     path = Path(path)
-    image = _to_8bit(_load(path), path)
-    return image if image.mode == "RGB" else image.convert("RGB")
+    return _to_rgb(_load(path), path)
 
 
 def decode_image(data: bytes, name: str) -> np.ndarray:
@@ -69,7 +68,7 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
     """
     if not data:
         raise FlawmapError(f"{name}: empty (0 bytes)")
-    return np.asarray(_to_8bit(_open(io.BytesIO(data), name), name).convert("RGB"))
+    return np.asarray(_to_rgb(_open(io.BytesIO(data), name), name))
 
 
 def read_mask(path: str | Path, expected_hw: tuple[int, int], threshold: int = 127) -> np.ndarray:
@@ -159,6 +158,12 @@ def _check_pixel_count(image: Image.Image, name: str | Path) -> None:
         raise FlawmapError(
             f"{name}: image too large to decode safely ({image.width}x{image.height} pixels, limit {limit})"
         )
+
+
+def _to_rgb(image: Image.Image, name: Path | str) -> Image.Image:
+    """``image`` as 8-bit RGB (see :func:`read_image`); errors name ``name``."""
+    image = _to_8bit(image, name)
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _to_8bit(image: Image.Image, path: Path | str) -> Image.Image:
