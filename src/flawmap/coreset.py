@@ -57,7 +57,60 @@ def greedy_coreset(
     return chosen
 
 
-class StreamingCoreset:
+class _StreamSample:
+    """What both streaming samplers share: the kept rows with their integer labels, the rows seen,
+    the quota that keeps ``round(fraction * rows seen)`` rows (at least 1) after every block, and
+    the state that resumes a stream."""
+
+    def __init__(self, fraction: float, *, generator: torch.Generator | None = None) -> None:
+        self.fraction = fraction
+        self.generator = generator
+        self._rows_seen = 0
+        self._kept: list[torch.Tensor] = []
+        self._kept_labels: list[torch.Tensor] = []
+        self._n_kept = 0
+
+    def result(self) -> torch.Tensor:
+        """The kept rows (M, D)."""
+        self._flush()
+        if not self._kept:
+            raise ValueError("no rows were added")
+        self._kept = [torch.cat(self._kept)]
+        self._kept_labels = [torch.cat(self._kept_labels)]
+        return self._kept[0]
+
+    def labels(self) -> torch.Tensor:
+        """The labels (M,) int64 of the rows :meth:`result` returns, in the same order."""
+        self.result()
+        return self._kept_labels[0]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """What resuming needs besides the kept rows: rows seen, their labels, the generator."""
+        state = {"rows_seen": torch.tensor(self._rows_seen), "labels": self.labels()}
+        if self.generator is not None:
+            state["generator"] = self.generator.get_state()
+        return state
+
+    def _flush(self) -> None:
+        """Process rows still buffered (none here)."""
+
+    def _quota(self, n_new: int) -> int:
+        """How many of ``n_new`` rows just seen to keep (counted in ``_rows_seen`` already)."""
+        return min(n_new, max(1, round(self.fraction * self._rows_seen)) - self._n_kept)
+
+    def _keep(self, rows: torch.Tensor, labels: torch.Tensor) -> None:
+        self._kept.append(rows)
+        self._kept_labels.append(labels)
+        self._n_kept += rows.shape[0]
+
+    def _resume(self, state: dict[str, torch.Tensor], kept: torch.Tensor) -> None:
+        """Continue the stream that kept ``kept`` (M, D) and saved ``state``."""
+        self._rows_seen = int(state["rows_seen"])
+        self._kept, self._n_kept = [kept], kept.shape[0]
+        self._kept_labels = [_kept_labels(state, kept)]
+
+
+class StreamingCoreset(_StreamSample):
     """Greedy coreset over a stream of feature rows, in memory bounded by one shard.
 
     Rows are buffered into contiguous shards of about ``shard_rows``; each full shard is reduced
@@ -80,6 +133,7 @@ class StreamingCoreset:
 
     Rows may carry integer labels (``add(rows, labels)``, e.g. the training image each row came
     from); the labels of the kept rows are :meth:`labels`, -1 for rows added without.
+    The kept rows are in stream order within each shard's selection.
     """
 
     def __init__(
@@ -90,18 +144,13 @@ class StreamingCoreset:
         shard_rows: int = CORESET_SHARD_ROWS,
         generator: torch.Generator | None = None,
     ) -> None:
-        self.fraction = fraction
+        super().__init__(fraction, generator=generator)
         self.projection_dim = projection_dim
         self.shard_rows = shard_rows
-        self.generator = generator
         self._buffer: list[torch.Tensor] = []
-        self._buffered_rows = 0
-        self._rows_seen = 0
-        self._kept: list[torch.Tensor] = []
-        self._n_kept = 0
-        self._projection: torch.Tensor | None = None
         self._label_buffer: list[torch.Tensor] = []
-        self._kept_labels: list[torch.Tensor] = []
+        self._buffered_rows = 0
+        self._projection: torch.Tensor | None = None
 
     def add(self, rows: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """Add feature rows (n, D) with optional integer labels (n,); reduces a shard whenever one is full."""
@@ -109,22 +158,7 @@ class StreamingCoreset:
         self._label_buffer.append(_labels(labels, rows.shape[0]))
         self._buffered_rows += rows.shape[0]
         if self._buffered_rows >= self.shard_rows:
-            self._reduce_buffer()
-
-    def result(self) -> torch.Tensor:
-        """The kept rows (M, D), in stream order within each shard's selection."""
-        if self._buffered_rows:
-            self._reduce_buffer()
-        if not self._kept:
-            raise ValueError("no rows were added")
-        self._kept = [torch.cat(self._kept)]
-        self._kept_labels = [torch.cat(self._kept_labels)]
-        return self._kept[0]
-
-    def labels(self) -> torch.Tensor:
-        """The labels (M,) int64 of the rows :meth:`result` returns, in the same order."""
-        self.result()
-        return self._kept_labels[0]
+            self._flush()
 
     def state(self) -> dict[str, torch.Tensor]:
         """What resuming needs besides the kept rows: rows seen, the kept rows' labels, the
@@ -132,11 +166,9 @@ class StreamingCoreset:
         """
         if self._buffered_rows:
             raise ValueError("call result() before state(): rows are still buffered")
-        state = {"rows_seen": torch.tensor(self._rows_seen), "labels": self._kept_labels[0]}
+        state = super().state()
         if self._projection is not None:
             state["projection"] = self._projection
-        if self.generator is not None:
-            state["generator"] = self.generator.get_state()
         return state
 
     @classmethod
@@ -146,28 +178,26 @@ class StreamingCoreset:
     ) -> "StreamingCoreset":
         """Resume a stream that kept ``kept`` (M, D) and saved ``state``; new rows continue it."""
         coreset = cls(fraction, projection_dim=projection_dim, shard_rows=shard_rows, generator=_generator(state))
-        coreset._rows_seen = int(state["rows_seen"])
-        coreset._kept, coreset._n_kept = [kept], kept.shape[0]
-        coreset._kept_labels = [_kept_labels(state, kept)]
+        coreset._resume(state, kept)
         coreset._projection = state.get("projection")
         return coreset
 
-    def _reduce_buffer(self) -> None:
+    def _flush(self) -> None:
+        """Reduce the buffered shard to its share of the coreset."""
+        if not self._buffered_rows:
+            return
         shard, labels = torch.cat(self._buffer), torch.cat(self._label_buffer)
         self._buffer, self._label_buffer, self._buffered_rows = [], [], 0
         self._rows_seen += shard.shape[0]
         # cumulative rounding: the kept total is round(fraction * rows seen) after every shard
-        quota = max(1, round(self.fraction * self._rows_seen)) - self._n_kept
-        quota = min(quota, shard.shape[0])
+        quota = self._quota(shard.shape[0])
         if quota <= 0:
             return
         if quota == shard.shape[0]:
             selected = torch.arange(quota)
         else:
             selected = greedy_coreset(self._project(shard), quota, generator=self.generator)
-        self._kept.append(shard[selected])
-        self._kept_labels.append(labels[selected])
-        self._n_kept += quota
+        self._keep(shard[selected], labels[selected])
 
     def _project(self, shard: torch.Tensor) -> torch.Tensor:
         n_dims = shard.shape[1]
@@ -179,7 +209,7 @@ class StreamingCoreset:
         return shard.float() @ self._projection
 
 
-class StreamingRandomSample:
+class StreamingRandomSample(_StreamSample):
     """A uniform random ``fraction`` of a stream of rows, drawn as the rows arrive.
 
     After every added block the kept total is ``round(fraction * rows seen)`` (at least 1), like
@@ -192,53 +222,20 @@ class StreamingRandomSample:
     generator : torch.Generator, optional
     """
 
-    def __init__(self, fraction: float, *, generator: torch.Generator | None = None) -> None:
-        self.fraction = fraction
-        self.generator = generator
-        self._kept: list[torch.Tensor] = []
-        self._kept_labels: list[torch.Tensor] = []
-        self._n_kept = 0
-        self._rows_seen = 0
-
     def add(self, rows: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """Add feature rows (n, D) with optional integer labels (n,) (as :class:`StreamingCoreset`)."""
         self._rows_seen += rows.shape[0]
-        quota = min(rows.shape[0], max(1, round(self.fraction * self._rows_seen)) - self._n_kept)
+        quota = self._quota(rows.shape[0])
         if quota > 0:
             chosen = torch.randperm(rows.shape[0], generator=self.generator)[:quota]
-            self._kept.append(rows[chosen])
-            self._kept_labels.append(_labels(labels, rows.shape[0])[chosen])
-            self._n_kept += quota
-
-    def result(self) -> torch.Tensor:
-        """The kept rows (M, D)."""
-        if not self._kept:
-            raise ValueError("no rows were added")
-        self._kept = [torch.cat(self._kept)]
-        self._kept_labels = [torch.cat(self._kept_labels)]
-        return self._kept[0]
-
-    def labels(self) -> torch.Tensor:
-        """The labels (M,) int64 of the rows :meth:`result` returns."""
-        self.result()
-        return self._kept_labels[0]
-
-    def state(self) -> dict[str, torch.Tensor]:
-        """What resuming needs besides the kept rows: rows seen, their labels and the generator."""
-        state = {"rows_seen": torch.tensor(self._rows_seen), "labels": self.labels()}
-        if self.generator is not None:
-            state["generator"] = self.generator.get_state()
-        return state
+            self._keep(rows[chosen], _labels(labels, rows.shape[0])[chosen])
 
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor], kept: torch.Tensor, fraction: float) -> "StreamingRandomSample":
         """Resume a sample that kept ``kept`` (M, D) and saved ``state``."""
         sample = cls(fraction, generator=_generator(state))
-        sample._rows_seen = int(state["rows_seen"])
-        sample._kept, sample._n_kept = [kept], kept.shape[0]
-        sample._kept_labels = [_kept_labels(state, kept)]
+        sample._resume(state, kept)
         return sample
-
 
 
 def _labels(labels: torch.Tensor | None, n_rows: int) -> torch.Tensor:
