@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import default_category, write_rows
+from common import add_methods_flag, default_category, write_rows
 from flawmap.cli import format_table
 from flawmap.data import make_demo_data, open_dataset
 from flawmap.models import create_model
@@ -36,21 +36,20 @@ COLUMNS = (
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("categories", nargs="*", type=Path, help="MVTec-layout categories (default: bottle + demo)")
-    parser.add_argument("--methods", default="patchcore", help="comma-separated (default patchcore)")
+    add_methods_flag(parser, "patchcore")
     parser.add_argument("--rates", default="0.01,0.05", help="target false-alarm rates (default 0.01,0.05)")
     parser.add_argument("--json", type=Path, default=Path("bench_calibration.json"), help="default ./bench_calibration.json")
     args = parser.parse_args()
     rates = [float(rate) for rate in args.rates.split(",")]
-    methods = [name.strip() for name in args.methods.split(",") if name.strip()]
     rows = []
     with tempfile.TemporaryDirectory(prefix="flawmap-calibration-") as folder:
         categories = args.categories or [default_category(), *make_demo_data(Path(folder))]
         for category in categories:
-            for method in methods:
+            for method in args.methods:
                 rows += measure(category, method, rates)
                 print(format_table(rows[-len(rates):], list(COLUMNS)), file=sys.stderr)
     print(format_table(rows, list(COLUMNS)))
-    for method in methods:
+    for method in args.methods:
         for rate in rates:
             achieved = [row["achieved_rate"] for row in rows if row["method"] == method and row["target_rate"] == rate]
             print(f"{method} target {rate}: achieved median {statistics.median(achieved):.3f}, max {max(achieved):.3f}")

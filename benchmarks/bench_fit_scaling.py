@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from common import default_category, run_measured, write_rows
+from common import add_methods_flag, default_category, run_measured, write_rows
 from flawmap.cli import format_table
 from flawmap.data import open_dataset
 
@@ -37,7 +37,7 @@ TRANSPOSES = (None, Image.FLIP_LEFT_RIGHT, Image.FLIP_TOP_BOTTOM, Image.ROTATE_9
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("category", nargs="?", type=Path, default=default_category(), help="MVTec-layout category")
-    parser.add_argument("--methods", default="patchcore,padim,sfr", help="comma-separated (default patchcore,padim,sfr)")
+    add_methods_flag(parser, "patchcore,padim,sfr")
     parser.add_argument("--sizes", default="250,1000,4000", help="training-set sizes (default 250,1000,4000)")
     parser.add_argument("--side", type=int, default=320, help="side of the augmented images in pixels (default 320)")
     parser.add_argument("--json", type=Path, default=Path("bench_fit_scaling.json"), help="default ./bench_fit_scaling.json")
@@ -47,7 +47,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="flawmap-fit-scaling-") as folder:
         folder = Path(folder)
         images = augmented_images(args.category, folder / "all", sizes[-1], args.side)
-        for method in [name.strip() for name in args.methods.split(",") if name.strip()]:
+        for method in args.methods:
             for size in sizes:
                 rows.append(measure(method, images[:size], folder / f"{method}-{size}"))
                 print(format_table(rows[-1:], COLUMNS), file=sys.stderr)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from common import default_category, write_rows
+from common import add_methods_flag, default_category, write_rows
 from flawmap import postprocess
 from flawmap.cli import format_table
 from flawmap.data import iter_batches, open_dataset, read_image
@@ -43,7 +43,7 @@ COLUMNS = ["method", "batch", *[f"{step}_ms" for step in STEPS], "floor_ms", "en
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("category", nargs="?", type=Path, default=default_category(), help="MVTec-layout category")
-    parser.add_argument("--methods", default="patchcore,padim", help="comma-separated (default patchcore,padim)")
+    add_methods_flag(parser, "patchcore,padim")
     parser.add_argument("--models", type=Path, help="folder of saved models <method>/ (fitted and saved there if missing)")
     parser.add_argument("--n-images", type=int, default=32, help="test images timed (default 32)")
     parser.add_argument("--batches", default="1,16", help="batch sizes (default 1,16)")
@@ -52,7 +52,7 @@ def main() -> int:
     args = parser.parse_args()
     paths = [sample.image_path for sample in open_dataset(args.category).test][: args.n_images]
     rows = []
-    for method in [name.strip() for name in args.methods.split(",") if name.strip()]:
+    for method in args.methods:
         model = fitted_model(method, args.category, args.models)
         for batch_size in [int(size) for size in args.batches.split(",")]:
             model.set_runtime(batch_size=batch_size)

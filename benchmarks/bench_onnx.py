@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import flawmap
-from common import default_category, write_rows
+from common import add_methods_flag, default_category, write_rows
 from flawmap.cli import format_table
 from flawmap.data import iter_batches, open_dataset
 from flawmap.evaluate import evaluate
@@ -42,13 +42,13 @@ TIMED_IMAGES = 32
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("category", nargs="?", type=Path, default=default_category(), help="MVTec-layout category")
-    parser.add_argument("--methods", default="patchcore", help="comma-separated (default patchcore)")
+    add_methods_flag(parser, "patchcore")
     parser.add_argument("--models", type=Path, default=Path("bench_onnx_models"), help="model folders (default ./bench_onnx_models)")
     parser.add_argument("--repeats", type=int, default=5, help="timed passes of the model-only measurement (default 5)")
     parser.add_argument("--json", type=Path, default=Path("bench_onnx.json"), help="default ./bench_onnx.json")
     args = parser.parse_args()
     rows = []
-    for method in [name.strip() for name in args.methods.split(",") if name.strip()]:
+    for method in args.methods:
         rows += compare(method, args.category, args.models / method, args.repeats)
         print(format_table(rows[-3:], list(rows[-1])), file=sys.stderr)
     columns = ["method", "runtime", "model_ms_b1", "model_ms_b16", "predict_ms_per_image", "file_mb", *METRICS]

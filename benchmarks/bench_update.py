@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import default_category, write_rows
+from common import add_methods_flag, default_category, write_rows
 from flawmap.cli import format_table
 from flawmap.cli import main as flawmap_main
 from flawmap.data import open_dataset
@@ -30,13 +30,13 @@ METRICS = ("image_auroc", "pixel_auroc", "aupro")
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("category", nargs="?", type=Path, default=default_category(), help="MVTec-layout category")
-    parser.add_argument("--methods", default="patchcore,padim", help="comma-separated (default patchcore,padim)")
+    add_methods_flag(parser, "patchcore,padim")
     parser.add_argument("--json", type=Path, default=Path("bench_update.json"), help="default ./bench_update.json")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="flawmap-update-") as folder:
         halves = split_train(args.category, Path(folder))
-        for method in [name.strip() for name in args.methods.split(",") if name.strip()]:
+        for method in args.methods:
             rows += compare(method, args.category, halves, Path(folder) / method)
             print(format_table(rows[-2:], ["method", "procedure", *METRICS, "fit_s", "update_s"]), file=sys.stderr)
     print(format_table(rows, ["method", "procedure", *METRICS, "max_abs_difference", "fit_s", "update_s", "n_train_images"]))

@@ -1,7 +1,9 @@
-"""What the benchmark scripts share: the default category, the JSON they write, peak-RSS runs."""
+"""What the benchmark scripts share: the default category, the --methods list, the JSON they write,
+peak-RSS runs."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -16,6 +18,16 @@ def default_category() -> Path:
     """``$FLAWMAP_DATA/mvtec_ad/bottle``, else ``../shared/data/mvtec_ad/bottle``."""
     data_root = os.environ.get("FLAWMAP_DATA")
     return Path(data_root) / "mvtec_ad" / "bottle" if data_root else SHARED_BOTTLE
+
+
+def add_methods_flag(parser: argparse.ArgumentParser, default: str) -> None:
+    """``--methods A,B``, parsed into a list of method names (``default``: comma-separated)."""
+    parser.add_argument("--methods", type=method_names, default=default, help=f"comma-separated (default {default})")
+
+
+def method_names(text: str) -> list[str]:
+    """``"patchcore, padim"`` -> ``["patchcore", "padim"]``."""
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def write_rows(path: Path, category: Path, rows: list[dict]) -> None:
