@@ -92,6 +92,10 @@ def _add_torch_commands(commands) -> None:
     )
     fit.add_argument("--force", action="store_true", help="replace the model already in --out")
     fit.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    fit.add_argument(
+        "--preset", default=None, metavar="NAME",
+        help="a named set of the method's hyper-parameters, e.g. rlr's 'paper'; explicit flags override it",
+    )
     fit.add_argument("--skip-invalid", action="store_true", help="skip unreadable images with a warning instead of stopping")
     _add_runtime_flags(fit)
     _add_hyperparameter_flags(fit)
@@ -314,6 +318,17 @@ def _given_hyperparameters(args: argparse.Namespace, method: str) -> dict[str, A
     return given
 
 
+def _preset(method: str, name: str | None) -> dict[str, Any]:
+    """The hyper-parameters of ``--preset NAME`` for ``method`` (empty without the flag)."""
+    if name is None:
+        return {}
+    presets = METHODS.get(method).presets
+    if name not in presets:
+        choices = f"its presets are: {', '.join(presets)}" if presets else "it has no presets"
+        raise FlawmapError(f"--preset {name}: unknown for method {method!r}; {choices}")
+    return presets[name]
+
+
 # ---------------------------------------------------------------- commands
 def run_fit(args: argparse.Namespace) -> None:
     data = args.data[0] if len(args.data) == 1 else args.data
@@ -328,7 +343,7 @@ def run_fit(args: argparse.Namespace) -> None:
     else:
         method = args.method or "patchcore"
         METHODS.get(method)  # an unknown method fails here, listing the choices, before the flags
-        params = _given_hyperparameters(args, method)
+        params = {**_preset(method, args.preset), **_given_hyperparameters(args, method)}
         seed = 0 if args.seed is None else args.seed
         model = create_model(method, runtime=_runtime(args), random_state=seed, **params)
         model.fit(data, skip_invalid=args.skip_invalid)
@@ -343,7 +358,7 @@ def run_fit(args: argparse.Namespace) -> None:
 def _update(args: argparse.Namespace, data: Any) -> AnomalyModel:
     """``fit --update``: load the model and learn from more images with its own hyper-parameters."""
     given = [_flag(name) for name in _hyperparameter_fields() if getattr(args, f"param_{name}") is not None]
-    given += ["--seed"] * (args.seed is not None)
+    given += ["--seed"] * (args.seed is not None) + ["--preset"] * (args.preset is not None)
     if given:
         raise FlawmapError(f"{given[0]} cannot be changed by --update: an update keeps the model's hyper-parameters")
     model = load_model(args.update, **dataclasses.asdict(_runtime(args)))

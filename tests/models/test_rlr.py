@@ -9,18 +9,21 @@ import math
 import pytest
 from conftest import assert_same_predictions, random_images
 import torch
+import torch.nn.functional as F
 
 from flawmap.backbones import BACKBONES, Backbone, FeatureInfo
 from flawmap.backbones.base import IMAGENET_MEAN, IMAGENET_STD
 from flawmap.errors import FlawmapError
 from flawmap.models import AnomalyModel, create_model
+from flawmap.features import flatten_positions
 from flawmap.models.rlr import (
     RLR,
-    LocalCrossAttention,
-    MaskedLearnableKeyAttention,
+    ReferenceLayer,
+    ReferenceReconstructor,
+    feature_jitter,
     level_window,
+    sincos_position_encoding,
     window_mask,
-    window_neighbours,
 )
 
 
@@ -33,7 +36,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-TINY = {"image_size": 64, "hidden_dim": 8, "num_heads": 2, "window_size": 3, "train_batch_size": 2}
+TINY = {"image_size": 64, "hidden_dim": 8, "depth": 1, "num_heads": 2, "window_size": 3, "train_batch_size": 2}
 
 
 class DeclaredTapsBackbone(Backbone):
@@ -85,16 +88,27 @@ def brute_force_window(grid_hw: tuple[int, int], window: int) -> set[tuple[int, 
     }
 
 
-def changed_outputs(
-    module: torch.nn.Module, position: int, inputs: torch.Tensor, reference: torch.Tensor, *, perturb_reference: bool
-) -> torch.Tensor:
-    """Bool (N,): which output tokens change when one input (or reference) token is perturbed."""
+def changed_outputs(layer: ReferenceLayer, position: int, *, perturb_reference: bool) -> torch.Tensor:
+    """Bool (N, N): which output tokens of a layer on the 5 x 5 grid change when input (or
+    reference) token ``position`` is perturbed."""
+    torch.manual_seed(0)
+    inputs, reference = torch.randn(1, 25, 8), torch.randn(1, 25, 8)
+    own_window = window_mask(GRID, WINDOW)
     with torch.no_grad():
-        before = module(inputs, reference)
-        inputs, reference = inputs.clone(), reference.clone()
-        (reference if perturb_reference else inputs[0])[position] += 5.0
-        after = module(inputs, reference)
+        before = layer(inputs, reference, own_window)
+        (reference if perturb_reference else inputs)[0, position] += 5.0
+        after = layer(inputs, reference, own_window)
     return ((after - before).abs().amax(dim=-1) > 1e-5)[0]
+
+
+GRID, WINDOW = (5, 5), 3
+
+
+def reads(blocks: tuple[str, ...], *, perturb_reference: bool) -> torch.Tensor:
+    """Bool (N, N): output i of a one-attention layer changes when token j is perturbed."""
+    torch.manual_seed(0)
+    layer = ReferenceLayer(8, 2, blocks, dropout=0.0).eval()
+    return torch.stack([changed_outputs(layer, j, perturb_reference=perturb_reference) for j in range(25)], dim=1)
 
 
 def test_window_mask_covers_exactly_each_window():
@@ -104,38 +118,91 @@ def test_window_mask_covers_exactly_each_window():
     assert set(map(tuple, mask.nonzero().tolist())) == brute_force_window(grid_hw, window)
 
 
-def test_mlka_masks_exactly_each_tokens_own_window():
+def test_lca_reads_the_reference_only_inside_the_own_window():
+    inside = window_mask(GRID, WINDOW)
+    assert int(inside.sum(dim=1).max()) == 9 and int(inside[0].sum()) == 4  # clipped at the corner
+    assert torch.equal(reads(("lca",), perturb_reference=True), inside)
+    # An input token only chooses (its own query): no value of the input passes to another token.
+    assert torch.equal(reads(("lca",), perturb_reference=False), torch.eye(25, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("blocks", [("mlka",), ("msa",)])
+def test_masked_attentions_never_read_values_inside_the_own_window(blocks):
+    read = reads(blocks, perturb_reference=False)
+    others = ~torch.eye(25, dtype=torch.bool)  # a perturbed token also changes its own query
+    assert torch.equal(read & others, ~window_mask(GRID, WINDOW))
+    if blocks == ("mlka",):  # keys come from the reference: the same pattern
+        assert torch.equal(reads(blocks, perturb_reference=True), ~window_mask(GRID, WINDOW))
+
+
+def test_plain_self_attention_reads_every_token():
+    assert reads(("sa",), perturb_reference=False).all()
+
+
+def by_hand_attention(attention, queries, keys, values, allowed):
+    """Multi-head attention from torch.nn.functional, ``allowed`` (N, N) or None."""
+    heads = attention.num_heads
+
+    def project(linear, x):
+        projected = F.linear(x, linear.weight, linear.bias)
+        return projected.reshape(*x.shape[:2], heads, -1).transpose(1, 2)  # (B, H, N, c)
+
+    q, k, v = project(attention.query, queries), project(attention.key, keys), project(attention.value, values)
+    logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    mixed = (logits.softmax(dim=-1) @ v).transpose(1, 2).reshape(queries.shape)
+    return F.linear(mixed, attention.out.weight, attention.out.bias)
+
+
+def by_hand_norm(norm, x):
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias)
+
+
+def test_network_data_flow_matches_the_official_layer():
+    """x' = LN(2 LCA(x, r, r) + MLKA(x, r, x)), out = LN(x' + FFN(x')), a final LN and a head,
+    with the reference embedded by its own projection."""
     torch.manual_seed(0)
-    grid_hw, window = (5, 5), 3
-    module = MaskedLearnableKeyAttention(8, 2, grid_hw, window)
-    inputs, reference = torch.randn(1, 25, 8), torch.randn(25, 8)
-    centre = 12  # (2, 2)
-    inside = window_mask(grid_hw, window)[centre]
-    for position in range(25):
-        changed = changed_outputs(module, position, inputs, reference, perturb_reference=False)
-        if position != centre:
-            # The centre's output ignores the values of its own window, and only those.
-            assert bool(changed[centre]) == (not bool(inside[position])), position
-    unmasked = MaskedLearnableKeyAttention(8, 2, grid_hw, None)
-    unmasked.load_state_dict(module.state_dict())
-    assert changed_outputs(unmasked, centre + 1, inputs, reference, perturb_reference=False)[centre]
+    grid_hw, window = (4, 4), 3
+    network = ReferenceReconstructor(6, grid_hw, 8, 1, 2, window, ("lca", "mlka"), dropout=0.0).eval()
+    for norm in (network.layers[0].norm1, network.layers[0].norm2, network.norm):  # pin the norms' affine maps
+        torch.nn.init.normal_(norm.weight)
+        torch.nn.init.normal_(norm.bias)
+    tokens = torch.randn(2, 16, 6)
+    position = sincos_position_encoding(grid_hw, 8)
+    own_window = torch.zeros(16, 16, dtype=torch.bool)
+    for i, j in brute_force_window(grid_hw, window):
+        own_window[i, j] = True
+
+    x = F.linear(tokens, network.embed.weight, network.embed.bias) + position
+    r = (F.linear(network.reference, network.reference_embed.weight, network.reference_embed.bias) + position).expand(2, -1, -1)
+    layer = network.layers[0]
+    lca = by_hand_attention(layer.attentions["lca"], x, r, r, own_window)
+    mlka = by_hand_attention(layer.attentions["mlka"], x, r, x, ~own_window)
+    hidden = by_hand_norm(layer.norm1, 2 * lca + 1 * mlka)
+    first, _, second, _ = layer.feed_forward
+    ffn = F.linear(F.gelu(F.linear(hidden, first.weight, first.bias)), second.weight, second.bias)
+    out = by_hand_norm(layer.norm2, hidden + ffn)
+    expected = F.linear(by_hand_norm(network.norm, out), network.head.weight, network.head.bias)
+    assert first.out_features == 4 * 8  # FFN width 4 d
+    with torch.no_grad():
+        torch.testing.assert_close(network(tokens), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_lca_window_has_the_configured_size():
-    grid_hw, window = (6, 7), 5
-    index, valid = window_neighbours(grid_hw, window)
-    assert index.shape == valid.shape == (42, 25)
-    pairs = {(i, j) for i in range(42) for j, ok in zip(index[i].tolist(), valid[i].tolist()) if ok}
-    assert pairs == brute_force_window(grid_hw, window)
-    assert int(valid[2 * 7 + 3].sum()) == 25  # an interior position sees the whole 5 x 5 window
+def test_position_encoding_has_the_official_layout():
+    encoding = sincos_position_encoding((3, 4), 8)  # frequencies 1 and 1/100 for d = 8
+    row, col = 1, 2
+    token = encoding[row * 4 + col]
+    expected = [math.sin(col), math.cos(col), math.sin(col / 100), math.cos(col / 100),
+                math.sin(row), math.cos(row), math.sin(row / 100), math.cos(row / 100)]
+    torch.testing.assert_close(token, torch.tensor(expected))
 
-    torch.manual_seed(0)
-    module = LocalCrossAttention(8, 2, grid_hw, window)
-    inputs, reference = torch.randn(1, 42, 8), torch.randn(42, 8)
-    changed = torch.stack(
-        [changed_outputs(module, j, inputs, reference, perturb_reference=True) for j in range(42)], dim=1
-    )
-    assert torch.equal(changed, window_mask(grid_hw, window))  # output i reads reference j iff j is in i's window
+
+def test_jitter_scales_with_the_token_norm_over_the_channel_count():
+    tokens = torch.randn(2, 5, 6)
+    jittered = feature_jitter(tokens, 4.0, torch.Generator().manual_seed(7))
+    noise = torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(jittered - tokens, noise * tokens.norm(dim=-1, keepdim=True) / 6 * 4.0)
 
 
 def test_coarser_levels_get_windows_covering_the_same_area():
@@ -145,13 +212,15 @@ def test_coarser_levels_get_windows_covering_the_same_area():
     assert level_window(1, 32, 16) == 1
 
 
-def test_shapes_per_level():
+@pytest.mark.parametrize("blocks", ["lca+mlka", "sa", "msa", "lca"])
+def test_shapes_per_level(blocks):
     levels = synthetic_levels()
-    model = fit_on_features(levels, epochs=1)
-    for network, level in zip(model.scorer_.networks, levels):
-        tokens = network.tokens(level)
-        assert tokens.shape == (4, level.shape[-2] * level.shape[-1], level.shape[1])
-        assert network(tokens).shape == tokens.shape
+    model = fit_on_features(levels, epochs=1, blocks=blocks)
+    for level_index, (network, level) in enumerate(zip(model.scorer_.networks, levels)):
+        tokens = flatten_positions(level)
+        assert network(tokens).shape == tokens.shape == (4, level.shape[-2] * level.shape[-1], level.shape[1])
+        assert network.embed.out_features == TINY["hidden_dim"] * 2**level_index  # coarser levels twice as wide
+        assert (network.reference is None) == (blocks in ("sa", "msa"))
     with torch.inference_mode():
         scored = model.scorer_.score(levels)
     assert scored.patch_scores.shape == (4, 8, 8)
@@ -223,8 +292,6 @@ def test_partial_fit_continues_training(tmp_path):
     model.partial_fit(random_images(1, 6))
     assert len(model.train_losses_) == 4 and model.train_losses_[:2] == first_losses
     state = network_state(model)
-    for name in ("feature_mean", "feature_std"):  # the standardisation of the first fit is kept
-        assert torch.equal(state[f"0.{name}"], first_state[f"0.{name}"])
     assert not torch.equal(state["0.reference"], first_state["0.reference"])
     assert not torch.equal(state["1.head.weight"], first_state["1.head.weight"])
     assert all(math.isfinite(prediction.score) for prediction in model.predict(random_images(2, 2)))
@@ -239,6 +306,9 @@ def test_partial_fit_continues_training(tmp_path):
         ({"hidden_dim": 8, "num_heads": 3}, "num_heads"),
         ({"epochs": 0}, "epochs"),
         ({"jitter_scale": -1.0}, "jitter_scale"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"blocks": "lca+attention"}, "blocks"),
+        ({"blocks": "lca+lca"}, "blocks"),
     ],
 )
 def test_invalid_parameters_are_rejected(params, message):
@@ -255,7 +325,38 @@ def test_cli_flags_reach_the_model():
     from flawmap.cli import _given_hyperparameters, build_parser
 
     args = build_parser().parse_args(
-        ["fit", "a", "b", "--method", "rlr", "--out", "m", "--mlka-mask", "false", "--epochs", "3", "--checkpoint-dir", "c"]
+        ["fit", "a", "b", "--method", "rlr", "--out", "m", "--blocks", "sa", "--epochs", "3", "--checkpoint-dir", "c"]
     )
     assert [str(path) for path in args.data] == ["a", "b"]
-    assert _given_hyperparameters(args, "rlr") == {"mlka_mask": False, "epochs": 3, "checkpoint_dir": "c"}
+    assert _given_hyperparameters(args, "rlr") == {"blocks": "sa", "epochs": 3, "checkpoint_dir": "c"}
+
+
+class Created(Exception):
+    """Raised by a stand-in create_model with the parameters it was given."""
+
+
+def test_cli_preset_applies_before_explicit_flags(monkeypatch, tmp_path):
+    from flawmap import cli
+
+    def capture(method, **params):
+        raise Created(method, params)
+
+    monkeypatch.setattr(cli, "create_model", capture)
+    with pytest.raises(Created) as created:
+        cli.run_fit(cli.build_parser().parse_args(
+            ["fit", "a", "--method", "rlr", "--out", str(tmp_path / "m"), "--preset", "paper", "--epochs", "3"]
+        ))
+    method, params = created.value.args
+    assert method == "rlr"
+    assert params["epochs"] == 3  # the explicit flag wins
+    assert {key: params[key] for key in ("hidden_dim", "num_heads", "depth", "learning_rate", "train_batch_size")} == {
+        "hidden_dim": 256, "num_heads": 8, "depth": 4, "learning_rate": 1e-4, "train_batch_size": 4
+    }
+    with pytest.raises(FlawmapError, match="presets are: paper"):
+        cli.run_fit(cli.build_parser().parse_args(["fit", "a", "--method", "rlr", "--out", str(tmp_path / "m"), "--preset", "x"]))
+    with pytest.raises(FlawmapError, match="no presets"):
+        cli.run_fit(cli.build_parser().parse_args(["fit", "a", "--method", "padim", "--out", str(tmp_path / "m"), "--preset", "paper"]))
+
+
+def test_paper_preset_is_a_valid_model():
+    RLR(**RLR.presets["paper"])._validate_params()

@@ -188,6 +188,8 @@ class AnomalyModel(Predictor):
     cross_fits: ClassVar[bool] = False
     #: Small hyper-parameters for a fast smoke fit at 64 px (tests and examples).
     quick_params: ClassVar[dict[str, Any]] = {}
+    #: Named hyper-parameter sets (``flawmap fit --preset NAME``), e.g. a paper's configuration.
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
     backbone: str = "efficientnet_lite0"
     weights: str | None = None

@@ -1,48 +1,53 @@
 """RLR: He et al., "Learning Unified Reference Representation for Unsupervised Multi-class
-Anomaly Detection", ECCV 2024 (arXiv 2403.11561).
+Anomaly Detection", ECCV 2024 (arXiv 2403.11561), as the authors' code (github.com/hlr7999/RLR)
+builds it.
 
 One model learns the normal images of many categories at once and scores any of them without a
 class label. A reconstruction network that sees its input can learn the identity ("learning
 shortcuts") and then reconstructs defects as well as normal patterns. RLR instead rebuilds each
 feature from a learnable reference, so what comes out is made of normal patterns only:
 
-1. Features: the frozen backbone's stride-8 and stride-16 maps, each averaged over a 3x3
-   neighbourhood. The levels stay apart, one reconstruction network per level; features are
-   standardised per channel with the training mean and std (an addition to the paper, so that
-   both levels' errors are on one scale).
-2. Tokens: ``t = W f + p`` with ``W`` a 1x1 projection of each position's feature ``f`` and ``p``
-   a 2-D sine-cosine positional encoding. The learnable reference ``R`` has one feature per
-   position and is embedded the same way, ``r = W R + p``.
-3. Local Cross Attention (LCA): ``LCA(t, r)_i = sum_{j in N(i)} softmax_j(q_i . k_j / sqrt(d)) v_j``
-   with ``q = W_q t`` from the input, ``k = W_k r`` and ``v = W_v r`` from the reference, and
-   ``N(i)`` the ``window x window`` positions around ``i``: the output is made of reference
-   values only, the input merely chooses them.
-4. Masked Learnable Key Attention (MLKA): ``MLKA(t, r)_i = sum_{j not in N(i)} softmax_j(q_i . k_j
-   / sqrt(d)) v_j`` with ``q = W_q t``, keys ``k = W_k r`` from the learnable reference and values
-   ``v = W_v t`` from the input. Masking each token's own window means no token can copy itself
-   (``mlka_mask=False`` removes the mask: the ablation that shows the shortcut).
-5. Block (2 x LCA + MLKA, post-norm, no residual from the block input)::
+1. Features: the frozen backbone's stride-8 and stride-16 maps, raw (no standardisation), each
+   averaged over a 3x3 neighbourhood (zero padding counted). One network per level.
+2. Embeddings: tokens ``t = W f + p`` with ``W`` a 1x1 projection of each position's feature ``f``
+   and ``p`` a fixed 2-D sine-cosine positional encoding. The learnable reference ``R`` (one
+   feature per position, in feature units) has its own projection: ``r = W_R R + p``.
+3. Attentions, each multi-head ``softmax(q k^T / sqrt(c) + mask) v`` with its own projections:
 
-       a = LN(LCA_1(t, r));  a = LN(a + LCA_2(a, r));  h = LN(a + MLKA(t, r));  out = LN(h + FFN(h))
+   - LCA, local cross attention ``(q, k, v) = (t, r, r)``: a query attends to the reference only
+     inside its ``window x window`` window (clipped at the border); the output is made of
+     reference values, the input merely chooses them;
+   - MLKA, masked learnable-key attention ``(t, r, t)``: reference keys, input values, and a
+     query may NOT attend inside its own window, so no token can copy itself;
+   - the ablations of the paper: ``msa`` self-attention ``(t, t, t)`` with MLKA's mask, ``sa``
+     plain self-attention ``(t, t, t)``.
 
-   A final linear layer maps the tokens back to the feature width.
-6. Training (:func:`flawmap.training.train`): the (standardised) input features get
-   feature-jitter noise ``f + eps * ||f|| / sqrt(C)`` with ``eps ~ N(0, jitter_scale^2)`` per
-   channel; the clean features are the target. Loss per level ``MSE + (1 - cos)``, summed over
-   levels; Adam. The weights after the last epoch are kept (no model selection;
-   ``train_losses_`` records each epoch's mean training loss).
-7. Scoring: per position ``MSE + (1 - cos)`` between features and reconstruction. The stride-16
-   map is upsampled bilinearly to the stride-8 grid and the levels are averaged; the shared
-   pipeline then upsamples to the input size and smooths (sigma 4), and the image score is the
-   maximum of that map.
+4. Layer ("parallel" mode of the official code), no residual from the layer input::
+
+       x' = LN( sum_b  w_b * attention_b(x) )        w = 2 for LCA, 1 for MLKA, msa, sa
+       out = LN( x' + FFN(x') )                      FFN: d -> 4d -> d, GELU
+
+   ``depth`` layers, a final LayerNorm, and a linear map back to the feature width. The finest
+   level's token width is ``hidden_dim``; each coarser level doubles it (256 and 512 in the paper).
+5. Training (:func:`flawmap.training.train`): jitter on the input tokens,
+   ``f + eps * ||f|| / C * jitter_scale`` with ``eps ~ N(0, 1)`` per channel; the clean features
+   are the target. Loss per level ``MSE + (1 - cos)``, summed over levels; Adam. The weights
+   after the last epoch are kept (``train_losses_`` records each epoch's mean training loss).
+   The official code keeps the epoch with the best TEST image AUROC; we never look at test data.
+6. Scoring: per position ``MSE + (1 - cos)`` over channels between features and reconstruction.
+   The stride-16 map is upsampled bilinearly to the stride-8 grid and the levels are averaged; the
+   shared pipeline then upsamples to the input size and smooths (sigma 4), and the image score is
+   the maximum of that map (the official code also smooths with sigma 4 and takes the maximum).
+
+Dropout (attention weights, attention outputs, FFN output, embeddings) is 0 by default, as the
+official models really run: its layer's default of 0.1 is overridden by the model's 0.0.
 
 Incremental fit (``partial_fit``): training continues from the current weights on the new
 images only, for ``epochs`` more epochs with a fresh optimiser, and ``train_losses_`` grows by
-``epochs``. The standardisation (step 1) stays that of the first fit. The earlier images are not
-seen again, so the networks can forget them ("catastrophic forgetting"): after a long update on
-different images, normal patterns of the first fit may reconstruct worse and score higher. To
-learn several categories equally, fit them together (``fit([a, b, c])``) rather than one after
-another.
+``epochs``. The earlier images are not seen again, so the networks can forget them ("catastrophic
+forgetting"): after a long update on different images, normal patterns of the first fit may
+reconstruct worse and score higher. To learn several categories equally, fit them together
+(``fit([a, b, c])``) rather than one after another.
 
 The networks run under the runtime's precision (bfloat16 autocast where the hardware is fast at
 it; weights and losses stay float32). With ``checkpoint_dir`` the training state is saved after
@@ -69,15 +74,46 @@ from flawmap.features import flatten_positions, local_average
 from flawmap.models.base import AnomalyModel, PatchScores, Scorer, check_positive_odd, register_method
 from flawmap.training import Checkpoint, train
 
-_FFN_EXPANSION = 2
-"""Hidden width of the feed-forward layer, as a multiple of ``hidden_dim``."""
+_FFN_EXPANSION = 4
+"""Hidden width of the feed-forward layer, as a multiple of the token width (official: 4)."""
 
 _RUN_ONLY_PARAMS = frozenset({"epochs", "checkpoint_dir"})
 """Hyper-parameters that may change between a checkpointed fit and its resumption."""
 
 
+@dataclass(frozen=True)
+class Attention:
+    """One kind of attention in a layer (step 3): where its keys and values come from, which
+    keys a query may see (``"own_window"``, ``"outside_own_window"`` or ``"all"``) and its
+    weight in the layer's sum."""
+
+    keys_from_reference: bool
+    values_from_reference: bool
+    allowed: str
+    weight: float
+
+
+ATTENTIONS = {
+    "lca": Attention(keys_from_reference=True, values_from_reference=True, allowed="own_window", weight=2.0),
+    "mlka": Attention(keys_from_reference=True, values_from_reference=False, allowed="outside_own_window", weight=1.0),
+    "msa": Attention(keys_from_reference=False, values_from_reference=False, allowed="outside_own_window", weight=1.0),
+    "sa": Attention(keys_from_reference=False, values_from_reference=False, allowed="all", weight=1.0),
+}
+"""The attentions a layer can combine (``blocks="lca+mlka"``), by name."""
+
+
+def parse_blocks(text: str) -> tuple[str, ...]:
+    """``"lca+mlka"`` -> ``("lca", "mlka")``; FlawmapError for an unknown, repeated or missing name."""
+    names = tuple(part.strip() for part in text.split("+"))
+    if not all(names) or len(set(names)) != len(names) or not set(names) <= ATTENTIONS.keys():
+        raise FlawmapError(
+            f"blocks must join distinct names from {', '.join(ATTENTIONS)} with '+' (e.g. lca+mlka), got {text!r}"
+        )
+    return names
+
+
 class RLRScorer(Scorer):
-    """Images -> locally averaged levels (step 1) -> reconstruction errors (step 7).
+    """Images -> locally averaged levels (step 1) -> reconstruction errors (step 6).
 
     ``networks`` holds one :class:`ReferenceReconstructor` per tapped level, on the level's grid
     ``ceil(image_size / stride)`` square; they score once trained.
@@ -90,25 +126,28 @@ class RLRScorer(Scorer):
         *,
         image_size: int,
         neighborhood_size: int,
+        blocks: tuple[str, ...],
         hidden_dim: int,
         depth: int,
         num_heads: int,
         window_size: int,
-        mlka_mask: bool,
+        dropout: float,
     ) -> None:
         super().__init__(backbone, taps)
         self.neighborhood_size = neighborhood_size
         tap_info = backbone.tap_info(taps)
         grids = [(math.ceil(image_size / info.stride),) * 2 for info in tap_info]
+        masks_own_window = any(ATTENTIONS[name].allowed == "outside_own_window" for name in blocks)
         networks = []
-        for info, grid_hw in zip(tap_info, grids):
+        for level, (info, grid_hw) in enumerate(zip(tap_info, grids)):
             window = level_window(window_size, grids[0][0], grid_hw[0])
-            if mlka_mask and window_mask(grid_hw, window).all(dim=1).any():
+            if masks_own_window and window_mask(grid_hw, window).all(dim=1).any():
                 raise FlawmapError(
                     f"window_size {window_size} leaves no unmasked position on the {grid_hw[0]}x{grid_hw[1]} "
                     "feature grid; use a smaller window_size or a larger image_size"
                 )
-            networks.append(ReferenceReconstructor(info.channels, grid_hw, hidden_dim, depth, num_heads, window, mlka_mask))
+            width = hidden_dim * 2**level
+            networks.append(ReferenceReconstructor(info.channels, grid_hw, width, depth, num_heads, window, blocks, dropout))
         self.networks = nn.ModuleList(networks)
 
     def embed(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -120,10 +159,10 @@ class RLRScorer(Scorer):
         finest_grid = tuple(features[0].shape[-2:])
         level_maps = []
         for network, level in zip(self.networks, features):
-            target = network.tokens(level)
+            target = flatten_positions(level.float())  # (B, N_l, C_l)
             with self.autocast(level.device):
                 reconstruction = network(target)
-            errors = reconstruction_error(reconstruction.float(), target)  # (B, h_l * w_l)
+            errors = reconstruction_error(reconstruction.float(), target)  # (B, N_l)
             level_map = errors.view(level.shape[0], *level.shape[-2:])
             if tuple(level_map.shape[-2:]) != finest_grid:
                 level_map = postprocess.upsample(level_map, finest_grid)  # bilinear, to the stride-8 grid
@@ -131,15 +170,13 @@ class RLRScorer(Scorer):
         return PatchScores(torch.stack(level_maps).mean(dim=0))
 
     def training_loss(self, levels: list[torch.Tensor], generator: torch.Generator, jitter_scale: float) -> torch.Tensor:
-        """Step 6: ``MSE + (1 - cos)`` of reconstructing clean tokens from jittered ones, summed
+        """Step 5: ``MSE + (1 - cos)`` of reconstructing clean tokens from jittered ones, summed
         over levels (each (B, C_l, h_l, w_l)); ``generator`` draws the jitter."""
         total = torch.zeros((), device=levels[0].device)
         for network, level in zip(self.networks, levels):
-            target = network.tokens(level)
-            noise = torch.randn(target.shape, generator=generator).to(target.device)
-            magnitude = target.norm(dim=-1, keepdim=True) / math.sqrt(target.shape[-1])
+            target = flatten_positions(level.float())
             with self.autocast(level.device):
-                reconstruction = network(target + jitter_scale * magnitude * noise)
+                reconstruction = network(feature_jitter(target, jitter_scale, generator))
             total = total + reconstruction_error(reconstruction.float(), target).mean()
         return total
 
@@ -152,24 +189,34 @@ class RLR(AnomalyModel):
     Parameters
     ----------
     neighborhood_size : int
-        Local averaging window of the backbone features (3 in the paper's pipeline).
+        Local averaging window of the backbone features (3 in the official code).
+    blocks : str
+        The attentions of every layer, joined by ``+``: ``lca+mlka`` (RLR), or the shortcut
+        ablations ``sa`` (self-attention), ``msa`` (self-attention that may not see its own
+        window), ``lca`` (local cross attention alone); any other combination of these names.
     hidden_dim : int
-        Token width ``d`` of the reconstruction networks; a multiple of 4 and of ``num_heads``.
+        Token width ``d`` at the finest level (each coarser level doubles it); a multiple of 4
+        and of ``num_heads``.
     depth : int
-        Blocks (2 x LCA + MLKA + FFN) per level.
+        Layers per level.
     num_heads : int
-        Attention heads in LCA and MLKA.
+        Attention heads.
     window_size : int
         Odd LCA window (and MLKA mask) side on the finest level's grid. A coarser level uses the
-        smallest window covering at least the same image area: 7 at stride 8 gives 5 at stride 16.
-    mlka_mask : bool
-        Mask each token's own window in MLKA; False is the identity-shortcut ablation.
+        smallest window covering at least the same image area: 7 at 256 px gives the official 7 x 7
+        on the 32 x 32 grid and 5 x 5 on 16 x 16; 11 at 512 px gives 11 x 11 and 7 x 7.
+    dropout : float
+        Dropout of attention weights and outputs, FFN and embeddings while training.
     epochs, train_batch_size, learning_rate : int, int, float
         Adam training on the cached features (``epochs`` per fit and per ``partial_fit``).
     jitter_scale : float
-        Feature-jitter noise std, relative to each position's RMS feature magnitude; 0 disables it.
+        Feature-jitter scale (step 5); 0 disables the noise.
     checkpoint_dir : str or None
         Save the training state there after every epoch and resume from it when present.
+
+    Presets (``RLR(**RLR.presets["paper"])``, ``flawmap fit --method rlr --preset paper``):
+    ``paper`` is the official capacity and schedule (d 256/512, 8 heads, 4 layers, jitter 4,
+    Adam 1e-4, batch 4, 200 epochs; meant for a GPU). The defaults are sized for a CPU.
 
     Attributes
     ----------
@@ -182,23 +229,31 @@ class RLR(AnomalyModel):
     >>> model.predict("cable/test/bent_wire")[0].score          # doctest: +SKIP
     """
 
-    quick_params = {"image_size": 64, "epochs": 2, "hidden_dim": 8, "num_heads": 2, "window_size": 3}
+    quick_params = {"image_size": 64, "epochs": 2, "hidden_dim": 8, "depth": 1, "num_heads": 2, "window_size": 3}
+    presets = {
+        "paper": {
+            "image_size": 256, "blocks": "lca+mlka", "hidden_dim": 256, "depth": 4, "num_heads": 8, "window_size": 7,
+            "dropout": 0.0, "jitter_scale": 4.0, "learning_rate": 1e-4, "train_batch_size": 4, "epochs": 200,
+        },
+    }
 
     neighborhood_size: int = 3
-    hidden_dim: int = 128
-    depth: int = 1
+    blocks: str = "lca+mlka"
+    hidden_dim: int = 64
+    depth: int = 2
     num_heads: int = 4
     window_size: int = 7
-    mlka_mask: bool = True
+    dropout: float = 0.0
     epochs: int = 20
     train_batch_size: int = 8
     learning_rate: float = 1e-3
-    jitter_scale: float = 1.0
+    jitter_scale: float = 4.0
     checkpoint_dir: str | None = None
 
     def _validate_method_params(self) -> None:
         check_positive_odd("neighborhood_size", self.neighborhood_size)
         check_positive_odd("window_size", self.window_size)
+        parse_blocks(self.blocks)
         if self.num_heads < 1 or self.hidden_dim < 4 or self.hidden_dim % 4 or self.hidden_dim % self.num_heads:
             raise FlawmapError(
                 f"hidden_dim must be a multiple of 4 and of num_heads, got hidden_dim={self.hidden_dim}, "
@@ -206,9 +261,10 @@ class RLR(AnomalyModel):
             )
         if self.depth < 1 or self.epochs < 1 or self.train_batch_size < 1:
             raise FlawmapError("depth, epochs and train_batch_size must be at least 1")
-        if not self.learning_rate > 0.0 or not self.jitter_scale >= 0.0:
+        if not self.learning_rate > 0.0 or not self.jitter_scale >= 0.0 or not 0.0 <= self.dropout < 1.0:
             raise FlawmapError(
-                f"need learning_rate > 0 and jitter_scale >= 0, got {self.learning_rate} and {self.jitter_scale}"
+                f"need learning_rate > 0, jitter_scale >= 0 and 0 <= dropout < 1, got {self.learning_rate}, "
+                f"{self.jitter_scale} and {self.dropout}"
             )
 
     def _new_scorer(self, backbone: Backbone, taps: tuple[str, ...]) -> RLRScorer:
@@ -219,19 +275,17 @@ class RLR(AnomalyModel):
                 taps,
                 image_size=self.image_size,
                 neighborhood_size=self.neighborhood_size,
+                blocks=parse_blocks(self.blocks),
                 hidden_dim=self.hidden_dim,
                 depth=self.depth,
                 num_heads=self.num_heads,
                 window_size=self.window_size,
-                mlka_mask=self.mlka_mask,
+                dropout=self.dropout,
             )
 
     def _learn(self, feature_batches: Iterable[list[torch.Tensor]]) -> None:
         levels = _cache_levels(feature_batches)
-        earlier_losses = getattr(self, "train_losses_", None)
-        if earlier_losses is None:  # first fit: standardise with its features
-            for network, level in zip(self.scorer_.networks, levels):
-                network.set_standardization(level)
+        earlier_losses = getattr(self, "train_losses_", [])
         device = self.runtime.torch_device
         history = train(
             self.scorer_.networks,
@@ -241,10 +295,10 @@ class RLR(AnomalyModel):
             batch_size=self.train_batch_size,
             learning_rate=self.learning_rate,
             seed=self.random_state + self.n_fits_,
-            checkpoint=self._checkpoint(earlier_losses or []),
+            checkpoint=self._checkpoint(earlier_losses),
             progress="training rlr" if self.runtime.progress else None,
         )
-        self.train_losses_ = (earlier_losses or []) + history.losses
+        self.train_losses_ = earlier_losses + history.losses
 
     def _checkpoint(self, earlier_losses: list[float]) -> Checkpoint | None:
         """Where this fit's training state goes, and what a resumed fit must share with it: the
@@ -265,7 +319,8 @@ class RLR(AnomalyModel):
 
 # ---------------------------------------------------------------------- network
 class ReferenceReconstructor(nn.Module):
-    """Reconstructs one level's features from the learnable reference (steps 2-5).
+    """Reconstructs one level's features, from the learnable reference where ``blocks`` use it
+    (steps 2-4).
 
     Parameters
     ----------
@@ -274,11 +329,13 @@ class ReferenceReconstructor(nn.Module):
     grid_hw : (int, int)
         The level's grid ``(h, w)``; ``N = h * w`` tokens.
     hidden_dim, depth, num_heads : int
-        Token width, blocks, attention heads.
+        Token width, layers, attention heads.
     window : int
-        Odd window side for LCA and the MLKA mask on this grid.
-    mlka_mask : bool
-        Whether MLKA masks each token's own window.
+        Odd side of the own window (LCA's window, MLKA's mask) on this grid.
+    blocks : tuple of str
+        Names of :data:`ATTENTIONS` summed in every layer.
+    dropout : float
+        Dropout while training.
     """
 
     def __init__(
@@ -289,110 +346,108 @@ class ReferenceReconstructor(nn.Module):
         depth: int,
         num_heads: int,
         window: int,
-        mlka_mask: bool,
+        blocks: tuple[str, ...],
+        dropout: float,
     ) -> None:
         super().__init__()
         n_positions = grid_hw[0] * grid_hw[1]
-        self.register_buffer("feature_mean", torch.zeros(channels))
-        self.register_buffer("feature_std", torch.ones(channels))
         self.register_buffer("position", sincos_position_encoding(grid_hw, hidden_dim), persistent=False)
-        self.reference = nn.Parameter(torch.randn(n_positions, channels))  # R, in standardised feature units
-        self.embed = nn.Linear(channels, hidden_dim)  # W, the 1x1 projection
-        self.blocks = nn.ModuleList(
-            ReferenceBlock(hidden_dim, num_heads, grid_hw, window, mlka_mask) for _ in range(depth)
-        )
+        self.register_buffer("own_window", window_mask(grid_hw, window), persistent=False)
+        self.embed = projection(channels, hidden_dim)  # W, the 1x1 projection of the input
+        uses_reference = any(ATTENTIONS[name].keys_from_reference for name in blocks)
+        self.register_parameter("reference", nn.Parameter(torch.randn(n_positions, channels)) if uses_reference else None)
+        self.reference_embed = projection(channels, hidden_dim) if uses_reference else None  # W_R
+        self.embedding_dropout = nn.Dropout(dropout)
+        self.layers = nn.ModuleList(ReferenceLayer(hidden_dim, num_heads, blocks, dropout) for _ in range(depth))
+        self.norm = nn.LayerNorm(hidden_dim)
         self.head = nn.Linear(hidden_dim, channels)
 
-    def set_standardization(self, features: torch.Tensor) -> None:
-        """Per-channel mean and std of training features (N, C, h, w)."""
-        per_channel = features.transpose(0, 1).reshape(features.shape[1], -1).double()
-        self.feature_mean.copy_(per_channel.mean(dim=1))
-        self.feature_std.copy_(per_channel.std(dim=1).clamp_min(1e-6))
-
-    def tokens(self, features: torch.Tensor) -> torch.Tensor:
-        """Features (B, C, h, w) -> standardised tokens (B, h * w, C), row-major positions."""
-        tokens = flatten_positions(features.float())
-        return (tokens - self.feature_mean) / self.feature_std
-
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Standardised tokens (B, N, C) -> their reconstruction (B, N, C)."""
-        reference = self.embed(self.reference) + self.position  # r = W R + p, (N, d)
-        hidden = self.embed(tokens) + self.position  # t = W f + p, (B, N, d)
-        for block in self.blocks:
-            hidden = block(hidden, reference)
-        return self.head(hidden)
+        """Tokens (B, N, C) -> their reconstruction (B, N, C)."""
+        hidden = self.embedding_dropout(self.embed(tokens) + self.position)  # t = W f + p, (B, N, d)
+        reference = None
+        if self.reference is not None:
+            embedded = self.embedding_dropout(self.reference_embed(self.reference) + self.position)  # r = W_R R + p
+            reference = embedded.expand(tokens.shape[0], -1, -1)  # (B, N, d)
+        for layer in self.layers:
+            hidden = layer(hidden, reference, self.own_window)
+        return self.head(self.norm(hidden))
 
 
-class ReferenceBlock(nn.Module):
-    """2 x LCA + MLKA, then a feed-forward layer; post-norm, no residual from the block input."""
+class ReferenceLayer(nn.Module):
+    """``x' = LN(sum_b w_b attention_b(x))``, ``out = LN(x' + FFN(x'))`` (step 4)."""
 
-    def __init__(self, hidden_dim: int, num_heads: int, grid_hw: tuple[int, int], window: int, mlka_mask: bool) -> None:
+    def __init__(self, hidden_dim: int, num_heads: int, blocks: tuple[str, ...], dropout: float) -> None:
         super().__init__()
-        self.first_lca = LocalCrossAttention(hidden_dim, num_heads, grid_hw, window)
-        self.second_lca = LocalCrossAttention(hidden_dim, num_heads, grid_hw, window)
-        self.mlka = MaskedLearnableKeyAttention(hidden_dim, num_heads, grid_hw, window if mlka_mask else None)
+        self.attentions = nn.ModuleDict({name: MultiHeadAttention(hidden_dim, num_heads, dropout) for name in blocks})
+        self.dropout = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(hidden_dim)
         ffn_dim = _FFN_EXPANSION * hidden_dim
-        self.feed_forward = nn.Sequential(nn.Linear(hidden_dim, ffn_dim), nn.GELU(), nn.Linear(ffn_dim, hidden_dim))
-        self.norms = nn.ModuleList(nn.LayerNorm(hidden_dim) for _ in range(4))
+        self.feed_forward = nn.Sequential(
+            nn.Linear(hidden_dim, ffn_dim), nn.GELU(), nn.Linear(ffn_dim, hidden_dim), nn.Dropout(dropout)
+        )
+        self.norm2 = nn.LayerNorm(hidden_dim)
 
-    def forward(self, tokens: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        """Tokens (B, N, d) and reference tokens (N, d) -> (B, N, d)."""
-        attended = self.norms[0](self.first_lca(tokens, reference))
-        attended = self.norms[1](attended + self.second_lca(attended, reference))
-        mixed = self.norms[2](attended + self.mlka(tokens, reference))
-        return self.norms[3](mixed + self.feed_forward(mixed))
+    def forward(self, tokens: torch.Tensor, reference: torch.Tensor | None, own_window: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, N, d), embedded reference (B, N, d) or None, own-window mask (N, N) -> (B, N, d)."""
+        mixed = torch.zeros_like(tokens)
+        for name, attention in self.attentions.items():
+            kind = ATTENTIONS[name]
+            keys = reference if kind.keys_from_reference else tokens
+            values = reference if kind.values_from_reference else tokens
+            attended = attention(tokens, keys, values, allowed_keys(kind.allowed, own_window))
+            mixed = mixed + kind.weight * self.dropout(attended)
+        hidden = self.norm1(mixed)
+        return self.norm2(hidden + self.feed_forward(hidden))
 
 
-class LocalCrossAttention(nn.Module):
-    """LCA (step 3): input queries attend to the reference within a ``window x window`` window.
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention with separate query, key, value and output projections."""
 
-    Near the border the window is clipped to the grid (positions outside get no weight).
-    """
-
-    def __init__(self, hidden_dim: int, num_heads: int, grid_hw: tuple[int, int], window: int) -> None:
+    def __init__(self, hidden_dim: int, num_heads: int, dropout: float) -> None:
         super().__init__()
         self.num_heads = num_heads
+        self.dropout = dropout
         self.query, self.key, self.value, self.out = (nn.Linear(hidden_dim, hidden_dim) for _ in range(4))
-        index, valid = window_neighbours(grid_hw, window)
-        self.register_buffer("window_index", index, persistent=False)
-        self.register_buffer("window_valid", valid, persistent=False)
 
-    def forward(self, queries: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        """Queries (B, N, d), reference tokens (N, d) -> (B, N, d)."""
-        q = split_heads(self.query(queries), self.num_heads)  # (B, H, N, c)
-        k = split_heads(self.key(reference), self.num_heads)[:, self.window_index]  # (H, N, K, c)
-        v = split_heads(self.value(reference), self.num_heads)[:, self.window_index]
-        logits = torch.einsum("bhnc,hnkc->bhnk", q, k) / math.sqrt(q.shape[-1])
-        weights = logits.masked_fill(~self.window_valid, float("-inf")).softmax(dim=-1)
-        return self.out(merge_heads(torch.einsum("bhnk,hnkc->bhnc", weights, v)))
-
-
-class MaskedLearnableKeyAttention(nn.Module):
-    """MLKA (step 4): input queries, learnable-reference keys, input values; own window masked.
-
-    ``window=None`` attends everywhere, the token itself included (the shortcut ablation).
-    """
-
-    def __init__(self, hidden_dim: int, num_heads: int, grid_hw: tuple[int, int], window: int | None) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.query, self.key, self.value, self.out = (nn.Linear(hidden_dim, hidden_dim) for _ in range(4))
-        allowed = None if window is None else ~window_mask(grid_hw, window)
-        self.register_buffer("allowed", allowed, persistent=False)
-
-    def forward(self, inputs: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        """Input tokens (B, N, d), reference tokens (N, d) -> (B, N, d)."""
-        q = split_heads(self.query(inputs), self.num_heads)  # (B, H, N, c)
-        k = split_heads(self.key(reference), self.num_heads).expand(inputs.shape[0], -1, -1, -1)
-        v = split_heads(self.value(inputs), self.num_heads)
-        return self.out(merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=self.allowed)))
+    def forward(
+        self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Queries, keys, values (B, N, d) and ``allowed`` (N, N) (True: query i may see key j;
+        None: all) -> (B, N, d)."""
+        q, k, v = (split_heads(project(x), self.num_heads) for project, x in
+                   ((self.query, queries), (self.key, keys), (self.value, values)))
+        dropout = self.dropout if self.training else 0.0
+        return self.out(merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)))
 
 
 # ---------------------------------------------------------------------- helpers
+def allowed_keys(allowed: str, own_window: torch.Tensor) -> torch.Tensor | None:
+    """An :class:`Attention`'s ``allowed`` as a BoolTensor (N, N) (None: every key)."""
+    if allowed == "own_window":
+        return own_window
+    if allowed == "outside_own_window":
+        return ~own_window
+    return None
+
+
+def feature_jitter(tokens: torch.Tensor, scale: float, generator: torch.Generator) -> torch.Tensor:
+    """Tokens (B, N, C) plus ``eps * ||f|| / C * scale``, ``eps ~ N(0, 1)`` per channel (step 5)."""
+    noise = torch.randn(tokens.shape, generator=generator).to(tokens.device)
+    return tokens + noise * (tokens.norm(dim=-1, keepdim=True) / tokens.shape[-1] * scale)
+
+
 def reconstruction_error(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-token ``MSE + (1 - cos)`` over channels: (B, N, C) twice -> (B, N)."""
     squared = (reconstruction - target).pow(2).mean(dim=-1)
     return squared + 1.0 - F.cosine_similarity(reconstruction, target, dim=-1)
+
+
+def projection(channels: int, hidden_dim: int) -> nn.Linear:
+    """A 1x1 projection C -> d, Kaiming-normal initialised (fan-in, leaky ReLU) as in the official code."""
+    layer = nn.Linear(channels, hidden_dim)
+    nn.init.kaiming_normal_(layer.weight, mode="fan_in", nonlinearity="leaky_relu")
+    return layer
 
 
 def level_window(finest_window: int, finest_rows: int, rows: int) -> int:
@@ -401,28 +456,9 @@ def level_window(finest_window: int, finest_rows: int, rows: int) -> int:
     return 2 * radius + 1
 
 
-def window_neighbours(grid_hw: tuple[int, int], window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row-major indices of each position's ``window x window`` neighbours and their validity.
-
-    Returns
-    -------
-    index : LongTensor of shape (N, window * window)
-        Neighbour positions, clamped into the grid where they fall outside it.
-    valid : BoolTensor of shape (N, window * window)
-        False for neighbours outside the grid.
-    """
-    rows, cols = grid_hw
-    radius = window // 2
-    offsets = torch.arange(-radius, radius + 1)
-    row = torch.arange(rows).view(rows, 1, 1, 1) + offsets.view(1, 1, window, 1)  # (h, 1, K_r, 1)
-    col = torch.arange(cols).view(1, cols, 1, 1) + offsets.view(1, 1, 1, window)  # (1, w, 1, K_c)
-    valid = ((row >= 0) & (row < rows)) & ((col >= 0) & (col < cols))
-    index = row.clamp(0, rows - 1) * cols + col.clamp(0, cols - 1)
-    return index.reshape(rows * cols, window * window), valid.reshape(rows * cols, window * window)
-
-
 def window_mask(grid_hw: tuple[int, int], window: int) -> torch.Tensor:
-    """BoolTensor (N, N): True where position ``j`` lies in the ``window x window`` window of ``i``."""
+    """BoolTensor (N, N): True where position ``j`` lies in the ``window x window`` window of ``i``
+    (row-major positions; the window is clipped at the border)."""
     rows, cols = torch.meshgrid(torch.arange(grid_hw[0]), torch.arange(grid_hw[1]), indexing="ij")
     rows, cols = rows.flatten(), cols.flatten()
     radius = window // 2
@@ -432,27 +468,30 @@ def window_mask(grid_hw: tuple[int, int], window: int) -> torch.Tensor:
 
 
 def sincos_position_encoding(grid_hw: tuple[int, int], dim: int) -> torch.Tensor:
-    """2-D sine-cosine positional encoding (N, dim): half the channels encode the row, half the column."""
-    quarter = dim // 4
-    frequencies = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    """2-D sine-cosine positional encoding (N, dim) in the official layout: the first half of the
+    channels encodes the column, the second half the row, alternating ``sin(x f_k)`` and
+    ``cos(x f_k)`` with ``f_k = 10000^(-4k / dim)``."""
+    half = dim // 2
+    frequencies = torch.exp(torch.arange(0, half, 2, dtype=torch.float64) * -(math.log(1e4) / half))
     rows, cols = torch.meshgrid(torch.arange(grid_hw[0]), torch.arange(grid_hw[1]), indexing="ij")
-    encodings = []
-    for coordinate in (rows, cols):
+    encoding = torch.zeros(rows.numel(), dim, dtype=torch.float64)
+    for start, coordinate in ((0, cols), (half, rows)):
         angles = coordinate.flatten().double().unsqueeze(1) * frequencies
-        encodings += [angles.sin(), angles.cos()]
-    return torch.cat(encodings, dim=1).float()
+        encoding[:, start : start + half : 2] = angles.sin()
+        encoding[:, start + 1 : start + half : 2] = angles.cos()
+    return encoding.float()
 
 
 def split_heads(tokens: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """(..., N, d) -> (..., H, N, d / H)."""
-    *batch, n_tokens, dim = tokens.shape
-    return tokens.reshape(*batch, n_tokens, num_heads, dim // num_heads).transpose(-3, -2)
+    """(B, N, d) -> (B, H, N, d / H)."""
+    batch, n_tokens, dim = tokens.shape
+    return tokens.reshape(batch, n_tokens, num_heads, dim // num_heads).transpose(1, 2)
 
 
 def merge_heads(tokens: torch.Tensor) -> torch.Tensor:
-    """(..., H, N, c) -> (..., N, H * c)."""
-    merged = tokens.transpose(-3, -2)
-    return merged.reshape(*merged.shape[:-2], -1)
+    """(B, H, N, c) -> (B, N, H * c)."""
+    merged = tokens.transpose(1, 2)
+    return merged.reshape(*merged.shape[:2], -1)
 
 
 def _cache_levels(feature_batches: Iterable[list[torch.Tensor]]) -> list[torch.Tensor]:
