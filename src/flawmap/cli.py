@@ -151,6 +151,10 @@ def _add_torch_commands(commands) -> None:
     bench.add_argument("--methods", default=",".join(METHODS.names()), metavar="A,B", help="comma-separated (default: all)")
     bench.add_argument("--json", type=Path, metavar="FILE", help="write the rows as JSON")
     bench.add_argument(
+        "--unified", action="store_true",
+        help="also fit each method once on all datasets together; rows per mode (unified, per-category) and means",
+    )
+    bench.add_argument(
         "--param", action="append", default=[], metavar="METHOD.NAME=VALUE",
         help="a method hyper-parameter, e.g. padim.n_features=64 (repeatable)",
     )
@@ -593,9 +597,9 @@ def run_benchmark(args: argparse.Namespace) -> None:
     methods = [name.strip() for name in args.methods.split(",") if name.strip()]
     rows = benchmark(
         args.data, methods, params=_method_params(args.param), json_path=args.json, progress=True,
-        runtime=_runtime(args).replace(progress=False),
+        runtime=_runtime(args).replace(progress=False), unified=args.unified,
     )
-    print(format_table(rows, list(TABLE_COLUMNS)))
+    print(format_table(rows, ["mode", *TABLE_COLUMNS] if args.unified else list(TABLE_COLUMNS)))
 
 
 # ---------------------------------------------------------------- helpers
