@@ -244,7 +244,7 @@ class RLR(AnomalyModel):
     num_heads: int = 4
     window_size: int = 7
     dropout: float = 0.0
-    epochs: int = 20
+    epochs: int = 15
     train_batch_size: int = 8
     learning_rate: float = 1e-3
     jitter_scale: float = 4.0
