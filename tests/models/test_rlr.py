@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from flawmap.backbones import BACKBONES, Backbone, FeatureInfo
 from flawmap.backbones.base import IMAGENET_MEAN, IMAGENET_STD
 from flawmap.errors import FlawmapError
-from flawmap.models import AnomalyModel, create_model
 from flawmap.features import flatten_positions
+from flawmap.models import AnomalyModel, create_model
 from flawmap.models.rlr import (
     RLR,
     ReferenceLayer,
