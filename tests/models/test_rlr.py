@@ -356,6 +356,8 @@ def test_cli_preset_applies_before_explicit_flags(monkeypatch, tmp_path):
         cli.run_fit(cli.build_parser().parse_args(["fit", "a", "--method", "rlr", "--out", str(tmp_path / "m"), "--preset", "x"]))
     with pytest.raises(FlawmapError, match="no presets"):
         cli.run_fit(cli.build_parser().parse_args(["fit", "a", "--method", "padim", "--out", str(tmp_path / "m"), "--preset", "paper"]))
+    with pytest.raises(FlawmapError, match="--preset cannot be changed by --update"):
+        cli.run_fit(cli.build_parser().parse_args(["fit", "a", "--update", str(tmp_path / "m"), "--preset", "paper"]))
 
 
 def test_paper_preset_is_a_valid_model():
