@@ -707,7 +707,7 @@ def run_score(args: argparse.Namespace) -> None:
         check_writable(args.maps_dir, folder=True)
     summary = score_files(
         args.model, args.inputs, args.out, engine=args.engine, model_runtime=args.runtime, runtime=_runtime(args),
-        maps_dir=args.maps_dir, ray=RaySettings(**given),
+        maps_dir=args.maps_dir, cluster=RaySettings(**given),
     )
     print(
         f"scored {summary.n_images} images ({summary.n_anomalous} anomalous, {summary.n_errors} errors) "

@@ -119,7 +119,7 @@ def score_files(
     model_runtime: str = "auto",
     runtime: Runtime = Runtime(),
     maps_dir: str | Path | None = None,
-    ray: RaySettings = RaySettings(),
+    cluster: RaySettings = RaySettings(),
 ) -> ScoreSummary:
     """Score every image of ``inputs`` with the model at ``model_path`` into the Parquet file ``out``.
 
@@ -134,7 +134,7 @@ def score_files(
     runtime : how the model runs; ``batch_size`` is also the decoding batch.
     maps_dir : if given, each anomaly map is saved as ``MAPS_DIR/<name>.npy`` (float32, the
         image's original ``H x W``), ``<name>`` its path below the inputs' common folder.
-    ray : the cluster and its actors, for ``engine="ray"``.
+    cluster : the Ray cluster and its actors, for ``engine="ray"``.
 
     Raises
     ------
@@ -150,7 +150,11 @@ def score_files(
     if engine == "local":
         tables = _local_tables(paths, map_paths, ModelScorer(**scorer_args), runtime.batch_size)
     else:
-        tables = _ray_tables(paths, map_paths, scorer_args, runtime, ray)
+        _import_ray()
+        # a model that does not load fails here in one line, not in every actor (on the CPU: the
+        # driver may have no GPU where the actors have one)
+        load(scorer_args["model_path"], runtime=model_runtime)
+        tables = _ray_tables(paths, map_paths, scorer_args, runtime, cluster)
     return _write_rows(tables, Path(out), len(paths), runtime.progress)
 
 
@@ -266,11 +270,7 @@ def _ray_tables(
     paths: list[str], map_paths: list[str], scorer_args: dict[str, Any], runtime: Runtime, settings: RaySettings
 ) -> Iterator[pa.Table]:
     """The Ray engine: decode in CPU tasks, score in a pool of model actors, stream the rows back."""
-    try:
-        import ray
-        import ray.data
-    except ImportError as error:
-        raise FlawmapError(f'--engine ray needs Ray ({error}): pip install "flawmap[ray]"') from None
+    ray = _import_ray()
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address=settings.address, num_cpus=settings.num_cpus, include_dashboard=False)
@@ -297,6 +297,16 @@ def _ray_tables(
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _import_ray() -> Any:
+    """The ``ray`` package with Ray Data, or a FlawmapError naming the extra to install."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as error:
+        raise FlawmapError(f'--engine ray needs Ray ({error}): pip install "flawmap[ray]"') from None
+    return ray
 
 
 # ---------------------------------------------------------------- output
