@@ -109,17 +109,19 @@ def test_local_engine_without_ray_gives_predict_rows_in_order(
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".")]  # no temporary file left
 
 
-def test_engine_ray_without_ray_and_ray_flags_without_it_are_one_line_errors(capsys, monkeypatch, tiny_model_dir, test_images, tmp_path):
-    monkeypatch.setitem(sys.modules, "ray", None)
+@pytest.mark.parametrize("flags, message, ray_installed", [
+    (["--engine", "ray"], 'needs Ray', False),
+    (["--actors", "2"], "--actors applies to --engine ray only", True),
+    (["--engine", "ray", "--address", "127.0.0.1:1"], "--address 127.0.0.1:1: no Ray cluster answers there", True),
+])
+def test_ray_problems_are_one_line_errors_before_any_output(capsys, monkeypatch, tiny_model_dir, test_images, tmp_path, flags, message, ray_installed):
+    if not ray_installed:
+        monkeypatch.setitem(sys.modules, "ray", None)
     out = tmp_path / "scores.parquet"
-    for flags, message in (
-        (["--engine", "ray"], 'pip install "flawmap[ray]"'),
-        (["--actors", "2"], "--actors applies to --engine ray only"),
-    ):
-        code = main([str(arg) for arg in ("score", tiny_model_dir, test_images[0], "--out", out, *flags)])
-        err = capsys.readouterr().err
-        assert code == 2 and message in err and "Traceback" not in err
-        assert not out.exists()
+    code = main([str(arg) for arg in ("score", tiny_model_dir, test_images[0], "--out", out, *flags)])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_parquet_rows_are_row_groups_and_appear_only_when_complete(tmp_path):

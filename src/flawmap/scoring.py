@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -151,11 +153,13 @@ def score_files(
         tables = _local_tables(paths, map_paths, ModelScorer(**scorer_args), runtime.batch_size)
     else:
         _import_ray()
+        if cluster.address is not None:
+            _check_reachable(cluster.address)
         # a model that does not load fails here in one line, not in every actor (on the CPU: the
         # driver may have no GPU where the actors have one)
         load(scorer_args["model_path"], runtime=model_runtime)
         tables = _ray_tables(paths, map_paths, scorer_args, runtime, cluster)
-    return _write_rows(tables, Path(out), len(paths), runtime.progress)
+    return _write_rows(tables, Path(out), len(paths), progress=runtime.progress and engine == "local")  # Ray draws its own
 
 
 def image_paths(inputs: Sequence[str | Path]) -> list[str]:
@@ -249,7 +253,7 @@ class ModelScorer:
 
 
 # ---------------------------------------------------------------- engines
-def _local_tables(paths: list[str], map_paths: list[str], scorer: ModelScorer, batch_size: int) -> Iterator[pa.Table]:
+def _local_tables(paths: list[str], map_paths: list[str], scorer: ModelScorer, batch_size: int) -> Generator[pa.Table, None, None]:
     """The local engine: decode one batch in a thread while the previous one is scored here."""
     batches = (
         {"path": np.array(paths[start:start + batch_size]), "map_path": np.array(map_paths[start:start + batch_size])}
@@ -268,7 +272,7 @@ def _local_tables(paths: list[str], map_paths: list[str], scorer: ModelScorer, b
 
 def _ray_tables(
     paths: list[str], map_paths: list[str], scorer_args: dict[str, Any], runtime: Runtime, settings: RaySettings
-) -> Iterator[pa.Table]:
+) -> Generator[pa.Table, None, None]:
     """The Ray engine: decode in CPU tasks, score in a pool of model actors, stream the rows back."""
     ray = _import_ray()
     started_here = not ray.is_initialized()
@@ -309,12 +313,25 @@ def _import_ray() -> Any:
     return ray
 
 
+def _check_reachable(address: str) -> None:
+    """Fail now, in one line, when nothing listens at a ``HOST:PORT`` address (Ray itself would
+    keep retrying); other forms (``auto``, ``ray://...``) are left to Ray."""
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as error:
+        raise FlawmapError(f"--address {address}: no Ray cluster answers there ({error.strerror or error})") from None
+
+
 # ---------------------------------------------------------------- output
-def _write_rows(tables: Iterator[pa.Table], out: Path, n_expected: int, progress: bool) -> ScoreSummary:
-    """Write ``tables`` into ``out`` through :class:`ParquetRows`, counting what they hold."""
+def _write_rows(tables: Generator[pa.Table, None, None], out: Path, n_expected: int, *, progress: bool) -> ScoreSummary:
+    """Write ``tables`` into ``out`` through :class:`ParquetRows`, counting what they hold; the
+    generator is closed (a Ray instance started for it stopped) whatever happens."""
     n_images = n_anomalous = n_errors = 0
     bar = tqdm(total=n_expected, desc="scoring", disable=not progress, unit="img", file=sys.stderr, mininterval=0.5)
-    with bar, ParquetRows(out) as rows:
+    with bar, closing(tables), ParquetRows(out) as rows:
         for table in tables:
             rows.write(table)
             n_images += table.num_rows
