@@ -16,6 +16,7 @@ import pytest
 import ray
 from PIL import Image
 
+import flawmap
 from flawmap.cli import main
 from flawmap.models import load_model
 from flawmap.runtime import Runtime
@@ -186,13 +187,15 @@ def _cmdline(pid):
         return b""
 
 
-def test_killing_the_model_actor_mid_run_loses_no_row(local_ray, tiny_model_dir, test_images, expected, tmp_path):
+def test_killing_the_model_actor_mid_run_loses_no_row(local_ray, tiny_onnx, test_images, tmp_path):
+    """With the exported model: its actors start without importing torch, which the restart repeats."""
+    expected = dict(zip(map(str, test_images), flawmap.load(tiny_onnx).predict(test_images)))
     maps = tmp_path / "maps"
     killer = ActorKiller(maps)
     killer.start()
     summary = score_files(
-        tiny_model_dir, test_images, tmp_path / "scores.parquet", engine="ray", maps_dir=maps,
-        runtime=Runtime(batch_size=2, precision="float32"), cluster=RaySettings(actors=1),
+        tiny_onnx, test_images, tmp_path / "scores.parquet", engine="ray", maps_dir=maps,
+        runtime=Runtime(batch_size=2), cluster=RaySettings(actors=1),
     )
     killer.join()
     assert killer.killed_pid is not None and killer.maps_before_kill < len(test_images)  # killed mid-run
