@@ -20,7 +20,7 @@ demo: setup
 	$(BIN)/flawmap demo
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 bench: setup
 	$(BIN)/python benchmarks/bench_methods.py
