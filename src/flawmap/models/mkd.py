@@ -60,8 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flawmap import postprocess
-from flawmap.backbones import Backbone
-from flawmap.backbones.base import FeatureInfo
+from flawmap.backbones import Backbone, FeatureInfo
 from flawmap.errors import FlawmapError
 from flawmap.models.base import AnomalyModel, PatchScores, Scorer, register_method
 from flawmap.training import fit_checkpoint, train
@@ -123,6 +122,10 @@ class MKDScorer(Scorer):
         """The source's standardised tap outputs (B, C_l, h_l, w_l), finest first, float32."""
         with self.autocast(images.device):
             levels = self.backbone.features(images, self.taps)
+        return self.standardized(levels)
+
+    def standardized(self, levels: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Raw source outputs (B, C_l, h_l, w_l) -> standardised per channel, float32."""
         return [standardize(level.float()) for standardize, level in zip(self.learned["standardization"], levels)]
 
     def cloned_levels(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -145,6 +148,7 @@ class MKDScorer(Scorer):
         return total
 
     def export_error(self) -> str | None:
+        """The gradient map needs autograd, which an ONNX graph cannot hold."""
         if self.localization == "gradient":
             return (
                 'mkd with localization="gradient" cannot be exported to ONNX (its map is a gradient computed '
@@ -188,8 +192,7 @@ class MKDScorer(Scorer):
         """Mean loss of a training batch: images (B, 3, S, S) stored as float16, then the raw
         source levels (B, C_l, h_l, w_l) (float16, cached); ``generator`` is unused (no noise)."""
         images, *levels = batch
-        source = [standardize(level.float()) for standardize, level in zip(self.learned["standardization"], levels)]
-        return self.image_losses(source, self.cloned_levels(images.float())).mean()
+        return self.image_losses(self.standardized(levels), self.cloned_levels(images.float())).mean()
 
 
 class Cloner(nn.Module):
@@ -200,14 +203,14 @@ class Cloner(nn.Module):
     tap_info : list of FeatureInfo
         The taps to imitate, strides non-decreasing, each at least 2 and a power of 2 apart.
     width : int
-        Channels of the hidden convolutions (the stem has ``max(1, width // 2)``).
+        Channels of the hidden convolutions, at least 2 (the stem has ``width // 2``).
     depth : int
         Hidden 3x3 convolutions per tap block.
     """
 
     def __init__(self, tap_info: list[FeatureInfo], width: int, depth: int) -> None:
         super().__init__()
-        stem_width = max(1, width // 2)
+        stem_width = width // 2
         self.stem = nn.Sequential(
             *_conv_bn_relu(3, stem_width, stride=2), *_conv_bn_relu(stem_width, stem_width)
         )  # stride 2
@@ -244,7 +247,7 @@ class _Standardization(nn.Module):
         self.register_buffer("mean", torch.zeros(channels))
         self.register_buffer("std", torch.ones(channels))
 
-    def fit(self, levels: torch.Tensor) -> None:
+    def set_from(self, levels: torch.Tensor) -> None:
         """Set mean and std from training outputs (N, C, h, w)."""
         per_channel = levels.transpose(0, 1).reshape(levels.shape[1], -1).double()
         self.mean.copy_(per_channel.mean(dim=1))
@@ -289,7 +292,7 @@ class MKD(AnomalyModel):
     >>> model.predict("bottle/test/broken_large")[0].score       # doctest: +SKIP
     """
 
-    quick_params = {"image_size": 64, "epochs": 2, "width": 8, "depth": 1, "train_batch_size": 4}
+    quick_params = {"image_size": 64, "epochs": 1, "width": 8, "depth": 1, "train_batch_size": 4}
 
     localization: str = "gradient"
     width: int = 32
@@ -335,7 +338,7 @@ class MKD(AnomalyModel):
         earlier_losses = getattr(self, "train_losses_", None)
         if earlier_losses is None:  # first fit: standardise with its outputs
             for standardization, level in zip(self.scorer_.learned["standardization"], levels):
-                standardization.fit(level)
+                standardization.set_from(level)
         device = self.runtime.torch_device
         history = train(
             self.scorer_.cloner,
