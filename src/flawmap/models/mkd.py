@@ -9,7 +9,7 @@ anomaly score.
 1. Source: the frozen packaged backbone. Its outputs at four taps, by default the deepest stage of
    each of the backbone's four coarsest strides (EfficientNet-Lite0: ``stage2``, ``stage3``,
    ``stage5``, ``stage7`` at strides 4, 8, 16, 32, with 24, 40, 112 and 320 channels), as the
-   paper taps the ends of VGG-16's blocks 2 to 5 (strides 4 to 32). Each tap's channels are
+   authors' code taps the ends of VGG-16's blocks 2 to 5 (strides 4 to 32). Each tap's channels are
    standardised with their mean and std over the first fit's training images (an addition to the
    paper: the taps' RMS values on bottle range from 2.8 to 12, which would let the finest layers
    dominate the squared distances).
@@ -20,12 +20,12 @@ anomaly score.
    convolution to the tap's channels, whose output is the cloner's version of that tap and the
    input of the next block. At the defaults 0.2 M parameters, against the 3.0 M of EfficientNet-Lite0
    up to stage7.
-3. Loss (paper Eq. 1-3), per image and summed over the taps ``l``:
+3. Loss (the paper's total loss), per image and summed over the taps ``l``:
    ``L = sum_l L_val(l) + lambda * sum_l L_dir(l)`` with ``L_val`` the mean squared distance of
    the cloner's and the source's (standardised) outputs and ``L_dir = 1 - cos`` of the two outputs
    flattened to vectors. ``lambda = direction_weight = 0.5``, the authors' MVTec AD setting (their
    configuration file; their code puts that weight on the squared-distance term instead).
-   Training: Adam, learning rate 1e-3 as in the paper, on :func:`flawmap.training.train`
+   Training: Adam, learning rate 1e-3 as in the authors' code, on :func:`flawmap.training.train`
    (seeded, checkpoint and resume, loss bar); the weights of the last epoch are kept.
 4. Image score: the loss ``L`` of the image itself.
 5. Localization (``localization``):
@@ -33,7 +33,7 @@ anomaly score.
    - ``"gradient"`` (the paper's): the gradient of ``L`` with respect to the input image,
      ``sum_RGB |dL/dx|`` per pixel, a grey-scale morphological opening with the paper's 3x3
      elliptic (cross-shaped) element, then the shared Gaussian smoothing (``sigma``, 4 px as in
-     the paper). The paper smooths first and opens the thresholded maps afterwards; a 3-pixel
+     the authors' code). The paper smooths first and opens the thresholded maps afterwards; a 3-pixel
      opening of a map already smoothed at 4 px changes almost nothing, so it is applied first,
      where it removes the isolated one-pixel peaks of raw input gradients. The authors also
      rescale each map by its own minimum and 99th percentile; that is left out, since it makes
@@ -43,6 +43,12 @@ anomaly score.
    - ``"discrepancy"``: the loss per position, ``mean_c (cloner - source)^2 + lambda (1 - cos)``
      over the channels at each position of each tap, upsampled bilinearly to the finest tap's
      grid and summed over the taps; plain inference, exportable.
+
+Measured on MVTec AD bottle (256 px, defaults: 15 epochs, one fit, seed 0; on a shared 2-core
+machine, so times are loaded): image AUROC 0.997 (both maps share it); pixel AUROC / AUPRO 0.945 /
+0.791 with ``"gradient"``, 0.984 / 0.936 with ``"discrepancy"``. The gradient map without the
+opening gives 0.943 / 0.778, and opened after the smoothing (the paper's order) the same 0.943 /
+0.778. The fit took 144 CPU seconds (one thread).
 
 Incremental fit (``partial_fit``): the cloner trains ``epochs`` more epochs on the new images only
 (fresh optimiser, standardisation of the first fit), with the forgetting RLR describes. The
