@@ -139,6 +139,10 @@ class Scorer(nn.Module):
     def forward(self, images: torch.Tensor) -> PatchScores:
         return self.score(self.embed(images))
 
+    def export_error(self) -> str | None:
+        """Why this scorer cannot be exported to ONNX, in one line; None when it can."""
+        return None
+
 
 def register_method(name: str):
     """Class decorator: register a method under ``name`` (its CLI ``--method`` value)."""
@@ -241,7 +245,7 @@ class AnomalyModel(Predictor):
             raise FlawmapError(f"need at least 2 training images (to calibrate the threshold), got {len(samples)}")
         if first:
             backbone = create_backbone(self.backbone, self.weights)
-            self.taps_ = tuple(self.taps or backbone.default_taps)
+            self.taps_ = tuple(self.taps or self._default_taps(backbone))
             self.scorer_ = self._new_scorer(backbone, self.taps_)
             self.n_train_images_, self.n_fits_ = 0, 0
             self.calibration_images_ = torch.empty(0, 3, self.image_size, self.image_size, dtype=torch.uint8)
@@ -379,6 +383,10 @@ class AnomalyModel(Predictor):
 
     def _validate_method_params(self) -> None:
         """Raise FlawmapError for out-of-range method hyper-parameters."""
+
+    def _default_taps(self, backbone: Backbone) -> tuple[str, ...]:
+        """The taps used when ``taps`` is None: the backbone's default (stride 8 and 16)."""
+        return backbone.default_taps
 
     # ------------------------------------------------------------------ shared machinery
     def _validate_params(self) -> None:
