@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable
 
 import torch
@@ -72,13 +71,10 @@ from flawmap.backbones import Backbone
 from flawmap.errors import FlawmapError
 from flawmap.features import flatten_positions, local_average
 from flawmap.models.base import AnomalyModel, PatchScores, Scorer, check_positive_odd, register_method
-from flawmap.training import Checkpoint, train
+from flawmap.training import fit_checkpoint, train
 
 _FFN_EXPANSION = 4
 """Hidden width of the feed-forward layer, as a multiple of the token width (official: 4)."""
-
-_RUN_ONLY_PARAMS = frozenset({"epochs", "checkpoint_dir"})
-"""Hyper-parameters that may change between a checkpointed fit and its resumption."""
 
 
 @dataclass(frozen=True)
@@ -295,19 +291,10 @@ class RLR(AnomalyModel):
             batch_size=self.train_batch_size,
             learning_rate=self.learning_rate,
             seed=self.random_state + self.n_fits_,
-            checkpoint=self._checkpoint(earlier_losses),
+            checkpoint=fit_checkpoint(self, earlier_losses),
             progress="training rlr" if self.runtime.progress else None,
         )
         self.train_losses_ = earlier_losses + history.losses
-
-    def _checkpoint(self, earlier_losses: list[float]) -> Checkpoint | None:
-        """Where this fit's training state goes, and what a resumed fit must share with it: the
-        hyper-parameters (``epochs`` aside) and the losses of the earlier fits of the model."""
-        if self.checkpoint_dir is None:
-            return None
-        params = {name: value for name, value in self.get_params().items() if name not in _RUN_ONLY_PARAMS}
-        folder = Path(self.checkpoint_dir) / f"fit-{self.n_fits_ + 1}"
-        return Checkpoint(folder, {"params": params, "earlier_losses": earlier_losses})
 
     def to_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         return {"train_losses_": self.train_losses_}, dict(self.scorer_.networks.state_dict())
