@@ -186,7 +186,7 @@ def test_network_data_flow_matches_the_official_layer():
     expected = F.linear(by_hand_norm(network.norm, out), network.head.weight, network.head.bias)
     assert first.out_features == 4 * 8  # FFN width 4 d
     with torch.no_grad():
-        torch.testing.assert_close(network(tokens), expected, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(network(tokens), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_position_encoding_has_the_official_layout():
@@ -195,14 +195,14 @@ def test_position_encoding_has_the_official_layout():
     token = encoding[row * 4 + col]
     expected = [math.sin(col), math.cos(col), math.sin(col / 100), math.cos(col / 100),
                 math.sin(row), math.cos(row), math.sin(row / 100), math.cos(row / 100)]
-    torch.testing.assert_close(token, torch.tensor(expected))
+    assert torch.allclose(token, torch.tensor(expected), atol=1e-6)
 
 
 def test_jitter_scales_with_the_token_norm_over_the_channel_count():
     tokens = torch.randn(2, 5, 6)
     jittered = feature_jitter(tokens, 4.0, torch.Generator().manual_seed(7))
     noise = torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(7))
-    torch.testing.assert_close(jittered - tokens, noise * tokens.norm(dim=-1, keepdim=True) / 6 * 4.0)
+    assert torch.allclose(jittered - tokens, noise * tokens.norm(dim=-1, keepdim=True) / 6 * 4.0, atol=1e-6)
 
 
 def test_coarser_levels_get_windows_covering_the_same_area():
