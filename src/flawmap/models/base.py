@@ -41,6 +41,16 @@ One mechanism serves every method, through one more hook:
 
 ``calibration_images_`` are those held-out images, or for cross-fitted methods the first
 :data:`KEPT_CROSS_FIT_IMAGES` training images (kept for checks such as the export parity test).
+
+Tiled models (``tile_size`` set, :mod:`flawmap.tiling`) learn from every tile of every training
+image: each tile reaches ``_learn`` as one image (``n_train_images_`` counts tiles). Their
+threshold must be a quantile of *whole-image* scores, as in prediction, so every method holds
+out ``calibration_fraction`` of the images (by the same hash) and scores them whole after
+learning, tiled and stitched. Cross-fitting is not used for them: leaving one tile out would
+leave its overlapping neighbours in, which hold the same pixels, and bias the scores low. The
+held-out images are not kept (they may be huge): each fit scores its own, and the scores of
+earlier fits are kept as they were computed; ``calibration_images_`` are the first
+:data:`KEPT_CROSS_FIT_IMAGES` training tiles.
 """
 
 from __future__ import annotations
@@ -68,6 +78,7 @@ from flawmap.errors import FlawmapError
 from flawmap.prediction import ImageInput, Predictor, prediction_samples
 from flawmap.registry import Registry
 from flawmap.runtime import Runtime, autocast
+from flawmap.tiling import check_tiling
 
 METHODS: Registry[type["AnomalyModel"]] = Registry("method")
 #: Training images a cross-fitted model keeps as ``calibration_images_`` (for checks).
@@ -156,7 +167,12 @@ class AnomalyModel(Predictor):
     taps : tuple of str or None
         Backbone stages to read; None uses the backbone's stride-8 and stride-16 stages.
     image_size : int
-        Images are resized to ``image_size x image_size`` for the network.
+        Images (or tiles) are resized to ``image_size x image_size`` for the network.
+    tile_size : int or None
+        Cut images into ``tile_size`` square tiles at native resolution instead of resizing
+        them whole (:mod:`flawmap.tiling`); usually equal to ``image_size``. None: no tiling.
+    tile_overlap : int
+        Smallest overlap of neighbouring tiles in pixels, at most ``tile_size / 2``.
     sigma : float
         Gaussian smoothing of the anomaly map, in input pixels.
     calibration_fraction : float
@@ -186,6 +202,8 @@ class AnomalyModel(Predictor):
     weights: str | None = None
     taps: tuple[str, ...] | None = None
     image_size: int = 256
+    tile_size: int | None = None
+    tile_overlap: int = 32
     sigma: float = postprocess.DEFAULT_SIGMA
     calibration_fraction: float = 0.1
     false_alarm_rate: float = 0.01
@@ -239,19 +257,22 @@ class AnomalyModel(Predictor):
             self.calibration_scores_, self.calibration_map_maxima_, self.calibration_map_medians_ = [], [], []
         self.set_runtime()
         start = time.perf_counter()
-        fit_samples, held_out = (samples, []) if self.cross_fits else self._hold_out(samples, first, skip_invalid)
+        cross_fit = self.cross_fits and self.tile_size is None
+        fit_samples, held_out = (samples, []) if cross_fit else self._hold_out(samples, first, skip_invalid)
         seconds = {"features": 0.0}
-        training = _EmbeddedTraining(self.n_train_images_, keep_features=self.cross_fits)
+        training = _EmbeddedTraining(self.n_train_images_, keep_features=cross_fit)
         if fit_samples:
             self._learn(_timed(self._embedded_batches(fit_samples, skip_invalid, training), seconds))
             self.set_runtime()  # new fitted tensors follow the device and precision
-        if not training.numbers and (first or self.cross_fits):
+        if not training.count and (first or cross_fit):
             raise FlawmapError("no valid training image left: every image was skipped")
         learned = time.perf_counter()
-        self.n_train_images_ += len(training.numbers)
+        self.n_train_images_ += training.count
         self.n_fits_ += 1
-        if self.cross_fits:
+        if cross_fit:
             self._add_left_out_scores(fit_samples, training, skip_invalid)
+        elif self.tile_size is not None:
+            self._score_held_out_whole(held_out, skip_invalid)
         else:
             self._rescore_held_out(held_out)
         self.calibrate_threshold()
@@ -280,16 +301,13 @@ class AnomalyModel(Predictor):
             samples = prediction_samples(images)
         if not samples:
             raise FlawmapError("no images given to calibrate on")
-        scores: list[tuple[np.ndarray, np.ndarray]] = []
-        for batch in self._batches(samples, skip_invalid, "calibrating"):
-            scores.append(self.score_images(batch.images))
-        if not scores:
+        summaries = [_normal_summary(score, anomaly_map) for _, score, anomaly_map, _, _ in self._scored(samples, skip_invalid, "calibrating")]
+        if not summaries:
             raise FlawmapError("no valid calibration image left: every image was skipped")
         if false_alarm_rate is not None:
             self.false_alarm_rate = false_alarm_rate
         self.calibration_scores_, self.calibration_map_maxima_, self.calibration_map_medians_ = [], [], []
-        for image_scores, maps in scores:
-            self._add_normal_scores(image_scores, maps)
+        self._add_normal_scores(summaries)
         self.calibrate_threshold(f"calibrate: {len(self.calibration_scores_)} new normal images")
         return self
 
@@ -374,6 +392,8 @@ class AnomalyModel(Predictor):
     def _validate_params(self) -> None:
         if self.image_size < 32 or self.image_size % 8:
             raise FlawmapError(f"image_size must be a multiple of 8 and at least 32, got {self.image_size}")
+        if self.tile_size is not None:
+            check_tiling(self.tile_size, self.tile_overlap)
         if not 0.0 < self.calibration_fraction < 1.0:
             raise FlawmapError(f"calibration_fraction must be in (0, 1), got {self.calibration_fraction}")
         check_false_alarm_rate(self.false_alarm_rate)
@@ -388,9 +408,11 @@ class AnomalyModel(Predictor):
         each image's identity (its folder and file name, or an array's pixels): the same images
         are held out whether they come in one fit or in several, and wherever the dataset lies.
 
-        Returns the samples to learn from and the held-out images, decoded (uint8, 3 x S x S).
-        A first fit holds out at least one valid image (with ``skip_invalid``, the next images
-        by hash replace unreadable ones) and keeps at least one to learn from.
+        Returns the samples to learn from and the held-out images, decoded (uint8, 3 x S x S);
+        for a tiled model the held-out samples themselves (scored whole after learning). A
+        first fit holds out at least one valid image (with ``skip_invalid``, the next images by
+        hash replace unreadable ones; not checked here for a tiled model) and keeps at least
+        one to learn from.
         """
         if not samples:
             raise FlawmapError("no training images given")
@@ -400,6 +422,9 @@ class AnomalyModel(Predictor):
         if first:
             n_held = min(max(n_held, 1), len(samples) - 1)
         held, decoded = order[:n_held], []
+        if self.tile_size is not None:
+            kept = set(held)
+            return [sample for i, sample in enumerate(samples) if i not in kept], [samples[i] for i in held]
         while True:
             decoded = [image for batch in self._batches([samples[i] for i in held], skip_invalid, "holding out")
                        for image in _to_uint8(batch.images)]
@@ -413,11 +438,19 @@ class AnomalyModel(Predictor):
         self, samples: Sequence[Sample | np.ndarray], skip_invalid: bool, training: "_EmbeddedTraining"
     ) -> Iterator[Any]:
         """The scorer's features of each batch, computed in inference mode (yielded outside it);
-        ``training`` numbers the embedded images (and keeps their features, when asked)."""
-        for batch in self._batches(samples, skip_invalid, "extracting features"):
+        ``training`` numbers the embedded images (and keeps their features, when asked). A tiled
+        model embeds every tile of every image, and keeps the first tiles as calibration images."""
+        tiling = self.tiling()
+        if tiling is None:
+            batches = self._batches(samples, skip_invalid, "extracting features")
+        else:
+            batches = tiling.tile_batches(self._images(samples, skip_invalid, "extracting features"), self.runtime.batch_size)
+        for batch in batches:
             with torch.inference_mode():
                 features = self.scorer_.embed(torch.from_numpy(batch.images).to(self.runtime.torch_device))
             training.add(batch, features)
+            if tiling is not None:
+                self._keep_calibration_images(_to_uint8(batch.images))
             yield features
 
     def _add_left_out_scores(
@@ -444,7 +477,12 @@ class AnomalyModel(Predictor):
         B x 3 x S x S) as ``calibration_images_``."""
         with torch.inference_mode():
             image_scores, maps = self._postprocess(self._left_out_scores(features, image_ids))
-        self._add_normal_scores(image_scores, maps)
+        self._add_normal_scores(map(_normal_summary, image_scores.tolist(), maps))
+        self._keep_calibration_images(images)
+
+    def _keep_calibration_images(self, images: np.ndarray) -> None:
+        """Add the first of ``images`` (uint8 B x 3 x S x S) to ``calibration_images_``, up to
+        :data:`KEPT_CROSS_FIT_IMAGES` in all."""
         room = KEPT_CROSS_FIT_IMAGES - self.calibration_images_.shape[0]
         if room > 0 and len(images):
             self.calibration_images_ = torch.cat([self.calibration_images_, torch.from_numpy(images[:room])])
@@ -458,13 +496,23 @@ class AnomalyModel(Predictor):
         self.calibration_scores_, self.calibration_map_maxima_, self.calibration_map_medians_ = [], [], []
         for start in range(0, self.calibration_images_.shape[0], self.runtime.batch_size):
             images = self.calibration_images_[start : start + self.runtime.batch_size].float().div_(255.0)
-            self._add_normal_scores(*self.score_images(images))
+            image_scores, maps = self.score_images(images)
+            self._add_normal_scores(map(_normal_summary, image_scores.tolist(), maps))
 
-    def _add_normal_scores(self, image_scores: np.ndarray, maps: np.ndarray) -> None:
-        """Record out-of-sample normal image scores (B,) and their maps' maxima and medians (B, S, S)."""
-        self.calibration_scores_ += image_scores.tolist()
-        self.calibration_map_maxima_ += maps.max(axis=(1, 2)).tolist()
-        self.calibration_map_medians_ += np.median(maps.reshape(maps.shape[0], -1), axis=1).tolist()
+    def _score_held_out_whole(self, samples: list[Sample | np.ndarray], skip_invalid: bool) -> None:
+        """Tiled models: add the whole-image scores of this fit's held-out images (tiled and
+        stitched as in prediction) to those of earlier fits."""
+        scored = self._scored(samples, skip_invalid, "calibrating")
+        self._add_normal_scores(_normal_summary(score, anomaly_map) for _, score, anomaly_map, _, _ in scored)
+        if not self.calibration_scores_:
+            raise FlawmapError("no valid calibration image left: every held-out image was skipped")
+
+    def _add_normal_scores(self, summaries: Iterable[tuple[float, float, float]]) -> None:
+        """Record out-of-sample normal images' ``(score, map maximum, map median)`` (:func:`_normal_summary`)."""
+        for score, maximum, median in summaries:
+            self.calibration_scores_.append(score)
+            self.calibration_map_maxima_.append(maximum)
+            self.calibration_map_medians_.append(median)
 
     def _postprocess(self, scored: PatchScores) -> tuple[np.ndarray, np.ndarray]:
         """Scorer output to image scores (B,) and smoothed maps (B, S, S), float32 numpy."""
@@ -587,6 +635,11 @@ def training_samples(images: ImageInput) -> list[Sample | np.ndarray]:
     return [sample for item in images for sample in training_samples(item)]
 
 
+def _normal_summary(score: float, anomaly_map: np.ndarray) -> tuple[float, float, float]:
+    """What calibration keeps of a normal image: its score and its map's (H x W) maximum and median."""
+    return score, float(anomaly_map.max()), float(np.median(anomaly_map))
+
+
 def _uniform_hash(seed: int, sample: Sample | np.ndarray) -> float:
     """A number in [0, 1) fixed by ``seed`` and the image's identity (path, or array pixels)."""
     digest = hashlib.sha256(f"{seed}\0".encode())
@@ -602,22 +655,25 @@ def _uniform_hash(seed: int, sample: Sample | np.ndarray) -> float:
 class _EmbeddedTraining:
     """What a fit's learning pass leaves for its cross-fitting pass.
 
-    ``numbers`` maps each embedded image's key (its path, or ``<array i>``) to its training image
-    number; ``batches`` holds ``(image numbers (B,), features on the CPU, the first images as
-    uint8)`` per batch, while they fit in :data:`CROSS_FIT_CACHE_BYTES` (None beyond, or when
-    not asked for).
+    ``count`` is the number of embedded images (of tiles, for a tiled model); ``numbers`` maps
+    each embedded image's key (its path, or ``<array i>``) to its training image number;
+    ``batches`` holds ``(image numbers (B,), features on the CPU, the first images as uint8)``
+    per batch, while they fit in :data:`CROSS_FIT_CACHE_BYTES` (None beyond, or when not asked
+    for).
     """
 
     def __init__(self, first_number: int, *, keep_features: bool) -> None:
         self.first_number = first_number
+        self.count = 0
         self.numbers: dict[str, int] = {}
         self.batches: list[tuple[torch.Tensor, Any, np.ndarray]] | None = [] if keep_features else None
         self._bytes = 0
 
     def add(self, batch: Batch, features: Any) -> None:
-        start = self.first_number + len(self.numbers)
+        start = self.first_number + self.count
         for sample in batch.samples:
-            self.numbers[str(sample.image_path)] = self.first_number + len(self.numbers)
+            self.numbers[str(sample.image_path)] = self.first_number + self.count
+            self.count += 1
         if self.batches is None:
             return
         cpu_features = _map_tensors(torch.Tensor.cpu, features)
