@@ -257,11 +257,19 @@ def _quiet_exporter() -> Iterator[None]:
 
 def _normalization_note(model: AnomalyModel, input_dtype: str) -> str:
     values = "uint8 RGB in [0, 255]" if input_dtype == "uint8" else "float32 RGB in [0, 1]"
+    if model.tile_size is None:
+        images = "each image resized (squashed, bilinear, Pillow) to that size"
+        maps = "resize it to the original image size. score: B float32"
+    else:
+        images = (
+            f"each a {model.tile_size} px tile of an image at native resolution (overlap >= {model.tile_overlap} px, "
+            "flawmap.tiling), resized to that size if different"
+        )
+        maps = "stitch the tiles' maps with flawmap.tiling. score: B float32 per tile; the image's is the tiles' maximum"
     return (
-        f"images: B x 3 x {model.image_size} x {model.image_size} {values}, each image resized (squashed, "
-        "bilinear, Pillow) to that size; the graph applies the backbone's mean/std normalisation itself. "
-        f"anomaly_map: B x {model.image_size} x {model.image_size} float32, upsampled and Gaussian-smoothed "
-        f"(sigma {model.sigma}); resize it to the original image size. score: B float32; anomalous if > threshold."
+        f"images: B x 3 x {model.image_size} x {model.image_size} {values}, {images}; the graph applies the "
+        f"backbone's mean/std normalisation itself. anomaly_map: B x {model.image_size} x {model.image_size} "
+        f"float32, upsampled and Gaussian-smoothed (sigma {model.sigma}); {maps}; anomalous if > threshold."
     )
 
 

@@ -18,7 +18,7 @@ the new record, complete. Model directories and training checkpoints are both re
 
 A model directory is a record whose document is ``config.json``::
 
-    {"format": "flawmap-model", "format_version": 3, "flawmap_version": ...,
+    {"format": "flawmap-model", "format_version": 4, "flawmap_version": ...,
      "method": ..., "params": {...}, "fitted": {...}, "saved_with": {...}, "files": {...}}
 
 ``saved_with`` says where the model was fitted (device, torch version), for information only:
@@ -44,7 +44,7 @@ from flawmap._version import __version__
 from flawmap.errors import FlawmapError
 
 FORMAT_NAME = "flawmap-model"
-FORMAT_VERSION = 3  # 3: out-of-sample calibration records (calibration_, map maxima and medians)
+FORMAT_VERSION = 4  # 3: out-of-sample calibration records (calibration_, map maxima and medians); 4: tiling parameters
 CONFIG_FILE = "config.json"
 #: Top-level keys every model config has besides the format fields.
 MODEL_KEYS = ("method", "params", "fitted", "files")
