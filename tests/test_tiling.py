@@ -79,12 +79,13 @@ def test_bad_tiling_parameters_are_clear_errors():
 
 
 # ---------------------------------------------------------------------------- a tiled model
-TILED = ["--tile-size", "64", "--tile-overlap", "16", "--image-size", "64", "--coreset-fraction", "0.25", "--batch-size", "8"]
+TILED = ["--tile-size", "64", "--tile-overlap", "16", "--coreset-fraction", "0.25", "--batch-size", "8"]
 
 
 @pytest.fixture(scope="module")
 def tiled_dir(tiny_dataset, tmp_path_factory):
-    """A tiled PatchCore fitted by the CLI on the 96 px demo images (64 px tiles: 4 per image)."""
+    """A tiled PatchCore fitted by the CLI on the 96 px demo images (64 px tiles: 4 per image;
+    ``--tile-size`` alone makes the network size the tile size)."""
     model_dir = tmp_path_factory.mktemp("tiled") / "model"
     assert main(["fit", str(tiny_dataset), "--method", "patchcore", "--out", str(model_dir), "--quiet", *TILED]) == 0
     return model_dir
@@ -97,7 +98,7 @@ def tiled(tiled_dir):
 
 def test_cli_predict_with_a_tiled_model_keeps_the_native_size(tiled_dir, tiny_dataset, tmp_path, capsys):
     config = json.loads((tiled_dir / "config.json").read_text())
-    assert (config["params"]["tile_size"], config["params"]["tile_overlap"]) == (64, 16)
+    assert (config["params"]["tile_size"], config["params"]["tile_overlap"], config["params"]["image_size"]) == (64, 16, 64)
     image = tmp_path / "wide.png"
     with Image.open(next((tiny_dataset / "test" / "good").glob("*.png"))) as source:
         source.convert("RGB").resize((150, 90)).save(image)

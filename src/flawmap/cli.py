@@ -329,13 +329,15 @@ def run_fit(args: argparse.Namespace) -> None:
         method = args.method or "patchcore"
         METHODS.get(method)  # an unknown method fails here, listing the choices, before the flags
         params = _given_hyperparameters(args, method)
+        if "tile_size" in params:  # tiles go to the network at native resolution unless --image-size is given
+            params.setdefault("image_size", params["tile_size"])
         seed = 0 if args.seed is None else args.seed
         model = create_model(method, runtime=_runtime(args), random_state=seed, **params)
         model.fit(data, skip_invalid=args.skip_invalid)
     model.save(out)
     print(
         f"saved {model.method} model to {out} (threshold {model.threshold_:.4f} for a false-alarm rate of "
-        f"{model.false_alarm_rate:g}, {model.n_train_images_} training images in {model.n_fits_} "
+        f"{model.false_alarm_rate:g}, {model.n_train_images_} training {'tiles' if model.tile_size else 'images'} in {model.n_fits_} "
         f"fit{'s' if model.n_fits_ > 1 else ''}, fit {sum(model.fit_seconds_.values()):.1f} s)"
     )
 
