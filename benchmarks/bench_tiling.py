@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import add_methods_flag, write_rows
 from PIL import Image
 
-from common import add_methods_flag, write_rows
 from flawmap.cli import _method_params, format_table
 from flawmap.data.demo import DEFECT_TYPES, TEXTURES, draw_defect
 from flawmap.evaluate import evaluate

@@ -1,18 +1,20 @@
 """Tiling: the tile grid, blending and stitching (no model), then a tiled model end to end
 (CLI fit and predict, save/load, calibration on whole images, ONNX parity)."""
 
+import itertools
 import json
 
 import numpy as np
 import pytest
+from conftest import assert_same_predictions
 from PIL import Image
+from test_export import assert_parity
+from test_onnx_model import with_metadata
 
 import flawmap
 from flawmap.cli import main
 from flawmap.errors import FlawmapError
 from flawmap.tiling import Tiling
-
-from test_export import assert_parity
 
 
 def pixel_scorer(tiles):
@@ -32,7 +34,7 @@ def test_tiles_are_full_size_overlap_and_cover_the_image(height, width):
     assert covered.min() >= 1
     for length in padded.shape[:2]:
         starts = tiling.starts(length)
-        assert starts[-1] + 64 == length and all(later - earlier <= 64 - 16 for earlier, later in zip(starts, starts[1:]))
+        assert starts[-1] + 64 == length and all(later - earlier <= 64 - 16 for earlier, later in itertools.pairwise(starts))
 
 
 def test_blend_weights_of_regular_neighbours_sum_to_one():
@@ -60,7 +62,7 @@ def test_stitching_puts_every_tile_map_back_where_it_came_from(height, width, ov
 
 
 def test_constant_tile_maps_stitch_to_a_constant_map():
-    constant = lambda tiles: (np.zeros(len(tiles)), np.full((len(tiles), 32, 32), 2.5, dtype=np.float32))  # noqa: E731
+    constant = lambda tiles: (np.zeros(len(tiles)), np.full((len(tiles), 32, 32), 2.5, dtype=np.float32))
     _, stitched = Tiling(64, 16, 32).score_image(np.zeros((200, 130, 3), dtype=np.uint8), constant, batch_size=3)
     np.testing.assert_allclose(stitched, 2.5, rtol=1e-6)
 
@@ -112,7 +114,7 @@ def test_training_learns_every_tile_and_calibrates_on_whole_held_out_images(tile
     train = sorted((tiny_dataset / "train" / "good").glob("*.png"))
     n_held = len(tiled.calibration_scores_)
     assert n_held >= 1 and tiled.n_train_images_ == 4 * (len(train) - n_held)  # 2 x 2 tiles of 96 px
-    assert tiled.calibration_images_.shape[1:] == (3, 64, 64)
+    assert tiled.calibration_images_.shape[1:] == (3, 64, 64) and "tiled and scored whole" in tiled.calibration_.source
     whole_scores = [prediction.score for prediction in tiled.predict(train)]
     for calibration_score in tiled.calibration_scores_:  # out-of-sample whole-image scores, as predicted
         assert min(abs(calibration_score - score) for score in whole_scores) <= 1e-5 * abs(calibration_score)
@@ -130,8 +132,6 @@ def test_a_defect_in_one_tile_appears_at_its_place(tiled, tiny_dataset):
 
 
 def test_save_and_load_keep_the_tiling(tiled, tmp_path, tiny_dataset):
-    from conftest import assert_same_predictions
-
     again = flawmap.load(tiled.save(tmp_path / "again"), precision="float32", batch_size=8, num_workers=1)
     assert (again.tile_size, again.tile_overlap, again.tiling()) == (64, 16, Tiling(64, 16, 64))
     assert_same_predictions(tiled, again, sorted((tiny_dataset / "test").glob("*/*.png"))[:2])
@@ -140,8 +140,6 @@ def test_save_and_load_keep_the_tiling(tiled, tmp_path, tiny_dataset):
 def test_an_exported_model_tiles_and_stitches_identically(tiny_model_dir, tiny_onnx, tiny_dataset, tmp_path):
     """The graph scores tiles either way; a tiled export (``tile_size`` in its params) is cut and
     stitched by the same Predictor code as the torch model."""
-    from test_onnx_model import with_metadata
-
     reference = flawmap.load(tiny_model_dir, precision="float32", num_workers=1)
     params = {**reference.get_params(), "tile_size": 64, "tile_overlap": 16}
     reference.tile_size, reference.tile_overlap = 64, 16

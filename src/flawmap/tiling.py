@@ -28,8 +28,8 @@ into two ``H x W`` float32 accumulators. This module does not import torch, so e
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image

@@ -257,7 +257,7 @@ class AnomalyModel(Predictor):
             self.calibration_scores_, self.calibration_map_maxima_, self.calibration_map_medians_ = [], [], []
         self.set_runtime()
         start = time.perf_counter()
-        cross_fit = self.cross_fits and self.tile_size is None
+        cross_fit = self._cross_fitted()
         fit_samples, held_out = (samples, []) if cross_fit else self._hold_out(samples, first, skip_invalid)
         seconds = {"features": 0.0}
         training = _EmbeddedTraining(self.n_train_images_, keep_features=cross_fit)
@@ -301,7 +301,8 @@ class AnomalyModel(Predictor):
             samples = prediction_samples(images)
         if not samples:
             raise FlawmapError("no images given to calibrate on")
-        summaries = [_normal_summary(score, anomaly_map) for _, score, anomaly_map, _, _ in self._scored(samples, skip_invalid, "calibrating")]
+        scored = self._scored(samples, skip_invalid, "calibrating")
+        summaries = [_normal_summary(score, anomaly_map) for _, score, anomaly_map, _, _ in scored]
         if not summaries:
             raise FlawmapError("no valid calibration image left: every image was skipped")
         if false_alarm_rate is not None:
@@ -315,7 +316,10 @@ class AnomalyModel(Predictor):
         """Set ``threshold_`` (and the overlays' ``map_low_``, ``map_high_``) from the stored
         normal scores at ``false_alarm_rate``; returns the :class:`Calibration` (also ``calibration_``)."""
         if source is None:
-            how = "cross-fit, each training image scored leave-one-out" if self.cross_fits else "held-out normal images"
+            if self._cross_fitted():
+                how = "cross-fit, each training image scored leave-one-out"
+            else:
+                how = "held-out normal images" + (", tiled and scored whole" if self.tile_size is not None else "")
             source = f"{how} ({len(self.calibration_scores_)} images)"
         calibration = calibrate_threshold(
             np.asarray(self.calibration_scores_), self.false_alarm_rate, source=source, random_state=self.random_state
@@ -450,7 +454,7 @@ class AnomalyModel(Predictor):
                 features = self.scorer_.embed(torch.from_numpy(batch.images).to(self.runtime.torch_device))
             training.add(batch, features)
             if tiling is not None:
-                self._keep_calibration_images(_to_uint8(batch.images))
+                self._keep_calibration_images(_to_uint8(batch.images[:KEPT_CROSS_FIT_IMAGES]))
             yield features
 
     def _add_left_out_scores(
@@ -519,6 +523,10 @@ class AnomalyModel(Predictor):
         maps = postprocess.anomaly_maps(scored.patch_scores, self.image_size, self.sigma)
         image_scores = maps.amax(dim=(1, 2)) if scored.image_scores is None else scored.image_scores.cpu()
         return image_scores.float().numpy(), maps.numpy()
+
+    def _cross_fitted(self) -> bool:
+        """Whether fits calibrate on leave-one-out scores of the training images (module docstring)."""
+        return self.cross_fits and self.tile_size is None
 
     def _check_is_fitted(self) -> None:
         if not self.is_fitted():
