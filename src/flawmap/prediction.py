@@ -62,7 +62,7 @@ class Predictor:
         ``S``: images (or tiles) are resized to ``S x S`` for the network.
     tile_size : int or None
         ``T``: cut images into ``T x T`` tiles at native resolution (:mod:`flawmap.tiling`);
-        None resizes whole images.
+        None (the default of a subclass that does not set it) resizes whole images.
     tile_overlap : int
         Smallest overlap of neighbouring tiles, in pixels.
     runtime : Runtime
@@ -75,8 +75,8 @@ class Predictor:
 
     method: str
     image_size: int
-    tile_size: int | None
-    tile_overlap: int
+    tile_size: int | None = None
+    tile_overlap: int = 0
     runtime: Runtime
     threshold_: float
     map_low_: float
