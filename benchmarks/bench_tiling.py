@@ -3,8 +3,8 @@
 Writes an MVTec-layout dataset of demo-texture scenes (default 4000 x 2000 px, the texture at its
 native scale, mirrored to fill the scene, one brightness and tint per scene). Each defect test
 scene gets one demo defect (:func:`flawmap.data.demo.draw_defect`) drawn into a 192 px square
-at a random place, so defects are about 8 to 50 px across (spots 15 to 30 px, cuts 6 to 10 px
-wide), with their exact masks. Then, per method, it fits and evaluates
+at a random place (spots 15 to 30 px across, cuts 6 to 10 px and scratches 4 to 7 px wide,
+stains 30 to 55 px), with their exact masks. Then, per method, it fits and evaluates
 
 - ``resize``: the whole scene squashed to ``--image-size`` (default 256) px, the usual pipeline;
 - ``tiled``: ``--tile-size`` tiles (default 256, overlap ``--tile-overlap`` 32) at native
