@@ -17,7 +17,7 @@ accurate in float32.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
@@ -67,9 +67,12 @@ def build_search(
     backend: str = DEFAULT_BACKEND,
     low_precision: torch.dtype | None = None,
     storage_dtype: torch.dtype = torch.float32,
+    **settings: Any,
 ) -> SearchIndex:
-    """An index over ``vectors`` (N, D) from the registered ``backend``."""
-    return SEARCH_BACKENDS.get(backend).from_vectors(vectors, low_precision=low_precision, storage_dtype=storage_dtype)
+    """An index over ``vectors`` (N, D) from the registered ``backend``; ``settings`` are the
+    backend's own (e.g. ``nlist`` of faiss-ivfpq, :mod:`flawmap.search_faiss`)."""
+    factory = SEARCH_BACKENDS.get(backend)
+    return factory.from_vectors(vectors, low_precision=low_precision, storage_dtype=storage_dtype, **settings)
 
 
 def all_vectors(search: SearchIndex) -> torch.Tensor:
