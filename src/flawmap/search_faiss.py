@@ -15,9 +15,10 @@ needs the memory of the vectors plus ``pq_m`` bytes and an 8-byte id per row, an
 speed, not memory (``benchmarks/bench_search.py`` also shows a 10-million-row bank re-ranked
 from a file on disk). Every returned distance is recomputed exactly from the stored vectors.
 
-``among`` (search only these rows) is a faiss ID selector; queries for which the index finds
-fewer than ``k`` allowed rows (a small subset, or lists too short) are searched exactly among
-the stored vectors of the allowed rows. ``set_precision`` does nothing: faiss computes in
+``among`` (search only these rows): a subset no larger than the rows one query visits anyway
+(every row for faiss-flat, about ``N nprobe / nlist`` for faiss-ivfpq) is searched exactly among
+its stored vectors; a larger one is a faiss ID selector. Queries for which faiss finds fewer
+than ``k`` rows (lists too short) are searched exactly too. ``set_precision`` does nothing: faiss computes in
 float32. The index is not an ``nn.Module``: it stays on the CPU (queries on other devices are
 copied there and the answers back) and cannot be traced; :func:`exact_torch_searches` swaps it
 for an exact torch search over the same vectors before an ONNX export.
@@ -41,7 +42,8 @@ from flawmap.search import DISTANCE_BLOCK_ELEMENTS, SEARCH_BACKENDS, TorchSearch
 
 #: Inverted lists per square root of the bank's rows (``nlist`` default, see :func:`ivfpq_settings`).
 LISTS_PER_SQRT_ROW = 4
-#: Fewest training rows per inverted list the default ``nlist`` allows (faiss warns below 39).
+#: Fewest training rows per k-means centroid (inverted lists, product-quantiser codes) that the
+#: default settings allow; faiss warns below 39.
 MIN_ROWS_PER_LIST = 39
 #: Share of the inverted lists a query visits by default (``nprobe``).
 PROBED_SHARE = 1 / 16
@@ -75,8 +77,8 @@ def ivfpq_settings(
     - ``nprobe = nlist / 16``, at least 8 (at most ``nlist``);
     - ``pq_m``: the largest divisor of ``dim`` at most ``dim / 4`` (faiss needs ``dim % pq_m == 0``),
       e.g. 38 bytes per row for 152 dimensions;
-    - ``nbits`` (bits per code, not a hyper-parameter): 8, fewer when the bank has under 256 rows
-      (each quantiser's 2^nbits centroids need as many training rows).
+    - ``nbits`` (bits per code, not a hyper-parameter): 8, fewer for banks under 39 * 256 rows
+      (so that, like the lists, each quantiser's 2^nbits centroids have 39 training rows).
 
     Given values are checked: a FlawmapError names the one out of range.
     """
@@ -92,7 +94,7 @@ def ivfpq_settings(
         pq_m = max(m for m in range(1, max(1, dim // DIMS_PER_PQ_BYTE) + 1) if dim % m == 0)
     if pq_m < 1 or dim % pq_m:
         raise FlawmapError(f"pq_m must divide the feature dimension {dim}, got {pq_m}")
-    return {"nlist": nlist, "nprobe": nprobe, "pq_m": pq_m, "nbits": min(8, max(1, int(math.log2(n_rows))))}
+    return {"nlist": nlist, "nprobe": nprobe, "pq_m": pq_m, "nbits": min(8, max(1, int(math.log2(max(1, n_rows // MIN_ROWS_PER_LIST)))))}
 
 
 class FaissSearch:
@@ -218,12 +220,9 @@ class FaissSearch:
         return len(self)
 
     def _parameters(self, among: torch.Tensor | None) -> Any:
-        """faiss search parameters: restricted to ``among`` when given."""
-        return self.faiss.SearchParameters(sel=self._selector(among))
-
-    def _selector(self, among: torch.Tensor | None) -> Any:
-        """A faiss ID selector of the rows ``among`` (None: every row)."""
-        return None if among is None else self.faiss.IDSelectorBatch(among.numpy().astype(np.int64))
+        """faiss search parameters for a search restricted to ``among`` (None: every row); None
+        uses the index's own. (faiss-flat never gets an ``among``: it is searched exactly.)"""
+        return None
 
     @classmethod
     def _new_index(cls, faiss: Any, n_rows: int, dim: int, store: str, settings: dict[str, int | None]) -> Any:
@@ -273,9 +272,10 @@ class FaissIvfPqSearch(FaissSearch):
         return math.ceil(len(self) * settings["nprobe"] / settings["nlist"])
 
     def _parameters(self, among: torch.Tensor | None) -> Any:
-        """Search parameters carry the probes and the re-rank factor (faiss does not take them
-        from the index when parameters are given)."""
-        probes = self.faiss.SearchParametersIVF(nprobe=self.faiss.extract_index_ivf(self.index).nprobe, sel=self._selector(among))
+        """The probes, the re-rank factor (faiss does not take them from the index when
+        parameters are given) and a faiss ID selector of the rows ``among``."""
+        selector = None if among is None else self.faiss.IDSelectorBatch(among.numpy().astype(np.int64))
+        probes = self.faiss.SearchParametersIVF(nprobe=self.faiss.extract_index_ivf(self.index).nprobe, sel=selector)
         return self.faiss.IndexRefineSearchParameters(k_factor=self.index.k_factor, base_index_params=probes)
 
     @property
