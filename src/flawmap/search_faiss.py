@@ -253,16 +253,7 @@ class FaissIvfPqSearch(FaissSearch):
 
     @classmethod
     def _new_index(cls, faiss: Any, n_rows: int, dim: int, store: str, settings: dict[str, int | None]) -> Any:
-        """IVF-PQ over an exact store, with its probes and re-rank factor set; without polysemous
-        code training (the index factory's default: minutes of simulated annealing for Hamming
-        filters this search never uses)."""
-        chosen = ivfpq_settings(n_rows, dim, **settings)
-        index = faiss.index_factory(dim, f"IVF{chosen['nlist']},PQ{chosen['pq_m']}x{chosen['nbits']},Refine({store})")
-        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
-        ivf.do_polysemous_training = False
-        ivf.nprobe = chosen["nprobe"]
-        index.k_factor = RERANK_FACTOR
-        return index
+        return new_ivfpq_index(n_rows, dim, store, **settings)
 
     def _store(self) -> Any:
         return self.faiss.downcast_index(self.index.refine_index)
@@ -284,6 +275,23 @@ class FaissIvfPqSearch(FaissSearch):
         ivf = self.faiss.extract_index_ivf(self.index)
         quantizer = self.faiss.downcast_index(ivf).pq
         return {"nlist": ivf.nlist, "nprobe": ivf.nprobe, "pq_m": quantizer.M, "nbits": quantizer.nbits}
+
+
+def new_ivfpq_index(n_rows: int, dim: int, store: str, **settings: int | None) -> Any:
+    """A new, untrained faiss ``IndexRefine`` of an IVF-PQ index over the re-rank ``store`` (an
+    index-factory description: ``"Flat"``, ``"SQfp16"``) for ``n_rows`` vectors of ``dim``
+    dimensions, with the :func:`ivfpq_settings` (``settings``: ``nlist``, ``nprobe``, ``pq_m``;
+    None chooses), its probes and re-rank factor set, and without polysemous code training (the
+    index factory's default: minutes of simulated annealing for Hamming filters never used here).
+    """
+    faiss = import_faiss("faiss-ivfpq")
+    chosen = ivfpq_settings(n_rows, dim, **settings)
+    index = faiss.index_factory(dim, f"IVF{chosen['nlist']},PQ{chosen['pq_m']}x{chosen['nbits']},Refine({store})")
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    ivf.do_polysemous_training = False
+    ivf.nprobe = chosen["nprobe"]
+    index.k_factor = RERANK_FACTOR
+    return index
 
 
 def exact_torch_searches(module: nn.Module) -> None:
