@@ -5,7 +5,8 @@ A search index holds a fixed set of vectors and answers four verbs (:class:`Sear
 its tensors for saving. Methods build indexes with :func:`build_search`, save them with
 :func:`search_state` and restore them with :func:`search_from_state`; the backend's name travels
 in the tensor names, so a faiss or GPU backend can be registered in :data:`SEARCH_BACKENDS`
-without any method changing.
+without any method changing (:mod:`flawmap.search_faiss` registers ``"faiss-flat"`` and
+``"faiss-ivfpq"`` when imported, as :mod:`flawmap.models` does).
 
 The first backend, ``"torch"`` (:class:`TorchSearch`), is an ``nn.Module`` whose vectors are
 buffers: it moves between devices with its scorer and exports with it. Distances are computed in
