@@ -44,7 +44,7 @@ from flawmap.search import DISTANCE_BLOCK_ELEMENTS, SEARCH_BACKENDS, TorchSearch
 LISTS_PER_SQRT_ROW = 4
 #: Fewest training rows per k-means centroid (inverted lists, product-quantiser codes) that the
 #: default settings allow; faiss warns below 39.
-MIN_ROWS_PER_LIST = 39
+MIN_ROWS_PER_CENTROID = 39
 #: Share of the inverted lists a query visits by default (``nprobe``).
 PROBED_SHARE = 1 / 16
 #: Fewest lists a query visits by default.
@@ -53,8 +53,11 @@ MIN_PROBES = 8
 DIMS_PER_PQ_BYTE = 4
 #: Candidates re-ranked exactly per requested neighbour.
 RERANK_FACTOR = 16
-#: Rows the IVF and product quantisers are trained on, at most (a seeded sample).
+#: Rows the IVF and product quantisers are trained on: a seeded sample of at most this many or
+#: ``TRAINING_ROWS_PER_LIST`` per inverted list, whichever is more (faiss's k-means would sample
+#: 256 rows per centroid itself, after computing the residuals of all rows).
 MAX_TRAINING_ROWS = 65536
+TRAINING_ROWS_PER_LIST = 256
 #: Faiss index-factory description of the exact store, per storage dtype.
 STORES = {torch.float32: "Flat", torch.float16: "SQfp16"}
 
@@ -83,7 +86,7 @@ def ivfpq_settings(
     Given values are checked: a FlawmapError names the one out of range.
     """
     if nlist is None:
-        nlist = max(1, min(round(LISTS_PER_SQRT_ROW * math.sqrt(n_rows)), n_rows // MIN_ROWS_PER_LIST))
+        nlist = max(1, min(round(LISTS_PER_SQRT_ROW * math.sqrt(n_rows)), n_rows // MIN_ROWS_PER_CENTROID))
     if not 1 <= nlist <= n_rows:
         raise FlawmapError(f"nlist must be in [1, {n_rows}] (the bank's rows), got {nlist}")
     if nprobe is None:
@@ -94,7 +97,8 @@ def ivfpq_settings(
         pq_m = max(m for m in range(1, max(1, dim // DIMS_PER_PQ_BYTE) + 1) if dim % m == 0)
     if pq_m < 1 or dim % pq_m:
         raise FlawmapError(f"pq_m must divide the feature dimension {dim}, got {pq_m}")
-    return {"nlist": nlist, "nprobe": nprobe, "pq_m": pq_m, "nbits": min(8, max(1, int(math.log2(max(1, n_rows // MIN_ROWS_PER_LIST)))))}
+    nbits = min(8, max(1, int(math.log2(max(1, n_rows // MIN_ROWS_PER_CENTROID)))))
+    return {"nlist": nlist, "nprobe": nprobe, "pq_m": pq_m, "nbits": nbits}
 
 
 class FaissSearch:
@@ -131,7 +135,7 @@ class FaissSearch:
         center = vectors.float().mean(dim=0)
         centered = (vectors.float() - center).cpu().numpy()
         index = cls._new_index(faiss, *centered.shape, STORES[storage_dtype], settings)
-        index.train(_training_sample(centered))
+        index.train(_training_sample(centered, cls._training_rows(faiss, index)))
         index.add(centered)
         return cls(index, center)
 
@@ -225,6 +229,11 @@ class FaissSearch:
         return None
 
     @classmethod
+    def _training_rows(cls, faiss: Any, index: Any) -> int:
+        """Rows a new index of this backend is trained on, at most."""
+        return MAX_TRAINING_ROWS
+
+    @classmethod
     def _new_index(cls, faiss: Any, n_rows: int, dim: int, store: str, settings: dict[str, int | None]) -> Any:
         """A new, untrained faiss index of this backend for ``n_rows`` vectors of ``dim``
         dimensions, holding them in ``store`` (an index-factory description)."""
@@ -254,6 +263,10 @@ class FaissIvfPqSearch(FaissSearch):
     @classmethod
     def _new_index(cls, faiss: Any, n_rows: int, dim: int, store: str, settings: dict[str, int | None]) -> Any:
         return new_ivfpq_index(n_rows, dim, store, **settings)
+
+    @classmethod
+    def _training_rows(cls, faiss: Any, index: Any) -> int:
+        return max(MAX_TRAINING_ROWS, TRAINING_ROWS_PER_LIST * faiss.extract_index_ivf(index).nlist)
 
     def _store(self) -> Any:
         return self.faiss.downcast_index(self.index.refine_index)
@@ -303,9 +316,9 @@ def exact_torch_searches(module: nn.Module) -> None:
                 setattr(submodule, name, TorchSearch.from_vectors(all_vectors(value)))
 
 
-def _training_sample(rows: np.ndarray) -> np.ndarray:
-    """At most :data:`MAX_TRAINING_ROWS` of ``rows`` (N, D), a seeded random sample."""
-    if rows.shape[0] <= MAX_TRAINING_ROWS:
+def _training_sample(rows: np.ndarray, n_sample: int) -> np.ndarray:
+    """At most ``n_sample`` of ``rows`` (N, D), a seeded random sample in row order."""
+    if rows.shape[0] <= n_sample:
         return rows
-    chosen = np.random.default_rng(0).choice(rows.shape[0], MAX_TRAINING_ROWS, replace=False)
+    chosen = np.random.default_rng(0).choice(rows.shape[0], n_sample, replace=False)
     return rows[np.sort(chosen)]
