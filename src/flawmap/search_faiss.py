@@ -161,9 +161,7 @@ class FaissSearch:
         return self.index.ntotal
 
     def vectors(self, rows: torch.Tensor) -> torch.Tensor:
-        flat = rows.reshape(-1).cpu().numpy().astype(np.int64)
-        stored = torch.from_numpy(self._store().reconstruct_batch(flat)) + self.center
-        return stored.view(*rows.shape, -1).to(rows.device)
+        return (self._stored(rows.cpu()) + self.center).to(rows.device)
 
     def set_precision(self, low_precision: torch.dtype | None) -> None:
         """Nothing to do: faiss computes in float32."""
@@ -194,11 +192,13 @@ class FaissSearch:
         distance_chunks, found_chunks = [], []
         for chunk in row_chunks(centered.shape[0], chunk_rows):
             _, found = self.index.search(centered[chunk].numpy(), k, params=parameters)
-            found_chunks.append(torch.from_numpy(found))
-            distance_chunks.append(torch.linalg.vector_norm(self._stored(found_chunks[-1].clamp_min(0)) - centered[chunk, None], dim=2))
+            found = torch.from_numpy(found)  # (q, k), -1 where faiss found too few rows
+            found_chunks.append(found)
+            differences = self._stored(found.clamp_min(0)) - centered[chunk].unsqueeze(1)  # (q, k, D)
+            distance_chunks.append(torch.linalg.vector_norm(differences, dim=2))
         distances, order = torch.cat(distance_chunks).sort(dim=1)
         rows = torch.cat(found_chunks).gather(1, order)
-        missed = torch.nonzero((rows < 0).any(dim=1)).squeeze(1)  # faiss pads with -1
+        missed = torch.nonzero((rows < 0).any(dim=1)).squeeze(1)
         if missed.numel():
             distances[missed], rows[missed] = self._search_exactly(centered[missed], k, among)
         return distances, rows
@@ -212,8 +212,9 @@ class FaissSearch:
         return distances, candidates[positions]
 
     def _stored(self, rows: torch.Tensor) -> torch.Tensor:
-        """The stored centred vectors of ``rows`` (any shape), float32, shape ``rows.shape + (D,)``."""
-        return self.vectors(rows) - self.center
+        """The stored centred vectors of CPU ``rows`` (any shape), float32, shape ``rows.shape + (D,)``."""
+        flat = rows.reshape(-1).numpy().astype(np.int64)
+        return torch.from_numpy(self._store().reconstruct_batch(flat)).view(*rows.shape, -1)
 
     def _store(self) -> Any:
         """The faiss index that holds the (centred) vectors."""
