@@ -46,9 +46,10 @@ from flawmap.errors import FlawmapError
 FORMAT_NAME = "flawmap-model"
 FORMAT_VERSION = 4  # 3: out-of-sample calibration records (calibration_, map maxima and medians); 4: tiling parameters
 CONFIG_FILE = "config.json"
-#: Older format versions still read, and the parameters each lacks, with the values that keep
-#: such a model as it was (version 3 predates tiling: off).
-UPGRADES: dict[int, dict[str, Any]] = {3: {"tile_size": None, "tile_overlap": 32}}
+#: Format versions this flawmap reads. Configs of an older version lack the hyper-parameters
+#: added since, which then take their defaults (defaults that keep the old behaviour: version 3
+#: predates tiling and the faiss searches).
+READABLE_VERSIONS = (3, FORMAT_VERSION)
 #: Top-level keys every model config has besides the format fields.
 MODEL_KEYS = ("method", "params", "fitted", "files")
 
@@ -85,40 +86,32 @@ def read_model_directory(directory: str | Path) -> tuple[dict[str, Any], dict[st
         raise FlawmapError(f"{source}: not a flawmap model (no {CONFIG_FILE})")
     document, groups = read_record(source, CONFIG_FILE)
     check_format(
-        config_path, _upgraded(document), ("format", FORMAT_NAME), FORMAT_VERSION, MODEL_KEYS,
+        config_path, document, ("format", FORMAT_NAME), READABLE_VERSIONS, MODEL_KEYS,
         not_ours="not a flawmap model config", redo="fit the model again",
     )
-    return _upgraded(document), groups
-
-
-def _upgraded(document: dict[str, Any]) -> dict[str, Any]:
-    """A model config of a version in :data:`UPGRADES` as the current version reads it."""
-    added = UPGRADES.get(document.get("format_version"))
-    if added is None or not isinstance(document.get("params"), dict):
-        return document
-    return {**document, "format_version": FORMAT_VERSION, "params": {**added, **document["params"]}}
+    return document, groups
 
 
 def check_format(
     where: Path,
     document: dict[str, Any],
     marker: tuple[str, Any],
-    version: Any,
+    versions: Sequence[int],
     required: Sequence[str],
     *,
     not_ours: str,
     redo: str,
 ) -> None:
     """One-line FlawmapError naming ``where`` unless ``document`` carries ``marker`` (key, value),
-    ``format_version == version`` and every key of ``required``; ``not_ours`` says what ``where``
+    a ``format_version`` in ``versions`` and every key of ``required``; ``not_ours`` says what ``where``
     is not, ``redo`` how to make a readable one. Shared by model directories and ONNX exports."""
     key, value = marker
     if document.get(key) != value:
         raise FlawmapError(f"{where}: {not_ours}")
-    if document.get("format_version") != version:
+    if document.get("format_version") not in versions:
         raise FlawmapError(
             f"{where}: format version {document.get('format_version')} is not supported "
-            f"(this flawmap reads version {version}); {redo} with this version"
+            f"(this flawmap reads versions {', '.join(map(str, versions))}); {redo} with this version"
         )
     missing = [name for name in required if name not in document]
     if missing:

@@ -183,7 +183,7 @@ def _flawmap_metadata(path: Path, session: Any) -> dict[str, str]:
     """The flawmap metadata of a session's model; FlawmapError if the file is not ours."""
     metadata = dict(session.get_modelmeta().custom_metadata_map)
     check_format(
-        path, metadata, ("flawmap_format", FORMAT_NAME), FORMAT_VERSION, METADATA_KEYS,
+        path, metadata, ("flawmap_format", FORMAT_NAME), (FORMAT_VERSION,), METADATA_KEYS,
         not_ours="not a flawmap model (no flawmap metadata); make one with `flawmap export MODEL_DIR`",
         redo="export the model again",
     )

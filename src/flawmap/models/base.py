@@ -581,7 +581,10 @@ def load_model(directory: str | Path, **runtime_settings: Any) -> AnomalyModel:
     model_class = METHODS.get(config["method"]) if config["method"] in METHODS else None
     if model_class is None:
         raise FlawmapError(f"{config_path}: unknown method {config['method']!r}; choose one of: {', '.join(METHODS.names())}")
-    params = io.check_params(config_path, config["params"], _param_types(model_class))
+    params = config["params"]
+    if config["format_version"] != io.FORMAT_VERSION and isinstance(params, dict):
+        params = {**_param_defaults(model_class), **params}  # parameters added since it was saved
+    params = io.check_params(config_path, params, _param_types(model_class))
     if params.get("taps") is not None:
         params["taps"] = tuple(params["taps"])
     if "backbone" in files:
@@ -640,6 +643,11 @@ def _param_types(model_class: type[AnomalyModel]) -> dict[str, Any]:
     """Hyper-parameter name -> its type hint, for :func:`flawmap.io.check_params`."""
     hints = typing.get_type_hints(model_class)
     return {f.name: hints[f.name] for f in dataclasses.fields(model_class) if f.init}
+
+
+def _param_defaults(model_class: type[AnomalyModel]) -> dict[str, Any]:
+    """Hyper-parameter name -> its default value."""
+    return {f.name: f.default for f in dataclasses.fields(model_class) if f.init and f.default is not dataclasses.MISSING}
 
 
 def check_positive_odd(name: str, value: int) -> None:
