@@ -31,7 +31,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -48,6 +48,9 @@ SELECTIONS = ("last", "train_loss", "validation_loss")
 
 CHECKPOINT_DOCUMENT = "training.json"
 """The checkpoint record's JSON document in the checkpoint folder."""
+
+RUN_ONLY_PARAMS = frozenset({"epochs", "checkpoint_dir"})
+"""Hyper-parameters that may change between a checkpointed fit and its resumption."""
 
 _DATA_TOLERANCE = 1e-3
 """Relative tolerance on the data summary when resuming (features may differ by rounding)."""
@@ -88,6 +91,39 @@ class History:
     losses: list[float]
     validation_losses: list[float]
     selected_epoch: int
+
+
+def cache_batches(batches: Iterable[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
+    """Concatenate embedded batches (each a sequence of tensors ``B x ...``) into one float16
+    CPU tensor ``N x ...`` per position in the sequence: a trained method's training data.
+
+    The batches are consumed completely before concatenating, so the result is built outside
+    the inference mode the shared pipeline embeds in, and can take part in training.
+    """
+    stored: list[list[torch.Tensor]] = []
+    for batch in batches:
+        if not stored:
+            stored = [[] for _ in batch]
+        for parts, tensor in zip(stored, batch):
+            parts.append(tensor.to("cpu", torch.float16).contiguous())
+    if not stored:
+        raise FlawmapError("no valid training image left: every image was skipped")
+    return [torch.cat(parts) for parts in stored]
+
+
+def fit_checkpoint(
+    checkpoint_dir: str | None, params: dict[str, Any], fit_number: int, earlier_losses: list[float]
+) -> Checkpoint | None:
+    """The checkpoint of a trained method's ``fit_number``-th fit (``partial_fit`` counts):
+    ``<checkpoint_dir>/fit-<fit_number>``, or None without a ``checkpoint_dir``.
+
+    A resumed fit must share the hyper-parameters ``params`` (those of :data:`RUN_ONLY_PARAMS`
+    aside) and the mean losses of the model's earlier fits, ``earlier_losses``.
+    """
+    if checkpoint_dir is None:
+        return None
+    kept = {name: value for name, value in params.items() if name not in RUN_ONLY_PARAMS}
+    return Checkpoint(Path(checkpoint_dir) / f"fit-{fit_number}", {"params": kept, "earlier_losses": earlier_losses})
 
 
 def train(
