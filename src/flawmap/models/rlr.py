@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable
 
 import torch
@@ -64,12 +65,15 @@ from torch import nn
 from flawmap import postprocess
 from flawmap.backbones import Backbone
 from flawmap.errors import FlawmapError
-from flawmap.features import channel_statistics, flatten_positions, local_average
+from flawmap.features import flatten_positions, local_average
 from flawmap.models.base import AnomalyModel, PatchScores, Scorer, check_positive_odd, register_method
-from flawmap.training import cache_batches, fit_checkpoint, train
+from flawmap.training import Checkpoint, train
 
 _FFN_EXPANSION = 2
 """Hidden width of the feed-forward layer, as a multiple of ``hidden_dim``."""
+
+_RUN_ONLY_PARAMS = frozenset({"epochs", "checkpoint_dir"})
+"""Hyper-parameters that may change between a checkpointed fit and its resumption."""
 
 
 class RLRScorer(Scorer):
@@ -223,7 +227,7 @@ class RLR(AnomalyModel):
             )
 
     def _learn(self, feature_batches: Iterable[list[torch.Tensor]]) -> None:
-        levels = cache_batches(feature_batches)
+        levels = _cache_levels(feature_batches)
         earlier_losses = getattr(self, "train_losses_", None)
         if earlier_losses is None:  # first fit: standardise with its features
             for network, level in zip(self.scorer_.networks, levels):
@@ -237,10 +241,19 @@ class RLR(AnomalyModel):
             batch_size=self.train_batch_size,
             learning_rate=self.learning_rate,
             seed=self.random_state + self.n_fits_,
-            checkpoint=fit_checkpoint(self.checkpoint_dir, self.get_params(), self.n_fits_ + 1, earlier_losses or []),
+            checkpoint=self._checkpoint(earlier_losses or []),
             progress="training rlr" if self.runtime.progress else None,
         )
         self.train_losses_ = (earlier_losses or []) + history.losses
+
+    def _checkpoint(self, earlier_losses: list[float]) -> Checkpoint | None:
+        """Where this fit's training state goes, and what a resumed fit must share with it: the
+        hyper-parameters (``epochs`` aside) and the losses of the earlier fits of the model."""
+        if self.checkpoint_dir is None:
+            return None
+        params = {name: value for name, value in self.get_params().items() if name not in _RUN_ONLY_PARAMS}
+        folder = Path(self.checkpoint_dir) / f"fit-{self.n_fits_ + 1}"
+        return Checkpoint(folder, {"params": params, "earlier_losses": earlier_losses})
 
     def to_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         return {"train_losses_": self.train_losses_}, dict(self.scorer_.networks.state_dict())
@@ -292,9 +305,9 @@ class ReferenceReconstructor(nn.Module):
 
     def set_standardization(self, features: torch.Tensor) -> None:
         """Per-channel mean and std of training features (N, C, h, w)."""
-        mean, std = channel_statistics(features)
-        self.feature_mean.copy_(mean)
-        self.feature_std.copy_(std)
+        per_channel = features.transpose(0, 1).reshape(features.shape[1], -1).double()
+        self.feature_mean.copy_(per_channel.mean(dim=1))
+        self.feature_std.copy_(per_channel.std(dim=1).clamp_min(1e-6))
 
     def tokens(self, features: torch.Tensor) -> torch.Tensor:
         """Features (B, C, h, w) -> standardised tokens (B, h * w, C), row-major positions."""
@@ -440,3 +453,20 @@ def merge_heads(tokens: torch.Tensor) -> torch.Tensor:
     """(..., H, N, c) -> (..., N, H * c)."""
     merged = tokens.transpose(-3, -2)
     return merged.reshape(*merged.shape[:-2], -1)
+
+
+def _cache_levels(feature_batches: Iterable[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """Concatenate embedded batches into one float16 tensor (N, C_l, h_l, w_l) per level.
+
+    The batches are consumed completely before concatenating, so the result is built outside
+    the inference mode the shared pipeline embeds in, and can take part in training.
+    """
+    per_level: list[list[torch.Tensor]] = []
+    for batch in feature_batches:
+        if not per_level:
+            per_level = [[] for _ in batch]
+        for stored, level in zip(per_level, batch):
+            stored.append(level.to("cpu", torch.float16).contiguous())
+    if not per_level:
+        raise FlawmapError("no valid training image left: every image was skipped")
+    return [torch.cat(batches) for batches in per_level]

@@ -79,6 +79,9 @@ from flawmap.training import cache_batches, fit_checkpoint, train
 _LEAKY_SLOPE = 5e-3
 """Negative slope of the students' leaky ReLUs (the paper's networks use 5e-3)."""
 
+_MIN_RELATIVE_STD = 0.05
+"""Floor of the score standardisation's std, relative to the mean (step 5)."""
+
 _STEM_STRIDE = 4
 """Largest stride of the students' patchify stem."""
 
@@ -210,12 +213,17 @@ class StudentEnsemble(nn.Module):
 
     def set_score_statistics(self, moments: torch.Tensor) -> None:
         """Step 5's mean and std of the error and the uncertainty from their moments over the
-        training positions (2, 3): rows (error, uncertainty), columns (count, sum, sum of squares)."""
+        training positions (2, 3): rows (error, uncertainty), columns (count, sum, sum of squares).
+
+        The std is at least :data:`_MIN_RELATIVE_STD` of the mean: a term that hardly varies
+        over normal positions (untrained students' uncertainty is nearly their constant
+        disagreement) carries no information, and dividing by its tiny std would only amplify
+        float noise (batch-dependent convolution rounding) into the map."""
         count, total, squares = moments.unbind(dim=1)
         mean = total / count
         variance = (squares / count - mean.square()).clamp_min(0.0)
         self.score_mean.copy_(mean)
-        self.score_std.copy_(variance.sqrt().clamp_min(1e-12))
+        self.score_std.copy_(variance.sqrt().maximum(_MIN_RELATIVE_STD * mean.abs()).clamp_min(1e-12))
 
     def standardized_score(self, error: torch.Tensor, uncertainty: torch.Tensor) -> torch.Tensor:
         """Eq. 6: ``(e - e_mean) / e_std + (v - v_mean) / v_std``, (B, h, w)."""
