@@ -12,7 +12,7 @@ import torch
 
 from flawmap.data import open_dataset, read_image
 from flawmap.errors import FlawmapError
-from flawmap.models import UninformedStudents, create_model
+from flawmap.models import UninformedStudents
 from flawmap.models.students import receptive_field, student_network
 from flawmap.training import cache_batches
 
@@ -107,11 +107,11 @@ def test_a_synthetic_defect_scores_higher_than_its_clean_image(trained, train_im
 
 
 def test_resuming_a_checkpoint_gives_the_uninterrupted_fit(train_images, tmp_path):
-    images = train_images[:6]
-    straight = UninformedStudents(**TINY, epochs=3).set_runtime(batch_size=4, num_workers=1).fit(images)
-    resumed = UninformedStudents(**TINY, epochs=2, checkpoint_dir=str(tmp_path)).set_runtime(batch_size=4, num_workers=1)
+    images = train_images[:4]
+    straight = UninformedStudents(**TINY, epochs=2).set_runtime(batch_size=4, num_workers=1).fit(images)
+    resumed = UninformedStudents(**TINY, epochs=1, checkpoint_dir=str(tmp_path)).set_runtime(batch_size=4, num_workers=1)
     resumed.fit(images)
-    resumed.epochs = 3
+    resumed.epochs = 2
     resumed.fit(images)
     assert resumed.train_losses_ == pytest.approx(straight.train_losses_, rel=1e-5)
     for (name, tensor), other in zip(straight.scorer_.ensembles.state_dict().items(), resumed.scorer_.ensembles.state_dict().values()):
@@ -119,7 +119,9 @@ def test_resuming_a_checkpoint_gives_the_uninterrupted_fit(train_images, tmp_pat
 
 
 def test_partial_fit_continues_training(trained, train_images):
-    model = create_model("students", **TINY, epochs=2).set_runtime(batch_size=4, num_workers=1).fit(train_images[:6])
+    model = copy.deepcopy(trained)
+    model.epochs = 1
     before = model.scorer_.ensembles[0].students[0][0].weight.clone()
-    model.partial_fit(train_images[6:])
-    assert len(model.train_losses_) == 4 and not torch.equal(before, model.scorer_.ensembles[0].students[0][0].weight)
+    model.partial_fit(train_images[:4])
+    assert len(model.train_losses_) == len(trained.train_losses_) + 1
+    assert not torch.equal(before, model.scorer_.ensembles[0].students[0][0].weight)
