@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from flawmap.errors import FlawmapError
-from flawmap.training import Checkpoint, History, cache_batches, fit_checkpoint, train
+from flawmap.training import Checkpoint, History, cache_batches, train
 
 DEFAULTS = {"epochs": 4, "batch_size": 8, "learning_rate": 1e-2}
 """32 samples in batches of 8: 4 batches per epoch."""
@@ -187,12 +187,3 @@ def test_cache_batches_concatenates_each_position_as_float16_on_the_cpu():
     assert first.tolist() == [[1.0] * 3, [1.0] * 3, [2.0] * 3] and second.shape == (3, 1, 4)
     with pytest.raises(FlawmapError, match="no valid training image"):
         cache_batches(iter([]))
-
-
-def test_fit_checkpoint_ignores_run_only_parameters(tmp_path):
-    assert fit_checkpoint(None, {"epochs": 3}, 1, []) is None
-    short = fit_checkpoint(str(tmp_path), {"epochs": 3, "checkpoint_dir": "a", "width": 8}, 2, [1.5])
-    longer = fit_checkpoint(str(tmp_path), {"epochs": 9, "checkpoint_dir": "b", "width": 8}, 2, [1.5])
-    assert short == longer and short.folder == tmp_path / "fit-2"
-    assert short.settings == {"params": {"width": 8}, "earlier_losses": [1.5]}
-

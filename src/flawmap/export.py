@@ -150,6 +150,9 @@ def export_onnx(
     if not target.parent.is_dir():
         raise FlawmapError(f"{target.parent}: folder does not exist")
     model = load_model(model_dir, device="cpu", precision="float32", batch_size=CHECK_IMAGES, num_workers=1)
+    reason = model.scorer_.export_error()
+    if reason is not None:
+        raise FlawmapError(f"{model_dir}: {reason}")
     graph = ExportGraph(model.scorer_, model.image_size, model.sigma, input_dtype == "uint8").eval()
     proto = _to_onnx(graph, model, batch, opset)
     if precision == "float16":

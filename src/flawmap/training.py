@@ -49,9 +49,6 @@ SELECTIONS = ("last", "train_loss", "validation_loss")
 CHECKPOINT_DOCUMENT = "training.json"
 """The checkpoint record's JSON document in the checkpoint folder."""
 
-RUN_ONLY_PARAMS = frozenset({"epochs", "checkpoint_dir"})
-"""Hyper-parameters that may change between a checkpointed fit and its resumption."""
-
 _DATA_TOLERANCE = 1e-3
 """Relative tolerance on the data summary when resuming (features may differ by rounding)."""
 
@@ -109,21 +106,6 @@ def cache_batches(batches: Iterable[Sequence[torch.Tensor]]) -> list[torch.Tenso
     if not stored:
         raise FlawmapError("no valid training image left: every image was skipped")
     return [torch.cat(parts) for parts in stored]
-
-
-def fit_checkpoint(
-    checkpoint_dir: str | None, params: dict[str, Any], fit_number: int, earlier_losses: list[float]
-) -> Checkpoint | None:
-    """The checkpoint of a trained method's ``fit_number``-th fit (``partial_fit`` counts):
-    ``<checkpoint_dir>/fit-<fit_number>``, or None without a ``checkpoint_dir``.
-
-    A resumed fit must share the hyper-parameters ``params`` (those of :data:`RUN_ONLY_PARAMS`
-    aside) and the mean losses of the model's earlier fits, ``earlier_losses``.
-    """
-    if checkpoint_dir is None:
-        return None
-    kept = {name: value for name, value in params.items() if name not in RUN_ONLY_PARAMS}
-    return Checkpoint(Path(checkpoint_dir) / f"fit-{fit_number}", {"params": kept, "earlier_losses": earlier_losses})
 
 
 def train(
@@ -343,3 +325,22 @@ def _resume(
     run.losses, run.validation_losses = list(document["losses"]), list(document["validation_losses"])
     run.best_state = tensors.get("best")
     return run
+
+
+RUN_ONLY_PARAMS = frozenset({"epochs", "checkpoint_dir"})
+"""Hyper-parameters that may change between a checkpointed fit and its resumption."""
+
+
+def fit_checkpoint(model: Any, earlier_losses: list[float]) -> Checkpoint | None:
+    """The checkpoint of a trained method's current fit, or None without ``model.checkpoint_dir``.
+
+    ``model`` is a fitting :class:`flawmap.models.AnomalyModel` with a ``checkpoint_dir``
+    hyper-parameter; its n-th fit goes to ``<checkpoint_dir>/fit-<n>``. A resumed fit must share
+    the hyper-parameters (those of :data:`RUN_ONLY_PARAMS` aside) and the losses of the model's
+    earlier fits (``earlier_losses``).
+    """
+    if model.checkpoint_dir is None:
+        return None
+    params = {name: value for name, value in model.get_params().items() if name not in RUN_ONLY_PARAMS}
+    folder = Path(model.checkpoint_dir) / f"fit-{model.n_fits_ + 1}"
+    return Checkpoint(folder, {"params": params, "earlier_losses": earlier_losses})

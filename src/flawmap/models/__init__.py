@@ -6,6 +6,7 @@ from typing import Any
 from flawmap.errors import FlawmapError
 
 from flawmap.models.base import METHODS, AnomalyModel, PatchScores, Scorer, load_model, register_method
+from flawmap.models.mkd import MKD
 from flawmap.models.padim import Padim
 from flawmap.models.patchcore import PatchCore
 from flawmap.models.rlr import RLR
@@ -16,7 +17,7 @@ from flawmap.prediction import Prediction
 from flawmap.runtime import Runtime
 
 __all__ = [
-    "METHODS", "AnomalyModel", "Padim", "PatchCore", "PatchScores", "Prediction", "RLR", "SFR", "Scorer", "Spade",
+    "METHODS", "MKD", "AnomalyModel", "Padim", "PatchCore", "PatchScores", "Prediction", "RLR", "SFR", "Scorer", "Spade",
     "UninformedStudents",
     "create_model", "list_methods", "load_model", "register_method",
 ]

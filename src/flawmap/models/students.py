@@ -364,7 +364,7 @@ class UninformedStudents(AnomalyModel):
             learning_rate=self.learning_rate,
             weight_decay=self.weight_decay,
             seed=self.random_state + self.n_fits_,
-            checkpoint=fit_checkpoint(self.checkpoint_dir, self.get_params(), self.n_fits_ + 1, earlier_losses or []),
+            checkpoint=fit_checkpoint(self, earlier_losses or []),
             progress="training students" if self.runtime.progress else None,
         )
         self.scorer_.set_score_statistics(cached, self.runtime.batch_size)
