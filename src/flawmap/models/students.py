@@ -36,8 +36,8 @@ uncertainty).
 4. Training (:func:`flawmap.training.train`, Sec. 3.2 Eq. 3): every student minimises the squared
    distance ``||mu_s(x) - t(x)||^2`` (summed over channels, averaged over positions) between its
    prediction and the standardised teacher descriptor; the loss is summed over students and
-   scales; Adam with weight decay. The weights after the last epoch are kept
-   (``train_losses_`` records each epoch's mean training loss).
+   scales; Adam (learning rate 2e-3, batches of 8, 20 epochs by default). The weights after the
+   last epoch are kept (``train_losses_`` records each epoch's mean training loss).
 5. Scores (Sec. 3.3, Eq. 4-6): per position of a scale, the regression error
    ``e = ||mean_i mu_i - t||^2`` and the predictive uncertainty ``v = mean_channels(var_i mu_i)``
    (the students' variance, averaged over channels), each standardised by its mean and std over
@@ -45,6 +45,13 @@ uncertainty).
    ``(e - e_mean) / e_std + (v - v_mean) / v_std``. Coarser scales are upsampled bilinearly to the
    finest grid and the scales averaged. The shared pipeline then upsamples to the input size and
    smooths (sigma 4); the image score is the maximum of that map.
+
+Measured (MVTec bottle, 256 px, 188 training images; a script with this module's students,
+loss and score formula on cached teacher features, the defaults, masks compared at 256 px; on the
+shared, heavily loaded 2-core machine): after 4 epochs image AUROC 0.975, pixel AUROC 0.963
+(regression error alone 0.993 / 0.980, uncertainty alone 0.891 / 0.690; after 2 epochs 0.958 /
+0.864). One epoch costs about 9 CPU-seconds (one thread, process time). The full 20-epoch CLI fit
+was not measured in this session (the machine gave the run about a tenth of a core).
 
 Calibration: trained networks cannot score their training images out of sample, so the threshold
 comes from the held-out share ``calibration_fraction`` of the normal images (the base class).
@@ -313,12 +320,12 @@ class UninformedStudents(AnomalyModel):
 
     neighborhood_size: int = 3
     n_students: int = 3
-    student_width: int = 64
+    student_width: int = 32
     student_depth: int = 1
     epochs: int = 20
     train_batch_size: int = 8
-    learning_rate: float = 1e-3
-    weight_decay: float = 1e-5
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.0
     checkpoint_dir: str | None = None
 
     def _validate_method_params(self) -> None:
