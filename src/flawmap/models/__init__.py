@@ -12,11 +12,13 @@ from flawmap.models.patchcore import PatchCore
 from flawmap.models.rlr import RLR
 from flawmap.models.sfr import SFR
 from flawmap.models.spade import Spade
+from flawmap.models.students import UninformedStudents
 from flawmap.prediction import Prediction
 from flawmap.runtime import Runtime
 
 __all__ = [
     "METHODS", "MKD", "AnomalyModel", "Padim", "PatchCore", "PatchScores", "Prediction", "RLR", "SFR", "Scorer", "Spade",
+    "UninformedStudents",
     "create_model", "list_methods", "load_model", "register_method",
 ]
 
