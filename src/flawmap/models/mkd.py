@@ -68,8 +68,9 @@ from torch import nn
 from flawmap import postprocess
 from flawmap.backbones import Backbone, FeatureInfo
 from flawmap.errors import FlawmapError
+from flawmap.features import channel_statistics
 from flawmap.models.base import AnomalyModel, PatchScores, Scorer, register_method
-from flawmap.training import fit_checkpoint, train
+from flawmap.training import cache_batches, fit_checkpoint, train
 
 LOCALIZATIONS = ("gradient", "discrepancy")
 """The anomaly maps MKD offers (``localization``)."""
@@ -255,9 +256,9 @@ class _Standardization(nn.Module):
 
     def set_from(self, levels: torch.Tensor) -> None:
         """Set mean and std from training outputs (N, C, h, w)."""
-        per_channel = levels.transpose(0, 1).reshape(levels.shape[1], -1).double()
-        self.mean.copy_(per_channel.mean(dim=1))
-        self.std.copy_(per_channel.std(dim=1).clamp_min(1e-6))
+        mean, std = channel_statistics(levels)
+        self.mean.copy_(mean)
+        self.std.copy_(std)
 
     def forward(self, levels: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) -> standardised (B, C, h, w)."""
@@ -362,15 +363,13 @@ class MKD(AnomalyModel):
     def _cache(self, image_batches: Iterable[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The training images (N, 3, S, S) and the source's raw tap outputs (N, C_l, h_l, w_l),
         float16 on the CPU: the source runs once per fit, not once per epoch."""
-        images, levels = [], []
-        for batch in image_batches:
-            with torch.no_grad(), self.scorer_.autocast(batch.device):
-                outputs = self.scorer_.backbone.features(batch, self.scorer_.taps)
-            images.append(batch.to("cpu", torch.float16))
-            levels.append([level.to("cpu", torch.float16).contiguous() for level in outputs])
-        if not images:
-            raise FlawmapError("no valid training image left: every image was skipped")
-        return torch.cat(images), [torch.cat(per_tap) for per_tap in zip(*levels)]
+        images, *levels = cache_batches((batch, *self._source_outputs(batch)) for batch in image_batches)
+        return images, levels
+
+    def _source_outputs(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The source's raw tap outputs of images (B, 3, S, S)."""
+        with torch.no_grad(), self.scorer_.autocast(images.device):
+            return self.scorer_.backbone.features(images, self.scorer_.taps)
 
     def to_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         return {"train_losses_": self.train_losses_}, dict(self.scorer_.learned.state_dict())
