@@ -54,6 +54,10 @@ Where this differs from the paper, and why:
 - FCA warps each tapped map where it is tapped, and the next backbone stage reads the unwarped
   map (the backbone's public interface returns the tapped maps). The levels' transforms are
   independent, as the paper's per-stage transformers are.
+- Both losses add a pose anchor, the squared norm of the batch's mean pose (``pose_anchor``):
+  the transformers are to bring the images together, and without it all of them may drift one
+  way together until the content leaves the frame (observed on shifted disks, where the bounded
+  shifts then saturate), which also makes images "agree".
 - L_ICA is computed on the warped images average-pooled 4x (a wider capture range for the
   transform than single pixels give, and 16x fewer pixels).
 - Step 5 is an addition: the paper does not say how maps return to the input frame.
@@ -100,8 +104,9 @@ class RigidTransformer(nn.Module):
     """A spatial transformer limited to rotation and translation.
 
     ``localisation`` maps the input (B, C, H, W) to flat features (B, n_flat); two linear layers
-    map those to a pose ``(angle, shift_x, shift_y)`` through ``tanh`` bounds. The last layer is
-    zero (weights and bias): every transformer starts at the identity.
+    map those to a pose in [-1, 1]^3 through a ``tanh``: the rotation as a share of
+    ``max_rotation`` and the shifts as shares of ``max_shift``. The last layer is zero (weights
+    and bias), the pose (0, 0, 0) is the identity: every transformer starts at the identity.
 
     Parameters
     ----------
@@ -120,25 +125,29 @@ class RigidTransformer(nn.Module):
         self.localisation = localisation
         with torch.no_grad():
             n_flat = localisation(torch.zeros(1, *input_shape)).shape[1]
-        self.pose = nn.Sequential(nn.Linear(n_flat, _LOCALISATION_HIDDEN), nn.ReLU(), nn.Linear(_LOCALISATION_HIDDEN, 3))
-        nn.init.zeros_(self.pose[-1].weight)
-        nn.init.zeros_(self.pose[-1].bias)
+        self.head = nn.Sequential(nn.Linear(n_flat, _LOCALISATION_HIDDEN), nn.ReLU(), nn.Linear(_LOCALISATION_HIDDEN, 3))
+        nn.init.zeros_(self.head[-1].weight)
+        nn.init.zeros_(self.head[-1].bias)
         self.max_angle = math.radians(max_rotation)
         self.max_translation = 2.0 * max_shift  # normalised coordinates span 2 per side
 
-    def theta(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Inputs (B, C, H, W) -> affine sampling matrices (B, 2, 3), output to input coordinates."""
-        raw = torch.tanh(self.pose(self.localisation(inputs).float()))  # (B, 3)
-        angle = self.max_angle * raw[:, 0]
-        shift = self.max_translation * raw[:, 1:]
+    def poses(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Inputs (B, C, H, W) -> poses (B, 3) in [-1, 1]: rotation, shift x, shift y."""
+        return torch.tanh(self.head(self.localisation(inputs).float()))
+
+    def theta(self, poses: torch.Tensor) -> torch.Tensor:
+        """Poses (B, 3) -> affine sampling matrices (B, 2, 3), output to input coordinates."""
+        angle = self.max_angle * poses[:, 0]
+        shift = self.max_translation * poses[:, 1:]
         cos, sin = torch.cos(angle), torch.sin(angle)
         rotation = torch.stack([torch.stack([cos, -sin], dim=1), torch.stack([sin, cos], dim=1)], dim=1)
         return torch.cat([rotation, shift.unsqueeze(2)], dim=2)
 
     def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs (B, C, H, W) -> (warped inputs (B, C, H, W), theta (B, 2, 3))."""
-        theta = self.theta(inputs)
-        return warp(inputs, theta), theta
+        """Inputs (B, C, H, W) -> (warped inputs (B, C, H, W), theta (B, 2, 3), poses (B, 3))."""
+        poses = self.poses(inputs)
+        theta = self.theta(poses)
+        return warp(inputs, theta), theta, poses
 
 
 def warp(inputs: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -197,13 +206,13 @@ class Alignment(nn.Module):
 
     def align_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (B, 3, S, S) in [0, 1] -> (ICA-warped images, theta (B, 2, 3))."""
-        theta = self.image.theta(images - 0.5)
-        return warp(images, theta), theta
+        warped, theta, _ = self.image(images)
+        return warped, theta
 
     def align_levels(self, levels: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Levels (B, C_l, h_l, w_l) -> (FCA-warped levels, the finest level's theta (B, 2, 3))."""
         warped = [transformer(level) for transformer, level in zip(self.levels, levels)]
-        return [level for level, _ in warped], warped[0][1]
+        return [level for level, _, _ in warped], warped[0][1]
 
     @staticmethod
     def to_input_frame(maps: torch.Tensor, image_theta: torch.Tensor, level_theta: torch.Tensor) -> torch.Tensor:
@@ -213,27 +222,33 @@ class Alignment(nn.Module):
 
     def image_alignment_loss(self, images: torch.Tensor) -> torch.Tensor:
         """L_ICA of a batch of images (B, 3, S, S): the mean per-pixel L2 distance between the
-        warped images of every pair (average-pooled by ``_ICA_POOL``); zero for a single image."""
-        if images.shape[0] < 2:
-            return self.image.pose[-1].bias.sum() * 0.0  # no pair: no gradient
-        warped, _ = self.align_images(images)
+        warped images of every pair (average-pooled by ``_ICA_POOL``), plus the pose anchor."""
+        warped, _, poses = self.image(images)
         pooled = F.avg_pool2d(warped, _ICA_POOL) if min(warped.shape[-2:]) >= 2 * _ICA_POOL else warped
         first, second = torch.triu_indices(images.shape[0], images.shape[0], offset=1)
-        differences = pooled[first] - pooled[second]  # (pairs, 3, h, w)
-        return (differences.square().sum(dim=1) + 1e-12).sqrt().mean()
+        differences = pooled[first] - pooled[second]  # (pairs, 3, h, w); none for a single image
+        distances = (differences.square().sum(dim=1) + 1e-12).sqrt()
+        return distances.sum() / max(1, distances.numel()) + pose_anchor(poses)
 
     def feature_alignment_loss(self, levels: list[torch.Tensor], predictor: nn.Module) -> torch.Tensor:
-        """L_NC of a batch of backbone levels (B, C_l, h_l, w_l), image k paired with image k - 1;
-        zero for a single image."""
+        """L_NC of a batch of backbone levels (B, C_l, h_l, w_l), image k paired with image k - 1,
+        plus the pose anchor of every level; zero similarity for a single image."""
+        warped = [transformer(level) for transformer, level in zip(self.levels, levels)]
+        anchor = sum(pose_anchor(poses) for _, _, poses in warped)
         if levels[0].shape[0] < 2:
-            return self.levels[0].pose[-1].bias.sum() * 0.0
-        aligned, _ = self.align_levels(levels)
-        targets = fuse_levels(aligned)  # z, (B, C, h, w)
+            return anchor
+        targets = fuse_levels([level for level, _, _ in warped])  # z, (B, C, h, w)
         predictions = predictor(targets)  # p(z)
         partner_targets, partner_predictions = targets.roll(1, dims=0).detach(), predictions.roll(1, dims=0)
         forward = F.cosine_similarity(predictions, partner_targets, dim=1).mean()
         backward = F.cosine_similarity(partner_predictions, targets.detach(), dim=1).mean()
-        return -0.5 * (forward + backward)
+        return -0.5 * (forward + backward) + anchor
+
+
+def pose_anchor(poses: torch.Tensor) -> torch.Tensor:
+    """Squared norm of the batch's mean pose (B, 3) -> (): alignment moves images towards each
+    other, not all of them one way (which could push the content out of view)."""
+    return poses.mean(dim=0).square().sum()
 
 
 def predictor_head(channels: int) -> nn.Sequential:
@@ -327,7 +342,7 @@ class Fyd(Padim):
     align: bool = True
     epochs: int = 20
     train_batch_size: int = 8
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-3
     max_rotation: float = 30.0
     max_shift: float = 0.15
 
