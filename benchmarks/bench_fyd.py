@@ -4,7 +4,7 @@ The misaligned copy rotates every image (train and test) by a random angle in
 [-max_rotation, max_rotation] degrees about its centre and shifts it by a random fraction in
 [-max_shift, max_shift] of its side along each axis (one seeded generator, image by image in
 sorted order); each ground-truth mask gets its image's transform (nearest neighbour, zero fill),
-images are filled with the median colour of their border. It is written in MVTec layout to a
+images are filled with the median colour of their border. It is written (PNG, fast compression) in MVTec layout to a
 temporary folder (deleted afterwards; ``--copy-dir`` keeps it and reuses a copy made with the same
 settings), never beside the data. Both methods use the same backbone,
 taps, image size and ``n_features``; FYD is fitted with its defaults unless flags say otherwise.
@@ -116,12 +116,12 @@ def write_misaligned(category: Path, target: Path, args: argparse.Namespace) -> 
         relative = image_path.relative_to(category)
         (target / relative).parent.mkdir(parents=True, exist_ok=True)
         fill = tuple(int(value) for value in np.median(border_pixels(np.asarray(image)), axis=0))
-        image.rotate(angle, Image.BILINEAR, translate=offset, fillcolor=fill).save(target / relative)
+        image.rotate(angle, Image.BILINEAR, translate=offset, fillcolor=fill).save(target / relative, compress_level=1)
         mask_path = category / "ground_truth" / relative.parent.name / f"{image_path.stem}_mask.png"
         if relative.parts[0] == "test" and mask_path.is_file():
             mask_target = target / mask_path.relative_to(category)
             mask_target.parent.mkdir(parents=True, exist_ok=True)
-            Image.open(mask_path).convert("L").rotate(angle, Image.NEAREST, translate=offset, fillcolor=0).save(mask_target)
+            Image.open(mask_path).convert("L").rotate(angle, Image.NEAREST, translate=offset, fillcolor=0).save(mask_target, compress_level=1)
     print(f"wrote the misaligned copy of {category.name} ({len(images)} images) to {target}")
 
 

@@ -5,18 +5,19 @@ import pytest
 import torch
 from conftest import assert_same_predictions, random_images
 
+from flawmap.cli import _given_hyperparameters, build_parser
 from flawmap.errors import FlawmapError
 from flawmap.models import Fyd, Padim
 from flawmap.models.fyd import Alignment, compose, invert, warp
 
 
 def shifted_disks(n_images: int, size: int = 64, seed: int = 0) -> list[np.ndarray]:
-    """Bright disks on a dark background, each shifted by up to 15% of the side: a misaligned set."""
+    """Ringed disks on a dark background, each shifted by up to 10% of the side: a misaligned set."""
     rng = np.random.default_rng(seed)
     rows, cols = np.mgrid[:size, :size]
     images = []
     for _ in range(n_images):
-        centre = size / 2 + rng.uniform(-0.15, 0.15, size=2) * size
+        centre = size / 2 + rng.uniform(-0.1, 0.1, size=2) * size
         disk = (rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 < (size / 4) ** 2
         ring = np.abs(np.hypot(rows - centre[0], cols - centre[1]) - size / 6) < 2
         grey = np.where(disk, 200, 30) - np.where(ring, 120, 0)
@@ -31,7 +32,7 @@ def quick_fyd(**params) -> Fyd:
 @pytest.fixture(scope="module")
 def aligned_model() -> Fyd:
     """Trained for a few epochs on disks that are not aligned."""
-    return quick_fyd(epochs=12, learning_rate=3e-3).fit(shifted_disks(8))
+    return quick_fyd(epochs=12, learning_rate=1e-2).fit(shifted_disks(8))
 
 
 def test_transformers_start_at_the_identity():
@@ -103,3 +104,12 @@ def test_without_alignment_it_is_padim_on_the_same_features(tmp_path):
 def test_rejects_bad_parameters(params):
     with pytest.raises(FlawmapError):
         quick_fyd(**params).fit(random_images(0, 3))
+
+
+def test_no_align_flag_is_align_false():
+    parse = lambda *flags: build_parser().parse_args(["fit", "data", "--out", "m", *flags])
+    assert _given_hyperparameters(parse("--no-align"), "fyd") == {"align": False}
+    assert _given_hyperparameters(parse("--align", "false"), "fyd") == {"align": False}
+    assert _given_hyperparameters(parse(), "fyd") == {}
+    with pytest.raises(FlawmapError, match="--align does not apply to method 'padim'"):
+        _given_hyperparameters(parse("--no-align"), "padim")
