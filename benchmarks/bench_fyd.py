@@ -121,7 +121,8 @@ def write_misaligned(category: Path, target: Path, args: argparse.Namespace) -> 
         if relative.parts[0] == "test" and mask_path.is_file():
             mask_target = target / mask_path.relative_to(category)
             mask_target.parent.mkdir(parents=True, exist_ok=True)
-            Image.open(mask_path).convert("L").rotate(angle, Image.NEAREST, translate=offset, fillcolor=0).save(mask_target, compress_level=1)
+            mask = Image.open(mask_path).convert("L")
+            mask.rotate(angle, Image.NEAREST, translate=offset, fillcolor=0).save(mask_target, compress_level=1)
     print(f"wrote the misaligned copy of {category.name} ({len(images)} images) to {target}")
 
 

@@ -120,12 +120,15 @@ class RigidTransformer(nn.Module):
         Largest shift along each axis, as a fraction of the input's side.
     """
 
-    def __init__(self, localisation: nn.Module, input_shape: tuple[int, int, int], max_rotation: float, max_shift: float) -> None:
+    def __init__(
+        self, localisation: nn.Module, input_shape: tuple[int, int, int], max_rotation: float, max_shift: float
+    ) -> None:
         super().__init__()
         self.localisation = localisation
         with torch.no_grad():
             n_flat = localisation(torch.zeros(1, *input_shape)).shape[1]
-        self.head = nn.Sequential(nn.Linear(n_flat, _LOCALISATION_HIDDEN), nn.ReLU(), nn.Linear(_LOCALISATION_HIDDEN, 3))
+        hidden = _LOCALISATION_HIDDEN
+        self.head = nn.Sequential(nn.Linear(n_flat, hidden), nn.ReLU(), nn.Linear(hidden, 3))
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
         self.max_angle = math.radians(max_rotation)
@@ -143,7 +146,7 @@ class RigidTransformer(nn.Module):
         rotation = torch.stack([torch.stack([cos, -sin], dim=1), torch.stack([sin, cos], dim=1)], dim=1)
         return torch.cat([rotation, shift.unsqueeze(2)], dim=2)
 
-    def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Inputs (B, C, H, W) -> (warped inputs (B, C, H, W), theta (B, 2, 3), poses (B, 3))."""
         poses = self.poses(inputs)
         theta = self.theta(poses)
@@ -197,11 +200,14 @@ class Alignment(nn.Module):
         Bounds of every transformer (degrees; fraction of the side).
     """
 
-    def __init__(self, level_shapes: list[tuple[int, int, int]], image_size: int, max_rotation: float, max_shift: float) -> None:
+    def __init__(
+        self, level_shapes: list[tuple[int, int, int]], image_size: int, max_rotation: float, max_shift: float
+    ) -> None:
         super().__init__()
-        self.image = RigidTransformer(localisation_network(3, 5, 4), (3, image_size, image_size), max_rotation, max_shift)
+        bounds = (max_rotation, max_shift)
+        self.image = RigidTransformer(localisation_network(3, 5, 4), (3, image_size, image_size), *bounds)
         self.levels = nn.ModuleList(
-            RigidTransformer(localisation_network(shape[0], 3, 2), shape, max_rotation, max_shift) for shape in level_shapes
+            RigidTransformer(localisation_network(shape[0], 3, 2), shape, *bounds) for shape in level_shapes
         )
 
     def align_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,7 +228,8 @@ class Alignment(nn.Module):
 
     def image_alignment_loss(self, images: torch.Tensor) -> torch.Tensor:
         """L_ICA of a batch of images (B, 3, S, S): the mean per-pixel L2 distance between the
-        warped images of every pair (average-pooled by ``_ICA_POOL``), plus the pose anchor."""
+        warped images of every pair (average-pooled by ``_ICA_POOL``; none for a single image), plus
+        the pose anchor."""
         warped, _, poses = self.image(images)
         pooled = F.avg_pool2d(warped, _ICA_POOL) if min(warped.shape[-2:]) >= 2 * _ICA_POOL else warped
         first, second = torch.triu_indices(images.shape[0], images.shape[0], offset=1)
@@ -232,7 +239,7 @@ class Alignment(nn.Module):
 
     def feature_alignment_loss(self, levels: list[torch.Tensor], predictor: nn.Module) -> torch.Tensor:
         """L_NC of a batch of backbone levels (B, C_l, h_l, w_l), image k paired with image k - 1,
-        plus the pose anchor of every level; zero similarity for a single image."""
+        plus the pose anchor of every level (only the anchor for a single image: it has no partner)."""
         warped = [transformer(level) for transformer, level in zip(self.levels, levels)]
         anchor = sum(pose_anchor(poses) for _, _, poses in warped)
         if levels[0].shape[0] < 2:
@@ -349,7 +356,9 @@ class Fyd(Padim):
     def _validate_method_params(self) -> None:
         super()._validate_method_params()
         if self.epochs < 1 or self.train_batch_size < 1:
-            raise FlawmapError(f"epochs and train_batch_size must be at least 1, got {self.epochs} and {self.train_batch_size}")
+            raise FlawmapError(
+                f"epochs and train_batch_size must be at least 1, got {self.epochs} and {self.train_batch_size}"
+            )
         if not self.learning_rate > 0.0:
             raise FlawmapError(f"learning_rate must be positive, got {self.learning_rate}")
         if not 0.0 < self.max_rotation <= 180.0 or not 0.0 < self.max_shift <= 0.5:
@@ -435,8 +444,9 @@ class Fyd(Padim):
         """Cached levels -> aligned, selected features (B, d, h, w) batch by batch."""
         device = self.runtime.torch_device
         for start in range(0, levels[0].shape[0], self.runtime.batch_size):
+            batch = [level[start : start + self.runtime.batch_size].to(device) for level in levels]
             with torch.inference_mode():
-                features, _ = self.scorer_.features([level[start : start + self.runtime.batch_size].to(device) for level in levels])
+                features, _ = self.scorer_.features(batch)
             yield features
 
     def to_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -447,12 +457,14 @@ class Fyd(Padim):
             "feature_alignment_losses_": self.feature_alignment_losses_,
         }
         if self.scorer_.alignment is not None:
-            tensors = {**tensors, **{_ALIGNMENT_PREFIX + name: t for name, t in self.scorer_.alignment.state_dict().items()}}
+            alignment = self.scorer_.alignment.state_dict()
+            tensors = {**tensors, **{_ALIGNMENT_PREFIX + name: t for name, t in alignment.items()}}
         return fitted, tensors
 
     def from_state(self, fitted: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        alignment = {name[len(_ALIGNMENT_PREFIX):]: t for name, t in tensors.items() if name.startswith(_ALIGNMENT_PREFIX)}
-        super().from_state(fitted, {name: t for name, t in tensors.items() if not name.startswith(_ALIGNMENT_PREFIX)})
+        padim = {name: t for name, t in tensors.items() if not name.startswith(_ALIGNMENT_PREFIX)}
+        alignment = {name.removeprefix(_ALIGNMENT_PREFIX): t for name, t in tensors.items() if name not in padim}
+        super().from_state(fitted, padim)
         if self.scorer_.alignment is not None:
             self.scorer_.alignment.load_state_dict(alignment)
         elif alignment:
