@@ -13,14 +13,14 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "torch==2.13.0"
-	$(BIN)/python -m pip install --quiet -e ".[torch,export,runtime,serve,report,dev,weights]"
+	$(BIN)/python -m pip install --quiet -e ".[torch,export,runtime,serve,report,dev,weights,batch,ray,faiss]"
 	touch $(STAMP)
 
 demo: setup
 	$(BIN)/flawmap demo
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 bench: setup
 	$(BIN)/python benchmarks/bench_methods.py

@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 
 from flawmap._version import __version__
 from flawmap.calibration import check_false_alarm_rate
+from flawmap.data.datasets import output_names
 from flawmap.errors import FlawmapError
 from flawmap.loading import RUNTIMES, load, missing_torch_error
 from flawmap.onnx_model import INPUT_DTYPES, STORAGE_PRECISIONS
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_torch_commands(commands)
     _add_serve_command(commands)
     _add_report_command(commands)
+    _add_score_command(commands)
     return parser
 
 
@@ -335,13 +337,15 @@ def run_fit(args: argparse.Namespace) -> None:
         method = args.method or "patchcore"
         METHODS.get(method)  # an unknown method fails here, listing the choices, before the flags
         params = _given_hyperparameters(args, method)
+        if "tile_size" in params:  # tiles go to the network at native resolution unless --image-size is given
+            params.setdefault("image_size", params["tile_size"])
         seed = 0 if args.seed is None else args.seed
         model = create_model(method, runtime=_runtime(args), random_state=seed, **params)
         model.fit(data, skip_invalid=args.skip_invalid)
     model.save(out)
     print(
         f"saved {model.method} model to {out} (threshold {model.threshold_:.4f} for a false-alarm rate of "
-        f"{model.false_alarm_rate:g}, {model.n_train_images_} training images in {model.n_fits_} "
+        f"{model.false_alarm_rate:g}, {model.n_train_images_} training {'tiles' if model.tile_size else 'images'} in {model.n_fits_} "
         f"fit{'s' if model.n_fits_ > 1 else ''}, fit {sum(model.fit_seconds_.values()):.1f} s)"
     )
 
@@ -464,21 +468,6 @@ def run_predict(args: argparse.Namespace) -> None:
     print(f"scored {n_scored} images, {n_anomalous} anomalous; overlays and scores.jsonl in {args.out}")
     if args.report is not None:
         _write_report(model, samples, args.report, skip_invalid=args.skip_invalid)
-
-
-def output_names(paths: Sequence[Path]) -> list[str]:
-    """Output names (no suffix) that keep each input's path relative to the inputs' common
-    folder (``broken_large/003``); repeated inputs get ``_2``, ``_3``, ... appended."""
-    absolute = [Path(os.path.abspath(path)) for path in paths]
-    if not absolute:
-        return []
-    root = Path(os.path.commonpath([path.parent for path in absolute]))
-    names, seen = [], {}
-    for path in absolute:
-        name = path.relative_to(root).with_suffix("").as_posix()
-        seen[name] = seen.get(name, 0) + 1
-        names.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
-    return names
 
 
 def check_writable(path: Path, *, folder: bool) -> None:
@@ -688,6 +677,50 @@ def _write_report(model: Any, data: Any, out: Path, **options: Any) -> Path:
     path = write_report(model, data, out, **options)
     print(f"report: {path}")
     return path
+
+
+# ---------------------------------------------------------------- score
+def _add_score_command(commands) -> None:
+    """``score``: with torch or without (an exported .onnx model needs only onnxruntime)."""
+    score = _command(commands, "score", "score many images into one Parquet table, here or on a Ray cluster", run_score)
+    score.add_argument("model", type=Path, metavar="MODEL", help="a model directory, or an exported .onnx file")
+    score.add_argument(
+        "inputs", nargs="+", type=Path, metavar="INPUT",
+        help="image files, folders (searched recursively), or .txt files listing one image or folder per line",
+    )
+    score.add_argument("--out", required=True, type=Path, metavar="RESULTS.parquet", help="one row per image (replaced when the run succeeds)")
+    score.add_argument("--engine", default="local", choices=("local", "ray"), help="this process (default), or Ray Data tasks and model actors")
+    score.add_argument("--maps-dir", type=Path, metavar="DIR", help="also save each anomaly map as DIR/<name>.npy (float32, the image's size)")
+    _add_runtime_choice(score)
+    ray = score.add_argument_group("Ray (--engine ray; paths must be the same on every node)")
+    ray.add_argument("--address", default=None, metavar="ADDR", help="join this Ray cluster (default: start a local one)")
+    ray.add_argument("--num-cpus", type=int, default=None, metavar="INT", help="CPUs of the local Ray instance (default: all)")
+    ray.add_argument("--actors", type=int, default=None, metavar="INT", help="model actors, each loads the model once (default 1)")
+    ray.add_argument("--cpus-per-actor", type=float, default=None, metavar="X", help="CPUs each actor reserves (default 1)")
+    _add_runtime_flags(score)
+
+
+def run_score(args: argparse.Namespace) -> None:
+    try:
+        from flawmap.scoring import RaySettings, score_files
+    except ImportError as error:
+        raise FlawmapError(f'flawmap score needs pyarrow ({error}): pip install "flawmap[batch]"') from None
+
+    ray_flags = {"address": args.address, "num_cpus": args.num_cpus, "actors": args.actors, "cpus_per_actor": args.cpus_per_actor}
+    given = {name: value for name, value in ray_flags.items() if value is not None}
+    if given and args.engine != "ray":
+        raise FlawmapError(f"{_flag(next(iter(given)))} applies to --engine ray only")
+    check_writable(args.out, folder=False)
+    if args.maps_dir is not None:
+        check_writable(args.maps_dir, folder=True)
+    summary = score_files(
+        args.model, args.inputs, args.out, engine=args.engine, model_runtime=args.runtime, runtime=_runtime(args),
+        maps_dir=args.maps_dir, cluster=RaySettings(**given),
+    )
+    print(
+        f"scored {summary.n_images} images ({summary.n_anomalous} anomalous, {summary.n_errors} errors) "
+        f"into {summary.out}" + (f"; maps in {args.maps_dir}" if args.maps_dir is not None else "")
+    )
 
 
 #: Commands that need torch, and what they do without it.

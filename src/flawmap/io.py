@@ -18,7 +18,7 @@ the new record, complete. Model directories and training checkpoints are both re
 
 A model directory is a record whose document is ``config.json``::
 
-    {"format": "flawmap-model", "format_version": 3, "flawmap_version": ...,
+    {"format": "flawmap-model", "format_version": 4, "flawmap_version": ...,
      "method": ..., "params": {...}, "fitted": {...}, "saved_with": {...}, "files": {...}}
 
 ``saved_with`` says where the model was fitted (device, torch version), for information only:
@@ -44,8 +44,11 @@ from flawmap._version import __version__
 from flawmap.errors import FlawmapError
 
 FORMAT_NAME = "flawmap-model"
-FORMAT_VERSION = 3  # 3: out-of-sample calibration records (calibration_, map maxima and medians)
+FORMAT_VERSION = 4  # 3: out-of-sample calibration records (calibration_, map maxima and medians); 4: tiling parameters
 CONFIG_FILE = "config.json"
+#: Older format versions still read, and the parameters each lacks, with the values that keep
+#: such a model as it was (version 3 predates tiling: off).
+UPGRADES: dict[int, dict[str, Any]] = {3: {"tile_size": None, "tile_overlap": 32}}
 #: Top-level keys every model config has besides the format fields.
 MODEL_KEYS = ("method", "params", "fitted", "files")
 
@@ -82,10 +85,18 @@ def read_model_directory(directory: str | Path) -> tuple[dict[str, Any], dict[st
         raise FlawmapError(f"{source}: not a flawmap model (no {CONFIG_FILE})")
     document, groups = read_record(source, CONFIG_FILE)
     check_format(
-        config_path, document, ("format", FORMAT_NAME), FORMAT_VERSION, MODEL_KEYS,
+        config_path, _upgraded(document), ("format", FORMAT_NAME), FORMAT_VERSION, MODEL_KEYS,
         not_ours="not a flawmap model config", redo="fit the model again",
     )
-    return document, groups
+    return _upgraded(document), groups
+
+
+def _upgraded(document: dict[str, Any]) -> dict[str, Any]:
+    """A model config of a version in :data:`UPGRADES` as the current version reads it."""
+    added = UPGRADES.get(document.get("format_version"))
+    if added is None or not isinstance(document.get("params"), dict):
+        return document
+    return {**document, "format_version": FORMAT_VERSION, "params": {**added, **document["params"]}}
 
 
 def check_format(

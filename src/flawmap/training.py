@@ -307,3 +307,22 @@ def _resume(
     run.losses, run.validation_losses = list(document["losses"]), list(document["validation_losses"])
     run.best_state = tensors.get("best")
     return run
+
+
+RUN_ONLY_PARAMS = frozenset({"epochs", "checkpoint_dir"})
+"""Hyper-parameters that may change between a checkpointed fit and its resumption."""
+
+
+def fit_checkpoint(model: Any, earlier_losses: list[float]) -> Checkpoint | None:
+    """The checkpoint of a trained method's current fit, or None without ``model.checkpoint_dir``.
+
+    ``model`` is a fitting :class:`flawmap.models.AnomalyModel` with a ``checkpoint_dir``
+    hyper-parameter; its n-th fit goes to ``<checkpoint_dir>/fit-<n>``. A resumed fit must share
+    the hyper-parameters (those of :data:`RUN_ONLY_PARAMS` aside) and the losses of the model's
+    earlier fits (``earlier_losses``).
+    """
+    if model.checkpoint_dir is None:
+        return None
+    params = {name: value for name, value in model.get_params().items() if name not in RUN_ONLY_PARAMS}
+    folder = Path(model.checkpoint_dir) / f"fit-{model.n_fits_ + 1}"
+    return Checkpoint(folder, {"params": params, "earlier_losses": earlier_losses})

@@ -166,3 +166,23 @@ def test_bottle_update_matches_one_fit(mvtec_bottle, bottle_one_fit):
     updated = evaluate(model, mvtec_bottle)
     for metric in ("image_auroc", "pixel_auroc", "aupro"):
         assert updated[metric] == pytest.approx(bottle_one_fit[metric], abs=0.005), metric
+
+
+def test_large_fits_score_a_hashed_sample_of_their_images_leave_one_out(tiny_model, tiny_dataset, monkeypatch):
+    """Past CROSS_FIT_MAX_IMAGES, a seeded-hash sample of that many training images calibrates,
+    with the same scores whether their features were kept or the images embedded again."""
+    from flawmap.models import base
+
+    from PIL import Image
+
+    train = [sample.image_path for sample in open_dataset(tiny_dataset).train]
+    images = train[:8] + [np.asarray(Image.open(path).convert("RGB")) for path in train[8:]]  # files and arrays
+    monkeypatch.setattr(base, "CROSS_FIT_MAX_IMAGES", 5)
+    sampled = PatchCore(image_size=64, coreset_fraction=0.25).fit(images)
+    monkeypatch.setattr(base, "CROSS_FIT_CACHE_BYTES", 0)
+    embedded_again = PatchCore(image_size=64, coreset_fraction=0.25).fit(images)
+    assert len(sampled.calibration_scores_) == 5 and sampled.n_train_images_ == 12
+    # the same bank; each sampled image's score is its score in the full calibration
+    for score in sampled.calibration_scores_:
+        assert np.isclose(tiny_model.calibration_scores_, score, rtol=1e-5).any()
+    np.testing.assert_allclose(embedded_again.calibration_scores_, sampled.calibration_scores_, rtol=1e-5)

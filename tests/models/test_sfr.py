@@ -86,6 +86,18 @@ def test_pool_codes_never_use_the_atom_itself():
     assert (neighbors[:5, 0] == torch.arange(40, 45)).all()  # the duplicate is the best other atom
 
 
+def test_pool_neighbours_are_searched_within_shards_of_the_pool(monkeypatch):
+    """Past one shard, each atom's neighbours are its shard's nearest other atoms (linear cost)."""
+    monkeypatch.setattr(sfr, "CORESET_SHARD_ROWS", 40)
+    atoms = torch.randn(130, 6, generator=torch.Generator().manual_seed(0))
+    neighbors = sfr._nearest_other_atoms(atoms, 3, low_precision=None)
+    bounds = [0, 43, 87, 130]  # three shards of about 40 atoms
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        distances = torch.cdist(atoms[start:end], atoms[start:end]).fill_diagonal_(math.inf)
+        expected = distances.topk(3, largest=False).indices + start
+        assert torch.equal(neighbors[start:end].sort(dim=1).values, expected.sort(dim=1).values)
+
+
 def test_ridge_only_codes_match_the_closed_form():
     generator = torch.Generator().manual_seed(4)
     atoms = torch.randn(60, 12, generator=generator)

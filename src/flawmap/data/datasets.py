@@ -17,6 +17,7 @@ Layouts understood by :func:`open_dataset`:
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,6 +157,21 @@ def samples_from_paths(paths: Sequence[str | Path], *, recursive: bool = False) 
         else:
             raise FlawmapError(f"{path}: no such file or folder")
     return samples
+
+
+def output_names(paths: Sequence[Path]) -> list[str]:
+    """Output names (no suffix) that keep each input's path relative to the inputs' common
+    folder (``broken_large/003``); repeated inputs get ``_2``, ``_3``, ... appended."""
+    absolute = [Path(os.path.abspath(path)) for path in paths]
+    if not absolute:
+        return []
+    root = Path(os.path.commonpath([path.parent for path in absolute]))
+    names, seen = [], {}
+    for path in absolute:
+        name = path.relative_to(root).with_suffix("").as_posix()
+        seen[name] = seen.get(name, 0) + 1
+        names.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
+    return names
 
 
 def _normal_samples(folder: Path) -> list[Sample]:

@@ -7,6 +7,7 @@ from flawmap.errors import FlawmapError
 
 from flawmap.models.base import METHODS, AnomalyModel, PatchScores, Scorer, load_model, register_method
 from flawmap.models.fyd import Fyd
+from flawmap.models.mkd import MKD
 from flawmap.models.padim import Padim
 from flawmap.models.patchcore import PatchCore
 from flawmap.models.rlr import RLR
@@ -16,7 +17,8 @@ from flawmap.prediction import Prediction
 from flawmap.runtime import Runtime
 
 __all__ = [
-    "METHODS", "AnomalyModel", "Fyd", "Padim", "PatchCore", "PatchScores", "Prediction", "RLR", "SFR", "Scorer", "Spade",
+    "METHODS", "MKD", "AnomalyModel", "Fyd", "Padim", "PatchCore", "PatchScores", "Prediction", "RLR", "SFR", "Scorer",
+    "Spade",
     "create_model", "list_methods", "load_model", "register_method",
 ]
 

@@ -23,7 +23,8 @@ norm of the atoms (it makes the penalty weights ``lambda_1 = sparsity`` and
    ``pool_factor`` times the bank size. The pool keeps every rare normal pattern within reach
    (the coefficient ranking below alone favours dense regions) and makes step 3 cheap.
 3. Self-expression of the pool ``X``, each atom coded on its ``k`` nearest other atoms
-   (``diag(C) = 0``), with a row-sparse penalty (SMRS; Elhamifar, Sapiro & Vidal, CVPR 2012)::
+   (``diag(C) = 0``; searched within the atom's shard of the pool, 16k to 32k atoms, so that this
+   step stays linear in the number of training images), with a row-sparse penalty (SMRS; Elhamifar, Sapiro & Vidal, CVPR 2012)::
 
        min_C  sum_i 1/2 |x_i - A_i^T c_i|^2 + lambda_2 s^2 / 2 |C|_F^2 + lambda_1 s^2 sum_j |C^j|_2     (1)
 
@@ -63,10 +64,11 @@ import torch
 from tqdm import tqdm
 
 from flawmap.backbones import Backbone
-from flawmap.coreset import StreamingCoreset, StreamingRandomSample
+from flawmap.coreset import CORESET_SHARD_ROWS, StreamingCoreset, StreamingRandomSample
 from flawmap.errors import FlawmapError
 from flawmap.features import flatten_patches, locally_aware_patches
-from flawmap.models.base import AnomalyModel, PatchScores, Scorer, check_positive_odd, register_method
+from flawmap.models.base import PatchScores, Scorer, check_positive_odd, register_method
+from flawmap.models.memory_bank import MemoryBankModel
 from flawmap.search import SearchIndex, all_vectors, build_search, row_chunks, search_from_state, search_state
 
 #: How the bank is sampled from the training patches: ``"sparse"`` (steps 2-4), or, for
@@ -120,16 +122,17 @@ class SFRScorer(Scorer):
             queries, self.search, self.dictionary_size, self.sparsity, self.ridge, self.atom_sq_norm, among=among
         )
 
-    def set_bank(self, bank: torch.Tensor) -> None:
-        """Score against ``bank`` (M, D) from now on."""
-        self.search = build_search(bank)
+    def set_bank(self, bank: torch.Tensor, search: SearchIndex) -> None:
+        """Score against ``bank`` (M, D), indexed by ``search``, from now on."""
+        self.search = search
         self.atom_sq_norm = bank.float().square().sum(dim=1).mean()  # s^2 of Eq. (2)
 
 
 @register_method("sfr")
 @dataclass(kw_only=True, eq=False)
-class SFR(AnomalyModel):
-    """Subspace-guided feature reconstruction (see module docstring). Method hyper-parameters:
+class SFR(MemoryBankModel):
+    """Subspace-guided feature reconstruction (see module docstring). Method hyper-parameters (and
+    the bank's ``search``, ``nlist``, ``nprobe``, ``pq_m``: :class:`flawmap.models.memory_bank.MemoryBankModel`):
 
     Parameters
     ----------
@@ -221,7 +224,7 @@ class SFR(AnomalyModel):
                 )
                 kept = usage.topk(n_bank).indices.cpu()  # step 4
                 pool, pool_sources = pool[kept], pool_sources[kept]
-        self.scorer_.set_bank(pool)
+        self.scorer_.set_bank(pool, self._build_search(pool))
         self.bank_sources_ = pool_sources
 
     def _left_out_scores(self, features: torch.Tensor, image_ids: torch.Tensor) -> PatchScores:
@@ -385,7 +388,20 @@ def reconstruction_residuals(
 
 # ---------------------------------------------------------------------------- shared pieces
 def _nearest_other_atoms(atoms: torch.Tensor, k: int, low_precision: torch.dtype | None) -> torch.Tensor:
-    """Indices (N, k) of each atom's ``k`` nearest atoms, never the atom itself."""
+    """Indices (N, k) of each atom's ``k`` nearest atoms, never the atom itself, searched within
+    its shard: consecutive blocks of about :data:`flawmap.coreset.CORESET_SHARD_ROWS` atoms (the
+    pool arrives shard by shard from the streaming coreset), so the cost is linear in ``N``
+    instead of quadratic. A pool of one shard (every fit of up to a few hundred images) is
+    searched whole. ``k`` must be below the smallest shard."""
+    n_atoms = atoms.shape[0]
+    n_shards = max(1, n_atoms // CORESET_SHARD_ROWS)
+    bounds = [round(i * n_atoms / n_shards) for i in range(n_shards + 1)]
+    return torch.cat([_nearest_other_atoms_in(atoms[start:end], k, low_precision) + start
+                      for start, end in zip(bounds[:-1], bounds[1:])])
+
+
+def _nearest_other_atoms_in(atoms: torch.Tensor, k: int, low_precision: torch.dtype | None) -> torch.Tensor:
+    """Indices (N, k) of each atom's ``k`` nearest atoms in ``atoms`` (N, D), never the atom itself."""
     n_atoms = atoms.shape[0]
     _, nearest = build_search(atoms, low_precision=low_precision).kneighbors(atoms, k=k + 1)
     is_self = nearest == torch.arange(n_atoms, device=nearest.device).unsqueeze(1)
