@@ -1,8 +1,9 @@
 """The ``flawmap`` command. Thin: parses arguments, calls the Python API, prints.
 
 Method hyper-parameters become flags automatically: every field of every registered method
-(``coreset_fraction`` -> ``--coreset-fraction``) is a flag, and giving one to a method that does
-not have it is an error. User mistakes end in one ``flawmap: error: ...`` line and exit code 2.
+(``coreset_fraction`` -> ``--coreset-fraction``; a boolean ``align`` has ``--no-align`` too) is a
+flag, and giving one to a method that does not have it is an error. User mistakes end in one
+``flawmap: error: ...`` line and exit code 2.
 
 Without the torch extra (``pip install "flawmap[runtime]"``) the parser is built without torch:
 ``predict`` and ``evaluate`` run exported ``.onnx`` models, and the commands that need torch
@@ -267,6 +268,11 @@ def _add_hyperparameter_flags(parser: argparse.ArgumentParser) -> None:
             metavar=_metavar(hint),
             help=f"[{scope}] default {default}",
         )
+        if _parser_for(hint) is _parse_bool:  # --no-align is --align false
+            group.add_argument(
+                "--no-" + name.replace("_", "-"), dest=f"param_{name}", action="store_const", const=False,
+                help=f"[{scope}] the same as {_flag(name)} false",
+            )
 
 
 def _flag(name: str) -> str:
