@@ -80,8 +80,9 @@ from flawmap import postprocess
 from flawmap.backbones import Backbone
 from flawmap.errors import FlawmapError
 from flawmap.features import channel_statistics, local_average
-from flawmap.models.base import AnomalyModel, PatchScores, Scorer, check_positive_odd, register_method
-from flawmap.training import cache_batches, fit_checkpoint, train
+from flawmap.models.base import PatchScores, Scorer, check_positive_odd, register_method
+from flawmap.models.trained import TrainedModel
+from flawmap.training import cache_batches
 
 _LEAKY_SLOPE = 5e-3
 """Negative slope of the students' leaky ReLUs (the paper's networks use 5e-3)."""
@@ -287,7 +288,7 @@ def _activation() -> nn.LeakyReLU:
 
 @register_method("students")
 @dataclass(kw_only=True, eq=False)
-class UninformedStudents(AnomalyModel):
+class UninformedStudents(TrainedModel):
     """Uninformed Students student-teacher anomaly detector (see module docstring). Method
     hyper-parameters:
 
@@ -299,16 +300,9 @@ class UninformedStudents(AnomalyModel):
         Students per scale, ``M`` (at least 2: the uncertainty is their variance).
     student_width, student_depth : int
         Channels of the students from stride 8 on, and 3x3 convolutions after each halving.
-    epochs, train_batch_size, learning_rate, weight_decay : int, int, float, float
-        Adam training on the cached images and descriptors (``epochs`` per fit and per
-        ``partial_fit``).
-    checkpoint_dir : str or None
-        Save the training state there after every epoch and resume from it when present.
 
-    Attributes
-    ----------
-    train_losses_ : list of float
-        Mean training loss of every epoch of every fit so far.
+    and the training parameters of :class:`flawmap.models.trained.TrainedModel` (Adam on the
+    cached images and descriptors; here ``learning_rate`` 2e-3).
 
     Examples
     --------
@@ -322,11 +316,7 @@ class UninformedStudents(AnomalyModel):
     n_students: int = 3
     student_width: int = 32
     student_depth: int = 1
-    epochs: int = 20
-    train_batch_size: int = 8
     learning_rate: float = 2e-3
-    weight_decay: float = 0.0
-    checkpoint_dir: str | None = None
 
     def _validate_method_params(self) -> None:
         check_positive_odd("neighborhood_size", self.neighborhood_size)
@@ -335,12 +325,6 @@ class UninformedStudents(AnomalyModel):
         if self.student_width < 2 or self.student_depth < 0:
             raise FlawmapError(
                 f"need student_width >= 2 and student_depth >= 0, got {self.student_width} and {self.student_depth}"
-            )
-        if self.epochs < 1 or self.train_batch_size < 1:
-            raise FlawmapError("epochs and train_batch_size must be at least 1")
-        if not self.learning_rate > 0.0 or not self.weight_decay >= 0.0:
-            raise FlawmapError(
-                f"need learning_rate > 0 and weight_decay >= 0, got {self.learning_rate} and {self.weight_decay}"
             )
 
     def _new_scorer(self, backbone: Backbone, taps: tuple[str, ...]) -> StudentsScorer:
@@ -357,25 +341,11 @@ class UninformedStudents(AnomalyModel):
 
     def _learn(self, feature_batches: Iterable[StudentInputs]) -> None:
         cached = cache_batches([inputs.images, *inputs.teacher] for inputs in feature_batches)
-        earlier_losses = getattr(self, "train_losses_", None)
-        if earlier_losses is None:  # first fit: standardise the teacher with its descriptors
+        if self.n_fits_ == 0:  # first fit: standardise the teacher with its descriptors
             for ensemble, descriptors in zip(self.scorer_.ensembles, cached[1:]):
                 ensemble.set_standardization(descriptors)
-        device = self.runtime.torch_device
-        history = train(
-            self.scorer_.ensembles,
-            [tensor.to(device) for tensor in cached],
-            lambda batch, generator: self.scorer_.training_loss(batch),
-            epochs=self.epochs,
-            batch_size=self.train_batch_size,
-            learning_rate=self.learning_rate,
-            weight_decay=self.weight_decay,
-            seed=self.random_state + self.n_fits_,
-            checkpoint=fit_checkpoint(self, earlier_losses or []),
-            progress="training students" if self.runtime.progress else None,
-        )
+        self._train(self.scorer_.ensembles, cached, lambda batch, generator: self.scorer_.training_loss(batch), "students")
         self.scorer_.set_score_statistics(cached, self.runtime.batch_size)
-        self.train_losses_ = (earlier_losses or []) + history.losses
 
     def to_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         return {"train_losses_": self.train_losses_}, dict(self.scorer_.ensembles.state_dict())
