@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "torch==2.13.0"
-	$(BIN)/python -m pip install --quiet -e ".[torch,export,runtime,serve,report,dev,weights,batch,ray]"
+	$(BIN)/python -m pip install --quiet -e ".[torch,export,runtime,serve,report,dev,weights,batch,ray,faiss]"
 	touch $(STAMP)
 
 demo: setup

@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from flawmap.features import flatten_patches, fuse_levels, local_average
+from flawmap.features import channel_statistics, flatten_patches, fuse_levels, local_average
 
 
 def test_local_average_interior_and_border():
@@ -30,3 +31,12 @@ def test_flatten_patches_order():
     assert rows.shape == (2 * 3 * 5, 4)
     # row index = image * h * w + y * w + x
     assert torch.equal(rows[1 * 15 + 2 * 5 + 3], patch_features[1, :, 2, 3])
+
+
+def test_channel_statistics_over_images_and_positions():
+    maps = torch.stack([torch.full((2, 3, 3), 1.0), torch.full((2, 3, 3), 3.0)])  # (2, 2, 3, 3)
+    maps[:, 1] = 5.0  # a constant channel: std floored
+    mean, std = channel_statistics(maps, min_std=1e-3)
+    assert mean.tolist() == [2.0, 5.0] and std[1].item() == 1e-3
+    assert std[0].item() == pytest.approx((18 / 17) ** 0.5)  # unbiased std of nine 1s and nine 3s
+

@@ -202,3 +202,14 @@ def test_calibration_images_of_the_wrong_shape_name_their_file(tiny_model, tmp_p
     save_file({"images": torch.zeros(2, 3, 8, 8, dtype=torch.uint8)}, str(calibration_file))
     with pytest.raises(FlawmapError, match=rf"{calibration_file.name}: expected uint8 calibration images"):
         AnomalyModel.load(target)
+
+
+def test_version_3_directories_load_with_the_defaults_of_later_parameters(tiny_model, tmp_path):
+    """A model saved before tiling and faiss existed (format 3, without their parameters) loads as it was."""
+    target = tiny_model.save(tmp_path / "model")
+    _edit_section(target, "params", tile_size=..., tile_overlap=..., search=..., nlist=..., nprobe=..., pq_m=...)
+    _edit_config(target, format_version=3)
+    reloaded = AnomalyModel.load(target)
+    assert reloaded.tile_size is None and reloaded.tile_overlap == 32 and reloaded.search == "exact"
+    image = np.full((64, 64, 3), 127, dtype=np.uint8)
+    assert reloaded.predict(image)[0].score == pytest.approx(tiny_model.predict(image)[0].score, rel=1e-6)

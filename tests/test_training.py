@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from flawmap.errors import FlawmapError
-from flawmap.training import Checkpoint, History, train
+from flawmap.training import Checkpoint, History, cache_batches, train
 
 DEFAULTS = {"epochs": 4, "batch_size": 8, "learning_rate": 1e-2}
 """32 samples in batches of 8: 4 batches per epoch."""
@@ -178,3 +178,12 @@ def test_validation_loss_goes_with_its_selection():
         fit(validation_loss=lambda: 0.0)
     with pytest.raises(ValueError, match="selection"):
         fit(selection="best")
+
+
+def test_cache_batches_concatenates_each_position_as_float16_on_the_cpu():
+    batches = [[torch.ones(2, 3), torch.zeros(2, 1, 4)], [torch.full((1, 3), 2.0), torch.ones(1, 1, 4)]]
+    first, second = cache_batches(iter(batches))
+    assert first.dtype == second.dtype == torch.float16 and first.device.type == "cpu"
+    assert first.tolist() == [[1.0] * 3, [1.0] * 3, [2.0] * 3] and second.shape == (3, 1, 4)
+    with pytest.raises(FlawmapError, match="no valid training image"):
+        cache_batches(iter([]))

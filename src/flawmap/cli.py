@@ -1,8 +1,9 @@
 """The ``flawmap`` command. Thin: parses arguments, calls the Python API, prints.
 
 Method hyper-parameters become flags automatically: every field of every registered method
-(``coreset_fraction`` -> ``--coreset-fraction``) is a flag, and giving one to a method that does
-not have it is an error. User mistakes end in one ``flawmap: error: ...`` line and exit code 2.
+(``coreset_fraction`` -> ``--coreset-fraction``; a boolean ``align`` has ``--no-align`` too) is a
+flag, and giving one to a method that does not have it is an error. User mistakes end in one
+``flawmap: error: ...`` line and exit code 2.
 
 Without the torch extra (``pip install "flawmap[runtime]"``) the parser is built without torch:
 ``predict`` and ``evaluate`` run exported ``.onnx`` models, and the commands that need torch
@@ -275,6 +276,11 @@ def _add_hyperparameter_flags(parser: argparse.ArgumentParser) -> None:
             metavar=_metavar(hint),
             help=f"[{scope}] default {default}",
         )
+        if _parser_for(hint) is _parse_bool:  # --no-align is --align false
+            group.add_argument(
+                "--no-" + name.replace("_", "-"), dest=f"param_{name}", action="store_const", const=False,
+                help=f"[{scope}] the same as {_flag(name)} false",
+            )
 
 
 def _flag(name: str) -> str:
@@ -350,13 +356,15 @@ def run_fit(args: argparse.Namespace) -> None:
         method = args.method or "patchcore"
         METHODS.get(method)  # an unknown method fails here, listing the choices, before the flags
         params = {**_preset(method, args.preset), **_given_hyperparameters(args, method)}
+        if "tile_size" in params:  # tiles go to the network at native resolution unless --image-size is given
+            params.setdefault("image_size", params["tile_size"])
         seed = 0 if args.seed is None else args.seed
         model = create_model(method, runtime=_runtime(args), random_state=seed, **params)
         model.fit(data, skip_invalid=args.skip_invalid)
     model.save(out)
     print(
         f"saved {model.method} model to {out} (threshold {model.threshold_:.4f} for a false-alarm rate of "
-        f"{model.false_alarm_rate:g}, {model.n_train_images_} training images in {model.n_fits_} "
+        f"{model.false_alarm_rate:g}, {model.n_train_images_} training {'tiles' if model.tile_size else 'images'} in {model.n_fits_} "
         f"fit{'s' if model.n_fits_ > 1 else ''}, fit {sum(model.fit_seconds_.values()):.1f} s)"
     )
 

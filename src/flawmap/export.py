@@ -7,7 +7,9 @@ so that it traces: bilinear upsampling to ``S x S``, the same Gaussian kernel as
 SciPy's ``"mirror"`` border), and the image score (the scorer's own, or the map's maximum).
 Nearest-neighbour searches are matrix products and reductions (:mod:`flawmap.search`; one chunk
 while exporting), SFR's solver runs its fixed number of iterations, so the graph has no custom
-operators.
+operators. A bank searched with faiss (:mod:`flawmap.search_faiss`) is exported as an exact search
+over the vectors its index stores (faiss-ivfpq keeps them for its exact re-rank), so the graph
+computes the exact neighbours the approximate index only estimates.
 
 The exporter is ``torch.export`` (non-strict) and ``torch.onnx``'s dynamo translation, in float32.
 A dynamic batch dimension is asked of ``torch.export`` as ``Dim.DYNAMIC``, which fails loudly if
@@ -43,6 +45,7 @@ from flawmap.models.base import AnomalyModel, Scorer, load_model
 from flawmap.onnx_model import (
     FORMAT_NAME, FORMAT_VERSION, INPUT_DTYPES, INPUT_NAME, OUTPUT_NAMES, STORAGE_PRECISIONS, load_onnx,
 )
+from flawmap.search_faiss import exact_torch_searches
 
 #: ``precision="float16"`` stores float32 weights of at least this many elements as float16.
 FLOAT16_MIN_ELEMENTS = 1024
@@ -153,6 +156,7 @@ def export_onnx(
     reason = model.scorer_.export_error()
     if reason is not None:
         raise FlawmapError(f"{model_dir}: {reason}")
+    exact_torch_searches(model.scorer_)  # a faiss bank exports as an exact search over its stored vectors
     graph = ExportGraph(model.scorer_, model.image_size, model.sigma, input_dtype == "uint8").eval()
     proto = _to_onnx(graph, model, batch, opset)
     if precision == "float16":
@@ -260,11 +264,19 @@ def _quiet_exporter() -> Iterator[None]:
 
 def _normalization_note(model: AnomalyModel, input_dtype: str) -> str:
     values = "uint8 RGB in [0, 255]" if input_dtype == "uint8" else "float32 RGB in [0, 1]"
+    if model.tile_size is None:
+        images = "each image resized (squashed, bilinear, Pillow) to that size"
+        maps = "resize it to the original image size. score: B float32"
+    else:
+        images = (
+            f"each a {model.tile_size} px tile of an image at native resolution (overlap >= {model.tile_overlap} px, "
+            "flawmap.tiling), resized to that size if different"
+        )
+        maps = "stitch the tiles' maps with flawmap.tiling. score: B float32 per tile; the image's is the tiles' maximum"
     return (
-        f"images: B x 3 x {model.image_size} x {model.image_size} {values}, each image resized (squashed, "
-        "bilinear, Pillow) to that size; the graph applies the backbone's mean/std normalisation itself. "
-        f"anomaly_map: B x {model.image_size} x {model.image_size} float32, upsampled and Gaussian-smoothed "
-        f"(sigma {model.sigma}); resize it to the original image size. score: B float32; anomalous if > threshold."
+        f"images: B x 3 x {model.image_size} x {model.image_size} {values}, {images}; the graph applies the "
+        f"backbone's mean/std normalisation itself. anomaly_map: B x {model.image_size} x {model.image_size} "
+        f"float32, upsampled and Gaussian-smoothed (sigma {model.sigma}); {maps}; anomalous if > threshold."
     )
 
 

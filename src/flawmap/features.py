@@ -76,6 +76,23 @@ def locally_aware_patches(feature_maps: Sequence[torch.Tensor], neighborhood_siz
     return fuse_levels([local_average(level, neighborhood_size) for level in feature_maps])
 
 
+def channel_statistics(feature_maps: torch.Tensor, min_std: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std over images and positions, for standardising features.
+
+    Parameters
+    ----------
+    feature_maps : Tensor of shape (N, C, h, w)
+    min_std : float
+        Floor of the std (constant channels).
+
+    Returns
+    -------
+    mean, std : Tensor of shape (C,) each, float64 (computed in float64)
+    """
+    per_channel = feature_maps.transpose(0, 1).reshape(feature_maps.shape[1], -1).double()
+    return per_channel.mean(dim=1), per_channel.std(dim=1).clamp_min(min_std)
+
+
 def flatten_patches(patch_features: torch.Tensor) -> torch.Tensor:
     """Patch grid to rows: (B, C, h, w) -> (B * h * w, C), image-major then row-major."""
     return patch_features.permute(0, 2, 3, 1).reshape(-1, patch_features.shape[1])

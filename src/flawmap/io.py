@@ -18,7 +18,7 @@ the new record, complete. Model directories and training checkpoints are both re
 
 A model directory is a record whose document is ``config.json``::
 
-    {"format": "flawmap-model", "format_version": 3, "flawmap_version": ...,
+    {"format": "flawmap-model", "format_version": 4, "flawmap_version": ...,
      "method": ..., "params": {...}, "fitted": {...}, "saved_with": {...}, "files": {...}}
 
 ``saved_with`` says where the model was fitted (device, torch version), for information only:
@@ -44,8 +44,12 @@ from flawmap._version import __version__
 from flawmap.errors import FlawmapError
 
 FORMAT_NAME = "flawmap-model"
-FORMAT_VERSION = 3  # 3: out-of-sample calibration records (calibration_, map maxima and medians)
+FORMAT_VERSION = 4  # 3: out-of-sample calibration records (calibration_, map maxima and medians); 4: tiling parameters
 CONFIG_FILE = "config.json"
+#: Format versions this flawmap reads. Configs of an older version lack the hyper-parameters
+#: added since, which then take their defaults (defaults that keep the old behaviour: version 3
+#: predates tiling and the faiss searches).
+READABLE_VERSIONS = (3, FORMAT_VERSION)
 #: Top-level keys every model config has besides the format fields.
 MODEL_KEYS = ("method", "params", "fitted", "files")
 
@@ -82,7 +86,7 @@ def read_model_directory(directory: str | Path) -> tuple[dict[str, Any], dict[st
         raise FlawmapError(f"{source}: not a flawmap model (no {CONFIG_FILE})")
     document, groups = read_record(source, CONFIG_FILE)
     check_format(
-        config_path, document, ("format", FORMAT_NAME), FORMAT_VERSION, MODEL_KEYS,
+        config_path, document, ("format", FORMAT_NAME), READABLE_VERSIONS, MODEL_KEYS,
         not_ours="not a flawmap model config", redo="fit the model again",
     )
     return document, groups
@@ -92,22 +96,22 @@ def check_format(
     where: Path,
     document: dict[str, Any],
     marker: tuple[str, Any],
-    version: Any,
+    versions: Sequence[int],
     required: Sequence[str],
     *,
     not_ours: str,
     redo: str,
 ) -> None:
     """One-line FlawmapError naming ``where`` unless ``document`` carries ``marker`` (key, value),
-    ``format_version == version`` and every key of ``required``; ``not_ours`` says what ``where``
+    a ``format_version`` in ``versions`` and every key of ``required``; ``not_ours`` says what ``where``
     is not, ``redo`` how to make a readable one. Shared by model directories and ONNX exports."""
     key, value = marker
     if document.get(key) != value:
         raise FlawmapError(f"{where}: {not_ours}")
-    if document.get("format_version") != version:
+    if document.get("format_version") not in versions:
         raise FlawmapError(
             f"{where}: format version {document.get('format_version')} is not supported "
-            f"(this flawmap reads version {version}); {redo} with this version"
+            f"(this flawmap reads versions {', '.join(map(str, versions))}); {redo} with this version"
         )
     missing = [name for name in required if name not in document]
     if missing:

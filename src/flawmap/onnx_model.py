@@ -23,7 +23,8 @@ exporter            the torch exporter used and torch's version
 ==================  ===================================================================
 
 :class:`OnnxModel` is a :class:`flawmap.prediction.Predictor`: decoding, batching, resizing to the
-original size and the threshold are the same code as for torch models.
+original size, tiling (``tile_size`` in ``params``: the graph scores tiles, the shared
+:mod:`flawmap.tiling` code cuts and stitches) and the threshold are the same code as for torch models.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ class OnnxModel(Predictor):
         self.metadata = metadata
         self.method = metadata["method"]
         self.image_size = int(metadata["image_size"])
+        params = json.loads(metadata["params"])  # tiling: the graph scores tiles, Predictor stitches them
+        self.tile_size, self.tile_overlap = params.get("tile_size"), params.get("tile_overlap", 0)
         self.threshold_ = float(metadata["threshold"])
         self.map_low_ = float(metadata["map_low"])
         self.map_high_ = float(metadata["map_high"])
@@ -180,7 +183,7 @@ def _flawmap_metadata(path: Path, session: Any) -> dict[str, str]:
     """The flawmap metadata of a session's model; FlawmapError if the file is not ours."""
     metadata = dict(session.get_modelmeta().custom_metadata_map)
     check_format(
-        path, metadata, ("flawmap_format", FORMAT_NAME), FORMAT_VERSION, METADATA_KEYS,
+        path, metadata, ("flawmap_format", FORMAT_NAME), (FORMAT_VERSION,), METADATA_KEYS,
         not_ours="not a flawmap model (no flawmap metadata); make one with `flawmap export MODEL_DIR`",
         redo="export the model again",
     )

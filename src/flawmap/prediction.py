@@ -4,7 +4,8 @@ A :class:`Predictor` turns images into :class:`Prediction` objects: it decodes a
 (:func:`flawmap.data.iter_batches`), asks the model for image scores and anomaly maps at the
 network size (:meth:`Predictor.score_images`, the only part that differs between a torch model
 and an exported one), resizes each map to its image's original size and applies the calibrated
-threshold. ``predict``, ``evaluate``, the overlays of ``flawmap predict`` and the CLI see only
+threshold. A tiled model (``tile_size`` set) scores each image's tiles instead and stitches their
+maps at the image's size (:mod:`flawmap.tiling`). ``predict``, ``evaluate``, the overlays of ``flawmap predict`` and the CLI see only
 this interface, so they work with either. This module does not import torch.
 """
 
@@ -19,8 +20,9 @@ from PIL import Image
 
 from flawmap import postprocess
 from flawmap.data import Batch, Dataset, Sample, iter_batches, samples_from_paths
-from flawmap.data.loader import pil_to_array
+from flawmap.data.loader import DecodedImage, iter_images, pil_to_array
 from flawmap.runtime import Runtime
+from flawmap.tiling import Tiling
 
 #: What ``fit`` and ``predict`` accept: a path (dataset folder, image folder or image file), a
 #: Dataset, a uint8 image array, or a sequence of any of these.
@@ -57,7 +59,12 @@ class Predictor:
     method : str
         The method's registered name.
     image_size : int
-        ``S``: images are resized to ``S x S`` for the network.
+        ``S``: images (or tiles) are resized to ``S x S`` for the network.
+    tile_size : int or None
+        ``T``: cut images into ``T x T`` tiles at native resolution (:mod:`flawmap.tiling`);
+        None (the default of a subclass that does not set it) resizes whole images.
+    tile_overlap : int
+        Smallest overlap of neighbouring tiles, in pixels.
     runtime : Runtime
         How the model runs here (batch size, decoding threads, progress, device).
     threshold_ : float
@@ -68,6 +75,8 @@ class Predictor:
 
     method: str
     image_size: int
+    tile_size: int | None = None
+    tile_overlap: int = 0
     runtime: Runtime
     threshold_: float
     map_low_: float
@@ -82,13 +91,9 @@ class Predictor:
     ) -> Iterator[tuple[Prediction, np.ndarray | None]]:
         """Stream ``(Prediction, mask)`` pairs; masks (bool, original size) only with ``load_masks``."""
         self._check_is_fitted()
-        for batch in self._batches(samples, skip_invalid, "predicting", load_masks=load_masks):
-            image_scores, maps = self.score_images(batch.images)
-            for sample, score, anomaly_map, original_hw, mask in zip(
-                batch.samples, image_scores.tolist(), maps, batch.original_hw, batch.masks
-            ):
-                full_map = postprocess.to_original_size(anomaly_map, original_hw)
-                yield Prediction(sample, score, score > self.threshold_, full_map), mask
+        for sample, score, anomaly_map, original_hw, mask in self._scored(samples, skip_invalid, "predicting", load_masks):
+            full_map = postprocess.to_original_size(anomaly_map, original_hw)
+            yield Prediction(sample, score, score > self.threshold_, full_map), mask
 
     def score_images(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Images (B, 3, S, S) float32 in [0, 1] to image scores (B,) and smoothed maps (B, S, S),
@@ -99,8 +104,41 @@ class Predictor:
         """The method's hyper-parameters as a plain dict (JSON values)."""
         raise NotImplementedError
 
+    def tiling(self) -> Tiling | None:
+        """How this model cuts images into tiles; None when it resizes whole images."""
+        if self.tile_size is None:
+            return None
+        return Tiling(self.tile_size, self.tile_overlap, self.image_size)
+
     def _check_is_fitted(self) -> None:
         """Raise FlawmapError unless the model can score (an exported model always can)."""
+
+    def _scored(
+        self, samples: Sequence[Sample | np.ndarray], skip_invalid: bool, what: str, load_masks: bool = False
+    ) -> Iterator[tuple[Sample, float, np.ndarray, tuple[int, int], np.ndarray | None]]:
+        """``(sample, score, map, original_hw, mask)`` per image, in order; the map is ``S x S``,
+        or for a tiled model the stitched map at the image's size."""
+        tiling = self.tiling()
+        if tiling is None:
+            for batch in self._batches(samples, skip_invalid, what, load_masks=load_masks):
+                image_scores, maps = self.score_images(batch.images)
+                yield from zip(batch.samples, image_scores.tolist(), maps, batch.original_hw, batch.masks)
+            return
+        for image in self._images(samples, skip_invalid, what, load_masks):
+            score, anomaly_map = tiling.score_image(image.pixels, self.score_images, self.runtime.batch_size)
+            yield image.sample, score, anomaly_map, image.original_hw, image.mask
+
+    def _images(
+        self, samples: Sequence[Sample | np.ndarray], skip_invalid: bool, what: str, load_masks: bool = False
+    ) -> Iterator[DecodedImage]:
+        """The images at their own size, one at a time (for tiling)."""
+        return iter_images(
+            samples,
+            num_workers=self.runtime.num_workers,
+            load_masks=load_masks,
+            skip_invalid=skip_invalid,
+            progress=what if self.runtime.progress else None,
+        )
 
     def _batches(
         self, samples: Sequence[Sample | np.ndarray], skip_invalid: bool, what: str, load_masks: bool = False

@@ -5,7 +5,8 @@ A search index holds a fixed set of vectors and answers four verbs (:class:`Sear
 its tensors for saving. Methods build indexes with :func:`build_search`, save them with
 :func:`search_state` and restore them with :func:`search_from_state`; the backend's name travels
 in the tensor names, so a faiss or GPU backend can be registered in :data:`SEARCH_BACKENDS`
-without any method changing.
+without any method changing (:mod:`flawmap.search_faiss` registers ``"faiss-flat"`` and
+``"faiss-ivfpq"`` when imported, as :mod:`flawmap.models` does).
 
 The first backend, ``"torch"`` (:class:`TorchSearch`), is an ``nn.Module`` whose vectors are
 buffers: it moves between devices with its scorer and exports with it. Distances are computed in
@@ -17,7 +18,7 @@ accurate in float32.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
@@ -67,9 +68,12 @@ def build_search(
     backend: str = DEFAULT_BACKEND,
     low_precision: torch.dtype | None = None,
     storage_dtype: torch.dtype = torch.float32,
+    **settings: Any,
 ) -> SearchIndex:
-    """An index over ``vectors`` (N, D) from the registered ``backend``."""
-    return SEARCH_BACKENDS.get(backend).from_vectors(vectors, low_precision=low_precision, storage_dtype=storage_dtype)
+    """An index over ``vectors`` (N, D) from the registered ``backend``; ``settings`` are the
+    backend's own (e.g. ``nlist`` of faiss-ivfpq, :mod:`flawmap.search_faiss`)."""
+    factory = SEARCH_BACKENDS.get(backend)
+    return factory.from_vectors(vectors, low_precision=low_precision, storage_dtype=storage_dtype, **settings)
 
 
 def all_vectors(search: SearchIndex) -> torch.Tensor:

@@ -31,7 +31,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -88,6 +88,24 @@ class History:
     losses: list[float]
     validation_losses: list[float]
     selected_epoch: int
+
+
+def cache_batches(batches: Iterable[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
+    """Concatenate embedded batches (each a sequence of tensors ``B x ...``) into one float16
+    CPU tensor ``N x ...`` per position in the sequence: a trained method's training data.
+
+    The batches are consumed completely before concatenating, so the result is built outside
+    the inference mode the shared pipeline embeds in, and can take part in training.
+    """
+    stored: list[list[torch.Tensor]] = []
+    for batch in batches:
+        if not stored:
+            stored = [[] for _ in batch]
+        for parts, tensor in zip(stored, batch):
+            parts.append(tensor.to("cpu", torch.float16).contiguous())
+    if not stored:
+        raise FlawmapError("no valid training image left: every image was skipped")
+    return [torch.cat(parts) for parts in stored]
 
 
 def train(

@@ -4,6 +4,7 @@ Pillow releases the GIL while decoding and resizing, so a few threads keep the b
 At most about two batches are decoded ahead of the consumer, so memory stays bounded however
 many samples are given, and batches come out in input order. Batches are numpy arrays, so that
 exported models predict without torch; torch code wraps them with ``torch.from_numpy``.
+:func:`iter_images` streams images at their own size instead, one at a time, for tiled models.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from __future__ import annotations
 import sys
 import warnings
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -30,6 +32,9 @@ _BATCHES_AHEAD = 2
 PATCH_STRIDE = 8
 """Input pixels per cell of the finest patch grid (stride-8 features): an image needs at least
 ``image_size / PATCH_STRIDE`` pixels a side to give every grid cell its own pixel."""
+
+
+_Combined = TypeVar("_Combined")
 
 
 class InvalidImageWarning(UserWarning):
@@ -60,8 +65,9 @@ class Batch:
 
 
 @dataclass
-class _Decoded:
-    """One decoded sample: ``pixels`` is ``uint8`` of shape ``S x S x 3``."""
+class DecodedImage:
+    """One decoded sample: ``pixels`` is ``uint8`` of shape ``S x S x 3`` (resized) or
+    ``H x W x 3`` (at its own size, :func:`iter_images`); ``mask`` as in :class:`Batch`."""
 
     sample: Sample
     pixels: np.ndarray
@@ -105,35 +111,52 @@ def iter_batches(
         if value < 1:
             raise FlawmapError(f"{name} must be at least 1, got {value}")
     items = [_as_sample(item, index) for index, item in enumerate(samples)]
-    return _generate_batches(items, image_size, batch_size, num_workers, load_masks, skip_invalid, progress)
+    return _generate(items, image_size, batch_size, num_workers, load_masks, skip_invalid, progress, _stack)
 
 
-def _generate_batches(
+def iter_images(
+    samples: Sequence[Sample | np.ndarray],
+    num_workers: int = 2,
+    load_masks: bool = False,
+    skip_invalid: bool = False,
+    progress: str | None = None,
+) -> Iterator[DecodedImage]:
+    """Decode ``samples`` at their own size (no resize), one at a time, in order: what tiled
+    models (:mod:`flawmap.tiling`) cut. Arguments and errors as for :func:`iter_batches`."""
+    if num_workers < 1:
+        raise FlawmapError(f"num_workers must be at least 1, got {num_workers}")
+    items = [_as_sample(item, index) for index, item in enumerate(samples)]
+    return _generate(items, None, 1, num_workers, load_masks, skip_invalid, progress, lambda decoded: decoded[0])
+
+
+def _generate(
     items: list[tuple[Sample, np.ndarray | None]],
-    image_size: int,
+    image_size: int | None,
     batch_size: int,
     num_workers: int,
     load_masks: bool,
     skip_invalid: bool,
     progress: str | None,
-) -> Iterator[Batch]:
-    """The generator behind :func:`iter_batches`, once its arguments are checked."""
+    combine: Callable[[list[DecodedImage]], _Combined],
+) -> Iterator[_Combined]:
+    """The generator behind :func:`iter_batches` and :func:`iter_images`, once their arguments
+    are checked: groups of ``batch_size`` decoded samples, each passed through ``combine``."""
     bar = tqdm(
         total=len(items), desc=progress, disable=progress is None, mininterval=0.5, leave=False,
         file=sys.stderr, unit="img",
     )
     executor = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="flawmap-decode")
-    pending: deque[tuple[Sample, Future[_Decoded]]] = deque()
-    decoded: list[_Decoded] = []
+    pending: deque[tuple[Sample, Future[DecodedImage]]] = deque()
+    decoded: list[DecodedImage] = []
     try:
         for sample, array in items:
             pending.append((sample, executor.submit(_decode, sample, array, image_size, load_masks)))
             if len(pending) > _BATCHES_AHEAD * batch_size:
-                yield from _collect(pending.popleft(), decoded, batch_size, skip_invalid, bar)
+                yield from _collect(pending.popleft(), decoded, batch_size, skip_invalid, bar, combine)
         while pending:
-            yield from _collect(pending.popleft(), decoded, batch_size, skip_invalid, bar)
+            yield from _collect(pending.popleft(), decoded, batch_size, skip_invalid, bar, combine)
         if decoded:
-            yield _stack(decoded)
+            yield combine(decoded)
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
         bar.close()
@@ -156,13 +179,14 @@ def pil_to_array(image: Image.Image) -> np.ndarray:
 
 
 def _collect(
-    entry: tuple[Sample, Future[_Decoded]],
-    decoded: list[_Decoded],
+    entry: tuple[Sample, Future[DecodedImage]],
+    decoded: list[DecodedImage],
     batch_size: int,
     skip_invalid: bool,
     bar: tqdm,
-) -> Iterator[Batch]:
-    """Append one finished decode to ``decoded``; yield and empty it once it holds a batch."""
+    combine: Callable[[list[DecodedImage]], _Combined],
+) -> Iterator[_Combined]:
+    """Append one finished decode to ``decoded``; yield it combined and empty it once it holds a batch."""
     sample, future = entry
     bar.update(1)
     try:
@@ -174,27 +198,29 @@ def _collect(
         warnings.warn(f"skipping {reason}", InvalidImageWarning, stacklevel=3)
         return
     if len(decoded) == batch_size:
-        yield _stack(decoded)
+        yield combine(decoded)
         decoded.clear()
 
 
-def _decode(sample: Sample, array: np.ndarray | None, image_size: int, load_masks: bool) -> _Decoded:
-    """Read (or take) one image, resize it to ``image_size`` squared and read its mask if asked."""
+def _decode(sample: Sample, array: np.ndarray | None, image_size: int | None, load_masks: bool) -> DecodedImage:
+    """Read (or take) one image, resize it to ``image_size`` squared (None: keep its size) and
+    read its mask if asked."""
     if array is None:
         image = open_rgb_image(sample.image_path)
     else:
         image = Image.fromarray(_array_to_rgb(array, sample.image_path))
     original_hw = (image.height, image.width)
-    min_side = max(1, image_size // PATCH_STRIDE)
+    min_side = 1 if image_size is None else max(1, image_size // PATCH_STRIDE)
     if min(original_hw) < min_side:
         height, width = original_hw
         raise FlawmapError(
             f"{sample.image_path}: image is {width}x{height}, smaller than the model's {min_side}x{min_side} patch grid "
             f"(at least {min_side} pixels a side are needed)"
         )
-    resized = image.resize((image_size, image_size), Image.BILINEAR, reducing_gap=None)
+    if image_size is not None:
+        image = image.resize((image_size, image_size), Image.BILINEAR, reducing_gap=None)
     mask = _read_sample_mask(sample, original_hw) if load_masks else None
-    return _Decoded(sample=sample, pixels=np.asarray(resized), original_hw=original_hw, mask=mask)
+    return DecodedImage(sample=sample, pixels=np.asarray(image), original_hw=original_hw, mask=mask)
 
 
 def _array_to_rgb(array: np.ndarray, name: Path) -> np.ndarray:
@@ -218,14 +244,18 @@ def _read_sample_mask(sample: Sample, original_hw: tuple[int, int]) -> np.ndarra
     return None
 
 
-def _stack(decoded: list[_Decoded]) -> Batch:
+def _stack(decoded: list[DecodedImage]) -> Batch:
     """One :class:`Batch` from decoded samples: ``uint8 B x S x S x 3`` to ``float B x 3 x S x S``."""
-    pixels = np.stack([item.pixels for item in decoded])
-    images = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2), dtype=np.float32)
-    images /= np.float32(255.0)
     return Batch(
-        images=images,
+        images=to_float_images(np.stack([item.pixels for item in decoded])),
         samples=[item.sample for item in decoded],
         original_hw=[item.original_hw for item in decoded],
         masks=[item.mask for item in decoded],
     )
+
+
+def to_float_images(pixels: np.ndarray) -> np.ndarray:
+    """``uint8 B x H x W x 3`` to C-contiguous ``float32 B x 3 x H x W`` in [0, 1]."""
+    images = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2), dtype=np.float32)
+    images /= np.float32(255.0)
+    return images

@@ -6,17 +6,20 @@ from typing import Any
 from flawmap.errors import FlawmapError
 
 from flawmap.models.base import METHODS, AnomalyModel, PatchScores, Scorer, load_model, register_method
+from flawmap.models.fyd import Fyd
 from flawmap.models.mkd import MKD
 from flawmap.models.padim import Padim
 from flawmap.models.patchcore import PatchCore
 from flawmap.models.rlr import RLR
 from flawmap.models.sfr import SFR
 from flawmap.models.spade import Spade
+from flawmap.models.students import UninformedStudents
 from flawmap.prediction import Prediction
 from flawmap.runtime import Runtime
 
 __all__ = [
-    "METHODS", "MKD", "AnomalyModel", "Padim", "PatchCore", "PatchScores", "Prediction", "RLR", "SFR", "Scorer", "Spade",
+    "METHODS", "MKD", "AnomalyModel", "Fyd", "Padim", "PatchCore", "PatchScores", "Prediction", "RLR", "SFR", "Scorer",
+    "Spade", "UninformedStudents",
     "create_model", "list_methods", "load_model", "register_method",
 ]
 

@@ -42,6 +42,16 @@ One mechanism serves every method, through one more hook:
 
 ``calibration_images_`` are those held-out images, or for cross-fitted methods the first
 :data:`KEPT_CROSS_FIT_IMAGES` training images (kept for checks such as the export parity test).
+
+Tiled models (``tile_size`` set, :mod:`flawmap.tiling`) learn from every tile of every training
+image: each tile reaches ``_learn`` as one image (``n_train_images_`` counts tiles). Their
+threshold must be a quantile of *whole-image* scores, as in prediction, so every method holds
+out ``calibration_fraction`` of the images (by the same hash) and scores them whole after
+learning, tiled and stitched. Cross-fitting is not used for them: leaving one tile out would
+leave its overlapping neighbours in, which hold the same pixels, and bias the scores low. The
+held-out images are not kept (they may be huge): each fit scores its own, and the scores of
+earlier fits are kept as they were computed; ``calibration_images_`` are the first
+:data:`KEPT_CROSS_FIT_IMAGES` training tiles.
 """
 
 from __future__ import annotations
@@ -69,6 +79,7 @@ from flawmap.errors import FlawmapError
 from flawmap.prediction import ImageInput, Predictor, prediction_samples
 from flawmap.registry import Registry
 from flawmap.runtime import Runtime, autocast
+from flawmap.tiling import check_tiling
 
 METHODS: Registry[type["AnomalyModel"]] = Registry("method")
 #: Training images a cross-fitted model keeps as ``calibration_images_`` (for checks).
@@ -167,7 +178,12 @@ class AnomalyModel(Predictor):
     taps : tuple of str or None
         Backbone stages to read; None uses the backbone's stride-8 and stride-16 stages.
     image_size : int
-        Images are resized to ``image_size x image_size`` for the network.
+        Images (or tiles) are resized to ``image_size x image_size`` for the network.
+    tile_size : int or None
+        Cut images into ``tile_size`` square tiles at native resolution instead of resizing
+        them whole (:mod:`flawmap.tiling`); usually equal to ``image_size``. None: no tiling.
+    tile_overlap : int
+        Smallest overlap of neighbouring tiles in pixels, at most ``tile_size / 2``.
     sigma : float
         Gaussian smoothing of the anomaly map, in input pixels.
     calibration_fraction : float
@@ -199,6 +215,8 @@ class AnomalyModel(Predictor):
     weights: str | None = None
     taps: tuple[str, ...] | None = None
     image_size: int = 256
+    tile_size: int | None = None
+    tile_overlap: int = 32
     sigma: float = postprocess.DEFAULT_SIGMA
     calibration_fraction: float = 0.1
     false_alarm_rate: float = 0.01
@@ -252,20 +270,23 @@ class AnomalyModel(Predictor):
             self.calibration_scores_, self.calibration_map_maxima_, self.calibration_map_medians_ = [], [], []
         self.set_runtime()
         start = time.perf_counter()
-        fit_samples, held_out = (samples, []) if self.cross_fits else self._hold_out(samples, first, skip_invalid)
+        cross_fit = self._cross_fitted()
+        fit_samples, held_out = (samples, []) if cross_fit else self._hold_out(samples, first, skip_invalid)
         seconds = {"features": 0.0}
-        scored = _cross_fit_keys(fit_samples, self.random_state) if self.cross_fits else None
+        scored = _cross_fit_keys(fit_samples, self.random_state) if cross_fit else None
         training = _EmbeddedTraining(self.n_train_images_, scored)
         if fit_samples:
             self._learn(_timed(self._embedded_batches(fit_samples, skip_invalid, training), seconds))
             self.set_runtime()  # new fitted tensors follow the device and precision
-        if not training.numbers and (first or self.cross_fits):
+        if not training.count and (first or cross_fit):
             raise FlawmapError("no valid training image left: every image was skipped")
         learned = time.perf_counter()
-        self.n_train_images_ += len(training.numbers)
+        self.n_train_images_ += training.count
         self.n_fits_ += 1
-        if self.cross_fits:
+        if cross_fit:
             self._add_left_out_scores(fit_samples, training, skip_invalid)
+        elif self.tile_size is not None:
+            self._score_held_out_whole(held_out, skip_invalid)
         else:
             self._rescore_held_out(held_out)
         self.calibrate_threshold()
@@ -294,16 +315,14 @@ class AnomalyModel(Predictor):
             samples = prediction_samples(images)
         if not samples:
             raise FlawmapError("no images given to calibrate on")
-        scores: list[tuple[np.ndarray, np.ndarray]] = []
-        for batch in self._batches(samples, skip_invalid, "calibrating"):
-            scores.append(self.score_images(batch.images))
-        if not scores:
+        scored = self._scored(samples, skip_invalid, "calibrating")
+        summaries = [_normal_summary(score, anomaly_map) for _, score, anomaly_map, _, _ in scored]
+        if not summaries:
             raise FlawmapError("no valid calibration image left: every image was skipped")
         if false_alarm_rate is not None:
             self.false_alarm_rate = false_alarm_rate
         self.calibration_scores_, self.calibration_map_maxima_, self.calibration_map_medians_ = [], [], []
-        for image_scores, maps in scores:
-            self._add_normal_scores(image_scores, maps)
+        self._add_normal_scores(summaries)
         self.calibrate_threshold(f"calibrate: {len(self.calibration_scores_)} new normal images")
         return self
 
@@ -311,7 +330,10 @@ class AnomalyModel(Predictor):
         """Set ``threshold_`` (and the overlays' ``map_low_``, ``map_high_``) from the stored
         normal scores at ``false_alarm_rate``; returns the :class:`Calibration` (also ``calibration_``)."""
         if source is None:
-            how = "cross-fit, each training image scored leave-one-out" if self.cross_fits else "held-out normal images"
+            if self._cross_fitted():
+                how = "cross-fit, each training image scored leave-one-out"
+            else:
+                how = "held-out normal images" + (", tiled and scored whole" if self.tile_size is not None else "")
             source = f"{how} ({len(self.calibration_scores_)} images)"
         calibration = calibrate_threshold(
             np.asarray(self.calibration_scores_), self.false_alarm_rate, source=source, random_state=self.random_state
@@ -392,6 +414,8 @@ class AnomalyModel(Predictor):
     def _validate_params(self) -> None:
         if self.image_size < 32 or self.image_size % 8:
             raise FlawmapError(f"image_size must be a multiple of 8 and at least 32, got {self.image_size}")
+        if self.tile_size is not None:
+            check_tiling(self.tile_size, self.tile_overlap)
         if not 0.0 < self.calibration_fraction < 1.0:
             raise FlawmapError(f"calibration_fraction must be in (0, 1), got {self.calibration_fraction}")
         check_false_alarm_rate(self.false_alarm_rate)
@@ -406,9 +430,11 @@ class AnomalyModel(Predictor):
         each image's identity (its folder and file name, or an array's pixels): the same images
         are held out whether they come in one fit or in several, and wherever the dataset lies.
 
-        Returns the samples to learn from and the held-out images, decoded (uint8, 3 x S x S).
-        A first fit holds out at least one valid image (with ``skip_invalid``, the next images
-        by hash replace unreadable ones) and keeps at least one to learn from.
+        Returns the samples to learn from and the held-out images, decoded (uint8, 3 x S x S);
+        for a tiled model the held-out samples themselves (scored whole after learning). A
+        first fit holds out at least one valid image (with ``skip_invalid``, the next images by
+        hash replace unreadable ones; not checked here for a tiled model) and keeps at least
+        one to learn from.
         """
         if not samples:
             raise FlawmapError("no training images given")
@@ -418,6 +444,9 @@ class AnomalyModel(Predictor):
         if first:
             n_held = min(max(n_held, 1), len(samples) - 1)
         held, decoded = order[:n_held], []
+        if self.tile_size is not None:
+            kept = set(held)
+            return [sample for i, sample in enumerate(samples) if i not in kept], [samples[i] for i in held]
         while True:
             decoded = [image for batch in self._batches([samples[i] for i in held], skip_invalid, "holding out")
                        for image in _to_uint8(batch.images)]
@@ -431,11 +460,19 @@ class AnomalyModel(Predictor):
         self, samples: Sequence[Sample | np.ndarray], skip_invalid: bool, training: "_EmbeddedTraining"
     ) -> Iterator[Any]:
         """The scorer's features of each batch, computed in inference mode (yielded outside it);
-        ``training`` numbers the embedded images (and keeps their features, when asked)."""
-        for batch in self._batches(samples, skip_invalid, "extracting features"):
+        ``training`` numbers the embedded images (and keeps their features, when asked). A tiled
+        model embeds every tile of every image, and keeps the first tiles as calibration images."""
+        tiling = self.tiling()
+        if tiling is None:
+            batches = self._batches(samples, skip_invalid, "extracting features")
+        else:
+            batches = tiling.tile_batches(self._images(samples, skip_invalid, "extracting features"), self.runtime.batch_size)
+        for batch in batches:
             with torch.inference_mode():
                 features = self.scorer_.embed(torch.from_numpy(batch.images).to(self.runtime.torch_device))
             training.add(batch, features)
+            if tiling is not None:
+                self._keep_calibration_images(_to_uint8(batch.images[:KEPT_CROSS_FIT_IMAGES]))
             yield features
 
     def _add_left_out_scores(
@@ -465,7 +502,12 @@ class AnomalyModel(Predictor):
         B x 3 x S x S) as ``calibration_images_``."""
         with torch.inference_mode():
             image_scores, maps = self._postprocess(self._left_out_scores(features, image_ids))
-        self._add_normal_scores(image_scores, maps)
+        self._add_normal_scores(map(_normal_summary, image_scores.tolist(), maps))
+        self._keep_calibration_images(images)
+
+    def _keep_calibration_images(self, images: np.ndarray) -> None:
+        """Add the first of ``images`` (uint8 B x 3 x S x S) to ``calibration_images_``, up to
+        :data:`KEPT_CROSS_FIT_IMAGES` in all."""
         room = KEPT_CROSS_FIT_IMAGES - self.calibration_images_.shape[0]
         if room > 0 and len(images):
             self.calibration_images_ = torch.cat([self.calibration_images_, torch.from_numpy(images[:room])])
@@ -479,19 +521,33 @@ class AnomalyModel(Predictor):
         self.calibration_scores_, self.calibration_map_maxima_, self.calibration_map_medians_ = [], [], []
         for start in range(0, self.calibration_images_.shape[0], self.runtime.batch_size):
             images = self.calibration_images_[start : start + self.runtime.batch_size].float().div_(255.0)
-            self._add_normal_scores(*self.score_images(images))
+            image_scores, maps = self.score_images(images)
+            self._add_normal_scores(map(_normal_summary, image_scores.tolist(), maps))
 
-    def _add_normal_scores(self, image_scores: np.ndarray, maps: np.ndarray) -> None:
-        """Record out-of-sample normal image scores (B,) and their maps' maxima and medians (B, S, S)."""
-        self.calibration_scores_ += image_scores.tolist()
-        self.calibration_map_maxima_ += maps.max(axis=(1, 2)).tolist()
-        self.calibration_map_medians_ += np.median(maps.reshape(maps.shape[0], -1), axis=1).tolist()
+    def _score_held_out_whole(self, samples: list[Sample | np.ndarray], skip_invalid: bool) -> None:
+        """Tiled models: add the whole-image scores of this fit's held-out images (tiled and
+        stitched as in prediction) to those of earlier fits."""
+        scored = self._scored(samples, skip_invalid, "calibrating")
+        self._add_normal_scores(_normal_summary(score, anomaly_map) for _, score, anomaly_map, _, _ in scored)
+        if not self.calibration_scores_:
+            raise FlawmapError("no valid calibration image left: every held-out image was skipped")
+
+    def _add_normal_scores(self, summaries: Iterable[tuple[float, float, float]]) -> None:
+        """Record out-of-sample normal images' ``(score, map maximum, map median)`` (:func:`_normal_summary`)."""
+        for score, maximum, median in summaries:
+            self.calibration_scores_.append(score)
+            self.calibration_map_maxima_.append(maximum)
+            self.calibration_map_medians_.append(median)
 
     def _postprocess(self, scored: PatchScores) -> tuple[np.ndarray, np.ndarray]:
         """Scorer output to image scores (B,) and smoothed maps (B, S, S), float32 numpy."""
         maps = postprocess.anomaly_maps(scored.patch_scores, self.image_size, self.sigma)
         image_scores = maps.amax(dim=(1, 2)) if scored.image_scores is None else scored.image_scores.cpu()
         return image_scores.float().numpy(), maps.numpy()
+
+    def _cross_fitted(self) -> bool:
+        """Whether fits calibrate on leave-one-out scores of the training images (module docstring)."""
+        return self.cross_fits and self.tile_size is None
 
     def _check_is_fitted(self) -> None:
         if not self.is_fitted():
@@ -527,7 +583,10 @@ def load_model(directory: str | Path, **runtime_settings: Any) -> AnomalyModel:
     model_class = METHODS.get(config["method"]) if config["method"] in METHODS else None
     if model_class is None:
         raise FlawmapError(f"{config_path}: unknown method {config['method']!r}; choose one of: {', '.join(METHODS.names())}")
-    params = io.check_params(config_path, config["params"], _param_types(model_class))
+    params = config["params"]
+    if config["format_version"] != io.FORMAT_VERSION and isinstance(params, dict):
+        params = {**_param_defaults(model_class), **params}  # parameters added since it was saved
+    params = io.check_params(config_path, params, _param_types(model_class))
     if params.get("taps") is not None:
         params["taps"] = tuple(params["taps"])
     if "backbone" in files:
@@ -588,6 +647,11 @@ def _param_types(model_class: type[AnomalyModel]) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(model_class) if f.init}
 
 
+def _param_defaults(model_class: type[AnomalyModel]) -> dict[str, Any]:
+    """Hyper-parameter name -> its default value."""
+    return {f.name: f.default for f in dataclasses.fields(model_class) if f.init and f.default is not dataclasses.MISSING}
+
+
 def check_positive_odd(name: str, value: int) -> None:
     """Raise FlawmapError unless the hyper-parameter ``name`` is a positive odd integer."""
     if value < 1 or value % 2 == 0:
@@ -608,6 +672,11 @@ def training_samples(images: ImageInput) -> list[Sample | np.ndarray]:
     return [sample for item in images for sample in training_samples(item)]
 
 
+def _normal_summary(score: float, anomaly_map: np.ndarray) -> tuple[float, float, float]:
+    """What calibration keeps of a normal image: its score and its map's (H x W) maximum and median."""
+    return score, float(anomaly_map.max()), float(np.median(anomaly_map))
+
+
 def _uniform_hash(seed: int, sample: Sample | np.ndarray) -> float:
     """A number in [0, 1) fixed by ``seed`` and the image's identity (path, or array pixels)."""
     digest = hashlib.sha256(f"{seed}\0".encode())
@@ -623,8 +692,9 @@ def _uniform_hash(seed: int, sample: Sample | np.ndarray) -> float:
 class _EmbeddedTraining:
     """What a fit's learning pass leaves for its cross-fitting pass.
 
-    ``numbers`` maps each embedded image's key (its path, or ``<array i>``) to its training image
-    number; ``scored`` are the keys of the images to score leave-one-out (None: no cross-fitting);
+    ``count`` is the number of embedded images (of tiles, for a tiled model: its tiles share
+    their image's key); ``numbers`` maps each embedded image's key (its path, or ``<array i>``)
+    to its training image number; ``scored`` are the keys of the images to score leave-one-out (None: no cross-fitting);
     ``batches`` holds, per batch, ``(image numbers (b,), features on the CPU, the first images as
     uint8)`` of its images in ``scored``, while they fit in :data:`CROSS_FIT_CACHE_BYTES` (None
     beyond, or without cross-fitting).
@@ -632,6 +702,7 @@ class _EmbeddedTraining:
 
     def __init__(self, first_number: int, scored: set[str] | None) -> None:
         self.first_number = first_number
+        self.count = 0
         self.scored = scored
         self.numbers: dict[str, int] = {}
         self.batches: list[tuple[torch.Tensor, Any, np.ndarray]] | None = None if scored is None else []
@@ -640,7 +711,8 @@ class _EmbeddedTraining:
     def add(self, batch: Batch, features: Any) -> None:
         keys = [str(sample.image_path) for sample in batch.samples]
         for key in keys:
-            self.numbers[key] = self.first_number + len(self.numbers)
+            self.numbers[key] = self.first_number + self.count
+            self.count += 1
         if self.batches is None:
             return
         rows = [i for i, key in enumerate(keys) if key in self.scored]

@@ -68,8 +68,10 @@ from torch import nn
 from flawmap import postprocess
 from flawmap.backbones import Backbone, FeatureInfo
 from flawmap.errors import FlawmapError
-from flawmap.models.base import AnomalyModel, PatchScores, Scorer, register_method
-from flawmap.training import fit_checkpoint, train
+from flawmap.features import channel_statistics
+from flawmap.models.base import PatchScores, Scorer, register_method
+from flawmap.models.trained import TrainedModel
+from flawmap.training import cache_batches
 
 LOCALIZATIONS = ("gradient", "discrepancy")
 """The anomaly maps MKD offers (``localization``)."""
@@ -255,9 +257,9 @@ class _Standardization(nn.Module):
 
     def set_from(self, levels: torch.Tensor) -> None:
         """Set mean and std from training outputs (N, C, h, w)."""
-        per_channel = levels.transpose(0, 1).reshape(levels.shape[1], -1).double()
-        self.mean.copy_(per_channel.mean(dim=1))
-        self.std.copy_(per_channel.std(dim=1).clamp_min(1e-6))
+        mean, std = channel_statistics(levels)
+        self.mean.copy_(mean)
+        self.std.copy_(std)
 
     def forward(self, levels: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) -> standardised (B, C, h, w)."""
@@ -266,7 +268,7 @@ class _Standardization(nn.Module):
 
 @register_method("mkd")
 @dataclass(kw_only=True, eq=False)
-class MKD(AnomalyModel):
+class MKD(TrainedModel):
     """Multiresolution knowledge distillation (see module docstring). Method hyper-parameters:
 
     Parameters
@@ -279,18 +281,10 @@ class MKD(AnomalyModel):
         Hidden 3x3 convolutions per tap in the cloner.
     direction_weight : float
         ``lambda``, the weight of the direction loss ``1 - cos`` against the squared distance.
-    epochs, train_batch_size, learning_rate : int, int, float
-        Adam training of the cloner (``epochs`` per fit and per ``partial_fit``).
-    checkpoint_dir : str or None
-        Save the training state there after every epoch and resume from it when present.
 
-    ``taps`` (shared parameter): None taps the deepest stage of each of the backbone's four
-    coarsest strides.
-
-    Attributes
-    ----------
-    train_losses_ : list of float
-        Mean training loss of every epoch of every fit so far.
+    and the training parameters of :class:`flawmap.models.trained.TrainedModel` (Adam training
+    of the cloner; here ``epochs`` 15). ``taps`` (shared parameter): None taps the deepest stage
+    of each of the backbone's four coarsest strides.
 
     Examples
     --------
@@ -305,22 +299,14 @@ class MKD(AnomalyModel):
     depth: int = 1
     direction_weight: float = 0.5
     epochs: int = 15
-    train_batch_size: int = 8
-    learning_rate: float = 1e-3
-    checkpoint_dir: str | None = None
 
     def _validate_method_params(self) -> None:
         if self.localization not in LOCALIZATIONS:
             raise FlawmapError(f"localization must be one of {', '.join(LOCALIZATIONS)}, got {self.localization!r}")
-        if self.width < 2 or self.depth < 1 or self.epochs < 1 or self.train_batch_size < 1:
-            raise FlawmapError(
-                f"need width >= 2 and depth, epochs, train_batch_size >= 1, got width={self.width}, depth={self.depth}, "
-                f"epochs={self.epochs}, train_batch_size={self.train_batch_size}"
-            )
-        if not self.learning_rate > 0.0 or not self.direction_weight >= 0.0:
-            raise FlawmapError(
-                f"need learning_rate > 0 and direction_weight >= 0, got {self.learning_rate} and {self.direction_weight}"
-            )
+        if self.width < 2 or self.depth < 1:
+            raise FlawmapError(f"need width >= 2 and depth >= 1, got width={self.width}, depth={self.depth}")
+        if not self.direction_weight >= 0.0:
+            raise FlawmapError(f"need direction_weight >= 0, got {self.direction_weight}")
 
     def _default_taps(self, backbone: Backbone) -> tuple[str, ...]:
         """The deepest stage of each of the backbone's four coarsest strides."""
@@ -341,36 +327,21 @@ class MKD(AnomalyModel):
 
     def _learn(self, feature_batches: Iterable[torch.Tensor]) -> None:
         images, levels = self._cache(feature_batches)
-        earlier_losses = getattr(self, "train_losses_", None)
-        if earlier_losses is None:  # first fit: standardise with its outputs
+        if self.n_fits_ == 0:  # first fit: standardise with its outputs
             for standardization, level in zip(self.scorer_.learned["standardization"], levels):
                 standardization.set_from(level)
-        device = self.runtime.torch_device
-        history = train(
-            self.scorer_.cloner,
-            [tensor.to(device) for tensor in (images, *levels)],
-            self.scorer_.training_loss,
-            epochs=self.epochs,
-            batch_size=self.train_batch_size,
-            learning_rate=self.learning_rate,
-            seed=self.random_state + self.n_fits_,
-            checkpoint=fit_checkpoint(self, earlier_losses or []),
-            progress="training mkd" if self.runtime.progress else None,
-        )
-        self.train_losses_ = (earlier_losses or []) + history.losses
+        self._train(self.scorer_.cloner, [images, *levels], self.scorer_.training_loss, "mkd")
 
     def _cache(self, image_batches: Iterable[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The training images (N, 3, S, S) and the source's raw tap outputs (N, C_l, h_l, w_l),
         float16 on the CPU: the source runs once per fit, not once per epoch."""
-        images, levels = [], []
-        for batch in image_batches:
-            with torch.no_grad(), self.scorer_.autocast(batch.device):
-                outputs = self.scorer_.backbone.features(batch, self.scorer_.taps)
-            images.append(batch.to("cpu", torch.float16))
-            levels.append([level.to("cpu", torch.float16).contiguous() for level in outputs])
-        if not images:
-            raise FlawmapError("no valid training image left: every image was skipped")
-        return torch.cat(images), [torch.cat(per_tap) for per_tap in zip(*levels)]
+        images, *levels = cache_batches((batch, *self._source_outputs(batch)) for batch in image_batches)
+        return images, levels
+
+    def _source_outputs(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The source's raw tap outputs of images (B, 3, S, S)."""
+        with torch.no_grad(), self.scorer_.autocast(images.device):
+            return self.scorer_.backbone.features(images, self.scorer_.taps)
 
     def to_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         return {"train_losses_": self.train_losses_}, dict(self.scorer_.learned.state_dict())

@@ -216,11 +216,13 @@ class Padim(AnomalyModel):
             raise FlawmapError(f"epsilon must be positive, got {self.epsilon}")
 
     def _new_scorer(self, backbone: Backbone, taps: tuple[str, ...]) -> PadimScorer:
-        """A scorer with ``n_features`` channels drawn from ``random_state`` (sorted)."""
+        return PadimScorer(backbone, taps, self._channel_indices(backbone, taps))
+
+    def _channel_indices(self, backbone: Backbone, taps: tuple[str, ...]) -> torch.Tensor:
+        """``n_features`` of the tapped channels (d,), drawn from ``random_state``, sorted."""
         n_channels = sum(info.channels for info in backbone.tap_info(taps))
         generator = torch.Generator().manual_seed(self.random_state)
-        channel_indices = torch.randperm(n_channels, generator=generator)[: self.n_features].sort().values
-        return PadimScorer(backbone, taps, channel_indices)
+        return torch.randperm(n_channels, generator=generator)[: self.n_features].sort().values
 
     def _learn(self, feature_batches: Iterable[torch.Tensor]) -> None:
         gaussians = GaussianAccumulator()
@@ -231,7 +233,7 @@ class Padim(AnomalyModel):
             new.add(flatten_positions(batch))
         gaussians.update(new)  # the model changes only once every new batch was read
         if gaussians.count < 2:
-            raise FlawmapError(f"PaDiM needs at least 2 training images besides the calibration ones, got {gaussians.count}")
+            raise FlawmapError(f"{self.method} needs at least 2 training images, got {gaussians.count}")
         self._set_gaussians(gaussians)
 
     def _left_out_scores(self, features: torch.Tensor, image_ids: torch.Tensor) -> PatchScores:

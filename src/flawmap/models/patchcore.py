@@ -32,8 +32,9 @@ from flawmap.backbones import Backbone
 from flawmap.coreset import StreamingCoreset
 from flawmap.errors import FlawmapError
 from flawmap.features import flatten_patches, locally_aware_patches
-from flawmap.models.base import AnomalyModel, PatchScores, Scorer, check_positive_odd, register_method
-from flawmap.search import SearchIndex, all_vectors, build_search, search_from_state, search_state
+from flawmap.models.base import PatchScores, Scorer, check_positive_odd, register_method
+from flawmap.models.memory_bank import MemoryBankModel
+from flawmap.search import SearchIndex, all_vectors, search_from_state, search_state
 
 
 #: Nearest bank rows searched per training patch when scoring it leave-one-out; the rare patch
@@ -98,8 +99,9 @@ class PatchCoreScorer(Scorer):
 
 @register_method("patchcore")
 @dataclass(kw_only=True, eq=False)
-class PatchCore(AnomalyModel):
-    """PatchCore anomaly detector (see module docstring). Method hyper-parameters:
+class PatchCore(MemoryBankModel):
+    """PatchCore anomaly detector (see module docstring). Method hyper-parameters (and the bank's
+    ``search``, ``nlist``, ``nprobe``, ``pq_m``: :class:`flawmap.models.memory_bank.MemoryBankModel`):
 
     Parameters
     ----------
@@ -147,7 +149,7 @@ class PatchCore(AnomalyModel):
             sources = torch.arange(next_image, next_image + n_images).repeat_interleave(grid_h * grid_w)
             coreset.add(flatten_patches(batch).cpu(), sources)
             next_image += n_images
-        self.scorer_.search = build_search(coreset.result())
+        self.scorer_.search = self._build_search(coreset.result())
         self.coreset_state_ = coreset.state()
 
     def _left_out_scores(self, features: torch.Tensor, image_ids: torch.Tensor) -> PatchScores:

@@ -67,7 +67,8 @@ from flawmap.backbones import Backbone
 from flawmap.coreset import CORESET_SHARD_ROWS, StreamingCoreset, StreamingRandomSample
 from flawmap.errors import FlawmapError
 from flawmap.features import flatten_patches, locally_aware_patches
-from flawmap.models.base import AnomalyModel, PatchScores, Scorer, check_positive_odd, register_method
+from flawmap.models.base import PatchScores, Scorer, check_positive_odd, register_method
+from flawmap.models.memory_bank import MemoryBankModel
 from flawmap.search import SearchIndex, all_vectors, build_search, row_chunks, search_from_state, search_state
 
 #: How the bank is sampled from the training patches: ``"sparse"`` (steps 2-4), or, for
@@ -121,16 +122,17 @@ class SFRScorer(Scorer):
             queries, self.search, self.dictionary_size, self.sparsity, self.ridge, self.atom_sq_norm, among=among
         )
 
-    def set_bank(self, bank: torch.Tensor) -> None:
-        """Score against ``bank`` (M, D) from now on."""
-        self.search = build_search(bank)
+    def set_bank(self, bank: torch.Tensor, search: SearchIndex) -> None:
+        """Score against ``bank`` (M, D), indexed by ``search``, from now on."""
+        self.search = search
         self.atom_sq_norm = bank.float().square().sum(dim=1).mean()  # s^2 of Eq. (2)
 
 
 @register_method("sfr")
 @dataclass(kw_only=True, eq=False)
-class SFR(AnomalyModel):
-    """Subspace-guided feature reconstruction (see module docstring). Method hyper-parameters:
+class SFR(MemoryBankModel):
+    """Subspace-guided feature reconstruction (see module docstring). Method hyper-parameters (and
+    the bank's ``search``, ``nlist``, ``nprobe``, ``pq_m``: :class:`flawmap.models.memory_bank.MemoryBankModel`):
 
     Parameters
     ----------
@@ -222,7 +224,7 @@ class SFR(AnomalyModel):
                 )
                 kept = usage.topk(n_bank).indices.cpu()  # step 4
                 pool, pool_sources = pool[kept], pool_sources[kept]
-        self.scorer_.set_bank(pool)
+        self.scorer_.set_bank(pool, self._build_search(pool))
         self.bank_sources_ = pool_sources
 
     def _left_out_scores(self, features: torch.Tensor, image_ids: torch.Tensor) -> PatchScores:

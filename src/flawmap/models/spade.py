@@ -33,7 +33,8 @@ import torch
 from flawmap.backbones import Backbone
 from flawmap.errors import FlawmapError
 from flawmap.features import flatten_patches, fuse_levels
-from flawmap.models.base import AnomalyModel, PatchScores, Scorer, register_method
+from flawmap.models.base import PatchScores, Scorer, register_method
+from flawmap.models.memory_bank import MemoryBankModel
 from flawmap.search import SearchIndex, all_vectors, build_search, search_from_state, search_state
 
 #: Storage type of the training patch features.
@@ -109,8 +110,10 @@ class SpadeScorer(Scorer):
 
 @register_method("spade")
 @dataclass(kw_only=True, eq=False)
-class Spade(AnomalyModel):
-    """SPADE anomaly detector (see module docstring). Method hyper-parameters:
+class Spade(MemoryBankModel):
+    """SPADE anomaly detector (see module docstring). Method hyper-parameters (and the patch
+    bank's ``search``, ``nlist``, ``nprobe``, ``pq_m``: :class:`flawmap.models.memory_bank.MemoryBankModel`;
+    the small index of pooled image features is always searched exactly):
 
     Parameters
     ----------
@@ -151,7 +154,7 @@ class Spade(AnomalyModel):
             pooled.append(batch.pooled.cpu())
             patches.append(flatten_patches(batch.patches).to(device="cpu", dtype=PATCH_BANK_DTYPE))  # (B * h * w, C)
         self.scorer_.image_search = build_search(torch.cat(pooled))
-        self.scorer_.patch_search = build_search(torch.cat(patches), storage_dtype=PATCH_BANK_DTYPE)
+        self.scorer_.patch_search = self._build_search(torch.cat(patches), storage_dtype=PATCH_BANK_DTYPE)
 
     def _left_out_scores(self, features: SpadeFeatures, image_ids: torch.Tensor) -> PatchScores:
         return self.scorer_.score(features, left_out=image_ids)

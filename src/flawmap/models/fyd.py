@@ -1,0 +1,506 @@
+"""FYD: Zheng et al., "Focus Your Distribution: Coarse-to-Fine Non-Contrastive Learning for
+Anomaly Detection and Localization", ICME 2022 (arXiv 2110.04538).
+
+PaDiM (:mod:`flawmap.models.padim`) fits one Gaussian per feature-map position, which assumes
+that a position shows the same part of the object in every image. FYD aligns the images first
+(coarse to fine), then models each position as PaDiM does:
+
+1. Image-level coarse alignment (ICA): a spatial transformer ``T`` warps each image before the
+   backbone. It is trained with the paper's L2 loss, which pulls the warped images of the
+   category together::
+
+       L_ICA = sum_{A, B in batch} sum_{i, j} || T(A)_ij - T(B)_ij ||_2
+
+   (per-pixel Euclidean norm over the colour channels, averaged over pairs and pixels here).
+2. Feature-level coarse alignment (FCA): one spatial transformer per tapped backbone level warps
+   that level's map; trained only through the fine-alignment loss (step 3), as in the paper.
+3. Fine alignment, non-contrastive (SimSiam-style): the aligned levels are fused on the stride-8
+   grid (``z``, B x C x h x w); a predictor head ``p`` (1x1 convolutions C -> C/4 -> C with batch
+   norm, SimSiam's bottleneck) runs on one image of a pair, a stop-gradient on the other, and
+   the loss is the per-position negative cosine similarity, symmetrised::
+
+       L_NC = -1/2 mean_ij [cos(p(z_A)_ij, sg(z_B)_ij) + cos(p(z_B)_ij, sg(z_A)_ij)]
+
+   over the pairs (image k, image k - 1) of a shuffled batch. It pulls every position's features
+   of different normal images together, which narrows the per-position distributions.
+4. Then PaDiM on the aligned features: a random subset of ``n_features`` channels, one Gaussian
+   per position, Mahalanobis distance as the patch score, leave-one-out calibration; all of it
+   is :class:`~flawmap.models.padim.Padim`'s own code (this class extends it).
+5. The patch-score map lives in the aligned frame; it is warped back to the input image's frame
+   with the inverse of the image transform composed with the finest level's transform, so maps
+   match the input (and its ground-truth masks).
+
+``align=False`` (``--no-align``) drops steps 1-3 and 5: exactly PaDiM on the same features and
+channels, the ablation.
+
+Where this differs from the paper, and why:
+
+- The backbone stays frozen (the project's backbones are frozen ImageNet CNNs and saved models
+  carry no backbone weights); only the transformers and the predictor are trained. Without
+  fine-tuning, the predictor is what the non-contrastive loss trains besides the FCA
+  transformers, and collapse is impossible: ``z`` is a warp of fixed features.
+- The two stages are trained one after the other, each with the shared loop
+  (:func:`flawmap.training.train`): first the image transformer with L_ICA, then, on backbone
+  features of the ICA-aligned images computed once and cached, the FCA transformers and the
+  predictor with L_NC. The paper trains end to end, so L_NC also reaches the image transformer
+  through the backbone; here a CPU epoch would then cost a backward pass through the backbone
+  (about 5x the cached variant on 2 cores), and the loss weight between L_ICA and L_NC
+  disappears (each loss trains its own parameters).
+- The transformers are rigid: rotation and translation only, bounded by ``max_rotation`` and
+  ``max_shift`` through a tanh. A general affine transform lets both losses "align" images by
+  zooming into a featureless corner, where all images agree; a rigid one cannot shrink the
+  content. The last layer of every localisation network starts at zero with zero bias, which
+  is the identity pose, so untrained transformers change nothing.
+- FCA warps each tapped map where it is tapped, and the next backbone stage reads the unwarped
+  map (the backbone's public interface returns the tapped maps). The levels' transforms are
+  independent, as the paper's per-stage transformers are.
+- Both losses add a pose anchor, the squared norm of the batch's mean pose (``pose_anchor``):
+  the transformers are to bring the images together, and without it all of them may drift one
+  way together until the content leaves the frame (observed on shifted disks, where the bounded
+  shifts then saturate), which also makes images "agree".
+- L_ICA is computed on the warped images average-pooled 4x (a wider capture range for the
+  transform than single pixels give, and 16x fewer pixels).
+- Step 5 is an addition: the paper does not say how maps return to the input frame.
+
+Incremental fit (``partial_fit``): the alignment is learned by the first fit; later fits keep it
+and add the new images' moments to the Gaussians (PaDiM's incremental fit on aligned features),
+so the model is always one alignment and the Gaussians of every image under it.
+
+Measured with ``benchmarks/bench_fyd.py`` (MVTec bottle, 256 px, EfficientNet-Lite0 stride-8 and
+stride-16 taps, ``n_features=100`` for both methods; "misaligned": every train and test image and
+mask rotated by up to 15 degrees and shifted by up to 10%, seed 0). Fit minutes on the shared
+2-core machine with one torch thread at ``nice 5`` while other sessions ran (load average 8-10
+for the 10-epoch runs, 15-22 for the others), so they are several times what a quiet machine
+takes; FYD's include both training stages:
+
+| dataset | method | image AUROC | pixel AUROC | AUPRO | fit minutes |
+|---|---|---|---|---|---|
+| original | PaDiM | 1.0000 | 0.9793 | 0.9101 | 2.9 |
+| original | FYD (default, 10 epochs) | 1.0000 | 0.9797 | 0.9106 | 5.0 |
+| original | FYD, 20 epochs | 1.0000 | 0.9799 | 0.9114 | 14.5 |
+| misaligned | PaDiM | 0.9579 | 0.9664 | 0.8815 | 3.8 |
+| misaligned | FYD (default, 10 epochs) | 1.0000 | 0.9788 | 0.9051 | 6.0 |
+| misaligned | FYD, 20 epochs | 0.9968 | 0.9800 | 0.9099 | 11.4 |
+
+On the aligned original the alignment changes little (L_ICA starts at 0.043 and settles at
+0.037); on the misaligned copy L_ICA falls from 0.24 to about 0.15 and FYD keeps the original's
+accuracy, where PaDiM loses 0.042 image and 0.013 pixel AUROC. Of the 5-minute fit, 4 minutes
+are the two training stages and the one backbone pass whose levels they share, 1 minute the
+cross-fitting pass (a second backbone pass: FYD's embedded form is the image).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flawmap.backbones import Backbone
+from flawmap.errors import FlawmapError
+from flawmap.features import fuse_levels
+from flawmap.models.base import PatchScores, register_method
+from flawmap.models.padim import Padim, PadimScorer
+from flawmap.training import train
+
+_LOCALISATION_WIDTH = 16
+"""Channels of the localisation networks' convolutions."""
+_LOCALISATION_HIDDEN = 32
+"""Width of the localisation networks' hidden fully connected layer."""
+_ICA_POOL = 4
+"""L_ICA compares the warped images average-pooled by this factor."""
+_PREDICTOR_BOTTLENECK = 4
+"""The predictor's hidden width is the feature width divided by this (SimSiam's 2048 -> 512)."""
+_ALIGNMENT_PREFIX = "alignment."
+"""Name prefix of the alignment weights among the model's tensors."""
+
+
+# ---------------------------------------------------------------------- transformers
+class RigidTransformer(nn.Module):
+    """A spatial transformer limited to rotation and translation.
+
+    ``localisation`` maps the input (B, C, H, W) to flat features (B, n_flat); two linear layers
+    map those to a pose in [-1, 1]^3 through a ``tanh``: the rotation as a share of
+    ``max_rotation`` and the shifts as shares of ``max_shift``. The last layer is zero (weights
+    and bias), the pose (0, 0, 0) is the identity: every transformer starts at the identity.
+
+    Parameters
+    ----------
+    localisation : nn.Module
+        Convolutions ending in a flatten.
+    input_shape : (C, H, W)
+        Shape of one input, to size the first linear layer.
+    max_rotation : float
+        Largest rotation, in degrees.
+    max_shift : float
+        Largest shift along each axis, as a fraction of the input's side.
+    """
+
+    def __init__(
+        self, localisation: nn.Module, input_shape: tuple[int, int, int], max_rotation: float, max_shift: float
+    ) -> None:
+        super().__init__()
+        self.localisation = localisation
+        with torch.no_grad():
+            n_flat = localisation(torch.zeros(1, *input_shape)).shape[1]
+        hidden = _LOCALISATION_HIDDEN
+        self.head = nn.Sequential(nn.Linear(n_flat, hidden), nn.ReLU(), nn.Linear(hidden, 3))
+        nn.init.zeros_(self.head[-1].weight)
+        nn.init.zeros_(self.head[-1].bias)
+        self.max_angle = math.radians(max_rotation)
+        self.max_translation = 2.0 * max_shift  # normalised coordinates span 2 per side
+
+    def poses(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Inputs (B, C, H, W) -> poses (B, 3) in [-1, 1]: rotation, shift x, shift y."""
+        return torch.tanh(self.head(self.localisation(inputs).float()))
+
+    def theta(self, poses: torch.Tensor) -> torch.Tensor:
+        """Poses (B, 3) -> affine sampling matrices (B, 2, 3), output to input coordinates."""
+        angle = self.max_angle * poses[:, 0]
+        shift = self.max_translation * poses[:, 1:]
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        rotation = torch.stack([torch.stack([cos, -sin], dim=1), torch.stack([sin, cos], dim=1)], dim=1)
+        return torch.cat([rotation, shift.unsqueeze(2)], dim=2)
+
+    def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Inputs (B, C, H, W) -> (warped inputs (B, C, H, W), theta (B, 2, 3), poses (B, 3))."""
+        poses = self.poses(inputs)
+        theta = self.theta(poses)
+        return warp(inputs, theta), theta, poses
+
+
+def warp(inputs: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Sample ``inputs`` (B, C, H, W) at ``theta`` (B, 2, 3) applied to the output grid (bilinear,
+    border values outside)."""
+    grid = F.affine_grid(theta, list(inputs.shape), align_corners=False)
+    return F.grid_sample(inputs.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
+    """Affine maps (B, 2, 3) ``outer`` and ``inner`` -> ``x -> outer(inner(x))`` (B, 2, 3)."""
+    linear = outer[:, :, :2] @ inner[:, :, :2]
+    shift = outer[:, :, :2] @ inner[:, :, 2:] + outer[:, :, 2:]
+    return torch.cat([linear, shift], dim=2)
+
+
+def invert(theta: torch.Tensor) -> torch.Tensor:
+    """Affine maps (B, 2, 3) -> their inverses (B, 2, 3); the 2 x 2 inverse is written out, as
+    ONNX has no matrix inverse."""
+    a, b, c, d = theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1]
+    determinant = a * d - b * c
+    linear = torch.stack([torch.stack([d, -b], dim=1), torch.stack([-c, a], dim=1)], dim=1) / determinant.view(-1, 1, 1)
+    return torch.cat([linear, -(linear @ theta[:, :, 2:])], dim=2)
+
+
+def localisation_network(in_channels: int, first_kernel: int, first_stride: int) -> nn.Sequential:
+    """Three strided convolutions and a flatten: the localisation network of a transformer."""
+    width = _LOCALISATION_WIDTH
+    return nn.Sequential(
+        nn.Conv2d(in_channels, width, first_kernel, stride=first_stride, padding=first_kernel // 2), nn.ReLU(),
+        nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Flatten(),
+    )
+
+
+class Alignment(nn.Module):
+    """The image transformer (ICA) and one feature transformer per tapped level (FCA).
+
+    Parameters
+    ----------
+    level_shapes : list of (C_l, h_l, w_l)
+        The tapped levels' shapes at the model's image size, finest first.
+    image_size : int
+        Side ``S`` of the square input images.
+    max_rotation, max_shift : float
+        Bounds of every transformer (degrees; fraction of the side).
+    """
+
+    def __init__(
+        self, level_shapes: list[tuple[int, int, int]], image_size: int, max_rotation: float, max_shift: float
+    ) -> None:
+        super().__init__()
+        bounds = (max_rotation, max_shift)
+        self.image = RigidTransformer(localisation_network(3, 5, 4), (3, image_size, image_size), *bounds)
+        self.levels = nn.ModuleList(
+            RigidTransformer(localisation_network(shape[0], 3, 2), shape, *bounds) for shape in level_shapes
+        )
+
+    def align_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, 3, S, S) in [0, 1] -> (ICA-warped images, theta (B, 2, 3))."""
+        warped, theta, _ = self.image(images)
+        return warped, theta
+
+    def align_levels(self, levels: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Levels (B, C_l, h_l, w_l) -> (FCA-warped levels, the finest level's theta (B, 2, 3))."""
+        warped = [transformer(level) for transformer, level in zip(self.levels, levels)]
+        return [level for level, _, _ in warped], warped[0][1]
+
+    @staticmethod
+    def to_input_frame(maps: torch.Tensor, image_theta: torch.Tensor, level_theta: torch.Tensor) -> torch.Tensor:
+        """Maps (B, h, w) in the aligned frame -> the same maps in the input images' frame."""
+        back = invert(compose(image_theta, level_theta))
+        return warp(maps.unsqueeze(1), back).squeeze(1)
+
+    def image_alignment_loss(self, images: torch.Tensor) -> torch.Tensor:
+        """L_ICA of a batch of images (B, 3, S, S): the mean per-pixel L2 distance between the
+        warped images of every pair (average-pooled by ``_ICA_POOL``; none for a single image), plus
+        the pose anchor."""
+        warped, _, poses = self.image(images)
+        pooled = F.avg_pool2d(warped, _ICA_POOL) if min(warped.shape[-2:]) >= 2 * _ICA_POOL else warped
+        first, second = torch.triu_indices(images.shape[0], images.shape[0], offset=1)
+        differences = pooled[first] - pooled[second]  # (pairs, 3, h, w); none for a single image
+        distances = (differences.square().sum(dim=1) + 1e-12).sqrt()
+        return distances.sum() / max(1, distances.numel()) + pose_anchor(poses)
+
+    def feature_alignment_loss(self, levels: list[torch.Tensor], predictor: nn.Module) -> torch.Tensor:
+        """L_NC of a batch of backbone levels (B, C_l, h_l, w_l), image k paired with image k - 1,
+        plus the pose anchor of every level (only the anchor for a single image: it has no partner)."""
+        warped = [transformer(level) for transformer, level in zip(self.levels, levels)]
+        anchor = sum(pose_anchor(poses) for _, _, poses in warped)
+        if levels[0].shape[0] < 2:
+            return anchor
+        targets = fuse_levels([level for level, _, _ in warped])  # z, (B, C, h, w)
+        predictions = predictor(targets)  # p(z)
+        partner_targets, partner_predictions = targets.roll(1, dims=0).detach(), predictions.roll(1, dims=0)
+        forward = F.cosine_similarity(predictions, partner_targets, dim=1).mean()
+        backward = F.cosine_similarity(partner_predictions, targets.detach(), dim=1).mean()
+        return -0.5 * (forward + backward) + anchor
+
+
+def pose_anchor(poses: torch.Tensor) -> torch.Tensor:
+    """Squared norm of the batch's mean pose (B, 3) -> (): alignment moves images towards each
+    other, not all of them one way (which could push the content out of view)."""
+    return poses.mean(dim=0).square().sum()
+
+
+def predictor_head(channels: int) -> nn.Sequential:
+    """SimSiam's predictor as 1x1 convolutions: C -> C / 4 (batch norm, ReLU) -> C."""
+    hidden = max(1, channels // _PREDICTOR_BOTTLENECK)
+    return nn.Sequential(
+        nn.Conv2d(channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(), nn.Conv2d(hidden, channels, 1)
+    )
+
+
+# ---------------------------------------------------------------------- scorer
+class FydScorer(PadimScorer):
+    """Images -> aligned features -> Mahalanobis distances in the input frame (steps 1, 2, 4, 5).
+
+    FYD learns in front of the backbone, so what it embeds for fitting is the image itself:
+    ``embed`` is the identity and ``score`` runs the whole chain. ``alignment`` is None for
+    ``align=False`` (plain PaDiM). Buffers as :class:`~flawmap.models.padim.PadimScorer`.
+    """
+
+    def __init__(
+        self, backbone: Backbone, taps: tuple[str, ...], channel_indices: torch.Tensor, alignment: Alignment | None
+    ) -> None:
+        super().__init__(backbone, taps, channel_indices)
+        self.alignment = alignment
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, S, S) -> the same images (what FYD learns from)."""
+        return images
+
+    def aligned_levels(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Images (B, 3, S, S) -> (backbone levels of the ICA-warped images, ICA theta or None)."""
+        if self.alignment is None:
+            return self.levels(images), None
+        warped, theta = self.alignment.align_images(images)
+        return self.levels(warped), theta
+
+    def features(self, levels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Backbone levels -> (FCA-aligned, fused, selected features (B, d, h, w), finest FCA theta or None)."""
+        theta = None
+        if self.alignment is not None:
+            levels, theta = self.alignment.align_levels(levels)
+        return fuse_levels(levels).index_select(1, self.channel_indices), theta
+
+    def score(self, images: torch.Tensor) -> PatchScores:
+        """Images (B, 3, S, S) -> Mahalanobis distances (B, S/8, S/8) in the input frame."""
+        levels, image_theta = self.aligned_levels(images)
+        features, level_theta = self.features(levels)
+        distances = super().score(features).patch_scores
+        if self.alignment is None:
+            return PatchScores(distances)
+        return PatchScores(self.alignment.to_input_frame(distances, image_theta, level_theta))
+
+
+# ---------------------------------------------------------------------- estimator
+@register_method("fyd")
+@dataclass(kw_only=True, eq=False)
+class Fyd(Padim):
+    """FYD anomaly detector: PaDiM on coarse-to-fine aligned features (see module docstring).
+
+    Method hyper-parameters, besides PaDiM's ``n_features`` and ``epsilon``:
+
+    Parameters
+    ----------
+    align : bool
+        Learn the alignment (steps 1-3); False is plain PaDiM on the same features (``--no-align``).
+    epochs : int
+        Epochs of each alignment stage (image transformer; feature transformers and predictor).
+        On misaligned bottle 10 epochs gave pixel AUROC 0.979 in 6 minutes, 20 epochs 0.980 in
+        11 (module docstring).
+    train_batch_size : int
+        Images per step; L_ICA compares every pair of a batch, L_NC pairs neighbours.
+    learning_rate : float
+        Adam's learning rate in both stages.
+    max_rotation : float
+        Largest rotation a transformer applies, in degrees, in (0, 180].
+    max_shift : float
+        Largest shift a transformer applies along each axis, as a fraction of the side, in (0, 0.5].
+
+    Attributes
+    ----------
+    image_alignment_losses_, feature_alignment_losses_ : list of float
+        Mean L_ICA and L_NC of every epoch (empty with ``align=False``).
+
+    Examples
+    --------
+    >>> model = Fyd().fit("bottle/")                                  # doctest: +SKIP
+    >>> model.predict("bottle/test/broken_large")[0].score            # doctest: +SKIP
+    >>> plain_padim = Fyd(align=False).fit("bottle/")                 # doctest: +SKIP
+    """
+
+    quick_params = {"image_size": 64, "n_features": 24, "epochs": 1, "train_batch_size": 4}
+
+    align: bool = True
+    epochs: int = 10
+    train_batch_size: int = 8
+    learning_rate: float = 3e-3
+    max_rotation: float = 30.0
+    max_shift: float = 0.15
+
+    def _validate_method_params(self) -> None:
+        super()._validate_method_params()
+        if self.epochs < 1 or self.train_batch_size < 1:
+            raise FlawmapError(
+                f"epochs and train_batch_size must be at least 1, got {self.epochs} and {self.train_batch_size}"
+            )
+        if not self.learning_rate > 0.0:
+            raise FlawmapError(f"learning_rate must be positive, got {self.learning_rate}")
+        if not 0.0 < self.max_rotation <= 180.0 or not 0.0 < self.max_shift <= 0.5:
+            raise FlawmapError(
+                f"need 0 < max_rotation <= 180 and 0 < max_shift <= 0.5, got {self.max_rotation} and {self.max_shift}"
+            )
+
+    def _new_scorer(self, backbone: Backbone, taps: tuple[str, ...]) -> FydScorer:
+        alignment = None
+        if self.align:
+            grids = [math.ceil(self.image_size / info.stride) for info in backbone.tap_info(taps)]
+            shapes = [(info.channels, grid, grid) for info, grid in zip(backbone.tap_info(taps), grids)]
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.random_state)  # the transformers' initial weights
+                alignment = Alignment(shapes, self.image_size, self.max_rotation, self.max_shift)
+        return FydScorer(backbone, taps, self._channel_indices(backbone, taps), alignment)
+
+    def _learn(self, feature_batches: Iterable[torch.Tensor]) -> None:
+        """First fit: train the image transformer on the images, cache the levels of the aligned
+        images, train the feature transformers on them; every fit: add the aligned features'
+        moments to the Gaussians (PaDiM's ``_learn``)."""
+        images = _cache_images(feature_batches)
+        first = self.scorer_.means is None
+        if first:
+            self.image_alignment_losses_, self.feature_alignment_losses_ = [], []
+        if first and self.align:
+            self.image_alignment_losses_ = self._train_image_alignment(images)
+        levels = self._levels(images)
+        if first and self.align:
+            self.feature_alignment_losses_ = self._train_feature_alignment(levels)
+        super()._learn(self._feature_batches(levels))
+
+    def _train_image_alignment(self, images: torch.Tensor) -> list[float]:
+        """Stage 1: the image transformer, with L_ICA, on uint8 images (N, 3, S, S)."""
+        alignment = self.scorer_.alignment
+        device = self.runtime.torch_device
+        history = train(
+            alignment.image,
+            [images.to(device)],
+            lambda batch, generator: alignment.image_alignment_loss(batch[0].float() / 255.0),
+            epochs=self.epochs,
+            batch_size=self.train_batch_size,
+            learning_rate=self.learning_rate,
+            seed=self.random_state,
+            progress="fyd: image alignment" if self.runtime.progress else None,
+        )
+        return history.losses
+
+    def _train_feature_alignment(self, levels: list[torch.Tensor]) -> list[float]:
+        """Stage 2: the feature transformers and a predictor head (then dropped), with L_NC, on
+        the cached levels (N, C_l, h_l, w_l) of the ICA-aligned training images."""
+        alignment = self.scorer_.alignment
+        device = self.runtime.torch_device
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.random_state + 1)
+            predictor = predictor_head(sum(level.shape[1] for level in levels)).to(device)
+        history = train(
+            nn.ModuleList([alignment.levels, predictor]),
+            [level.to(device) for level in levels],
+            lambda batch, generator: alignment.feature_alignment_loss(batch, predictor),
+            epochs=self.epochs,
+            batch_size=self.train_batch_size,
+            learning_rate=self.learning_rate,
+            seed=self.random_state + 1,
+            progress="fyd: feature alignment" if self.runtime.progress else None,
+        )
+        return history.losses
+
+    def _levels(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """uint8 images (N, 3, S, S) -> backbone levels of the ICA-aligned images, on the CPU."""
+        device = self.runtime.torch_device
+        per_level: list[list[torch.Tensor]] = []
+        with torch.inference_mode():
+            for start in range(0, images.shape[0], self.runtime.batch_size):
+                batch = images[start : start + self.runtime.batch_size].to(device).float() / 255.0
+                levels, _ = self.scorer_.aligned_levels(batch)
+                per_level = per_level or [[] for _ in levels]
+                for stored, level in zip(per_level, levels):
+                    stored.append(level.cpu())
+        return [torch.cat(stored) for stored in per_level]  # outside inference mode: trainable
+
+    def _feature_batches(self, levels: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """Cached levels -> aligned, selected features (B, d, h, w) batch by batch."""
+        device = self.runtime.torch_device
+        for start in range(0, levels[0].shape[0], self.runtime.batch_size):
+            batch = [level[start : start + self.runtime.batch_size].to(device) for level in levels]
+            with torch.inference_mode():
+                features, _ = self.scorer_.features(batch)
+            yield features
+
+    def to_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        fitted, tensors = super().to_state()
+        fitted = {
+            **fitted,
+            "image_alignment_losses_": self.image_alignment_losses_,
+            "feature_alignment_losses_": self.feature_alignment_losses_,
+        }
+        if self.scorer_.alignment is not None:
+            alignment = self.scorer_.alignment.state_dict()
+            tensors = {**tensors, **{_ALIGNMENT_PREFIX + name: t for name, t in alignment.items()}}
+        return fitted, tensors
+
+    def from_state(self, fitted: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        padim = {name: t for name, t in tensors.items() if not name.startswith(_ALIGNMENT_PREFIX)}
+        alignment = {name.removeprefix(_ALIGNMENT_PREFIX): t for name, t in tensors.items() if name not in padim}
+        super().from_state(fitted, padim)
+        if self.scorer_.alignment is not None:
+            self.scorer_.alignment.load_state_dict(alignment)
+        elif alignment:
+            raise RuntimeError("alignment weights in a model fitted with align=False")
+        self.image_alignment_losses_ = list(fitted["image_alignment_losses_"])
+        self.feature_alignment_losses_ = list(fitted["feature_alignment_losses_"])
+
+
+def _cache_images(feature_batches: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Embedded batches (images in [0, 1]) -> one uint8 tensor (N, 3, S, S) on the CPU.
+
+    The images come from 8-bit files or arrays, so uint8 holds them exactly, in a quarter of the
+    memory; concatenated outside inference mode, they can take part in training.
+    """
+    batches = [torch.round(batch * 255.0).to("cpu", torch.uint8) for batch in feature_batches]
+    if not batches:
+        raise FlawmapError("no valid training image left: every image was skipped")
+    return torch.cat(batches)

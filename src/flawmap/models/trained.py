@@ -1,0 +1,77 @@
+"""What every method that trains a network shares: the training hyper-parameters, the losses of
+every fit, and the one call of the shared training loop (:func:`flawmap.training.train`).
+
+A trained method subclasses :class:`TrainedModel`, sets its own defaults for the shared
+hyper-parameters where they differ, and calls :meth:`TrainedModel._train` from ``_learn`` with
+its network, its cached training data and its loss. ``partial_fit`` then continues training the
+network on the new images (``epochs`` more epochs, fresh optimiser), and ``checkpoint_dir``
+resumes an interrupted fit exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from flawmap.errors import FlawmapError
+from flawmap.models.base import AnomalyModel
+from flawmap.training import Batch, fit_checkpoint, train
+
+
+@dataclass(kw_only=True, eq=False)
+class TrainedModel(AnomalyModel):
+    """Base of the methods that train a network (see module docstring). Shared hyper-parameters:
+
+    Parameters
+    ----------
+    epochs : int
+        Training epochs per fit and per ``partial_fit``.
+    train_batch_size : int
+        Training mini-batch size (``batch_size`` of the runtime is the inference batch).
+    learning_rate, weight_decay : float
+        Adam's step size and L2 penalty.
+    checkpoint_dir : str or None
+        Save the training state there after every epoch and resume from it when present.
+
+    Attributes
+    ----------
+    train_losses_ : list of float
+        Mean training loss of every epoch of every fit so far.
+    """
+
+    epochs: int = 20
+    train_batch_size: int = 8
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    checkpoint_dir: str | None = None
+
+    def _validate_params(self) -> None:
+        super()._validate_params()
+        if self.epochs < 1 or self.train_batch_size < 1:
+            raise FlawmapError(f"epochs and train_batch_size must be at least 1, got {self.epochs} and {self.train_batch_size}")
+        if not self.learning_rate > 0.0 or not self.weight_decay >= 0.0:
+            raise FlawmapError(f"need learning_rate > 0 and weight_decay >= 0, got {self.learning_rate} and {self.weight_decay}")
+
+    def _train(
+        self, network: nn.Module, data: Sequence[torch.Tensor], loss: Callable[[Batch, torch.Generator], torch.Tensor], what: str
+    ) -> None:
+        """Train ``network`` on ``data`` (tensors ``N x ...``, moved to the runtime's device) with
+        ``loss(batch, generator)``; the epoch losses join those of earlier fits in ``train_losses_``."""
+        earlier_losses = getattr(self, "train_losses_", [])
+        device = self.runtime.torch_device
+        history = train(
+            network,
+            [tensor.to(device) for tensor in data],
+            loss,
+            epochs=self.epochs,
+            batch_size=self.train_batch_size,
+            learning_rate=self.learning_rate,
+            weight_decay=self.weight_decay,
+            seed=self.random_state + self.n_fits_,
+            checkpoint=fit_checkpoint(self, earlier_losses),
+            progress=f"training {what}" if self.runtime.progress else None,
+        )
+        self.train_losses_ = earlier_losses + history.losses

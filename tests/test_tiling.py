@@ -1,0 +1,153 @@
+"""Tiling: the tile grid, blending and stitching (no model), then a tiled model end to end
+(CLI fit and predict, save/load, calibration on whole images, ONNX parity)."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+from conftest import assert_same_predictions
+from PIL import Image
+from test_export import assert_parity
+from test_onnx_model import with_metadata
+
+import flawmap
+from flawmap.cli import main
+from flawmap.errors import FlawmapError
+from flawmap.tiling import Tiling
+
+
+def pixel_scorer(tiles):
+    """A fake model whose map is the tile's red channel and whose score is the tile's mean."""
+    return tiles.mean(axis=(1, 2, 3)), tiles[:, 0].copy()
+
+
+@pytest.mark.parametrize("height, width", [(300, 200), (64, 64), (65, 250), (40, 100), (1, 7)])
+def test_tiles_are_full_size_overlap_and_cover_the_image(height, width):
+    tiling = Tiling(64, 16, 64)
+    padded = tiling.pad(np.zeros((height, width, 3), dtype=np.uint8))
+    assert padded.shape[:2] == (max(height, 64), max(width, 64))
+    covered = np.zeros(padded.shape[:2], dtype=int)
+    for top, left in tiling.boxes(*padded.shape[:2]):
+        assert 0 <= top <= padded.shape[0] - 64 and 0 <= left <= padded.shape[1] - 64
+        covered[top : top + 64, left : left + 64] += 1
+    assert covered.min() >= 1
+    for length in padded.shape[:2]:
+        starts = tiling.starts(length)
+        assert starts[-1] + 64 == length and all(later - earlier <= 64 - 16 for earlier, later in itertools.pairwise(starts))
+
+
+def test_blend_weights_of_regular_neighbours_sum_to_one():
+    tiling = Tiling(64, 16, 64)
+    weights = tiling.weights()[0] / tiling.weights()[0].max()  # the 1-D ramp
+    overlap = weights[-16:] + weights[:16]  # the right end of a tile over the left end of the next one
+    np.testing.assert_allclose(overlap, 1.0, atol=1e-6)
+    assert weights.min() > 0 and weights[16:-16].min() == 1.0
+
+
+@pytest.mark.parametrize("height, width, overlap", [(300, 200, 16), (150, 333, 32), (64, 64, 0), (40, 50, 8)])
+def test_stitching_puts_every_tile_map_back_where_it_came_from(height, width, overlap):
+    """Tile maps equal to the tiles' pixels stitch back into the image itself (any overlap, border
+    tiles shifted inward, images smaller than a tile), so blending weights are normalised and
+    every tile lands at its place; the image score is the largest tile score."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    tiling = Tiling(64, overlap, 64)
+    score, stitched = tiling.score_image(image, pixel_scorer, batch_size=5)
+    assert stitched.shape == (height, width)
+    np.testing.assert_allclose(stitched, image[:, :, 0] / 255.0, atol=1e-5)
+    padded = tiling.pad(image)
+    tile_means = [padded[t : t + 64, l : l + 64].mean() / 255.0 for t, l in tiling.boxes(*padded.shape[:2])]
+    assert score == pytest.approx(max(tile_means), rel=1e-5)
+
+
+def test_constant_tile_maps_stitch_to_a_constant_map():
+    constant = lambda tiles: (np.zeros(len(tiles)), np.full((len(tiles), 32, 32), 2.5, dtype=np.float32))
+    _, stitched = Tiling(64, 16, 32).score_image(np.zeros((200, 130, 3), dtype=np.uint8), constant, batch_size=3)
+    np.testing.assert_allclose(stitched, 2.5, rtol=1e-6)
+
+
+def test_tiles_are_resized_when_the_network_size_differs():
+    gradient = np.broadcast_to(np.linspace(0, 255, 200)[None, :, None], (120, 200, 3)).astype(np.uint8)
+    _, stitched = Tiling(64, 16, 32).score_image(gradient, pixel_scorer, batch_size=4)
+    np.testing.assert_allclose(stitched, gradient[:, :, 0] / 255.0, atol=0.02)
+
+
+def test_bad_tiling_parameters_are_clear_errors():
+    with pytest.raises(FlawmapError, match="tile_overlap must be in"):
+        flawmap.PatchCore(tile_size=64, tile_overlap=40).fit(np.zeros((2, 80, 80, 3), dtype=np.uint8))
+    with pytest.raises(FlawmapError, match="tile_size must be at least 32"):
+        Tiling(16, 0, 64)
+
+
+# ---------------------------------------------------------------------------- a tiled model
+TILED = ["--tile-size", "64", "--tile-overlap", "16", "--coreset-fraction", "0.25", "--batch-size", "8"]
+
+
+@pytest.fixture(scope="module")
+def tiled_dir(tiny_dataset, tmp_path_factory):
+    """A tiled PatchCore fitted by the CLI on the 96 px demo images (64 px tiles: 4 per image;
+    ``--tile-size`` alone makes the network size the tile size)."""
+    model_dir = tmp_path_factory.mktemp("tiled") / "model"
+    assert main(["fit", str(tiny_dataset), "--method", "patchcore", "--out", str(model_dir), "--quiet", *TILED]) == 0
+    return model_dir
+
+
+@pytest.fixture(scope="module")
+def tiled(tiled_dir):
+    return flawmap.load(tiled_dir, precision="float32", batch_size=8, num_workers=1)
+
+
+def test_cli_predict_with_a_tiled_model_keeps_the_native_size(tiled_dir, tiny_dataset, tmp_path, capsys):
+    config = json.loads((tiled_dir / "config.json").read_text())
+    assert (config["params"]["tile_size"], config["params"]["tile_overlap"], config["params"]["image_size"]) == (64, 16, 64)
+    image = tmp_path / "wide.png"
+    with Image.open(next((tiny_dataset / "test" / "good").glob("*.png"))) as source:
+        source.convert("RGB").resize((150, 90)).save(image)
+    assert main(["predict", str(tiled_dir), str(image), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    (record,) = [json.loads(line) for line in (tmp_path / "out" / "scores.jsonl").read_text().splitlines()]
+    with Image.open(tmp_path / "out" / record["overlay"]) as overlay:
+        assert overlay.width == 2 * 150  # the image and its map side by side, at the image's own size
+
+
+def test_training_learns_every_tile_and_calibrates_on_whole_held_out_images(tiled, tiny_dataset):
+    train = sorted((tiny_dataset / "train" / "good").glob("*.png"))
+    n_held = len(tiled.calibration_scores_)
+    assert n_held >= 1 and tiled.n_train_images_ == 4 * (len(train) - n_held)  # 2 x 2 tiles of 96 px
+    assert tiled.calibration_images_.shape[1:] == (3, 64, 64) and "tiled and scored whole" in tiled.calibration_.source
+    whole_scores = [prediction.score for prediction in tiled.predict(train)]
+    for calibration_score in tiled.calibration_scores_:  # out-of-sample whole-image scores, as predicted
+        assert min(abs(calibration_score - score) for score in whole_scores) <= 1e-5 * abs(calibration_score)
+
+
+def test_a_defect_in_one_tile_appears_at_its_place(tiled, tiny_dataset):
+    with Image.open(next((tiny_dataset / "test" / "good").glob("*.png"))) as source:
+        clean = np.asarray(source.convert("RGB").resize((160, 120)))
+    damaged = clean.copy()
+    damaged[80:92, 120:132] = (255, 0, 255)
+    before, after = tiled.predict([clean, damaged])
+    peak = np.unravel_index(after.anomaly_map.argmax(), after.anomaly_map.shape)
+    assert 74 <= peak[0] < 98 and 114 <= peak[1] < 138
+    assert after.score > before.score
+
+
+def test_save_and_load_keep_the_tiling(tiled, tmp_path, tiny_dataset):
+    again = flawmap.load(tiled.save(tmp_path / "again"), precision="float32", batch_size=8, num_workers=1)
+    assert (again.tile_size, again.tile_overlap, again.tiling()) == (64, 16, Tiling(64, 16, 64))
+    assert_same_predictions(tiled, again, sorted((tiny_dataset / "test").glob("*/*.png"))[:2])
+
+
+def test_an_exported_model_tiles_and_stitches_identically(tiny_model_dir, tiny_onnx, tiny_dataset, tmp_path):
+    """The graph scores tiles either way; a tiled export (``tile_size`` in its params) is cut and
+    stitched by the same Predictor code as the torch model."""
+    reference = flawmap.load(tiny_model_dir, precision="float32", num_workers=1)
+    params = {**reference.get_params(), "tile_size": 64, "tile_overlap": 16}
+    reference.tile_size, reference.tile_overlap = 64, 16
+    tiled_onnx = with_metadata(tiny_onnx, tmp_path / "tiled.onnx", params=json.dumps(params))
+    exported = flawmap.load(tiled_onnx, num_workers=1)
+    assert exported.tiling() == reference.tiling() == Tiling(64, 16, 64)
+    images = []
+    for path, size in zip(sorted((tiny_dataset / "test").glob("*/*.png"))[:2], [(170, 100), (96, 96)]):
+        with Image.open(path) as source:
+            images.append(np.asarray(source.convert("RGB").resize(size)))
+    assert_parity(exported, reference, images, batch_size=3)
