@@ -70,8 +70,9 @@ from flawmap import postprocess
 from flawmap.backbones import Backbone
 from flawmap.errors import FlawmapError
 from flawmap.features import flatten_positions, local_average
-from flawmap.models.base import AnomalyModel, PatchScores, Scorer, check_positive_odd, register_method
-from flawmap.training import fit_checkpoint, train
+from flawmap.models.base import PatchScores, Scorer, check_positive_odd, register_method
+from flawmap.models.trained import TrainedModel
+from flawmap.training import cache_batches
 
 _FFN_EXPANSION = 4
 """Hidden width of the feed-forward layer, as a multiple of the token width (official: 4)."""
@@ -179,7 +180,7 @@ class RLRScorer(Scorer):
 
 @register_method("rlr")
 @dataclass(kw_only=True, eq=False)
-class RLR(AnomalyModel):
+class RLR(TrainedModel):
     """RLR unified multi-class anomaly detector (see module docstring). Method hyper-parameters:
 
     Parameters
@@ -203,21 +204,15 @@ class RLR(AnomalyModel):
         on the 32 x 32 grid and 5 x 5 on 16 x 16; 11 at 512 px gives 11 x 11 and 7 x 7.
     dropout : float
         Dropout of attention weights and outputs, FFN and embeddings while training.
-    epochs, train_batch_size, learning_rate : int, int, float
-        Adam training on the cached features (``epochs`` per fit and per ``partial_fit``).
     jitter_scale : float
         Feature-jitter scale (step 5); 0 disables the noise.
-    checkpoint_dir : str or None
-        Save the training state there after every epoch and resume from it when present.
+
+    and the training parameters of :class:`flawmap.models.trained.TrainedModel` (Adam on the
+    cached features; here ``epochs`` 15).
 
     Presets (``RLR(**RLR.presets["paper"])``, ``flawmap fit --method rlr --preset paper``):
     ``paper`` is the official capacity and schedule (d 256/512, 8 heads, 4 layers, jitter 4,
     Adam 1e-4, batch 4, 200 epochs; meant for a GPU). The defaults are sized for a CPU.
-
-    Attributes
-    ----------
-    train_losses_ : list of float
-        Mean training loss of every epoch of every fit so far.
 
     Examples
     --------
@@ -241,10 +236,7 @@ class RLR(AnomalyModel):
     window_size: int = 7
     dropout: float = 0.0
     epochs: int = 15
-    train_batch_size: int = 8
-    learning_rate: float = 1e-3
     jitter_scale: float = 4.0
-    checkpoint_dir: str | None = None
 
     def _validate_method_params(self) -> None:
         check_positive_odd("neighborhood_size", self.neighborhood_size)
@@ -255,13 +247,10 @@ class RLR(AnomalyModel):
                 f"hidden_dim must be a multiple of 4 and of num_heads, got hidden_dim={self.hidden_dim}, "
                 f"num_heads={self.num_heads}"
             )
-        if self.depth < 1 or self.epochs < 1 or self.train_batch_size < 1:
-            raise FlawmapError("depth, epochs and train_batch_size must be at least 1")
-        if not self.learning_rate > 0.0 or not self.jitter_scale >= 0.0 or not 0.0 <= self.dropout < 1.0:
-            raise FlawmapError(
-                f"need learning_rate > 0, jitter_scale >= 0 and 0 <= dropout < 1, got {self.learning_rate}, "
-                f"{self.jitter_scale} and {self.dropout}"
-            )
+        if self.depth < 1:
+            raise FlawmapError(f"depth must be at least 1, got {self.depth}")
+        if not self.jitter_scale >= 0.0 or not 0.0 <= self.dropout < 1.0:
+            raise FlawmapError(f"need jitter_scale >= 0 and 0 <= dropout < 1, got {self.jitter_scale} and {self.dropout}")
 
     def _new_scorer(self, backbone: Backbone, taps: tuple[str, ...]) -> RLRScorer:
         with torch.random.fork_rng(devices=[]):
@@ -280,21 +269,11 @@ class RLR(AnomalyModel):
             )
 
     def _learn(self, feature_batches: Iterable[list[torch.Tensor]]) -> None:
-        levels = _cache_levels(feature_batches)
-        earlier_losses = getattr(self, "train_losses_", [])
-        device = self.runtime.torch_device
-        history = train(
-            self.scorer_.networks,
-            [level.to(device) for level in levels],
-            lambda batch, generator: self.scorer_.training_loss(batch, generator, self.jitter_scale),
-            epochs=self.epochs,
-            batch_size=self.train_batch_size,
-            learning_rate=self.learning_rate,
-            seed=self.random_state + self.n_fits_,
-            checkpoint=fit_checkpoint(self, earlier_losses),
-            progress="training rlr" if self.runtime.progress else None,
+        levels = cache_batches(feature_batches)
+        self._train(
+            self.scorer_.networks, levels,
+            lambda batch, generator: self.scorer_.training_loss(batch, generator, self.jitter_scale), "rlr",
         )
-        self.train_losses_ = earlier_losses + history.losses
 
     def to_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         return {"train_losses_": self.train_losses_}, dict(self.scorer_.networks.state_dict())
@@ -479,20 +458,3 @@ def merge_heads(tokens: torch.Tensor) -> torch.Tensor:
     """(B, H, N, c) -> (B, N, H * c)."""
     merged = tokens.transpose(1, 2)
     return merged.reshape(*merged.shape[:2], -1)
-
-
-def _cache_levels(feature_batches: Iterable[list[torch.Tensor]]) -> list[torch.Tensor]:
-    """Concatenate embedded batches into one float16 tensor (N, C_l, h_l, w_l) per level.
-
-    The batches are consumed completely before concatenating, so the result is built outside
-    the inference mode the shared pipeline embeds in, and can take part in training.
-    """
-    per_level: list[list[torch.Tensor]] = []
-    for batch in feature_batches:
-        if not per_level:
-            per_level = [[] for _ in batch]
-        for stored, level in zip(per_level, batch):
-            stored.append(level.to("cpu", torch.float16).contiguous())
-    if not per_level:
-        raise FlawmapError("no valid training image left: every image was skipped")
-    return [torch.cat(batches) for batches in per_level]
