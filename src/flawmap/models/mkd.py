@@ -79,9 +79,11 @@ LOCALIZATIONS = ("gradient", "discrepancy")
 N_DEFAULT_TAPS = 4
 """Taps used when none are given: the deepest stage of each of the four coarsest strides."""
 
-GRADIENT_CHUNK = 4
-"""Images per backward pass of the gradient map: autograd keeps every activation of both networks
-(about 0.1 GB per 256 px image), so a batch of 16 at once would hold 1.5 GB."""
+GRADIENT_CHUNK = 1
+"""Images per backward pass of the gradient map. One: every image's map then comes from the same
+computation whatever its batch (with more, the convolutions' algorithms and rounding change
+with the batch size, and the input gradients by 0.1%), and autograd, which keeps every
+activation of both networks, holds one image's (about 0.1 GB at 256 px)."""
 
 
 class MKDScorer(Scorer):
