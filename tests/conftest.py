@@ -21,6 +21,18 @@ def tiny_dataset(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Torch on one thread during a test of tiny tensors, where threads only add synchronisation
+    (which dominates on a busy machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tiny_dataset) -> PatchCore:
     return PatchCore(image_size=TINY_IMAGE_SIZE, coreset_fraction=0.25).set_runtime(batch_size=8).fit(tiny_dataset)

@@ -119,26 +119,7 @@ def benchmark(
 
 def benchmark_one(data_dir: str, method: str, params: dict[str, Any], runtime: Runtime) -> dict[str, Any]:
     """Fit, save and evaluate one method on one dataset in this process; one row of results."""
-    dataset = open_dataset(data_dir)
-    start = time.perf_counter()
-    model = create_model(method, runtime=runtime, **params).fit(dataset)
-    fit_seconds = time.perf_counter() - start
-    with tempfile.TemporaryDirectory(prefix="flawmap-bench-") as folder:
-        model_mb = directory_mb(model.save(Path(folder) / "model"))
-    fit_peak_rss_mb = peak_rss_mb()
-    metrics = evaluate(model, dataset)
-    return {
-        "dataset": dataset.name,
-        "method": method,
-        **metrics,
-        "fit_s": fit_seconds,
-        "fit_features_s": model.fit_seconds_["features"],
-        "fit_method_s": model.fit_seconds_["method"],
-        "model_mb": model_mb,
-        "fit_peak_rss_mb": fit_peak_rss_mb,
-        "peak_rss_mb": peak_rss_mb(),
-        "params": model.get_params(),
-    }
+    return benchmark_unified([data_dir], method, params, runtime)[0]
 
 
 def benchmark_unified(

@@ -27,13 +27,7 @@ from flawmap.models.rlr import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: threads only add synchronisation, which dominates on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: threads only add synchronisation
 
 
 TINY = {"image_size": 64, "hidden_dim": 8, "depth": 1, "num_heads": 2, "window_size": 3, "train_batch_size": 2}

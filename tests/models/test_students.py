@@ -19,13 +19,7 @@ from flawmap.training import cache_batches
 TINY = {"image_size": 64, "n_students": 2, "student_width": 8, "student_depth": 1, "train_batch_size": 4}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: threads only add synchronisation, which dominates on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: threads only add synchronisation
 
 
 @pytest.fixture(scope="module")
