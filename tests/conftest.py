@@ -68,7 +68,7 @@ def mvtec_bottle() -> Path:
 #: Parity runs: methods fitted at the default 256 px on the first BOTTLE_TRAIN good images.
 BOTTLE_TRAIN = 8
 #: Parity runs: the first BOTTLE_TEST_PER_TYPE test images of every type (good and each defect).
-BOTTLE_TEST_PER_TYPE = 2
+BOTTLE_TEST_PER_TYPE = 1
 #: Batch of the graph for methods that cannot export a dynamic batch.
 FIXED_EXPORT_BATCH = {"spade": 4}
 #: Parity runs: hyper-parameters a method needs to be exportable (mkd's gradient map needs
