@@ -29,9 +29,10 @@ from __future__ import annotations
 import json
 import math
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -88,6 +89,15 @@ class History:
     losses: list[float]
     validation_losses: list[float]
     selected_epoch: int
+
+
+@contextmanager
+def seeded_init(seed: int) -> Iterator[None]:
+    """Networks built inside start from weights fixed by ``seed``; torch's global generator is
+    left as it was (forked)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def cache_batches(batches: Iterable[Sequence[torch.Tensor]]) -> list[torch.Tensor]:

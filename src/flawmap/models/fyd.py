@@ -104,7 +104,8 @@ from flawmap.errors import FlawmapError
 from flawmap.features import fuse_levels
 from flawmap.models.base import PatchScores, register_method
 from flawmap.models.padim import Padim, PadimScorer
-from flawmap.training import train
+from flawmap.models.trained import check_training_params
+from flawmap.training import seeded_init, train
 
 _LOCALISATION_WIDTH = 16
 """Channels of the localisation networks' convolutions."""
@@ -376,12 +377,7 @@ class Fyd(Padim):
 
     def _validate_method_params(self) -> None:
         super()._validate_method_params()
-        if self.epochs < 1 or self.train_batch_size < 1:
-            raise FlawmapError(
-                f"epochs and train_batch_size must be at least 1, got {self.epochs} and {self.train_batch_size}"
-            )
-        if not self.learning_rate > 0.0:
-            raise FlawmapError(f"learning_rate must be positive, got {self.learning_rate}")
+        check_training_params(self.epochs, self.train_batch_size, self.learning_rate)
         if not 0.0 < self.max_rotation <= 180.0 or not 0.0 < self.max_shift <= 0.5:
             raise FlawmapError(
                 f"need 0 < max_rotation <= 180 and 0 < max_shift <= 0.5, got {self.max_rotation} and {self.max_shift}"
@@ -392,8 +388,7 @@ class Fyd(Padim):
         if self.align:
             grids = [math.ceil(self.image_size / info.stride) for info in backbone.tap_info(taps)]
             shapes = [(info.channels, grid, grid) for info, grid in zip(backbone.tap_info(taps), grids)]
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.random_state)  # the transformers' initial weights
+            with seeded_init(self.random_state):  # the transformers' initial weights
                 alignment = Alignment(shapes, self.image_size, self.max_rotation, self.max_shift)
         return FydScorer(backbone, taps, self._channel_indices(backbone, taps), alignment)
 
@@ -433,8 +428,7 @@ class Fyd(Padim):
         the cached levels (N, C_l, h_l, w_l) of the ICA-aligned training images."""
         alignment = self.scorer_.alignment
         device = self.runtime.torch_device
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.random_state + 1)
+        with seeded_init(self.random_state + 1):
             predictor = predictor_head(sum(level.shape[1] for level in levels)).to(device)
         history = train(
             nn.ModuleList([alignment.levels, predictor]),

@@ -71,7 +71,7 @@ from flawmap.errors import FlawmapError
 from flawmap.features import channel_statistics
 from flawmap.models.base import PatchScores, Scorer, register_method
 from flawmap.models.trained import TrainedModel
-from flawmap.training import cache_batches
+from flawmap.training import cache_batches, seeded_init
 
 LOCALIZATIONS = ("gradient", "discrepancy")
 """The anomaly maps MKD offers (``localization``)."""
@@ -316,8 +316,7 @@ class MKD(TrainedModel):
         return tuple(deepest[stride] for stride in sorted(deepest)[-N_DEFAULT_TAPS:])
 
     def _new_scorer(self, backbone: Backbone, taps: tuple[str, ...]) -> MKDScorer:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.random_state)  # the cloner's initial weights
+        with seeded_init(self.random_state):  # the cloner's initial weights
             return MKDScorer(
                 backbone,
                 taps,

@@ -72,7 +72,7 @@ from flawmap.errors import FlawmapError
 from flawmap.features import flatten_positions, local_average
 from flawmap.models.base import PatchScores, Scorer, check_positive_odd, register_method
 from flawmap.models.trained import TrainedModel
-from flawmap.training import cache_batches
+from flawmap.training import cache_batches, seeded_init
 
 _FFN_EXPANSION = 4
 """Hidden width of the feed-forward layer, as a multiple of the token width (official: 4)."""
@@ -253,8 +253,7 @@ class RLR(TrainedModel):
             raise FlawmapError(f"need jitter_scale >= 0 and 0 <= dropout < 1, got {self.jitter_scale} and {self.dropout}")
 
     def _new_scorer(self, backbone: Backbone, taps: tuple[str, ...]) -> RLRScorer:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.random_state)  # the networks' initial weights
+        with seeded_init(self.random_state):  # the networks' initial weights
             return RLRScorer(
                 backbone,
                 taps,

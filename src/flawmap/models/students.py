@@ -82,7 +82,7 @@ from flawmap.errors import FlawmapError
 from flawmap.features import channel_statistics, local_average
 from flawmap.models.base import PatchScores, Scorer, check_positive_odd, register_method
 from flawmap.models.trained import TrainedModel
-from flawmap.training import cache_batches
+from flawmap.training import cache_batches, seeded_init
 
 _LEAKY_SLOPE = 5e-3
 """Negative slope of the students' leaky ReLUs (the paper's networks use 5e-3)."""
@@ -328,8 +328,7 @@ class UninformedStudents(TrainedModel):
             )
 
     def _new_scorer(self, backbone: Backbone, taps: tuple[str, ...]) -> StudentsScorer:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.random_state)  # every student's initial weights, one after another
+        with seeded_init(self.random_state):  # every student's initial weights, one after another
             return StudentsScorer(
                 backbone,
                 taps,

@@ -21,6 +21,15 @@ from flawmap.models.base import AnomalyModel
 from flawmap.training import Batch, fit_checkpoint, train
 
 
+def check_training_params(epochs: int, batch_size: int, learning_rate: float, weight_decay: float = 0.0) -> None:
+    """FlawmapError unless epochs and batch size are at least 1, the learning rate positive and the
+    weight decay non-negative (shared by every method that trains)."""
+    if epochs < 1 or batch_size < 1:
+        raise FlawmapError(f"epochs and train_batch_size must be at least 1, got {epochs} and {batch_size}")
+    if not learning_rate > 0.0 or not weight_decay >= 0.0:
+        raise FlawmapError(f"need learning_rate > 0 and weight_decay >= 0, got {learning_rate} and {weight_decay}")
+
+
 @dataclass(kw_only=True, eq=False)
 class TrainedModel(AnomalyModel):
     """Base of the methods that train a network (see module docstring). Shared hyper-parameters:
@@ -50,10 +59,7 @@ class TrainedModel(AnomalyModel):
 
     def _validate_params(self) -> None:
         super()._validate_params()
-        if self.epochs < 1 or self.train_batch_size < 1:
-            raise FlawmapError(f"epochs and train_batch_size must be at least 1, got {self.epochs} and {self.train_batch_size}")
-        if not self.learning_rate > 0.0 or not self.weight_decay >= 0.0:
-            raise FlawmapError(f"need learning_rate > 0 and weight_decay >= 0, got {self.learning_rate} and {self.weight_decay}")
+        check_training_params(self.epochs, self.train_batch_size, self.learning_rate, self.weight_decay)
 
     def _train(
         self, network: nn.Module, data: Sequence[torch.Tensor], loss: Callable[[Batch, torch.Generator], torch.Tensor], what: str
