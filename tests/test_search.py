@@ -86,11 +86,12 @@ def test_coarse_pass_recall_and_exact_distances(center_scale, min_recall, max_me
 
 @pytest.mark.parametrize("low_precision", [None, torch.bfloat16])
 @pytest.mark.parametrize("storage_dtype", [torch.float32, torch.float16])
-def test_search_among_a_subset_returns_rows_of_the_whole_index(low_precision, storage_dtype):
+@pytest.mark.parametrize("n_among", [120, 390])  # rows gathered; most rows, the others masked out
+def test_search_among_a_subset_returns_rows_of_the_whole_index(low_precision, storage_dtype, n_among):
     generator = torch.Generator().manual_seed(7)
     bank = torch.randn(400, 12, generator=generator)
     queries = torch.randn(9, 12, generator=generator)
-    among = torch.randperm(400, generator=generator)[:120]
+    among = torch.randperm(400, generator=generator)[:n_among]
     index = build_search(bank, low_precision=low_precision, storage_dtype=storage_dtype)
     distances, rows = index.kneighbors(queries, k=3, among=among)
     stored = bank.to(storage_dtype).double()

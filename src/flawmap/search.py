@@ -198,14 +198,15 @@ class TorchSearch(nn.Module):
             raise ValueError(f"k must be in [1, {bank.n_rows}], got {k}")
         centered_queries = queries.float() - self.center
         coarse = bank.coarse is not None and k + self.RERANK_MARGIN < bank.n_rows
-        chunk_rows = max(1, DISTANCE_BLOCK_ELEMENTS // bank.n_rows)
+        chunk_rows = max(1, DISTANCE_BLOCK_ELEMENTS // bank.n_columns)
+        exact_rows = None if coarse else bank.exact()
         distance_chunks, index_chunks = [], []
         for rows in row_chunks(centered_queries.shape[0], chunk_rows):
             chunk = centered_queries[rows]
             if coarse:
                 chunk_sq, chunk_idx = self._coarse_then_exact(chunk, k, bank)
             else:
-                chunk_sq, chunk_idx = _smallest(squared_distances(chunk, bank.exact(), bank.sq_norms), k)
+                chunk_sq, chunk_idx = _smallest(bank.distances(chunk, exact_rows, bank.sq_norms), k)
             distance_chunks.append(chunk_sq.clamp_min(0).sqrt())
             index_chunks.append(bank.to_rows(chunk_idx))
         return torch.cat(distance_chunks), torch.cat(index_chunks)
@@ -215,7 +216,7 @@ class TorchSearch(nn.Module):
         positions among the candidate rows."""
         coarse_bank, coarse_sq_norms = bank.coarse
         coarse_queries = (chunk @ self.coarse_axes).to(coarse_bank.dtype)
-        coarse = squared_distances(coarse_queries, coarse_bank, coarse_sq_norms)
+        coarse = bank.distances(coarse_queries, coarse_bank, coarse_sq_norms)
         _, candidates = coarse.topk(k + self.RERANK_MARGIN, dim=1, largest=False, sorted=False)  # (Q, r)
         differences = bank.gather(candidates) - chunk.unsqueeze(1)  # (Q, r, D)
         exact_sq = torch.einsum("qrd,qrd->qr", differences, differences)
@@ -224,22 +225,43 @@ class TorchSearch(nn.Module):
 
 
 class _Rows:
-    """The candidate rows of one search: all of a :class:`TorchSearch`, or the subset ``among``."""
+    """The candidate rows of one search: all of a :class:`TorchSearch`, or the subset ``among``.
+
+    A subset of at least half the rows (e.g. every image's rows but one) is searched as all rows
+    with the distances of the others set to infinity, which costs one fill instead of a copy of
+    the bank; a smaller subset is gathered.
+    """
 
     def __init__(self, search: TorchSearch, among: torch.Tensor | None) -> None:
-        self.search, self.among = search, among
-        self.n_rows = len(search) if among is None else among.shape[0]
-        self.sq_norms = search.sq_norms if among is None else search.sq_norms[among]
+        self.search = search
+        self.n_rows = len(search) if among is None else among.shape[0]  # candidates
+        self.among = self.excluded = None
+        if among is not None and 2 * among.shape[0] >= len(search):
+            kept = torch.zeros(len(search), dtype=torch.bool, device=among.device)
+            kept[among] = True
+            self.excluded = torch.nonzero(~kept).squeeze(1)
+        elif among is not None:
+            self.among = among
+        self.n_columns = len(search) if self.among is None else self.n_rows  # of the distance blocks
+        self.sq_norms = search.sq_norms if self.among is None else search.sq_norms[self.among]
         self.coarse = None
         if search.coarse_bank is not None:
             self.coarse = (search.coarse_bank, search.coarse_sq_norms)
-            if among is not None:
-                self.coarse = (search.coarse_bank[among], search.coarse_sq_norms[among])
+            if self.among is not None:
+                self.coarse = (search.coarse_bank[self.among], search.coarse_sq_norms[self.among])
 
     def exact(self) -> torch.Tensor:
-        """The candidate rows (M, D) in float32."""
+        """The candidate rows (M, D) in float32 (all rows when some are excluded)."""
         rows = self.search.centered if self.among is None else self.search.centered[self.among]
         return rows.float()
+
+    def distances(self, queries: torch.Tensor, rows: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
+        """Squared distances (Q, M) from ``queries`` to ``rows`` (M, D) of :meth:`exact` (or their
+        coarse form), infinite for the excluded rows."""
+        sq_distances = squared_distances(queries, rows, sq_norms)
+        if self.excluded is not None:
+            sq_distances.index_fill_(1, self.excluded, torch.inf)
+        return sq_distances
 
     def gather(self, positions: torch.Tensor) -> torch.Tensor:
         """Candidate rows at ``positions`` (Q, r) -> (Q, r, D) float32."""

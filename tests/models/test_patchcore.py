@@ -5,7 +5,7 @@ import torch
 from flawmap.data import open_dataset
 from flawmap.errors import FlawmapError
 from flawmap.evaluate import evaluate
-from flawmap.models import PatchCore, patchcore
+from flawmap.models import PatchCore
 from flawmap.search import all_vectors, build_search
 
 
@@ -78,9 +78,7 @@ def test_threshold_calibrated_on_every_training_image_left_out(tiny_model):
     assert tiny_model.threshold_ > scores.max()  # a 1% rate from 12 scores: above all of them
 
 
-@pytest.mark.parametrize("candidates", [1, patchcore.LEFT_OUT_CANDIDATES])  # 1: nearly every patch searched again
-def test_left_out_scores_search_only_the_bank_rows_of_other_images(tiny_model, tiny_dataset, candidates, monkeypatch):
-    monkeypatch.setattr(patchcore, "LEFT_OUT_CANDIDATES", candidates)
+def test_left_out_scores_search_only_the_bank_rows_of_other_images(tiny_model, tiny_dataset):
     train = list(open_dataset(tiny_dataset).train)
     images = torch.from_numpy(next(iter(tiny_model._batches(train[:3], False, "test"))).images)
     with torch.inference_mode():

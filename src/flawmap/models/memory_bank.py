@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from flawmap.errors import FlawmapError
-from flawmap.models.base import AnomalyModel
+from flawmap.models.base import AnomalyModel, PatchScores
 from flawmap.search import SearchIndex, build_search
 from flawmap.search_faiss import import_faiss
 
@@ -59,3 +59,15 @@ class MemoryBankModel(AnomalyModel):
         """The bank's search over ``vectors`` (N, D), with the chosen backend and settings."""
         settings = {name: getattr(self, name) for name in IVFPQ_SETTINGS} if self.search == "faiss-ivfpq" else {}
         return build_search(vectors, backend=SEARCHES[self.search], storage_dtype=storage_dtype, **settings)
+
+    def _scores_without_own_rows(self, features: torch.Tensor, image_ids: torch.Tensor, sources: torch.Tensor) -> PatchScores:
+        """Cross-fitted scores: each training image (features B x C x h x w, ids (B,)) scored
+        against the bank rows of the other training images only (``sources`` (N,): the training
+        image of each bank row), as a new image of the same kind would be."""
+        sources = sources.to(features.device)
+        scored = []
+        for i, image_id in enumerate(image_ids.tolist()):
+            others = torch.nonzero(sources != image_id).squeeze(1)
+            scored.append(self.scorer_.score(features[i : i + 1], among=others if others.numel() else None))
+        image_scores = None if scored[0].image_scores is None else torch.cat([s.image_scores for s in scored])
+        return PatchScores(torch.cat([s.patch_scores for s in scored]), image_scores)

@@ -37,11 +37,6 @@ from flawmap.models.memory_bank import MemoryBankModel
 from flawmap.search import SearchIndex, all_vectors, search_from_state, search_state
 
 
-#: Nearest bank rows searched per training patch when scoring it leave-one-out; the rare patch
-#: whose candidates all come from its own image is searched again without them.
-LEFT_OUT_CANDIDATES = 16
-
-
 class PatchCoreScorer(Scorer):
     """Images -> nearest-bank-feature distances (steps 1, 3) and Eq. 7 image scores (step 4).
 
@@ -154,36 +149,8 @@ class PatchCore(MemoryBankModel):
 
     def _left_out_scores(self, features: torch.Tensor, image_ids: torch.Tensor) -> PatchScores:
         """Each image against the bank rows of the other training images (its own rows, labelled
-        by the coreset, left out).
-
-        One search over the whole bank gives every patch its ``LEFT_OUT_CANDIDATES`` nearest
-        rows; the first that belongs to another image is its nearest row among the other images'
-        rows, exactly. Only patches whose candidates are all their own image's rows are searched
-        again, among the other images' rows.
-        """
-        search, sources = self.scorer_.search, self.coreset_state_["labels"].to(features.device)
-        queries = flatten_patches(features)
-        patches_per_image = queries.shape[0] // features.shape[0]
-        patch_images = image_ids.to(features.device).repeat_interleave(patches_per_image)
-        distances, rows = search.kneighbors(queries, k=min(LEFT_OUT_CANDIDATES, len(search)))
-        of_other_image = sources[rows] != patch_images[:, None]
-        first = of_other_image.int().argmax(dim=1, keepdim=True)
-        nearest_distances, nearest_rows = distances.gather(1, first)[:, 0], rows.gather(1, first)[:, 0]
-        scored = []
-        for i, image_id in enumerate(image_ids.tolist()):
-            patches = slice(i * patches_per_image, (i + 1) * patches_per_image)
-            others = torch.nonzero(sources != image_id).squeeze(1)
-            among = others if others.numel() else None
-            image_distances, image_rows = nearest_distances[patches], nearest_rows[patches]
-            missed = ~of_other_image[patches].any(dim=1)
-            if missed.any():
-                again_distances, again_rows = search.kneighbors(queries[patches][missed], k=1, among=among)
-                image_distances, image_rows = image_distances.clone(), image_rows.clone()
-                image_distances[missed], image_rows[missed] = again_distances[:, 0], again_rows[:, 0]
-            scored.append(self.scorer_.scores_from_nearest(
-                features[i : i + 1].shape, queries[patches], image_distances, image_rows, among
-            ))
-        return PatchScores(torch.cat([s.patch_scores for s in scored]), torch.cat([s.image_scores for s in scored]))
+        by the coreset, left out)."""
+        return self._scores_without_own_rows(features, image_ids, self.coreset_state_["labels"])
 
     def _coreset(self) -> StreamingCoreset:
         """A new coreset stream, or the one that kept the current bank."""

@@ -229,12 +229,7 @@ class SFR(MemoryBankModel):
 
     def _left_out_scores(self, features: torch.Tensor, image_ids: torch.Tensor) -> PatchScores:
         """Each image coded over the bank atoms of the other training images only."""
-        sources = self.bank_sources_.to(features.device)
-        scored = []
-        for i, image_id in enumerate(image_ids.tolist()):
-            others = torch.nonzero(sources != image_id).squeeze(1)
-            scored.append(self.scorer_.score(features[i : i + 1], among=others if others.numel() else None))
-        return PatchScores(torch.cat([s.patch_scores for s in scored]))
+        return self._scores_without_own_rows(features, image_ids, self.bank_sources_)
 
     def _pool_sampler(self) -> PoolSampler:
         """Step 2's stream (for the baselines: the bank's): new, or resumed from the fitted pool."""
