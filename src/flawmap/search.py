@@ -205,8 +205,9 @@ class TorchSearch(nn.Module):
             chunk = centered_queries[rows]
             if coarse:
                 chunk_sq, chunk_idx = self._coarse_then_exact(chunk, k, bank)
-            else:
-                chunk_sq, chunk_idx = _smallest(bank.distances(chunk, exact_rows, bank.sq_norms), k)
+            else:  # rank by |b|^2 - 2 q.b; |q|^2 is added to the k kept values only
+                ranks, chunk_idx = _smallest(bank.ranking_distances(chunk, exact_rows, bank.sq_norms), k)
+                chunk_sq = ranks + chunk.square().sum(dim=1, keepdim=True)
             distance_chunks.append(chunk_sq.clamp_min(0).sqrt())
             index_chunks.append(bank.to_rows(chunk_idx))
         return torch.cat(distance_chunks), torch.cat(index_chunks)
@@ -216,7 +217,7 @@ class TorchSearch(nn.Module):
         positions among the candidate rows."""
         coarse_bank, coarse_sq_norms = bank.coarse
         coarse_queries = (chunk @ self.coarse_axes).to(coarse_bank.dtype)
-        coarse = bank.distances(coarse_queries, coarse_bank, coarse_sq_norms)
+        coarse = bank.ranking_distances(coarse_queries, coarse_bank, coarse_sq_norms)
         _, candidates = coarse.topk(k + self.RERANK_MARGIN, dim=1, largest=False, sorted=False)  # (Q, r)
         differences = bank.gather(candidates) - chunk.unsqueeze(1)  # (Q, r, D)
         exact_sq = torch.einsum("qrd,qrd->qr", differences, differences)
@@ -255,13 +256,14 @@ class _Rows:
         rows = self.search.centered if self.among is None else self.search.centered[self.among]
         return rows.float()
 
-    def distances(self, queries: torch.Tensor, rows: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
-        """Squared distances (Q, M) from ``queries`` to ``rows`` (M, D) of :meth:`exact` (or their
-        coarse form), infinite for the excluded rows."""
-        sq_distances = squared_distances(queries, rows, sq_norms)
+    def ranking_distances(self, queries: torch.Tensor, rows: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
+        """``|b|^2 - 2 q.b`` (Q, M) for ``queries`` and ``rows`` (M, D) of :meth:`exact` (or their
+        coarse form), infinite for the excluded rows: each query's squared distances minus its
+        own ``|q|^2``, so they rank the rows alike at one memory pass less."""
+        ranks = torch.addmm(sq_norms.unsqueeze(0), queries, rows.T, alpha=-2.0)
         if self.excluded is not None:
-            sq_distances.index_fill_(1, self.excluded, torch.inf)
-        return sq_distances
+            ranks.index_fill_(1, self.excluded, torch.inf)
+        return ranks
 
     def gather(self, positions: torch.Tensor) -> torch.Tensor:
         """Candidate rows at ``positions`` (Q, r) -> (Q, r, D) float32."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from flawmap.backbones import efficientnet_lite, resnet  # noqa: F401  (register architectures)
 from flawmap.backbones.base import BACKBONES, Backbone, FeatureInfo
-from flawmap.backbones.weights import load_weights, packaged_weights_description, packaged_weights_file
+from flawmap.backbones.weights import load_state, packaged_weights_description, packaged_weights_file, read_state_dict
 from flawmap.errors import FlawmapError
 
 __all__ = ["BACKBONES", "Backbone", "FeatureInfo", "create_backbone", "list_backbones", "weights_source"]
@@ -32,13 +32,18 @@ def create_backbone(name: str, weights: str | Path | None = None) -> Backbone:
     """Build backbone ``name`` with ImageNet weights, frozen and in eval mode.
 
     ``weights=None`` uses the weights packaged for ``name`` (FlawmapError if there are none);
-    a path loads that local ``.pth``/``.pt``/``.bin``/``.safetensors`` checkpoint instead.
+    a path loads that local ``.pth``/``.pt``/``.bin``/``.safetensors`` checkpoint instead, in the
+    architecture's own layout or in the batch-norm-folded one (:meth:`Backbone.fold_batch_norms`)
+    that a saved model's backbone file holds. The backbone comes back folded.
     """
     factory = BACKBONES.get(name)
     path = _packaged_file(name) if weights is None else Path(weights).expanduser()
     model = factory()
-    load_weights(model, path)
-    return model
+    state = read_state_dict(path)
+    if not any(key.endswith("running_var") for key in state):  # the folded form a saved model holds
+        model.fold_batch_norms()
+    load_state(model, state, path)
+    return model.fold_batch_norms()
 
 
 def weights_source(name: str, weights: str | Path | None = None) -> str:

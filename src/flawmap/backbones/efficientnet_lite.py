@@ -96,6 +96,7 @@ def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
 
 class _MBConv(nn.Module):
     """Inverted residual: 1x1 expand, k x k depthwise, 1x1 project; identity skip when shapes allow.
+    Activations run in place on the fresh convolution outputs (one memory pass less each).
 
     ``B x C_in x H x W`` -> ``B x C_out x ceil(H / stride) x ceil(W / stride)``.
     """
@@ -114,8 +115,8 @@ class _MBConv(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out = x
         if self._expand_conv is not None:
-            out = F.relu6(self._bn0(self._expand_conv(out)))
-        out = F.relu6(self._bn1(self._depthwise_conv(out)))
+            out = F.relu6(self._bn0(self._expand_conv(out)), inplace=True)
+        out = F.relu6(self._bn1(self._depthwise_conv(out)), inplace=True)
         out = self._bn2(self._project_conv(out))
         return out + x if self.has_skip else out
 
@@ -143,7 +144,7 @@ class EfficientNetLite(Backbone):
         self._freeze()
 
     def _stem(self, x: Tensor) -> Tensor:
-        return F.relu6(self._bn0(self._conv_stem(x)))
+        return F.relu6(self._bn0(self._conv_stem(x)), inplace=True)
 
     def _stage(self, index: int, x: Tensor) -> Tensor:
         for block in self._blocks[self._stage_slices[index]]:
@@ -151,7 +152,7 @@ class EfficientNetLite(Backbone):
         return x
 
     def _head(self, x: Tensor) -> Tensor:
-        x = F.relu6(self._bn1(self._conv_head(x)))
+        x = F.relu6(self._bn1(self._conv_head(x)), inplace=True)
         return self._fc(x.mean(dim=(2, 3)))
 
 

@@ -69,12 +69,12 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     return _strip_prefix(_unnest(state, path))
 
 
-def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Copy checkpoint ``path`` into ``model``; keys and shapes must match exactly.
+def load_state(model: nn.Module, state: dict[str, Tensor], path: str | Path) -> None:
+    """Copy ``state`` (read from checkpoint ``path``) into ``model``; keys and shapes must match
+    exactly.
 
     ``num_batches_tracked`` counters may be absent (older checkpoints omit them).
     """
-    state = read_state_dict(path)
     expected = model.state_dict()
     missing = [key for key in expected if key not in state and not key.endswith("num_batches_tracked")]
     unexpected = [key for key in state if key not in expected]
