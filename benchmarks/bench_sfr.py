@@ -4,7 +4,8 @@ Two studies, on MVTec AD bottle and every demo category (``flawmap.data.demo.TEX
 to ``--demo-dir``) unless category folders are named:
 
 - ``bank-size`` (claim A: SFR degrades more slowly than PatchCore as the bank shrinks): PatchCore
-  (``coreset_fraction``) and SFR (``bank_fraction``, its default sampling) at every ``--fractions``;
+  (``coreset_fraction``), SFR (``bank_fraction``, its defaults) and SFR with subspace sampling
+  and subspace reconstruction at every ``--fractions``;
 - ``sampling`` (claim B: at equal bank size, SFR's bank beats random and coreset banks): SFR with
   each of ``--samplings`` at every ``--sampling-fractions``.
 
@@ -52,6 +53,8 @@ STUDIES = ("bank-size", "sampling")
 DEFAULT_FRACTIONS = (0.005, 0.01, 0.025, 0.1)
 DEFAULT_SAMPLING_FRACTIONS = (0.01, 0.025)
 DEFAULT_SAMPLINGS = ("sparse", "subspace", "random", "coreset")
+#: SFR's explicit-subspace variant, compared in the bank-size study.
+SUBSPACE_VARIANT = {"sampling": "subspace", "reconstruction": "subspace"}
 
 #: One configuration: (method, hyper-parameters).
 Configuration = tuple[str, dict[str, Any]]
@@ -115,6 +118,7 @@ def study_configurations(args: argparse.Namespace) -> list[Configuration]:
         for fraction in args.fractions:
             configurations.append(("patchcore", {"coreset_fraction": fraction}))
             configurations.append(("sfr", {**sfr_params, "bank_fraction": fraction}))
+            configurations.append(("sfr", {**sfr_params, **SUBSPACE_VARIANT, "bank_fraction": fraction}))
     if args.study in ("sampling", "both"):
         for fraction in args.sampling_fractions:
             for sampling in args.samplings:

@@ -579,16 +579,17 @@ def subspace_residuals(queries: torch.Tensor, bases: torch.Tensor) -> torch.Tens
     """Residuals (Q, D) of features (Q, D) projected onto their own subspace (Eq. 5).
 
     A target is assigned to the subspace with the smallest projection residual,
-    ``l*(x) = argmin_l |x - U_l U_l^T x|``, and ``r(x) = x - U_l* U_l*^T x``. ``bases`` (L, D, d)
-    as from :func:`subspace_bases`.
+    ``l*(x) = argmin_l |x - U_l U_l^T x|``, and ``r(x) = x - U_l* U_l*^T x``. The bases are
+    orthonormal, so ``|x - U_l U_l^T x|^2 = |x|^2 - |U_l^T x|^2``: the assignment needs only the
+    ``L x d`` coefficients of each query. ``bases`` (L, D, d) as from :func:`subspace_bases`.
     """
     residuals = []
     for rows in row_chunks(queries.shape[0], CODING_CHUNK_ROWS):  # one chunk while exporting
         chunk = queries[rows].float()
-        coefficients = torch.einsum("qd,ldc->lqc", chunk, bases)  # (L, n, d)
-        all_residuals = chunk.unsqueeze(0) - torch.einsum("lqc,ldc->lqd", coefficients, bases)  # (L, n, D)
-        best = all_residuals.square().sum(dim=2).argmin(dim=0)  # (n,)
-        residuals.append(all_residuals[best, torch.arange(chunk.shape[0], device=chunk.device)])
+        coefficients = torch.einsum("qd,ldc->qlc", chunk, bases)  # U_l^T x, (n, L, d)
+        best = coefficients.square().sum(dim=2).argmax(dim=1)  # largest |U_l^T x|: smallest residual
+        own = coefficients[torch.arange(chunk.shape[0], device=chunk.device), best]  # (n, d)
+        residuals.append(chunk - torch.einsum("qc,qdc->qd", own, bases[best]))
     return torch.cat(residuals)
 
 
