@@ -33,18 +33,31 @@ norm of the atoms (it makes the penalty weights ``lambda_1 = sparsity`` and
    group soft-threshold.
 4. Sparse sampling: the bank keeps the ``round(bank_fraction * N)`` pool atoms (``N`` training
    patches) with the largest ``|C^j|_2``, the atoms the reconstruction of the others depends on most.
-5. Target reconstruction: a test feature is one more column of (1). For a single column the row
-   norms are absolute values, so its code is the elastic net over its ``k`` nearest bank atoms::
+   With ``sampling="subspace"`` the pool is first split into ``L`` subspaces (sparse subspace
+   clustering: the affinity ``W = |C| + |C|^T`` (3), spectral clustering (4)) and the ranking runs
+   within each subspace, every subspace keeping at least ``d + 1`` atoms (when the bank has room)
+   and the rest in proportion to its size (:func:`subspace_sample`).
+5. Target reconstruction, ``reconstruction="local"``: a test feature is one more column of (1).
+   For a single column the row norms are absolute values, so its code is the elastic net over its
+   ``k`` nearest bank atoms::
 
        c*(x) = argmin_c 1/2 |x - A^T c|^2 + lambda_1 s^2 |c|_1 + lambda_2 s^2 / 2 |c|^2           (2)
 
-   solved by FISTA, in batches of queries.
-6. Patch score: the norm of the per-dimension residual ``r(x) = x - A^T c*(x)`` (the poorly
-   reconstructed feature dimensions are the anomaly evidence), upsampled and smoothed like every
-   method's; image score: the maximum of the smoothed map.
+   solved by FISTA, in batches of queries. ``reconstruction="subspace"``: each subspace ``l`` has
+   an orthonormal basis ``U_l`` (D, d) of its bank atoms (leading right singular vectors); a test
+   feature is assigned to the subspace that reconstructs it best and projected onto it::
+
+       l*(x) = argmin_l |x - U_l U_l^T x|,   r(x) = x - U_l* U_l*^T x                           (5)
+
+   the least-squares combination of the subspace's basis vectors (Eq. (2) restricted to the
+   atoms of one subspace, without penalties, truncated to rank ``d``).
+6. Patch score: the norm of the per-dimension residual ``r(x) = x - A^T c*(x)`` (or Eq. (5); the
+   poorly reconstructed feature dimensions are the anomaly evidence), upsampled and smoothed like
+   every method's; image score: the maximum of the smoothed map.
 
 Calibration (cross-fitting): every pool and bank atom remembers the training image it came from,
-so a training image is coded over the other images' atoms only (``among`` in the search).
+so a training image is coded over the other images' atoms only (``among`` in the search; for the
+subspace reconstruction the bases are rebuilt from the other images' atoms).
 
 Incremental fit (``partial_fit``): the pool of step 2 is a stream over the training patches
 (:class:`flawmap.coreset.StreamingCoreset`); the model keeps the pool and the stream's state, new
@@ -507,9 +520,10 @@ def subspace_sample(usage: torch.Tensor, subspaces: torch.Tensor, n_bank: int, s
     """Step 4 per subspace: SMRS within each subspace, with room for each to span itself.
 
     Within subspace ``l`` (``n_l`` atoms) the atoms are ranked by their row norm ``|C^j|_2``.
-    Each subspace first keeps its ``min(n_l, d + 1, M // L)`` best atoms (``d + 1`` atoms span a
-    ``d``-dimensional basis with one to spare); the rest of the bank goes to the atoms of lowest
-    within-subspace rank quantile ``rank / n_l``, which shares it in proportion to ``n_l``.
+    Each subspace keeps its ``min(n_l, d + 1, M // L)`` best atoms whatever happens (``d + 1``
+    atoms span a ``d``-dimensional basis with one to spare, ``L`` the non-empty subspaces); the
+    rest of the bank goes to the atoms of lowest within-subspace rank quantile ``(rank + 1) / n_l``,
+    so a subspace keeps about ``max(its guaranteed atoms, q n_l)`` atoms, ``q`` the same for all.
 
     Parameters
     ----------
