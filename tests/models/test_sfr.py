@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -335,6 +336,19 @@ def test_subspace_model_save_load_round_trips(subspace_sfr, tiny_dataset, tmp_pa
     loaded = AnomalyModel.load(subspace_sfr.save(tmp_path / "sfr"))
     assert torch.equal(loaded.scorer_.atom_subspaces, subspace_sfr.scorer_.atom_subspaces)
     assert_same_predictions(subspace_sfr, loaded, sorted(tiny_dataset.glob("test/*/*.png"))[:3])
+
+
+def test_version_4_sfr_directories_load_with_the_local_reconstruction(tiny_sfr, tiny_dataset, tmp_path):
+    """An SFR saved before the subspace parameters existed (format 4) loads as it was."""
+    target = tiny_sfr.save(tmp_path / "sfr")
+    config = json.loads((target / "config.json").read_text())
+    for name in ("reconstruction", "n_subspaces", "subspace_dim"):
+        del config["params"][name]
+    config["format_version"] = 4
+    (target / "config.json").write_text(json.dumps(config))
+    loaded = AnomalyModel.load(target)
+    assert (loaded.sampling, loaded.reconstruction) == ("sparse", "local")
+    assert_same_predictions(tiny_sfr, loaded, sorted(tiny_dataset.glob("test/*/*.png"))[:2])
 
 
 @pytest.mark.parametrize(

@@ -122,7 +122,7 @@ class SFRScorer(Scorer):
 
     def __init__(
         self, backbone: Backbone, taps: tuple[str, ...], neighborhood_size: int, dictionary_size: int,
-        sparsity: float, ridge: float, reconstruction: str = "local", subspace_dim: int = 1,
+        sparsity: float, ridge: float, reconstruction: str, subspace_dim: int,
     ) -> None:
         super().__init__(backbone, taps)
         self.neighborhood_size = neighborhood_size
