@@ -338,6 +338,15 @@ def test_subspace_model_save_load_round_trips(subspace_sfr, tiny_dataset, tmp_pa
     assert_same_predictions(subspace_sfr, loaded, sorted(tiny_dataset.glob("test/*/*.png"))[:3])
 
 
+def test_subspace_model_partial_fit_reclusters_the_grown_pool(train_halves):
+    model = quick_sfr(sampling="subspace", reconstruction="subspace", n_subspaces=4, subspace_dim=4).fit(train_halves[0])
+    old_pool = model.pool_
+    model.partial_fit(train_halves[1])
+    assert torch.equal(model.pool_[: old_pool.shape[0]], old_pool)
+    assert len(model.scorer_.search) == round(BANK_FRACTION * model.n_patches_)
+    assert model.scorer_.atom_subspaces.shape == (len(model.scorer_.search),)
+
+
 def test_version_4_sfr_directories_load_with_the_local_reconstruction(tiny_sfr, tiny_dataset, tmp_path):
     """An SFR saved before the subspace parameters existed (format 4) loads as it was."""
     target = tiny_sfr.save(tmp_path / "sfr")
