@@ -18,7 +18,7 @@ the new record, complete. Model directories and training checkpoints are both re
 
 A model directory is a record whose document is ``config.json``::
 
-    {"format": "flawmap-model", "format_version": 4, "flawmap_version": ...,
+    {"format": "flawmap-model", "format_version": 5, "flawmap_version": ...,
      "method": ..., "params": {...}, "fitted": {...}, "saved_with": {...}, "files": {...}}
 
 ``saved_with`` says where the model was fitted (device, torch version), for information only:
@@ -44,12 +44,12 @@ from flawmap._version import __version__
 from flawmap.errors import FlawmapError
 
 FORMAT_NAME = "flawmap-model"
-FORMAT_VERSION = 4  # 3: out-of-sample calibration records (calibration_, map maxima and medians); 4: tiling parameters
+FORMAT_VERSION = 5  # 3: out-of-sample calibration records (calibration_, map maxima and medians); 4: tiling parameters; 5: SFR subspaces
 CONFIG_FILE = "config.json"
 #: Format versions this flawmap reads. Configs of an older version lack the hyper-parameters
 #: added since, which then take their defaults (defaults that keep the old behaviour: version 3
-#: predates tiling and the faiss searches).
-READABLE_VERSIONS = (3, FORMAT_VERSION)
+#: predates tiling and the faiss searches, version 4 SFR's reconstruction, n_subspaces, subspace_dim).
+READABLE_VERSIONS = (3, 4, FORMAT_VERSION)
 #: Top-level keys every model config has besides the format fields.
 MODEL_KEYS = ("method", "params", "fitted", "files")
 

@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -8,7 +9,10 @@ from flawmap.errors import FlawmapError
 from flawmap.evaluate import evaluate
 from flawmap.models import SFR, AnomalyModel
 from flawmap.models import sfr
-from flawmap.models.sfr import reconstruction_residuals, self_expressive_usage
+from flawmap.models.sfr import (
+    reconstruction_residuals, self_expressive_codes, self_expressive_usage, subspace_bases, subspace_clustering,
+    subspace_residuals, subspace_sample,
+)
 from flawmap.search import all_vectors, build_search
 
 AMBIENT_DIM, SUBSPACE_DIM = 32, 3
@@ -134,6 +138,58 @@ def test_elastic_net_codes_satisfy_optimality_conditions():
     assert (gradient[~active].abs() <= l1 + 1e-3).all()
 
 
+# ---------------------------------------------------------------------------- subspaces
+def true_subspaces() -> torch.Tensor:
+    """The subspace each atom of ``union_of_subspaces`` was drawn from, (440,)."""
+    return torch.repeat_interleave(torch.arange(len(SUBSPACE_SIZES)), torch.tensor(SUBSPACE_SIZES))
+
+
+@pytest.fixture(scope="module")
+def self_expression(union_of_subspaces):
+    return self_expressive_codes(union_of_subspaces[1], 16, 0.1, 0.1)
+
+
+def test_self_expression_has_a_zero_diagonal_and_stays_in_the_subspace(self_expression):
+    codes, neighbors = self_expression
+    assert not (neighbors == torch.arange(neighbors.shape[0]).unsqueeze(1)).any()  # diag(C) = 0
+    truth = true_subspaces()
+    same = truth[neighbors] == truth.unsqueeze(1)
+    assert codes.abs()[same].sum() > 0.99 * codes.abs().sum()  # subspace-preserving coefficients
+
+
+def test_spectral_clustering_of_the_affinity_recovers_the_subspaces(self_expression):
+    labels = subspace_clustering(*self_expression, n_subspaces=3, seed=0)
+    truth = true_subspaces()
+    contingency = torch.zeros(3, 3, dtype=torch.long).index_put_((truth, labels), torch.tensor(1), accumulate=True)
+    assert ((contingency > 0).sum(dim=1) == 1).all() and ((contingency > 0).sum(dim=0) == 1).all(), contingency
+
+
+# 30: d + 1 = 4 each at least, the rest by size: max(4, 30 n_l / 440 scaled to fill 30) = 20, 6, 4;
+# 9: no room for d + 1 each, so M // L = 3 each
+@pytest.mark.parametrize("n_bank, expected", [(30, [20, 6, 4]), (9, [3, 3, 3])])
+def test_subspace_sampling_keeps_enough_atoms_to_span_every_subspace(n_bank, expected, self_expression):
+    codes, neighbors = self_expression
+    usage = sfr._row_norms(codes, neighbors, codes.shape[0])
+    kept = subspace_sample(usage, true_subspaces(), n_bank, SUBSPACE_DIM)
+    assert kept.shape == (n_bank,) and kept.unique().shape == (n_bank,)
+    per_subspace = torch.bincount(true_subspaces()[kept], minlength=3)
+    assert per_subspace.tolist() == expected
+
+
+def test_subspace_basis_reconstructs_held_out_points_of_its_subspace_only(union_of_subspaces):
+    bases, atoms = union_of_subspaces
+    generator = torch.Generator().manual_seed(6)
+    kept = torch.cat([torch.nonzero(true_subspaces() == label).squeeze(1)[:SUBSPACE_DIM + 1] for label in range(3)])
+    fitted = subspace_bases(atoms[kept], true_subspaces()[kept], 3, SUBSPACE_DIM + 2)
+    assert fitted.shape == (3, AMBIENT_DIM, SUBSPACE_DIM + 2)
+    assert (fitted[:, :, SUBSPACE_DIM:] == 0).all()  # rank 3: the spare columns stay zero
+    held_out = torch.cat([points_on(basis, 20, generator) for basis in bases])
+    offsets = 0.3 * torch.randn(20, AMBIENT_DIM, generator=generator) / math.sqrt(AMBIENT_DIM)
+    off_subspace = points_on(bases[2], 20, generator) + offsets
+    assert subspace_residuals(held_out, fitted).norm(dim=1).max() < 1e-4
+    assert subspace_residuals(off_subspace, fitted).norm(dim=1).min() > 0.1
+
+
 # ---------------------------------------------------------------------------- fitted models
 BANK_FRACTION = 0.25
 PATCHES_PER_IMAGE = 8 * 8  # at 64 px, stride 8
@@ -251,6 +307,59 @@ def test_updated_model_detects_defects_like_a_full_fit(updated_sfr, tiny_sfr, ti
     assert updated["pixel_auroc"] >= full["pixel_auroc"] - 0.02
 
 
+# ---------------------------------------------------------------------------- the subspace variant
+@pytest.fixture(scope="module")
+def subspace_sfr(tiny_dataset) -> SFR:
+    return quick_sfr(sampling="subspace", reconstruction="subspace", n_subspaces=4, subspace_dim=4).fit(tiny_dataset)
+
+
+def test_subspace_model_labels_every_atom_and_detects_defects(subspace_sfr, tiny_dataset):
+    scorer = subspace_sfr.scorer_
+    assert scorer.atom_subspaces.shape == (len(scorer.search),) and scorer.bases.shape == (4, 40 + 112, 4)
+    assert (torch.bincount(scorer.atom_subspaces, minlength=4) >= 5).all()  # d + 1 atoms per subspace
+    result = evaluate(subspace_sfr, tiny_dataset)
+    assert result["image_auroc"] > 0.8 and result["pixel_auroc"] > 0.8
+
+
+def test_subspace_scores_among_atoms_are_those_of_a_bank_of_only_them(subspace_sfr):
+    """Cross-fitting: the bases are rebuilt from the atoms ``among``, as if the bank held only them."""
+    scorer = subspace_sfr.scorer_
+    queries = torch.randn(10, 40 + 112, generator=torch.Generator().manual_seed(8)).abs()
+    among = torch.nonzero(subspace_sfr.bank_sources_ != 0).squeeze(1)
+    atoms = all_vectors(scorer.search)[among]
+    expected = subspace_residuals(queries, subspace_bases(atoms, scorer.atom_subspaces[among], 4, 4))
+    torch.testing.assert_close(scorer.reconstruction_residuals(queries, among), expected)
+    assert not torch.allclose(scorer.reconstruction_residuals(queries), expected)
+
+
+def test_subspace_model_save_load_round_trips(subspace_sfr, tiny_dataset, tmp_path):
+    loaded = AnomalyModel.load(subspace_sfr.save(tmp_path / "sfr"))
+    assert torch.equal(loaded.scorer_.atom_subspaces, subspace_sfr.scorer_.atom_subspaces)
+    assert_same_predictions(subspace_sfr, loaded, sorted(tiny_dataset.glob("test/*/*.png"))[:3])
+
+
+def test_subspace_model_partial_fit_reclusters_the_grown_pool(train_halves):
+    model = quick_sfr(sampling="subspace", reconstruction="subspace", n_subspaces=4, subspace_dim=4).fit(train_halves[0])
+    old_pool = model.pool_
+    model.partial_fit(train_halves[1])
+    assert torch.equal(model.pool_[: old_pool.shape[0]], old_pool)
+    assert len(model.scorer_.search) == round(BANK_FRACTION * model.n_patches_)
+    assert model.scorer_.atom_subspaces.shape == (len(model.scorer_.search),)
+
+
+def test_version_4_sfr_directories_load_with_the_local_reconstruction(tiny_sfr, tiny_dataset, tmp_path):
+    """An SFR saved before the subspace parameters existed (format 4) loads as it was."""
+    target = tiny_sfr.save(tmp_path / "sfr")
+    config = json.loads((target / "config.json").read_text())
+    for name in ("reconstruction", "n_subspaces", "subspace_dim"):
+        del config["params"][name]
+    config["format_version"] = 4
+    (target / "config.json").write_text(json.dumps(config))
+    loaded = AnomalyModel.load(target)
+    assert (loaded.sampling, loaded.reconstruction) == ("sparse", "local")
+    assert_same_predictions(tiny_sfr, loaded, sorted(tiny_dataset.glob("test/*/*.png"))[:2])
+
+
 @pytest.mark.parametrize(
     "params, message",
     [
@@ -260,6 +369,9 @@ def test_updated_model_detects_defects_like_a_full_fit(updated_sfr, tiny_sfr, ti
         ({"sparsity": -1.0}, "sparsity and ridge"),
         ({"sampling": "greedy"}, "sampling"),
         ({"pool_factor": 0.5}, "pool_factor"),
+        ({"reconstruction": "global"}, "reconstruction"),
+        ({"reconstruction": "subspace"}, "needs sampling='subspace'"),
+        ({"n_subspaces": 0}, "n_subspaces"),
         ({"neighborhood_size": 2}, "neighborhood_size"),
         ({"projection_dim": 0}, "projection_dim"),
     ],
