@@ -257,10 +257,9 @@ class _Rows:
         return rows.float()
 
     def ranking_distances(self, queries: torch.Tensor, rows: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
-        """``|b|^2 - 2 q.b`` (Q, M) for ``queries`` and ``rows`` (M, D) of :meth:`exact` (or their
-        coarse form), infinite for the excluded rows: each query's squared distances minus its
-        own ``|q|^2``, so they rank the rows alike at one memory pass less."""
-        ranks = torch.addmm(sq_norms.unsqueeze(0), queries, rows.T, alpha=-2.0)
+        """:func:`ranking_distances` (Q, M) of ``queries`` to ``rows`` (M, D) of :meth:`exact` (or
+        their coarse form), infinite for the excluded rows."""
+        ranks = ranking_distances(queries, rows, sq_norms)
         if self.excluded is not None:
             ranks.index_fill_(1, self.excluded, torch.inf)
         return ranks
@@ -328,5 +327,10 @@ def squared_distances(
     """
     if bank_sq_norms is None:
         bank_sq_norms = bank.square().sum(dim=1)
-    query_sq_norms = queries.square().sum(dim=1, keepdim=True)
-    return torch.addmm(bank_sq_norms.unsqueeze(0), queries, bank.T, alpha=-2.0).add_(query_sq_norms)
+    return ranking_distances(queries, bank, bank_sq_norms).add_(queries.square().sum(dim=1, keepdim=True))
+
+
+def ranking_distances(queries: torch.Tensor, bank: torch.Tensor, bank_sq_norms: torch.Tensor) -> torch.Tensor:
+    """``|b|^2 - 2 q.b`` (Q, N) for ``queries`` (Q, D) and ``bank`` (N, D) with its squared norms
+    (N,): the squared distances less each query's own ``|q|^2``, which rank a query's rows alike."""
+    return torch.addmm(bank_sq_norms.unsqueeze(0), queries, bank.T, alpha=-2.0)

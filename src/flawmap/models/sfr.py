@@ -91,6 +91,8 @@ from flawmap.search import SearchIndex, all_vectors, build_search, row_chunks, s
 #: How the bank is sampled from the training patches: ``"sparse"`` (steps 2-4), or, for
 #: comparison, a greedy coreset or a uniform random sample of the same size.
 SAMPLINGS = ("sparse", "subspace", "coreset", "random")
+#: The samplings that code a coreset pool (steps 2-4); for the others the bank is the pool.
+POOLED_SAMPLINGS = ("sparse", "subspace")
 #: How a target feature is reconstructed: ``"local"`` (Eq. 2 over its ``k`` nearest bank atoms) or
 #: ``"subspace"`` (projection onto the basis of its subspace, Eq. 5; needs ``sampling="subspace"``).
 RECONSTRUCTIONS = ("local", "subspace")
@@ -279,7 +281,7 @@ class SFR(MemoryBankModel):
         self.n_patches_ = n_patches
         self.pool_sampler_state_ = sampler.state()
         subspaces = None
-        if self.sampling in ("sparse", "subspace"):
+        if self.sampling in POOLED_SAMPLINGS:
             self.pool_ = pool
             n_bank = max(1, round(self.bank_fraction * n_patches))
             if n_bank < pool.shape[0] or self.sampling == "subspace":
@@ -308,7 +310,7 @@ class SFR(MemoryBankModel):
 
     def _pool_sampler(self) -> PoolSampler:
         """Step 2's stream (for the baselines: the bank's): new, or resumed from the fitted pool."""
-        pooled = self.sampling in ("sparse", "subspace")
+        pooled = self.sampling in POOLED_SAMPLINGS
         fraction = min(1.0, self.pool_factor * self.bank_fraction) if pooled else self.bank_fraction
         if self.scorer_.search is None:
             generator = torch.Generator().manual_seed(self.random_state)
@@ -321,7 +323,7 @@ class SFR(MemoryBankModel):
 
     def _pool(self) -> torch.Tensor:
         """The fitted pool (P, D) on the CPU: ``pool_``, or for the baselines the bank itself."""
-        if self.sampling in ("sparse", "subspace"):
+        if self.sampling in POOLED_SAMPLINGS:
             return self.pool_
         return all_vectors(self.scorer_.search)
 
@@ -332,7 +334,7 @@ class SFR(MemoryBankModel):
             "bank_sources": self.bank_sources_,
             **{f"pool_sampler.{name}": tensor for name, tensor in self.pool_sampler_state_.items()},
         }
-        if self.sampling in ("sparse", "subspace"):
+        if self.sampling in POOLED_SAMPLINGS:
             tensors["pool"] = self.pool_
         if self.sampling == "subspace":
             tensors["atom_subspaces"] = self.scorer_.atom_subspaces
@@ -347,7 +349,7 @@ class SFR(MemoryBankModel):
         self.n_patches_ = fitted["n_patches_"]
         prefix = "pool_sampler."
         self.pool_sampler_state_ = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
-        if self.sampling in ("sparse", "subspace"):
+        if self.sampling in POOLED_SAMPLINGS:
             self.pool_ = tensors["pool"]
         if self.sampling == "subspace":
             self.scorer_.set_bank(all_vectors(self.scorer_.search), self.scorer_.search,
