@@ -93,6 +93,20 @@ def test_resumed_coreset_stream_equals_an_uninterrupted_one():
     assert int(resumed.state()["rows_seen"]) == 1200
 
 
+def test_blocks_larger_than_a_shard_are_cut_into_whole_shards():
+    """A block of 3.5 shards at once keeps the same rows as the same rows added shard by shard:
+    shards have ``shard_rows`` rows whatever the size of the blocks added (a batch of images)."""
+    rows = torch.randn(1050, 20, generator=torch.Generator().manual_seed(2))
+    labels = torch.arange(1050)
+    samplers = [StreamingCoreset(0.1, projection_dim=8, shard_rows=300, generator=torch.Generator().manual_seed(3)) for _ in range(2)]
+    samplers[0].add(rows, labels)
+    for start in range(0, 1050, 150):
+        samplers[1].add(rows[start : start + 150], labels[start : start + 150])
+    assert torch.equal(samplers[0].result(), samplers[1].result()) and samplers[0].result().shape[0] == 105
+    assert torch.equal(samplers[0].labels(), samplers[1].labels())
+    first_shard_labels = samplers[0].labels()[:30]
+    assert first_shard_labels.max() < 300  # the first shard's 30 kept rows came from its own 300 rows
+
 def test_resumed_random_sample_keeps_the_fraction_of_all_rows():
     rows = torch.arange(3000.0).view(1000, 3)
     sample = StreamingRandomSample(0.05, generator=torch.Generator().manual_seed(1))

@@ -20,17 +20,33 @@ def test_squared_distances_match_cdist():
 
 
 @pytest.mark.parametrize("k", [1, 4])
-def test_kneighbors_matches_brute_force_with_chunk_remainder(monkeypatch, k):
+@pytest.mark.parametrize("bank_block_rows", [7, 64])
+def test_kneighbors_matches_brute_force_with_chunk_and_block_remainders(monkeypatch, k, bank_block_rows):
     generator = torch.Generator().manual_seed(1)
     bank = torch.randn(50, 16, generator=generator) + 100.0  # far from the origin: centring matters
     queries = torch.randn(23, 16, generator=generator) + 100.0
-    # 50 bank rows and a 150-element block -> chunks of 3 queries: 7 full chunks and a remainder of 2
-    monkeypatch.setattr(search, "DISTANCE_BLOCK_ELEMENTS", 150)
+    # chunks of 3 queries: 7 full chunks and a remainder of 2; blocks of 7 rows: 7 full and a remainder of 1
+    monkeypatch.setattr(search, "QUERY_CHUNK_ROWS", 3)
+    monkeypatch.setattr(search, "BANK_BLOCK_ROWS", bank_block_rows)
     distances, indices = build_search(bank).kneighbors(queries, k=k)
     expected_distances, expected_indices = brute_force(queries, bank, k)
     assert distances.shape == (23, k) and indices.shape == (23, k)
     torch.testing.assert_close(distances.double(), expected_distances, atol=1e-3, rtol=1e-4)
     assert torch.equal(indices, expected_indices)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("n_among", [10, 40])  # gathered subset, and all rows with the others excluded
+def test_blocked_search_among_a_subset_skips_excluded_rows_in_every_block(monkeypatch, k, n_among):
+    generator = torch.Generator().manual_seed(2)
+    bank = torch.randn(50, 8, generator=generator)
+    queries = bank[torch.randperm(50, generator=generator)[:12]] + 0.01  # each query's nearest row is usually its own
+    among = torch.randperm(50, generator=generator)[:n_among]
+    monkeypatch.setattr(search, "BANK_BLOCK_ROWS", 6)
+    distances, indices = build_search(bank).kneighbors(queries, k=k, among=among)
+    expected_distances, expected_positions = brute_force(queries, bank[among], k)
+    assert torch.equal(indices, among[expected_positions])
+    torch.testing.assert_close(distances.double(), expected_distances, atol=1e-3, rtol=1e-4)
 
 
 def test_row_chunks_cover_the_remainder_and_are_one_slice_while_exporting(monkeypatch):
@@ -138,3 +154,49 @@ def test_search_is_a_module_whose_buffers_move_with_it():
     assert isinstance(index, TorchSearch)
     assert {name for name, _ in index.named_buffers()} >= {"centered", "center", "sq_norms"}
     assert set(index.state_dict()) == {"centered", "center"}  # derived buffers are not persistent
+
+
+def _low_rank_bank(n_rows: int, generator: torch.Generator) -> torch.Tensor:
+    """Clustered rows (n_rows, 24) whose variance lies mostly in 4 dimensions, as patch features' does."""
+    centers = torch.randn(30, 4, generator=generator) * 8.0
+    leading = centers[torch.randint(30, (n_rows,), generator=generator)] + torch.randn(n_rows, 4, generator=generator)
+    return torch.cat([leading, 0.3 * torch.randn(n_rows, 20, generator=generator)], dim=1) @ torch.linalg.qr(torch.randn(24, 24, generator=generator))[0]
+
+
+@pytest.mark.parametrize("k", [1, 5])
+@pytest.mark.parametrize("excluded", [False, True])
+def test_pruned_search_is_exact_and_skips_blocks(monkeypatch, k, excluded):
+    """Rows grouped by cluster, blocks skipped by the lower bound: the same rows as brute force,
+    in the given row numbering, while most (query, block) pairs are never computed exactly."""
+    generator = torch.Generator().manual_seed(3)
+    bank = _low_rank_bank(3000, generator)
+    queries = bank[torch.randperm(3000, generator=generator)[:200]] + 0.2 * torch.randn(200, 24, generator=generator)
+    among = torch.randperm(3000, generator=generator)[:2500] if excluded else None
+    monkeypatch.setattr(TorchSearch, "PRUNING_MIN_ROWS", 1000)
+    monkeypatch.setattr(TorchSearch, "CLUSTER_ROWS", 25)
+    monkeypatch.setattr(search, "BANK_BLOCK_ROWS", 100)
+    monkeypatch.setattr(search, "QUERY_CHUNK_ROWS", 64)
+    visits = []
+    merge = search._Rows._merge_block
+    monkeypatch.setattr(search._Rows, "_merge_block", lambda self, q, *args: visits.append(q.shape[0]) or merge(self, q, *args))
+    index = build_search(bank)
+    assert index.order is not None and not torch.equal(index.order, torch.arange(3000))  # rows were regrouped
+    distances, indices = index.kneighbors(queries, k=k, among=among)
+    candidates = bank if among is None else bank[among]
+    expected_distances, expected_positions = brute_force(queries, candidates, k)
+    assert torch.equal(indices, expected_positions if among is None else among[expected_positions])
+    torch.testing.assert_close(distances.double(), expected_distances, atol=1e-3, rtol=1e-4)
+    assert sum(visits) < 0.3 * 200 * 30  # of 200 queries x 30 blocks
+
+
+def test_pruned_search_keeps_the_given_row_order_in_its_state_and_vectors(monkeypatch):
+    generator = torch.Generator().manual_seed(4)
+    bank = _low_rank_bank(2000, generator)
+    monkeypatch.setattr(TorchSearch, "PRUNING_MIN_ROWS", 1000)
+    index = build_search(bank)
+    assert index.order is not None
+    rows = torch.tensor([5, 0, 1999, 5])
+    torch.testing.assert_close(index.vectors(rows), bank[rows], atol=1e-5, rtol=0)
+    rebuilt = search_from_state(search_state(index, "bank"), "bank")
+    torch.testing.assert_close(rebuilt.state()["centered"] + rebuilt.center, bank, atol=1e-5, rtol=0)
+    assert torch.equal(rebuilt.order, index.order)

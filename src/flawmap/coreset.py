@@ -12,8 +12,10 @@ import math
 
 import torch
 
-#: Rows per coreset shard: a 16k x 128 float32 shard fits in a CPU's last-level cache.
-CORESET_SHARD_ROWS = 16_384
+#: Rows per coreset shard. Each greedy step reads the whole projected shard, so the shard must
+#: stay in cache: measured here, a step over 8k x 128 float32 rows (4 MiB) took 0.31 ms, one over
+#: 16k rows (8 MiB) 1.2-2.2 ms. The number of steps is the coreset's size whatever the shards.
+CORESET_SHARD_ROWS = 8_192
 
 
 def greedy_coreset(
@@ -113,7 +115,7 @@ class _StreamSample:
 class StreamingCoreset(_StreamSample):
     """Greedy coreset over a stream of feature rows, in memory bounded by one shard.
 
-    Rows are buffered into contiguous shards of about ``shard_rows``; each full shard is reduced
+    Rows are buffered into contiguous shards of ``shard_rows`` (the last one partial); each is reduced
     to its share of the coreset by :func:`greedy_coreset` on a random projection of the rows to
     ``projection_dim`` dimensions (the paper's Johnson-Lindenstrauss approximation), and only the
     selected original rows are kept. This is one-round distributed k-center: every iteration
@@ -158,7 +160,12 @@ class StreamingCoreset(_StreamSample):
         self._label_buffer.append(_labels(labels, rows.shape[0]))
         self._buffered_rows += rows.shape[0]
         if self._buffered_rows >= self.shard_rows:
-            self._flush()
+            buffered, buffered_labels = torch.cat(self._buffer), torch.cat(self._label_buffer)
+            n_full = buffered.shape[0] // self.shard_rows * self.shard_rows
+            for start in range(0, n_full, self.shard_rows):  # whole shards, however large the added block
+                self._reduce(buffered[start : start + self.shard_rows], buffered_labels[start : start + self.shard_rows])
+            self._buffer, self._label_buffer = [buffered[n_full:]], [buffered_labels[n_full:]]
+            self._buffered_rows = buffered.shape[0] - n_full
 
     def state(self) -> dict[str, torch.Tensor]:
         """What resuming needs besides the kept rows: rows seen, the kept rows' labels, the
@@ -183,11 +190,15 @@ class StreamingCoreset(_StreamSample):
         return coreset
 
     def _flush(self) -> None:
-        """Reduce the buffered shard to its share of the coreset."""
+        """Reduce the rows still buffered (a last, partial shard) to their share of the coreset."""
         if not self._buffered_rows:
             return
         shard, labels = torch.cat(self._buffer), torch.cat(self._label_buffer)
         self._buffer, self._label_buffer, self._buffered_rows = [], [], 0
+        self._reduce(shard, labels)
+
+    def _reduce(self, shard: torch.Tensor, labels: torch.Tensor) -> None:
+        """Keep the shard's (n, D) share of the coreset, with its rows' labels (n,)."""
         self._rows_seen += shard.shape[0]
         # cumulative rounding: the kept total is round(fraction * rows seen) after every shard
         quota = self._quota(shard.shape[0])

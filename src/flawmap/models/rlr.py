@@ -208,7 +208,7 @@ class RLR(TrainedModel):
         Feature-jitter scale (step 5); 0 disables the noise.
 
     and the training parameters of :class:`flawmap.models.trained.TrainedModel` (Adam on the
-    cached features; here ``epochs`` 15).
+    cached features; here ``epochs`` 12).
 
     Presets (``RLR(**RLR.presets["paper"])``, ``flawmap fit --method rlr --preset paper``):
     ``paper`` is the official capacity and schedule (d 256/512, 8 heads, 4 layers, jitter 4,
@@ -235,7 +235,7 @@ class RLR(TrainedModel):
     num_heads: int = 4
     window_size: int = 7
     dropout: float = 0.0
-    epochs: int = 15
+    epochs: int = 12
     jitter_scale: float = 4.0
 
     def _validate_method_params(self) -> None:

@@ -81,7 +81,7 @@ import torch
 from tqdm import tqdm
 
 from flawmap.backbones import Backbone
-from flawmap.coreset import CORESET_SHARD_ROWS, StreamingCoreset, StreamingRandomSample
+from flawmap.coreset import StreamingCoreset, StreamingRandomSample
 from flawmap.errors import FlawmapError
 from flawmap.features import flatten_patches, locally_aware_patches
 from flawmap.models.base import PatchScores, Scorer, check_positive_odd, register_method
@@ -108,6 +108,8 @@ SPECTRAL_TOLERANCE = 1e-4
 KMEANS_ITERATIONS = 50
 #: Queries coded together; bounds the gathered atoms (rows x k x D floats) to tens of MiB.
 CODING_CHUNK_ROWS = 2048
+#: Pool atoms per block of the atoms' neighbourhood search (:func:`_nearest_other_atoms`).
+NEIGHBOURHOOD_SHARD_ATOMS = 16_384
 
 Prox = Callable[[torch.Tensor, torch.Tensor | float], torch.Tensor]
 PoolSampler = StreamingCoreset | StreamingRandomSample
@@ -607,12 +609,12 @@ def subspace_residuals(queries: torch.Tensor, bases: torch.Tensor) -> torch.Tens
 # ---------------------------------------------------------------------------- shared pieces
 def _nearest_other_atoms(atoms: torch.Tensor, k: int, low_precision: torch.dtype | None) -> torch.Tensor:
     """Indices (N, k) of each atom's ``k`` nearest atoms, never the atom itself, searched within
-    its shard: consecutive blocks of about :data:`flawmap.coreset.CORESET_SHARD_ROWS` atoms (the
-    pool arrives shard by shard from the streaming coreset), so the cost is linear in ``N``
-    instead of quadratic. A pool of one shard (every fit of up to a few hundred images) is
-    searched whole. ``k`` must be below the smallest shard."""
+    its shard: consecutive blocks of about :data:`NEIGHBOURHOOD_SHARD_ATOMS` atoms (the pool
+    arrives in stream order from the streaming coreset), so the cost is linear in ``N`` instead of
+    quadratic. A pool of one shard (every fit of up to a few hundred images) is searched whole.
+    ``k`` must be below the smallest shard."""
     n_atoms = atoms.shape[0]
-    n_shards = max(1, n_atoms // CORESET_SHARD_ROWS)
+    n_shards = max(1, n_atoms // NEIGHBOURHOOD_SHARD_ATOMS)
     bounds = [round(i * n_atoms / n_shards) for i in range(n_shards + 1)]
     return torch.cat([_nearest_other_atoms_in(atoms[start:end], k, low_precision) + start
                       for start, end in zip(bounds[:-1], bounds[1:])])
