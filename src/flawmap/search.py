@@ -346,8 +346,8 @@ class _Rows:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`smallest` over the whole bank, skipping the blocks whose lower bound (see
         :class:`TorchSearch`) cannot beat a query's current ``k``-th best."""
-        search, n_queries = self.search, queries.shape[0]
-        bound_queries = _bound_coordinates(queries, search.bound_axes)
+        n_queries = queries.shape[0]
+        bound_queries = _bound_coordinates(queries, self.search.bound_axes)
         bound_queries[:, -1] = 1.0  # [P q, r_q, 1] . [-2 P b, -2 r_b, |b|^2]: the bound less |q|^2
         blocks = range(0, rows.shape[0], BANK_BLOCK_ROWS)
         block_bounds = torch.stack(  # (Q, n_blocks): each block's smallest bound per query
@@ -373,8 +373,8 @@ class _Rows:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The running ``k`` best (Q, k) values and positions merged with those of the block of
         rows that starts at ``start``."""
-        stop = start + BANK_BLOCK_ROWS
-        values, positions = _smallest(self._ranks(queries, rows[start:stop], sq_norms[start:stop], start), min(best.shape[1], rows[start:stop].shape[0]))
+        ranks = self._block_ranks(queries, rows, sq_norms, start)
+        values, positions = _smallest(ranks, min(best.shape[1], ranks.shape[1]))
         values, order = _smallest(torch.cat([best, values], dim=1), best.shape[1])
         return values, torch.cat([best_positions, positions + start], dim=1).gather(1, order)
 
@@ -387,7 +387,7 @@ class _Rows:
         best = torch.full((queries.shape[0],), torch.inf, dtype=queries.dtype, device=queries.device)
         best_block = torch.zeros(queries.shape[0], dtype=torch.long, device=queries.device)
         for block, start in enumerate(blocks):
-            minima = self._ranks(queries, rows[start : start + BANK_BLOCK_ROWS], sq_norms[start : start + BANK_BLOCK_ROWS], start).amin(dim=1)
+            minima = self._block_ranks(queries, rows, sq_norms, start).amin(dim=1)
             better = minima < best
             best = torch.where(better, minima, best)
             best_block.masked_fill_(better, block)
@@ -395,11 +395,14 @@ class _Rows:
         positions = torch.empty(queries.shape[0], 1, dtype=torch.long, device=queries.device)
         for block in best_block.unique().tolist():
             sel = torch.nonzero(best_block == block).squeeze(1)
-            start = blocks[block]
-            ranks = self._ranks(queries[sel], rows[start : start + BANK_BLOCK_ROWS], sq_norms[start : start + BANK_BLOCK_ROWS], start)
-            block_values, block_positions = ranks.min(dim=1, keepdim=True)
-            values[sel], positions[sel] = block_values, block_positions + start
+            block_values, block_positions = self._block_ranks(queries[sel], rows, sq_norms, blocks[block]).min(dim=1, keepdim=True)
+            values[sel], positions[sel] = block_values, block_positions + blocks[block]
         return values, positions
+
+    def _block_ranks(self, queries: torch.Tensor, rows: torch.Tensor, sq_norms: torch.Tensor, start: int) -> torch.Tensor:
+        """:meth:`_ranks` of the block of ``rows`` (M, D) that starts at ``start``: (Q, m), m <= ``BANK_BLOCK_ROWS``."""
+        stop = start + BANK_BLOCK_ROWS
+        return self._ranks(queries, rows[start:stop], sq_norms[start:stop], start)
 
     def _ranks(self, queries: torch.Tensor, rows: torch.Tensor, sq_norms: torch.Tensor, start: int) -> torch.Tensor:
         """:func:`ranking_distances` (Q, m) of ``queries`` to the block ``rows`` (m, D) that starts
