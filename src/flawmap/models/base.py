@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import operator
 import time
 import typing
 import warnings
@@ -84,8 +85,9 @@ from flawmap.tiling import check_tiling
 METHODS: Registry[type["AnomalyModel"]] = Registry("method")
 #: Training images a cross-fitted model keeps as ``calibration_images_`` (for checks).
 KEPT_CROSS_FIT_IMAGES = 8
-#: Features of a fit's training images up to this size are kept (on the CPU) from the learning
-#: pass for the cross-fitting pass; larger fits embed their images a second time instead.
+#: The features of the training images a fit scores leave-one-out are kept (on the CPU) from the
+#: learning pass for the cross-fitting pass when all of them fit in this size; otherwise those
+#: images are embedded a second time.
 CROSS_FIT_CACHE_BYTES = 1 << 30
 #: Training images of one fit scored leave-one-out, at most (a seeded-hash sample of them when a
 #: fit has more). 256 normal scores put the empirical quantile at the default 5% false-alarm rate
@@ -273,8 +275,7 @@ class AnomalyModel(Predictor):
         cross_fit = self._cross_fitted()
         fit_samples, held_out = (samples, []) if cross_fit else self._hold_out(samples, first, skip_invalid)
         seconds = {"features": 0.0}
-        scored = _cross_fit_keys(fit_samples, self.random_state) if cross_fit else None
-        training = _EmbeddedTraining(self.n_train_images_, scored)
+        training = _EmbeddedTraining(self.n_train_images_, fit_samples, self.random_state, cross_fit)
         if fit_samples:
             self._learn(_timed(self._embedded_batches(fit_samples, skip_invalid, training), seconds))
             self.set_runtime()  # new fitted tensors follow the device and precision
@@ -481,9 +482,9 @@ class AnomalyModel(Predictor):
         """Add the leave-one-out scores of this fit's (sampled) training images to the normal
         scores: from the features kept by the learning pass, or by embedding those images again
         (images skipped while learning are skipped again, silently: they were reported)."""
-        if training.batches is not None:
+        if training.features is not None:
             device = self.runtime.torch_device
-            for image_ids, features, images in training.batches:
+            for image_ids, features, images in training.kept_batches(self.runtime.batch_size):
                 self._add_left_out_batch(image_ids, _map_tensors(lambda t: t.to(device), features), images)
             return
         scored = [(key, sample) for key, sample in _keyed(samples) if key in training.scored]
@@ -694,39 +695,67 @@ class _EmbeddedTraining:
 
     ``count`` is the number of embedded images (of tiles, for a tiled model: its tiles share
     their image's key); ``numbers`` maps each embedded image's key (its path, or ``<array i>``)
-    to its training image number; ``scored`` are the keys of the images to score leave-one-out (None: no cross-fitting);
-    ``batches`` holds, per batch, ``(image numbers (b,), features on the CPU, the first images as
-    uint8)`` of its images in ``scored``, while they fit in :data:`CROSS_FIT_CACHE_BYTES` (None
-    beyond, or without cross-fitting).
+    to its training image number; ``scored`` are the keys of the images to score leave-one-out
+    (None: no cross-fitting) and ``capacity`` the number of samples with those keys.
+
+    When the features of all ``capacity`` images fit in :data:`CROSS_FIT_CACHE_BYTES` (known at
+    the first batch), they are kept on the CPU: ``features`` holds the first ``n_kept`` of them
+    in learning order (the scorer's features with ``capacity`` rows each), ``image_ids``
+    (capacity,) their image numbers and ``images`` the first of them as uint8 (n x 3 x S x S, at
+    most :data:`KEPT_CROSS_FIT_IMAGES`). ``features`` is None when they do not fit, or without
+    cross-fitting. Rows are copied into buffers allocated once for all of them: a slice kept per
+    batch, between each batch's large temporaries, fragmented the C heap so that a fit's resident
+    memory grew with its number of images.
     """
 
-    def __init__(self, first_number: int, scored: set[str] | None) -> None:
+    def __init__(self, first_number: int, samples: Sequence[Sample | np.ndarray], seed: int, cross_fit: bool) -> None:
         self.first_number = first_number
         self.count = 0
-        self.scored = scored
         self.numbers: dict[str, int] = {}
-        self.batches: list[tuple[torch.Tensor, Any, np.ndarray]] | None = None if scored is None else []
-        self._bytes = 0
+        self.scored = _cross_fit_keys(samples, seed) if cross_fit else None
+        self.capacity = sum(key in self.scored for key, _ in _keyed(samples)) if cross_fit else 0
+        self.features: Any = None
+        self.image_ids = torch.empty(self.capacity, dtype=torch.long)
+        self.images: np.ndarray | None = None
+        self.n_kept = 0
+        self._caching = cross_fit
 
     def add(self, batch: Batch, features: Any) -> None:
         keys = [str(sample.image_path) for sample in batch.samples]
         for key in keys:
             self.numbers[key] = self.first_number + self.count
             self.count += 1
-        if self.batches is None:
-            return
-        rows = [i for i, key in enumerate(keys) if key in self.scored]
+        rows = [i for i, key in enumerate(keys) if self._caching and key in self.scored]
         if not rows:
             return
-        index = torch.tensor(rows)
-        kept_features = _map_tensors(lambda t: t[index.to(t.device)].cpu(), features)
-        self._bytes += sum(t.numel() * t.element_size() for t in _tensors(kept_features))
-        if self._bytes > CROSS_FIT_CACHE_BYTES:
-            self.batches = None
-            return
-        n_kept = sum(len(images) for _, _, images in self.batches)
-        images = _to_uint8(batch.images[rows][: max(0, KEPT_CROSS_FIT_IMAGES - n_kept)])
-        self.batches.append((torch.tensor([self.numbers[keys[i]] for i in rows]), kept_features, images))
+        if self.features is None:
+            self.features = self._allocate(features)
+            if self.features is None:
+                return
+        index, end = torch.tensor(rows), self.n_kept + len(rows)
+        for kept, new in zip(_tensors(self.features), _tensors(features)):
+            kept[self.n_kept : end].copy_(new[index.to(new.device)])
+        self.image_ids[self.n_kept : end] = torch.tensor([self.numbers[keys[i]] for i in rows])
+        if self.n_kept < KEPT_CROSS_FIT_IMAGES:
+            first = _to_uint8(batch.images[rows][: KEPT_CROSS_FIT_IMAGES - self.n_kept])
+            self.images = first if self.images is None else np.concatenate([self.images, first])
+        self.n_kept = end
+
+    def kept_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, Any, np.ndarray]]:
+        """``(image numbers (b,), features on the CPU, their uint8 images among the first kept)``
+        of the kept images, ``batch_size`` at a time (grouped as when they are embedded again)."""
+        for start in range(0, self.n_kept, batch_size):
+            rows = slice(start, min(start + batch_size, self.n_kept))
+            yield self.image_ids[rows], _map_tensors(operator.itemgetter(rows), self.features), self.images[rows]
+
+    def _allocate(self, features: Any) -> Any:
+        """CPU buffers with ``capacity`` rows shaped like each of ``features``' rows; None (and no
+        caching from now on) when they would exceed :data:`CROSS_FIT_CACHE_BYTES`."""
+        row_bytes = sum(t[0].numel() * t.element_size() for t in _tensors(features))
+        if self.capacity * row_bytes > CROSS_FIT_CACHE_BYTES:
+            self._caching = False
+            return None
+        return _map_tensors(lambda t: torch.empty(self.capacity, *t.shape[1:], dtype=t.dtype), features)
 
 
 def _keyed(samples: Sequence[Sample | np.ndarray]) -> list[tuple[str, Sample | np.ndarray]]:
