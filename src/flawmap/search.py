@@ -36,6 +36,9 @@ DISTANCE_BLOCK_ELEMENTS = 16 * 1024 * 1024
 #: Queries per chunk and bank rows per block of one exact distance block (8 MiB of float32).
 QUERY_CHUNK_ROWS = 2048
 BANK_BLOCK_ROWS = 1024
+#: Rows per chunk of the whole-bank passes when an index is built (norms, covariance): bounds
+#: their temporaries to a few MiB instead of a copy of the bank (a 10M-row bank is gigabytes).
+MEMORY_CHUNK_ROWS = 16_384
 #: Relative float32 rounding allowed for when a block's lower bound is compared with a distance.
 PRUNING_ROUNDING = 1e-5
 #: The backend :func:`build_search` uses unless told otherwise.
@@ -175,7 +178,7 @@ class TorchSearch(nn.Module):
             centered, self.bound_axes, self.bound_rows = centered[order], axes, bounds[order].contiguous()
             self.order, self.position = order, torch.argsort(order)
         self.register_buffer("centered", centered.contiguous())
-        self.register_buffer("sq_norms", centered.float().square().sum(dim=1), persistent=False)
+        self.register_buffer("sq_norms", squared_norms(centered), persistent=False)
         self.register_buffer("coarse_axes", None, persistent=False)  # (D, m) when low precision is on
         self.register_buffer("coarse_bank", None, persistent=False)  # (N, m) in the low precision
         self.register_buffer("coarse_sq_norms", None, persistent=False)  # (N,)
@@ -448,7 +451,7 @@ def _bound_coordinates(centered: torch.Tensor, axes: torch.Tensor) -> torch.Tens
     """Rows (N, D) -> their coordinates on ``axes`` (D, m), residual norm and squared norm,
     (N, m + 2): the inner product of two rows' first ``m + 1`` bounds that of the rows from above."""
     projected = centered @ axes
-    sq_norms = centered.square().sum(dim=1, keepdim=True)
+    sq_norms = squared_norms(centered).unsqueeze(1)
     residual = (sq_norms - projected.square().sum(dim=1, keepdim=True)).clamp_min(0).sqrt()
     return torch.cat([projected, residual, sq_norms], dim=1)
 
@@ -487,12 +490,18 @@ def row_chunks(n_rows: int, chunk_rows: int) -> list[slice]:
 def principal_axes(centered_rows: torch.Tensor, variance_share: float) -> torch.Tensor:
     """The fewest leading principal axes of centred rows (N, D) holding ``variance_share`` of
     their variance, as orthonormal columns of shape (D, m)."""
-    covariance = centered_rows.double().T @ centered_rows.double()
+    covariance = sum(chunk.T @ chunk for chunk in (centered_rows[rows].double() for rows in row_chunks(centered_rows.shape[0], MEMORY_CHUNK_ROWS)))
     eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending
     eigenvalues, eigenvectors = eigenvalues.flip(0).clamp_min(0), eigenvectors.flip(1)
     kept_share = eigenvalues.cumsum(0) / eigenvalues.sum().clamp_min(1e-30)
     n_axes = int(torch.searchsorted(kept_share, torch.tensor([variance_share], dtype=torch.float64, device=kept_share.device))) + 1
     return eigenvectors[:, : min(n_axes, eigenvectors.shape[1])].float().contiguous()
+
+
+def squared_norms(rows: torch.Tensor) -> torch.Tensor:
+    """``|x|^2`` (N,) float32 of rows (N, D) of any float dtype, computed in chunks so that a large
+    bank never gets a full-size temporary."""
+    return torch.cat([rows[chunk].float().square().sum(dim=1) for chunk in row_chunks(rows.shape[0], MEMORY_CHUNK_ROWS)])
 
 
 def _smallest(sq_distances: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
