@@ -92,7 +92,7 @@ def test_pool_codes_never_use_the_atom_itself():
 
 def test_pool_neighbours_are_searched_within_shards_of_the_pool(monkeypatch):
     """Past one shard, each atom's neighbours are its shard's nearest other atoms (linear cost)."""
-    monkeypatch.setattr(sfr, "CORESET_SHARD_ROWS", 40)
+    monkeypatch.setattr(sfr, "NEIGHBOURHOOD_SHARD_ATOMS", 40)
     atoms = torch.randn(130, 6, generator=torch.Generator().manual_seed(0))
     neighbors = sfr._nearest_other_atoms(atoms, 3, low_precision=None)
     bounds = [0, 43, 87, 130]  # three shards of about 40 atoms
