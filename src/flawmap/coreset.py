@@ -160,7 +160,7 @@ class StreamingCoreset(_StreamSample):
         self._label_buffer.append(_labels(labels, rows.shape[0]))
         self._buffered_rows += rows.shape[0]
         if self._buffered_rows >= self.shard_rows:
-            buffered, buffered_labels = torch.cat(self._buffer), torch.cat(self._label_buffer)
+            buffered, buffered_labels = self._take_buffer()
             n_full = buffered.shape[0] // self.shard_rows * self.shard_rows
             for start in range(0, n_full, self.shard_rows):  # whole shards, however large the added block
                 self._reduce(buffered[start : start + self.shard_rows], buffered_labels[start : start + self.shard_rows])
@@ -191,11 +191,14 @@ class StreamingCoreset(_StreamSample):
 
     def _flush(self) -> None:
         """Reduce the rows still buffered (a last, partial shard) to their share of the coreset."""
-        if not self._buffered_rows:
-            return
-        shard, labels = torch.cat(self._buffer), torch.cat(self._label_buffer)
+        if self._buffered_rows:
+            self._reduce(*self._take_buffer())
+
+    def _take_buffer(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The buffered rows (n, D) and their labels (n,), leaving the buffer empty."""
+        taken = torch.cat(self._buffer), torch.cat(self._label_buffer)
         self._buffer, self._label_buffer, self._buffered_rows = [], [], 0
-        self._reduce(shard, labels)
+        return taken
 
     def _reduce(self, shard: torch.Tensor, labels: torch.Tensor) -> None:
         """Keep the shard's (n, D) share of the coreset, with its rows' labels (n,)."""

@@ -5,7 +5,7 @@ import torch
 from flawmap.data import open_dataset
 from flawmap.errors import FlawmapError
 from flawmap.evaluate import evaluate
-from flawmap.models import PatchCore
+from flawmap.models import PatchCore, base
 from flawmap.search import all_vectors, build_search
 
 
@@ -150,8 +150,6 @@ BOTTLE_CALIBRATION_IMAGES = 16
 
 @pytest.fixture(scope="module")
 def bottle_one_fit(mvtec_bottle):
-    from flawmap.models import base
-
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(base, "CROSS_FIT_MAX_IMAGES", BOTTLE_CALIBRATION_IMAGES)
         model = PatchCore().fit(mvtec_bottle)
@@ -168,8 +166,6 @@ def test_bottle_reaches_reference_accuracy(bottle_one_fit):
 def test_bottle_update_matches_one_fit(mvtec_bottle, bottle_one_fit, monkeypatch):
     """Contract v2 acceptance: first half of train/good, then partial_fit on the second half, is
     within 0.005 of one fit on all of it (the speed side is in benchmarks/bench_update.py)."""
-    from flawmap.models import base
-
     monkeypatch.setattr(base, "CROSS_FIT_MAX_IMAGES", BOTTLE_CALIBRATION_IMAGES)
     train = list(open_dataset(mvtec_bottle).train)
     half = len(train) // 2
@@ -182,8 +178,6 @@ def test_bottle_update_matches_one_fit(mvtec_bottle, bottle_one_fit, monkeypatch
 def test_large_fits_score_a_hashed_sample_of_their_images_leave_one_out(tiny_model, tiny_dataset, monkeypatch):
     """Past CROSS_FIT_MAX_IMAGES, a seeded-hash sample of that many training images calibrates,
     with the same scores whether their features were kept or the images embedded again."""
-    from flawmap.models import base
-
     from PIL import Image
 
     train = [sample.image_path for sample in open_dataset(tiny_dataset).train]

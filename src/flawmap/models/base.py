@@ -725,7 +725,9 @@ class _EmbeddedTraining:
         for key in keys:
             self.numbers[key] = self.first_number + self.count
             self.count += 1
-        rows = [i for i, key in enumerate(keys) if self._caching and key in self.scored]
+        if not self._caching:
+            return
+        rows = [i for i, key in enumerate(keys) if key in self.scored]
         if not rows:
             return
         if self.features is None:
