@@ -69,6 +69,25 @@ def test_unseen_normal_point_far_from_every_atom_is_mimicked(union_of_subspaces)
     assert residual_norms(far_normal, atoms).max() < residual_norms(off_subspace, atoms).min()
 
 
+def test_affine_codes_do_not_explain_rescaled_normal_features():
+    """Eq. (2) with the affine term models an affine subspace: a normal feature scaled by 1.5 lies
+    on the linear span of the atoms but off their affine hull, so only the affine codes flag it."""
+    generator = torch.Generator().manual_seed(3)
+    basis = torch.linalg.qr(torch.randn(AMBIENT_DIM, SUBSPACE_DIM + 1, generator=generator))[0]
+    offset, span = basis[:, 0], basis[:, 1:]  # an affine subspace at distance 1 from the origin
+    atoms, normal = offset + points_on(span, 300, generator, (0.0, 0.5)), offset + points_on(span, 50, generator, (0.0, 0.5))
+    rescaled = 1.5 * (offset + points_on(span, 50, generator, (0.0, 0.5)))
+    search, s2 = build_search(atoms), float(atoms.square().sum(dim=1).mean())
+
+    def separated(affine: float) -> bool:
+        normal_residuals = reconstruction_residuals(normal, search, 16, 0.1, 0.1, s2, affine=affine).norm(dim=1)
+        rescaled_residuals = reconstruction_residuals(rescaled, search, 16, 0.1, 0.1, s2, affine=affine).norm(dim=1)
+        return bool(rescaled_residuals.min() > 1.5 * normal_residuals.max())
+
+    assert separated(affine=1.0)
+    assert not separated(affine=0.0)
+
+
 def test_sparse_sampling_keeps_atoms_of_every_subspace(union_of_subspaces):
     _, atoms = union_of_subspaces
     usage = self_expressive_usage(atoms, 16, 0.1, 0.1)
@@ -102,17 +121,19 @@ def test_pool_neighbours_are_searched_within_shards_of_the_pool(monkeypatch):
         assert torch.equal(neighbors[start:end].sort(dim=1).values, expected.sort(dim=1).values)
 
 
-def test_ridge_only_codes_match_the_closed_form():
+@pytest.mark.parametrize("affine", [0.0, 2.0])
+def test_ridge_only_codes_match_the_closed_form(affine):
+    """Without l1, Eq. (2) is least squares: (A A^T + lambda_2 s^2 I + lambda_a s^2 1 1^T) c = A x + lambda_a s^2 1."""
     generator = torch.Generator().manual_seed(4)
     atoms = torch.randn(60, 12, generator=generator)
     queries = torch.randn(7, 12, generator=generator)
     s2 = float(atoms.square().sum(dim=1).mean())
     search = build_search(atoms)
-    residuals = reconstruction_residuals(queries, search, 5, 0.0, 0.5, s2, iterations=500)
+    residuals = reconstruction_residuals(queries, search, 5, 0.0, 0.5, s2, affine=affine, iterations=2000)
     _, neighbors = search.kneighbors(queries, k=5)
     local = atoms[neighbors]  # (Q, k, D)
-    gram = local @ local.transpose(1, 2) + 0.5 * s2 * torch.eye(5)
-    codes = torch.linalg.solve(gram, local @ queries.unsqueeze(2)).squeeze(2)
+    gram = local @ local.transpose(1, 2) + 0.5 * s2 * torch.eye(5) + affine * s2 * torch.ones(5, 5)
+    codes = torch.linalg.solve(gram, local @ queries.unsqueeze(2) + affine * s2).squeeze(2)
     expected = queries - torch.einsum("qk,qkd->qd", codes, local)
     torch.testing.assert_close(residuals, expected, atol=1e-4, rtol=1e-4)
 
@@ -347,17 +368,22 @@ def test_subspace_model_partial_fit_reclusters_the_grown_pool(train_halves):
     assert model.scorer_.atom_subspaces.shape == (len(model.scorer_.search),)
 
 
-def test_version_4_sfr_directories_load_with_the_local_reconstruction(tiny_sfr, tiny_dataset, tmp_path):
-    """An SFR saved before the subspace parameters existed (format 4) loads as it was."""
-    target = tiny_sfr.save(tmp_path / "sfr")
+@pytest.mark.parametrize(
+    "version, added_since", [(4, ("reconstruction", "n_subspaces", "subspace_dim", "affine")), (5, ("affine",))]
+)
+def test_older_sfr_directories_load_as_they_were_fitted(version, added_since, tiny_dataset, tmp_path):
+    """An SFR saved before the subspace parameters (format 4) or the affine term (format 5)
+    existed loads with the local reconstruction and linear codes (``affine = 0``), as it was fitted."""
+    linear_sfr = quick_sfr(affine=0.0).fit(tiny_dataset)
+    target = linear_sfr.save(tmp_path / "sfr")
     config = json.loads((target / "config.json").read_text())
-    for name in ("reconstruction", "n_subspaces", "subspace_dim"):
+    for name in added_since:
         del config["params"][name]
-    config["format_version"] = 4
+    config["format_version"] = version
     (target / "config.json").write_text(json.dumps(config))
     loaded = AnomalyModel.load(target)
-    assert (loaded.sampling, loaded.reconstruction) == ("sparse", "local")
-    assert_same_predictions(tiny_sfr, loaded, sorted(tiny_dataset.glob("test/*/*.png"))[:2])
+    assert (loaded.sampling, loaded.reconstruction, loaded.affine) == ("sparse", "local", 0.0)
+    assert_same_predictions(linear_sfr, loaded, sorted(tiny_dataset.glob("test/*/*.png"))[:2])
 
 
 @pytest.mark.parametrize(
@@ -367,6 +393,7 @@ def test_version_4_sfr_directories_load_with_the_local_reconstruction(tiny_sfr, 
         ({"dictionary_size": 0}, "dictionary_size"),
         ({"sparsity": 0.0, "ridge": 0.0}, "sparsity and ridge"),
         ({"sparsity": -1.0}, "sparsity and ridge"),
+        ({"affine": -0.5}, "affine"),
         ({"sampling": "greedy"}, "sampling"),
         ({"pool_factor": 0.5}, "pool_factor"),
         ({"reconstruction": "global"}, "reconstruction"),

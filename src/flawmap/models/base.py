@@ -212,6 +212,10 @@ class AnomalyModel(Predictor):
     quick_params: ClassVar[dict[str, Any]] = {}
     #: Named hyper-parameter sets (``flawmap fit --preset NAME``), e.g. a paper's configuration.
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: Hyper-parameters added in model format version ``V`` whose default is not how the method
+    #: behaved before: ``{V: {name: the value that reproduces the older behaviour}}``, used when
+    #: loading a model saved in a format before ``V``.
+    former_params: ClassVar[dict[int, dict[str, Any]]] = {}
 
     backbone: str = "efficientnet_lite0"
     weights: str | None = None
@@ -586,7 +590,8 @@ def load_model(directory: str | Path, **runtime_settings: Any) -> AnomalyModel:
         raise FlawmapError(f"{config_path}: unknown method {config['method']!r}; choose one of: {', '.join(METHODS.names())}")
     params = config["params"]
     if config["format_version"] != io.FORMAT_VERSION and isinstance(params, dict):
-        params = {**_param_defaults(model_class), **params}  # parameters added since it was saved
+        # parameters added since it was saved: as the method behaved then
+        params = {**_param_defaults(model_class), **_former_params(model_class, config["format_version"]), **params}
     params = io.check_params(config_path, params, _param_types(model_class))
     if params.get("taps") is not None:
         params["taps"] = tuple(params["taps"])
@@ -651,6 +656,12 @@ def _param_types(model_class: type[AnomalyModel]) -> dict[str, Any]:
 def _param_defaults(model_class: type[AnomalyModel]) -> dict[str, Any]:
     """Hyper-parameter name -> its default value."""
     return {f.name: f.default for f in dataclasses.fields(model_class) if f.init and f.default is not dataclasses.MISSING}
+
+
+def _former_params(model_class: type[AnomalyModel], version: int) -> dict[str, Any]:
+    """Hyper-parameter name -> the value that reproduces a model saved in format ``version``
+    (:attr:`AnomalyModel.former_params`), for the parameters added since then."""
+    return {name: value for added, values in model_class.former_params.items() if version < added for name, value in values.items()}
 
 
 def check_positive_odd(name: str, value: int) -> None:

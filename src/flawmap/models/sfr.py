@@ -15,8 +15,8 @@ choices of the sparse subspace clustering literature, with every code restricted
 atoms so that time and memory stay linear in the number of patches (docs/sfr.md has the
 derivation and the measurements behind each default). Notation: ``x`` (D,) a patch feature,
 ``A`` (k, D) the ``k`` atoms it is coded on, ``c`` (k,) their coefficients, ``s^2`` the mean squared
-norm of the atoms (it makes the penalty weights ``lambda_1 = sparsity`` and
-``lambda_2 = ridge`` independent of the feature scale).
+norm of the atoms (it makes the penalty weights ``lambda_1 = sparsity``, ``lambda_2 = ridge`` and
+``lambda_a = affine`` independent of the feature scale).
 
 1. Features: PatchCore's locally aware patch features (:func:`flawmap.features.locally_aware_patches`).
 2. Pool: the training patches reduced by greedy k-center coreset (PatchCore Alg. 1) to
@@ -26,11 +26,15 @@ norm of the atoms (it makes the penalty weights ``lambda_1 = sparsity`` and
    (``diag(C) = 0``; searched within the atom's shard of the pool, 16k to 32k atoms, so that this
    step stays linear in the number of training images), with a row-sparse penalty (SMRS; Elhamifar, Sapiro & Vidal, CVPR 2012)::
 
-       min_C  sum_i 1/2 |x_i - A_i^T c_i|^2 + lambda_2 s^2 / 2 |C|_F^2 + lambda_1 s^2 sum_j |C^j|_2     (1)
+       min_C  sum_i 1/2 |x_i - A_i^T c_i|^2 + lambda_a s^2 / 2 |1 - 1^T C|^2
+              + lambda_2 s^2 / 2 |C|_F^2 + lambda_1 s^2 sum_j |C^j|_2                               (1)
 
    ``C^j`` is row ``j`` of ``C``: every coefficient with which atom ``j`` helps express another
-   atom. The row norm vanishes for atoms that no other atom needs. Solved by FISTA with a row-wise
-   group soft-threshold.
+   atom. The row norm vanishes for atoms that no other atom needs. The affine term is SMRS's (and
+   SSC's, for affine subspaces) constraint ``1^T C = 1^T``, imposed softly: a code is a weighted
+   mean of its atoms, so the model is a union of *affine* subspaces and a feature is not explained
+   by merely rescaling normal ones (``affine = 0``: linear subspaces). Solved by FISTA with a
+   row-wise group soft-threshold.
 4. Sparse sampling: the bank keeps the ``round(bank_fraction * N)`` pool atoms (``N`` training
    patches) with the largest ``|C^j|_2``, the atoms the reconstruction of the others depends on most.
    With ``sampling="subspace"`` the pool is first split into ``L`` subspaces (sparse subspace
@@ -41,7 +45,8 @@ norm of the atoms (it makes the penalty weights ``lambda_1 = sparsity`` and
    For a single column the row norms are absolute values, so its code is the elastic net over its
    ``k`` nearest bank atoms::
 
-       c*(x) = argmin_c 1/2 |x - A^T c|^2 + lambda_1 s^2 |c|_1 + lambda_2 s^2 / 2 |c|^2           (2)
+       c*(x) = argmin_c 1/2 |x - A^T c|^2 + lambda_a s^2 / 2 (1 - 1^T c)^2
+                        + lambda_1 s^2 |c|_1 + lambda_2 s^2 / 2 |c|^2                              (2)
 
    solved by FISTA, in batches of queries. ``reconstruction="subspace"``: each subspace ``l`` has
    an orthonormal basis ``U_l`` (D, d) of its bank atoms (leading right singular vectors); a test
@@ -126,13 +131,14 @@ class SFRScorer(Scorer):
 
     def __init__(
         self, backbone: Backbone, taps: tuple[str, ...], neighborhood_size: int, dictionary_size: int,
-        sparsity: float, ridge: float, reconstruction: str, subspace_dim: int,
+        sparsity: float, ridge: float, affine: float, reconstruction: str, subspace_dim: int,
     ) -> None:
         super().__init__(backbone, taps)
         self.neighborhood_size = neighborhood_size
         self.dictionary_size = dictionary_size
         self.sparsity = sparsity
         self.ridge = ridge
+        self.affine = affine
         self.reconstruction = reconstruction
         self.subspace_dim = subspace_dim
         self.search: SearchIndex | None = None
@@ -159,7 +165,8 @@ class SFRScorer(Scorer):
                 bases = subspace_bases(atoms, self.atom_subspaces[among], self.bases.shape[0], self.subspace_dim)
             return subspace_residuals(queries, bases)
         return reconstruction_residuals(
-            queries, self.search, self.dictionary_size, self.sparsity, self.ridge, self.atom_sq_norm, among=among
+            queries, self.search, self.dictionary_size, self.sparsity, self.ridge, self.atom_sq_norm,
+            affine=self.affine, among=among,
         )
 
     def set_bank(self, bank: torch.Tensor, search: SearchIndex, subspaces: torch.Tensor | None = None,
@@ -189,6 +196,9 @@ class SFR(MemoryBankModel):
         ``lambda_1``: weight of the l1 (pool: row-group) penalty, relative to ``s^2``.
     ridge : float
         ``lambda_2``: weight of the squared l2 penalty, relative to ``s^2``.
+    affine : float
+        ``lambda_a``: weight of the affine term ``(1 - 1^T c)^2`` (codes sum to one), relative to
+        ``s^2``; 0 models linear instead of affine subspaces.
     sampling : {"sparse", "subspace", "coreset", "random"}
         Bank sampling rule (:data:`SAMPLINGS`): SMRS row norms over the pool, the same within each
         subspace of the pool, or the baselines of the same size.
@@ -229,11 +239,13 @@ class SFR(MemoryBankModel):
 
     quick_params = {"image_size": 64, "bank_fraction": 0.25}
     cross_fits = True
+    former_params = {6: {"affine": 0.0}}  # format 5 and before: linear subspaces
 
     bank_fraction: float = 0.025
     dictionary_size: int = 16
     sparsity: float = 0.1
     ridge: float = 0.1
+    affine: float = 1.0
     sampling: str = "sparse"
     reconstruction: str = "local"
     n_subspaces: int = 16
@@ -249,6 +261,8 @@ class SFR(MemoryBankModel):
             raise FlawmapError(f"dictionary_size must be at least 1, got {self.dictionary_size}")
         if self.sparsity < 0.0 or self.ridge < 0.0 or self.sparsity + self.ridge == 0.0:
             raise FlawmapError(f"sparsity and ridge must be >= 0, not both 0; got {self.sparsity} and {self.ridge}")
+        if self.affine < 0.0:
+            raise FlawmapError(f"affine must be >= 0, got {self.affine}")
         if self.sampling not in SAMPLINGS:
             raise FlawmapError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {self.sampling!r}")
         if self.reconstruction not in RECONSTRUCTIONS:
@@ -265,7 +279,7 @@ class SFR(MemoryBankModel):
 
     def _new_scorer(self, backbone: Backbone, taps: tuple[str, ...]) -> SFRScorer:
         return SFRScorer(
-            backbone, taps, self.neighborhood_size, self.dictionary_size, self.sparsity, self.ridge,
+            backbone, taps, self.neighborhood_size, self.dictionary_size, self.sparsity, self.ridge, self.affine,
             self.reconstruction, self.subspace_dim,
         )
 
@@ -296,7 +310,7 @@ class SFR(MemoryBankModel):
         """Steps 3-4: the rows of ``pool`` (P, D) kept in the bank (M,), and for ``"subspace"``
         sampling the subspace of each kept row (M,) (None for ``"sparse"``)."""
         codes, neighbors = self_expressive_codes(
-            pool.to(self.runtime.torch_device), self.dictionary_size, self.sparsity, self.ridge,
+            pool.to(self.runtime.torch_device), self.dictionary_size, self.sparsity, self.ridge, affine=self.affine,
             low_precision=self.runtime.low_precision_dtype(), progress=self.runtime.progress,
         )
         usage = _row_norms(codes, neighbors, pool.shape[0]).cpu()
@@ -372,6 +386,7 @@ def self_expressive_codes(
     sparsity: float,
     ridge: float,
     *,
+    affine: float = 0.0,
     iterations: int = POOL_ITERATIONS,
     low_precision: torch.dtype | None = None,
     progress: bool = False,
@@ -386,6 +401,8 @@ def self_expressive_codes(
         ``k``; capped at ``N - 1``.
     sparsity, ridge : float
         ``lambda_1`` and ``lambda_2`` of Eq. (1), relative to the atoms' mean squared norm.
+    affine : float
+        ``lambda_a`` of Eq. (1), relative to the same; 0 drops the affine term (linear subspaces).
     iterations : int
         FISTA iterations.
     low_precision : torch.dtype or None
@@ -408,7 +425,9 @@ def self_expressive_codes(
     correlations = atoms.new_empty(n_atoms, k)
     for start in range(0, n_atoms, CODING_CHUNK_ROWS):
         rows = slice(start, start + CODING_CHUNK_ROWS)
-        gram[rows], correlations[rows] = _normal_equations(atoms[rows], atoms[neighbors[rows]], ridge * sq_norm)
+        gram[rows], correlations[rows] = _normal_equations(
+            atoms[rows], atoms[neighbors[rows]], ridge * sq_norm, affine * sq_norm
+        )
     # one step size for all columns, because the row penalty couples them: 1 / max_i L_i
     shared_step = 1.0 / float(gram.diagonal(dim1=1, dim2=2).sum(dim=1).max())
 
@@ -430,6 +449,7 @@ def reconstruction_residuals(
     ridge: float,
     atom_sq_norm: torch.Tensor | float,
     *,
+    affine: float = 0.0,
     iterations: int = TARGET_ITERATIONS,
     among: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -446,6 +466,8 @@ def reconstruction_residuals(
         ``lambda_1`` and ``lambda_2`` of Eq. (2), relative to ``atom_sq_norm``.
     atom_sq_norm : float or 0-d Tensor
         ``s^2``, the mean squared norm of the atoms.
+    affine : float
+        ``lambda_a`` of Eq. (2), relative to ``atom_sq_norm``; 0 drops the affine term.
     iterations : int
         FISTA iterations.
     among : LongTensor of shape (M,), optional
@@ -467,7 +489,7 @@ def reconstruction_residuals(
     residuals = []
     for rows in row_chunks(queries.shape[0], CODING_CHUNK_ROWS):  # one chunk while exporting
         chunk, local_atoms = queries[rows].float(), search.vectors(neighbors[rows])  # (n, D), (n, k, D)
-        gram, correlations = _normal_equations(chunk, local_atoms, ridge * atom_sq_norm)
+        gram, correlations = _normal_equations(chunk, local_atoms, ridge * atom_sq_norm, affine * atom_sq_norm)
         step = 1.0 / gram.diagonal(dim1=1, dim2=2).sum(dim=1, keepdim=True)  # 1 / trace <= 1 / L per query
         codes = _fista(gram, correlations, soft_threshold, step, range(iterations))
         residuals.append(chunk - torch.einsum("qk,qkd->qd", codes, local_atoms))
@@ -633,9 +655,10 @@ def _nearest_other_atoms_in(atoms: torch.Tensor, k: int, low_precision: torch.dt
 
 
 def _normal_equations(
-    targets: torch.Tensor, local_atoms: torch.Tensor, ridge_weight: torch.Tensor | float
+    targets: torch.Tensor, local_atoms: torch.Tensor, ridge_weight: torch.Tensor | float,
+    affine_weight: torch.Tensor | float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k x k`` normal equations of each target's coding problem.
+    """The ``k x k`` normal equations of each target's coding problem (the smooth part of Eqs. 1-2).
 
     Parameters
     ----------
@@ -644,17 +667,21 @@ def _normal_equations(
         ``A`` for each target: the atoms it is coded on.
     ridge_weight : float or 0-d Tensor
         ``lambda_2 s^2``, added to the diagonal.
+    affine_weight : float or 0-d Tensor
+        ``lambda_a s^2``, the weight of the affine term ``1/2 (1 - 1^T c)^2``: added to every
+        entry of the Hessian and of ``A x`` (the same as appending the coordinate
+        ``sqrt(lambda_a) s`` to the target and to every atom).
 
     Returns
     -------
     gram : Tensor of shape (n, k, k)
-        ``A A^T + lambda_2 s^2 I``, the Hessian of the smooth part.
+        ``A A^T + lambda_2 s^2 I + lambda_a s^2 1 1^T``, the Hessian of the smooth part.
     correlations : Tensor of shape (n, k)
-        ``A x``.
+        ``A x + lambda_a s^2 1``.
     """
     identity = torch.eye(local_atoms.shape[1], dtype=local_atoms.dtype, device=local_atoms.device)
-    gram = torch.bmm(local_atoms, local_atoms.transpose(1, 2)) + ridge_weight * identity  # no in-place: exports
-    return gram, torch.bmm(local_atoms, targets.unsqueeze(2)).squeeze(2)
+    gram = torch.bmm(local_atoms, local_atoms.transpose(1, 2)) + ridge_weight * identity + affine_weight  # no in-place: exports
+    return gram, torch.bmm(local_atoms, targets.unsqueeze(2)).squeeze(2) + affine_weight
 
 
 def _fista(
