@@ -18,7 +18,7 @@ the new record, complete. Model directories and training checkpoints are both re
 
 A model directory is a record whose document is ``config.json``::
 
-    {"format": "flawmap-model", "format_version": 5, "flawmap_version": ...,
+    {"format": "flawmap-model", "format_version": 6, "flawmap_version": ...,
      "method": ..., "params": {...}, "fitted": {...}, "saved_with": {...}, "files": {...}}
 
 ``saved_with`` says where the model was fitted (device, torch version), for information only:
