@@ -31,9 +31,11 @@ norm of the atoms (it makes the penalty weights ``lambda_1 = sparsity``, ``lambd
 
    ``C^j`` is row ``j`` of ``C``: every coefficient with which atom ``j`` helps express another
    atom. The row norm vanishes for atoms that no other atom needs. The affine term is SMRS's (and
-   SSC's, for affine subspaces) constraint ``1^T C = 1^T``, imposed softly: a code is a weighted
-   mean of its atoms, so the model is a union of *affine* subspaces and a feature is not explained
-   by merely rescaling normal ones (``affine = 0``: linear subspaces). Solved by FISTA with a
+   SSC's, for affine subspaces) constraint ``1^T C = 1^T``, imposed softly: a code's weights
+   (nearly) sum to one, an affine combination of its atoms, so the model is a union of *affine*
+   subspaces, the penalties shrink codes toward the neighbours' mean instead of toward 0, and a
+   feature is not explained by merely rescaling normal ones (``affine = 0``: linear subspaces; the
+   projection (5) below stays linear, affine bases measured no better). Solved by FISTA with a
    row-wise group soft-threshold.
 4. Sparse sampling: the bank keeps the ``round(bank_fraction * N)`` pool atoms (``N`` training
    patches) with the largest ``|C^j|_2``, the atoms the reconstruction of the others depends on most.
