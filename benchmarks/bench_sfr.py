@@ -22,6 +22,7 @@ rows of one run only.
     python benchmarks/bench_sfr.py --plot sfr_bank_size.png          # bottle + demo, both studies
     python benchmarks/bench_sfr.py DATA/screw --study sampling --threads 2
     python benchmarks/bench_sfr.py --study bank-size --sfr-param sampling=subspace --sfr-param n_subspaces=32
+    python benchmarks/bench_sfr.py --study bank-size --fractions 0.01 --precision float32
 """
 
 from __future__ import annotations
@@ -66,14 +67,14 @@ def main() -> int:
     configurations = study_configurations(args)
     rows = []
     for folder in args.categories or default_categories(args.demo_dir):
-        rows += benchmark_dataset(open_dataset(folder), configurations, args.repeats)
-    print(f"\nSFR vs PatchCore, torch threads: {args.threads}\n")
+        rows += benchmark_dataset(open_dataset(folder), configurations, args.repeats, Runtime(progress=True, precision=args.precision))
+    print(f"\nSFR vs PatchCore, torch threads: {args.threads}, precision: {args.precision}\n")
     print(format_table(rows, COLUMNS))
     means = mean_rows(rows)
     print("\nMean over the datasets\n")
     print(format_table(means, MEAN_COLUMNS))
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    document = {"threads": args.threads, "sfr_params": args.sfr_param, "rows": rows, "means": means}
+    document = {"threads": args.threads, "precision": args.precision, "sfr_params": args.sfr_param, "rows": rows, "means": means}
     args.json.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     print(f"\nwrote {args.json}")
     if args.plot is not None:
@@ -95,6 +96,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--demo-dir", type=Path, default=None, help="where to write the demo categories (default: a temp folder)")
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats of the scoring (default 3)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="arithmetic precision (float32: as on a CPU without fast bfloat16)")
     parser.add_argument("--json", type=Path, default=Path("bench_sfr.json"), help="where to write the rows")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of pixel AUROC and AUPRO against the bank fraction")
     return parser.parse_args()
@@ -146,12 +149,12 @@ def same_model(method: str, params: dict[str, Any], other_params: dict[str, Any]
     return create_model(method, **params).get_params() == create_model(method, **other_params).get_params()
 
 
-def benchmark_dataset(dataset: Dataset, configurations: list[Configuration], repeats: int) -> list[dict]:
-    """Every configuration on one dataset; one row each."""
+def benchmark_dataset(dataset: Dataset, configurations: list[Configuration], repeats: int, runtime: Runtime) -> list[dict]:
+    """Every configuration on one dataset, run with ``runtime``; one row each."""
     rows, models = [], []
     for method, params in configurations:
         start = time.perf_counter()
-        model = create_model(method, runtime=Runtime(progress=True), **params).fit(dataset)
+        model = create_model(method, runtime=runtime, **params).fit(dataset)
         fit_seconds = time.perf_counter() - start
         rows.append({
             "dataset": dataset.name, "method": method, **bank_description(model),
