@@ -65,9 +65,10 @@ def main() -> int:
     args = parse_args()
     torch.set_num_threads(args.threads)
     configurations = study_configurations(args)
+    runtime = Runtime(progress=True, precision=args.precision)
     rows = []
     for folder in args.categories or default_categories(args.demo_dir):
-        rows += benchmark_dataset(open_dataset(folder), configurations, args.repeats, Runtime(progress=True, precision=args.precision))
+        rows += benchmark_dataset(open_dataset(folder), configurations, args.repeats, runtime)
     print(f"\nSFR vs PatchCore, torch threads: {args.threads}, precision: {args.precision}\n")
     print(format_table(rows, COLUMNS))
     means = mean_rows(rows)

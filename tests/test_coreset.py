@@ -107,6 +107,7 @@ def test_blocks_larger_than_a_shard_are_cut_into_whole_shards():
     first_shard_labels = samplers[0].labels()[:30]
     assert first_shard_labels.max() < 300  # the first shard's 30 kept rows came from its own 300 rows
 
+
 def test_resumed_random_sample_keeps_the_fraction_of_all_rows():
     rows = torch.arange(3000.0).view(1000, 3)
     sample = StreamingRandomSample(0.05, generator=torch.Generator().manual_seed(1))

@@ -31,8 +31,6 @@ from torch import nn
 from flawmap.errors import FlawmapError
 from flawmap.registry import Registry
 
-#: Upper bound on the elements of one ``queries x k x D`` block of gathered rows (64 MiB of float32).
-DISTANCE_BLOCK_ELEMENTS = 16 * 1024 * 1024
 #: Queries per chunk and bank rows per block of one exact distance block (8 MiB of float32).
 QUERY_CHUNK_ROWS = 2048
 BANK_BLOCK_ROWS = 1024
@@ -289,7 +287,7 @@ class TorchSearch(nn.Module):
         axes = principal_axes(centered, self.PRUNING_VARIANCE)
         if 3 * (axes.shape[1] + 2) > n_dims:
             return
-        bounds = _bound_coordinates(centered, axes)
+        bounds = _bound_coordinates(centered, axes, self.sq_norms)
         n_clusters = min(self.MAX_CLUSTERS, max(1, n_rows // self.CLUSTER_ROWS))
         order = torch.argsort(_kmeans_labels(bounds[:, :-2], n_clusters, self.KMEANS_ITERATIONS), stable=True)
         bounds[:, :-1] *= -2.0
@@ -353,14 +351,15 @@ class _Rows:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`smallest` over the whole bank, skipping the blocks whose lower bound (see
         :class:`TorchSearch`) cannot beat a query's current ``k``-th best."""
-        bound_queries = _bound_coordinates(queries, self.search.bound_axes)
+        query_sq_norms = queries.square().sum(dim=1)
+        bound_queries = _bound_coordinates(queries, self.search.bound_axes, query_sq_norms)
         bound_queries[:, -1] = 1.0  # [P q, r_q, 1] . [-2 P b, -2 r_b, |b|^2]: the bound less |q|^2
         blocks = range(0, rows.shape[0], BANK_BLOCK_ROWS)
         block_bounds = torch.stack(  # (Q, n_blocks): each block's smallest bound per query
             [self._masked(self._product(bound_queries, self.bounds[s : s + BANK_BLOCK_ROWS]), s).amin(dim=1) for s in blocks], dim=1
         )
         # float32 rounding of both expansions, relative to the squared norms involved
-        allowance = PRUNING_ROUNDING * (queries.square().sum(dim=1) + sq_norms.max())
+        allowance = PRUNING_ROUNDING * (query_sq_norms + sq_norms.max())
         first = block_bounds.argmin(dim=1)
         best, best_positions = self._search_assigned_blocks(queries, rows, sq_norms, blocks, first, k)
         for block, start in enumerate(blocks):
@@ -448,11 +447,12 @@ class _Rows:
         return positions if self.among is None else self.among[positions]
 
 
-def _bound_coordinates(centered: torch.Tensor, axes: torch.Tensor) -> torch.Tensor:
-    """Rows (N, D) -> their coordinates on ``axes`` (D, m), residual norm and squared norm,
-    (N, m + 2): the inner product of two rows' first ``m + 1`` bounds that of the rows from above."""
+def _bound_coordinates(centered: torch.Tensor, axes: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
+    """Rows (N, D) with their squared norms (N,) -> their coordinates on ``axes`` (D, m), residual
+    norm and squared norm, (N, m + 2): the inner product of two rows' first ``m + 1`` bounds that
+    of the rows from above."""
     projected = centered @ axes
-    sq_norms = squared_norms(centered).unsqueeze(1)
+    sq_norms = sq_norms.unsqueeze(1)
     residual = (sq_norms - projected.square().sum(dim=1, keepdim=True)).clamp_min(0).sqrt()
     return torch.cat([projected, residual, sq_norms], dim=1)
 
@@ -462,13 +462,17 @@ def _kmeans_labels(points: torch.Tensor, n_clusters: int, iterations: int) -> to
     spaced seeds of a seeded permutation (deterministic); assignments are computed in blocks."""
     seeds = torch.randperm(points.shape[0], generator=torch.Generator().manual_seed(0))[:n_clusters].to(points.device)
     centers = points[seeds].clone()
-    for _ in range(iterations + 1):
+
+    def nearest_centers() -> torch.Tensor:
         sq_norms = centers.square().sum(dim=1)
-        labels = torch.cat([ranking_distances(points[rows], centers, sq_norms).argmin(dim=1) for rows in row_chunks(points.shape[0], QUERY_CHUNK_ROWS)])
+        return torch.cat([ranking_distances(points[rows], centers, sq_norms).argmin(dim=1) for rows in row_chunks(points.shape[0], QUERY_CHUNK_ROWS)])
+
+    for _ in range(iterations):
+        labels = nearest_centers()
         counts = torch.bincount(labels, minlength=n_clusters).unsqueeze(1)
         sums = torch.zeros_like(centers).index_add_(0, labels, points)
         centers = torch.where(counts > 0, sums / counts.clamp_min(1), centers)
-    return labels
+    return nearest_centers()
 
 
 def is_exporting() -> bool:

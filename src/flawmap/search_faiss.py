@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from flawmap.errors import FlawmapError
-from flawmap.search import DISTANCE_BLOCK_ELEMENTS, SEARCH_BACKENDS, TorchSearch, all_vectors, row_chunks
+from flawmap.search import SEARCH_BACKENDS, TorchSearch, all_vectors, row_chunks
 
 #: Inverted lists per square root of the bank's rows (``nlist`` default, see :func:`ivfpq_settings`).
 LISTS_PER_SQRT_ROW = 4
@@ -53,6 +53,8 @@ MIN_PROBES = 8
 DIMS_PER_PQ_BYTE = 4
 #: Candidates re-ranked exactly per requested neighbour.
 RERANK_FACTOR = 16
+#: Upper bound on the elements of one ``queries x k x D`` block of re-ranked rows (64 MiB of float32).
+DISTANCE_BLOCK_ELEMENTS = 16 * 1024 * 1024
 #: Rows the IVF and product quantisers are trained on: a seeded sample of at most this many or
 #: ``TRAINING_ROWS_PER_LIST`` per inverted list, whichever is more (faiss's k-means would sample
 #: 256 rows per centroid itself, after computing the residuals of all rows).

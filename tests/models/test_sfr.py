@@ -39,7 +39,7 @@ def union_of_subspaces():
 def residual_norms(queries: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:
     search = build_search(atoms)
     s2 = float(atoms.square().sum(dim=1).mean())
-    return reconstruction_residuals(queries, search, 16, 0.1, 0.1, s2).norm(dim=1)
+    return reconstruction_residuals(queries, search, 16, 0.1, 0.1, s2, affine=0.0).norm(dim=1)  # linear subspaces
 
 
 def test_subspace_points_reconstruct_well_and_off_subspace_points_do_not(union_of_subspaces):
@@ -90,7 +90,7 @@ def test_affine_codes_do_not_explain_rescaled_normal_features():
 
 def test_sparse_sampling_keeps_atoms_of_every_subspace(union_of_subspaces):
     _, atoms = union_of_subspaces
-    usage = self_expressive_usage(atoms, 16, 0.1, 0.1)
+    usage = self_expressive_usage(atoms, 16, 0.1, 0.1, affine=0.0)
     kept = usage.topk(round(0.1 * atoms.shape[0])).indices
     subspace_of_atom = torch.repeat_interleave(torch.arange(len(SUBSPACE_SIZES)), torch.tensor(SUBSPACE_SIZES))
     kept_per_subspace = torch.bincount(subspace_of_atom[kept], minlength=len(SUBSPACE_SIZES))
@@ -167,7 +167,7 @@ def true_subspaces() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def self_expression(union_of_subspaces):
-    return self_expressive_codes(union_of_subspaces[1], 16, 0.1, 0.1)
+    return self_expressive_codes(union_of_subspaces[1], 16, 0.1, 0.1, affine=0.0)
 
 
 def test_self_expression_has_a_zero_diagonal_and_stays_in_the_subspace(self_expression):

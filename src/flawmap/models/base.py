@@ -743,7 +743,8 @@ class _EmbeddedTraining:
             return
         if self.features is None:
             self.features = self._allocate(features)
-            if self.features is None:
+            if self.features is None:  # too large: the cross-fitting pass embeds them again
+                self._caching = False
                 return
         index, end = torch.tensor(rows), self.n_kept + len(rows)
         for kept, new in zip(_tensors(self.features), _tensors(features)):
@@ -762,11 +763,10 @@ class _EmbeddedTraining:
             yield self.image_ids[rows], _map_tensors(operator.itemgetter(rows), self.features), self.images[rows]
 
     def _allocate(self, features: Any) -> Any:
-        """CPU buffers with ``capacity`` rows shaped like each of ``features``' rows; None (and no
-        caching from now on) when they would exceed :data:`CROSS_FIT_CACHE_BYTES`."""
+        """CPU buffers with ``capacity`` rows shaped like each of ``features``' rows; None when
+        they would exceed :data:`CROSS_FIT_CACHE_BYTES`."""
         row_bytes = sum(t[0].numel() * t.element_size() for t in _tensors(features))
         if self.capacity * row_bytes > CROSS_FIT_CACHE_BYTES:
-            self._caching = False
             return None
         return _map_tensors(lambda t: torch.empty(self.capacity, *t.shape[1:], dtype=t.dtype), features)
 

@@ -389,7 +389,7 @@ def self_expressive_codes(
     sparsity: float,
     ridge: float,
     *,
-    affine: float = 0.0,
+    affine: float,
     iterations: int = POOL_ITERATIONS,
     low_precision: torch.dtype | None = None,
     progress: bool = False,
@@ -452,7 +452,7 @@ def reconstruction_residuals(
     ridge: float,
     atom_sq_norm: torch.Tensor | float,
     *,
-    affine: float = 0.0,
+    affine: float,
     iterations: int = TARGET_ITERATIONS,
     among: torch.Tensor | None = None,
 ) -> torch.Tensor:
