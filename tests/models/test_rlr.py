@@ -17,6 +17,7 @@ from flawmap.errors import FlawmapError
 from flawmap.features import flatten_positions
 from flawmap.models import AnomalyModel, create_model
 from flawmap.models.rlr import (
+    MultiHeadAttention,
     RLR,
     ReferenceLayer,
     ReferenceReconstructor,
@@ -356,3 +357,37 @@ def test_cli_preset_applies_before_explicit_flags(monkeypatch, tmp_path):
 
 def test_paper_preset_is_a_valid_model():
     RLR(**RLR.presets["paper"])._validate_params()
+
+
+def test_attention_starts_as_the_official_multihead_attention():
+    """Packed Xavier-uniform query/key/value weights (bound sqrt(6 / 4d), which nn.Linear's default
+    bound 1/sqrt(d) never reaches), zero biases, the output weight nn.Linear's default."""
+    torch.manual_seed(0)
+    dim = 256
+    attention = MultiHeadAttention(dim, 8, dropout=0.0)
+    packed_bound = math.sqrt(6.0 / (4 * dim))
+    for layer in (attention.query, attention.key, attention.value):
+        assert 0.97 * packed_bound < layer.weight.abs().max() <= packed_bound
+        assert layer.weight.std().item() == pytest.approx(packed_bound / math.sqrt(3.0), rel=0.02)
+    assert attention.out.weight.abs().max() <= 1.0 / math.sqrt(dim)
+    for layer in (attention.query, attention.key, attention.value, attention.out):
+        assert not layer.bias.any()
+
+
+def test_float32_training_ignores_a_low_runtime_precision():
+    """With float32_training a fit under bfloat16 trains exactly as one under float32, caches its
+    features in float32, and hands the runtime's precision back for prediction."""
+    images = random_images(0, 6)
+    params = {**RLR.quick_params, "epochs": 1}
+
+    def losses(precision: str, **extra) -> tuple[list[float], RLR]:
+        model = RLR(**params, **extra).set_runtime(precision=precision)
+        return model.fit(images).train_losses_, model
+
+    float32_losses, _ = losses("float32", float32_training=True)
+    forced_losses, forced = losses("bfloat16", float32_training=True)
+    assert forced_losses == float32_losses
+    assert losses("bfloat16")[0] != losses("float32")[0]  # the runtime's bfloat16 does reach a plain fit
+    assert forced.runtime.precision == "bfloat16" and forced.scorer_.low_precision == torch.bfloat16
+    assert forced._cache([[torch.ones(1, 2)]])[0].dtype == torch.float32
+    assert RLR()._cache([[torch.ones(1, 2)]])[0].dtype == torch.float16

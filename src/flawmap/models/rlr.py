@@ -22,6 +22,10 @@ feature from a learnable reference, so what comes out is made of normal patterns
    - the ablations of the paper: ``msa`` self-attention ``(t, t, t)`` with MLKA's mask, ``sa``
      plain self-attention ``(t, t, t)``.
 
+   The projections start as the official ``nn.MultiheadAttention``'s: query, key and value
+   weights drawn Xavier-uniform as one packed ``3d x d`` matrix, zero biases, the output weight
+   ``nn.Linear``'s default (:func:`initialize_attention`).
+
 4. Layer ("parallel" mode of the official code), no residual from the layer input::
 
        x' = LN( sum_b  w_b * attention_b(x) )        w = 2 for LCA, 1 for MLKA, msa, sa
@@ -31,8 +35,17 @@ feature from a learnable reference, so what comes out is made of normal patterns
    level's token width is ``hidden_dim``; each coarser level doubles it (256 and 512 in the paper).
 5. Training (:func:`flawmap.training.train`): jitter on the input tokens,
    ``f + eps * ||f|| / C * jitter_scale`` with ``eps ~ N(0, 1)`` per channel; the clean features
-   are the target. Loss per level ``MSE + (1 - cos)``, summed over levels; Adam. The weights
-   after the last epoch are kept (``train_losses_`` records each epoch's mean training loss).
+   are the target. Loss per level ``MSE + (1 - cos)``, summed over levels; Adam, one step per
+   batch on the summed loss. The weights after the last epoch are kept (``train_losses_``
+   records each epoch's mean training loss).
+   *Difference*: the official trainer steps its one Adam once per level's loss, after
+   ``zero_grad()``. Under the torch it pins (1.12), ``zero_grad`` leaves zero gradients rather
+   than None, so each step also moves the other level's parameters on their momentum alone:
+   every parameter takes two Adam steps per batch, one with its gradient and one with a zero
+   gradient. Under torch 2 (``set_to_none`` by default) the same code takes exactly one step
+   per parameter with its own gradient, which is what one step on the summed loss does (the
+   levels' parameters are disjoint). flawmap follows the code's intent under current torch; the
+   doubled momentum steps are an artefact of an old default, not part of the method.
    The official code keeps the epoch with the best TEST image AUROC; we never look at test data.
 6. Scoring: per position ``MSE + (1 - cos)`` over channels between features and reconstruction.
    The stride-16 map is upsampled bilinearly to the stride-8 grid and the levels are averaged; the
@@ -50,7 +63,9 @@ reconstruct worse and score higher. To learn several categories equally, fit the
 (``fit([a, b, c])``) rather than one after another.
 
 The networks run under the runtime's precision (bfloat16 autocast where the hardware is fast at
-it; weights and losses stay float32). With ``checkpoint_dir`` the training state is saved after
+it; weights and losses stay float32). The ``paper`` preset fits in float32 throughout, as the
+official code does (``float32_training``: features, cached training data and training in
+float32 on any hardware). With ``checkpoint_dir`` the training state is saved after
 every epoch (``<checkpoint_dir>/fit-<n>`` for the n-th fit of the model: safetensors + JSON, no
 pickle), and a fit with the same hyper-parameters (``epochs`` aside) and training data resumes
 from the last finished epoch.
@@ -72,7 +87,7 @@ from flawmap.errors import FlawmapError
 from flawmap.features import flatten_positions, local_average
 from flawmap.models.base import PatchScores, Scorer, check_positive_odd, register_method
 from flawmap.models.trained import TrainedModel
-from flawmap.training import cache_batches, seeded_init
+from flawmap.training import seeded_init
 
 _FFN_EXPANSION = 4
 """Hidden width of the feed-forward layer, as a multiple of the token width (official: 4)."""
@@ -212,7 +227,8 @@ class RLR(TrainedModel):
 
     Presets (``RLR(**RLR.presets["paper"])``, ``flawmap fit --method rlr --preset paper``):
     ``paper`` is the official capacity and schedule (d 256/512, 8 heads, 4 layers, jitter 4,
-    Adam 1e-4, batch 4, 200 epochs; meant for a GPU). The defaults are sized for a CPU.
+    Adam 1e-4, batch 4, 200 epochs, float32 throughout; meant for a GPU). The defaults are sized
+    for a CPU.
 
     Examples
     --------
@@ -225,6 +241,7 @@ class RLR(TrainedModel):
         "paper": {
             "image_size": 256, "blocks": "lca+mlka", "hidden_dim": 256, "depth": 4, "num_heads": 8, "window_size": 7,
             "dropout": 0.0, "jitter_scale": 4.0, "learning_rate": 1e-4, "train_batch_size": 4, "epochs": 200,
+            "float32_training": True,
         },
     }
 
@@ -268,7 +285,7 @@ class RLR(TrainedModel):
             )
 
     def _learn(self, feature_batches: Iterable[list[torch.Tensor]]) -> None:
-        levels = cache_batches(feature_batches)
+        levels = self._cache(feature_batches)
         self._train(
             self.scorer_.networks, levels,
             lambda batch, generator: self.scorer_.training_loss(batch, generator, self.jitter_scale), "rlr",
@@ -374,6 +391,7 @@ class MultiHeadAttention(nn.Module):
         self.num_heads = num_heads
         self.dropout = dropout
         self.query, self.key, self.value, self.out = (nn.Linear(hidden_dim, hidden_dim) for _ in range(4))
+        initialize_attention(self.query, self.key, self.value, self.out)
 
     def forward(
         self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor | None
@@ -406,6 +424,18 @@ def reconstruction_error(reconstruction: torch.Tensor, target: torch.Tensor) -> 
     """Per-token ``MSE + (1 - cos)`` over channels: (B, N, C) twice -> (B, N)."""
     squared = (reconstruction - target).pow(2).mean(dim=-1)
     return squared + 1.0 - F.cosine_similarity(reconstruction, target, dim=-1)
+
+
+def initialize_attention(query: nn.Linear, key: nn.Linear, value: nn.Linear, out: nn.Linear) -> None:
+    """The official ``nn.MultiheadAttention`` initialisation: the query, key and value weights
+    are one packed ``3d x d`` matrix drawn Xavier-uniform (bound ``sqrt(6 / (d + 3d))``), every
+    bias is zero, and the output weight keeps ``nn.Linear``'s default."""
+    with torch.no_grad():
+        packed = nn.init.xavier_uniform_(torch.empty(3 * query.out_features, query.in_features))
+        for layer, weight in zip((query, key, value), packed.chunk(3)):
+            layer.weight.copy_(weight)
+        for layer in (query, key, value, out):
+            nn.init.zeros_(layer.bias)
 
 
 def projection(channels: int, hidden_dim: int) -> nn.Linear:

@@ -6,19 +6,26 @@ hyper-parameters where they differ, and calls :meth:`TrainedModel._train` from `
 its network, its cached training data and its loss. ``partial_fit`` then continues training the
 network on the new images (``epochs`` more epochs, fresh optimiser), and ``checkpoint_dir``
 resumes an interrupted fit exactly.
+
+``float32_training`` makes a fit run in float32 from end to end (features, cached training data,
+training and the calibration scores), whatever the runtime's precision: how the papers' official
+code trains. Without it a fit follows the runtime (bfloat16 autocast where the hardware is fast
+at it) and caches its training data in float16, half the memory. Either way the runtime's
+precision applies again after the fit, to prediction.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from flawmap.errors import FlawmapError
 from flawmap.models.base import AnomalyModel
-from flawmap.training import Batch, fit_checkpoint, train
+from flawmap.prediction import ImageInput
+from flawmap.training import Batch, cache_batches, fit_checkpoint, train
 
 
 def check_training_params(epochs: int, batch_size: int, learning_rate: float, weight_decay: float = 0.0) -> None:
@@ -44,6 +51,9 @@ class TrainedModel(AnomalyModel):
         Adam's step size and L2 penalty.
     checkpoint_dir : str or None
         Save the training state there after every epoch and resume from it when present.
+    float32_training : bool
+        Fit in float32 whatever the runtime's precision, training data cached in float32
+        (module docstring); False: the runtime's precision and float16 caches.
 
     Attributes
     ----------
@@ -56,10 +66,26 @@ class TrainedModel(AnomalyModel):
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
     checkpoint_dir: str | None = None
+    float32_training: bool = False
+
+    def partial_fit(self, images: ImageInput, *, skip_invalid: bool = False) -> "TrainedModel":
+        """:meth:`AnomalyModel.partial_fit`, in float32 with ``float32_training``."""
+        if not self.float32_training:
+            return super().partial_fit(images, skip_invalid=skip_invalid)
+        runtime = self.runtime
+        self.set_runtime(precision="float32")
+        try:
+            return super().partial_fit(images, skip_invalid=skip_invalid)
+        finally:
+            self.set_runtime(runtime)
 
     def _validate_params(self) -> None:
         super()._validate_params()
         check_training_params(self.epochs, self.train_batch_size, self.learning_rate, self.weight_decay)
+
+    def _cache(self, batches: Iterable[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
+        """:func:`flawmap.training.cache_batches` in float32 with ``float32_training``, else float16."""
+        return cache_batches(batches, torch.float32 if self.float32_training else torch.float16)
 
     def _train(
         self, network: nn.Module, data: Sequence[torch.Tensor], loss: Callable[[Batch, torch.Generator], torch.Tensor], what: str
