@@ -7,7 +7,7 @@ batch size (1 and 16), on the same test images (default: the first 32 of the tes
 - ``resize``: the loader's resize to S x S and batching (``iter_batches`` on the decoded arrays);
 - ``backbone``: the backbone pass (``scorer_.levels``);
 - ``method``: the rest of the scorer (feature aggregation, search or distances, image scores);
-- ``maps``: upsampling and Gaussian smoothing of the patch scores (``postprocess.anomaly_maps``);
+- ``maps``: upsampling and Gaussian smoothing of the patch scores (the model's ``postprocessor()``);
 - ``to_original``: resizing each map to its image's original size;
 - ``floor`` = decode + backbone: the least any detector must spend;
 - ``end_to_end``: ``model.predict`` on the files (decoding threads overlap the network), whose
@@ -83,7 +83,7 @@ def breakdown(model, paths: list[Path], repeats: int) -> dict[str, float]:
     scorer = model.scorer_
     with torch.inference_mode():
         scored = [scorer(torch.from_numpy(batch.images).to(device)) for batch in batches]
-        maps = [postprocess.anomaly_maps(result.patch_scores, model.image_size, model.sigma) for result in scored]
+        maps = [model.postprocessor()(result.patch_scores)[0] for result in scored]
 
     def backbone() -> None:
         with torch.inference_mode():
@@ -98,7 +98,7 @@ def breakdown(model, paths: list[Path], repeats: int) -> dict[str, float]:
     def smoothing() -> None:
         with torch.inference_mode():
             for result in scored:
-                postprocess.anomaly_maps(result.patch_scores, model.image_size, model.sigma)
+                model.postprocessor()(result.patch_scores)
 
     def to_original() -> None:
         for batch_maps, batch in zip(maps, batches):

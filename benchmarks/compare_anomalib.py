@@ -244,7 +244,7 @@ def _check_toggles(names: set[str]) -> set[str]:
 @contextlib.contextmanager
 def toggled(toggles: frozenset[str]):
     """Monkeypatch flawmap so that the named toggles behave as in anomalib; undone on exit."""
-    from flawmap import features, postprocess
+    from flawmap import features, postprocessor
     from flawmap.backbones import efficientnet_lite as lite
     from flawmap.coreset import StreamingCoreset
     from flawmap.data import loader
@@ -265,9 +265,9 @@ def toggled(toggles: frozenset[str]):
             return F.avg_pool2d(feature_map, size, stride=1, padding=size // 2, count_include_pad=False)
         patches.append((features, "local_average", local_average))
     if "upsample" in toggles:
-        def upsample(patch_scores, size_hw):
-            return F.interpolate(patch_scores.unsqueeze(1), size=size_hw, mode="nearest").squeeze(1)
-        patches.append((postprocess, "upsample", upsample))
+        def nearest_upsampling(grid_side, size):
+            return F.interpolate(torch.eye(grid_side).unsqueeze(1), size=size, mode="nearest").squeeze(1).T
+        patches.append((postprocessor, "upsampling_matrix", nearest_upsampling))
     if "bank" in toggles:
         original_split = AnomalyModel._split_calibration
         def split_calibration(self, samples, first):
@@ -414,7 +414,7 @@ def cmd_stages(args) -> list[dict]:
                 levels = scorer.levels(images)
                 scored = scorer(images)
                 before = postprocess.upsample(scored.patch_scores.float(), (IMAGE_SIZE, IMAGE_SIZE))
-                after = postprocess.anomaly_maps(scored.patch_scores, IMAGE_SIZE, model.sigma)
+                after, _ = model.postprocessor()(scored.patch_scores)
                 values = {
                     "input": (images - scorer.backbone.mean) / scorer.backbone.std,
                     **{f"level{i}": level for i, level in enumerate(levels)},

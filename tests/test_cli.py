@@ -54,7 +54,11 @@ def test_fit_evaluate_predict_end_to_end(capsys, tiny_dataset, tmp_path):
     assert code == 0
     records = [json.loads(line) for line in (out_dir / "scores.jsonl").read_text().splitlines()]
     assert [record["path"] for record in records] == [str(path) for path in images]
-    assert all(set(record) == {"path", "score", "is_anomalous", "threshold", "overlay"} for record in records)
+    keys = {"path", "score", "is_anomalous", "threshold", "overlay", "pixel_threshold", "regions"}
+    assert all(set(record) == keys for record in records)
+    predictions = {str(p.sample.image_path): p for p in load_model(model_dir).predict(images)}
+    for record in records:
+        assert record["regions"] == [region.to_json() for region in predictions[record["path"]].regions]
     # names keep the inputs' paths below their common folder (test/), not a flat index
     assert [record["overlay"] for record in records] == [f"{path.parent.name}/{path.stem}.png" for path in images]
     overlays = sorted(out_dir.glob("*/*.png"))
@@ -252,11 +256,15 @@ def test_info_describes_the_model_and_its_calibration(capsys, tiny_model_dir):
     assert code == 0
     assert "method: patchcore" in out and "coreset_fraction=0.25" in out
     assert "false-alarm rate: target 0.01, expected" in out and "cross-fit" in out and "12 normal scores" in out
+    assert "pixel threshold: " in out and "good images with any region expected" in out
     code, out, _ = run_cli(capsys, "info", tiny_model_dir, "--json", "-")
     description = json.loads(out)  # stdout holds the JSON only
     assert description["threshold"] == load_model(tiny_model_dir).threshold_
     low, high = description["threshold_interval_90"]
     assert low <= description["threshold"] <= high
+    assert description["pixel_threshold"] == load_model(tiny_model_dir).map_high_
+    low, high = description["pixel_threshold_interval_90"]
+    assert low <= description["pixel_threshold"] <= high
 
 
 def test_calibrate_replaces_the_threshold_without_refitting(capsys, tiny_dataset, tiny_model_dir, tmp_path):

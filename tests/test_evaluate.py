@@ -25,6 +25,11 @@ def test_evaluate_equals_exact_metrics_of_the_predictions(tiny_model, tiny_datas
         if name in RESULT_KEYS:
             assert result[name] == pytest.approx(value, rel=1e-12), name
     assert result["n_images"] == len(predictions)
+    good = [prediction for prediction in predictions if not prediction.sample.is_anomalous]
+    assert result["false_regions_per_good_image"] == pytest.approx(np.mean([len(p.regions) for p in good]))
+    disagreeing = [p.is_anomalous != bool(p.regions) for p in predictions]
+    assert result["verdict_region_disagreement"] == pytest.approx(np.mean(disagreeing))
+    assert result["pixel_threshold"] == tiny_model.map_high_ and 0.0 <= result["region_recall"] <= 1.0
 
 
 def test_evaluate_holds_few_full_size_maps_at_once(tiny_model, tiny_dataset, monkeypatch):

@@ -7,14 +7,12 @@ import json
 import numpy as np
 import onnx
 import pytest
-import torch
-from scipy import ndimage
 
 import flawmap
 from conftest import FIXED_EXPORT_BATCH
-from flawmap import io, postprocess
+from flawmap import io
 from flawmap.errors import FlawmapError
-from flawmap.export import export_onnx, mirror_blur
+from flawmap.export import export_onnx
 from flawmap.models import METHODS, load_model
 from flawmap.onnx_model import METADATA_KEYS
 
@@ -60,14 +58,6 @@ def test_metadata_names_the_source_model(bottle_export):
     assert (exported.map_low_, exported.map_high_) == (reference.map_low_, reference.map_high_)
     assert json.loads(exported.metadata["params"]) == reference.get_params()
     assert exported.metadata["batch"] == "dynamic" and exported.metadata["input_dtype"] == "float32"
-
-
-def test_in_graph_blur_is_scipys_mirror_blur():
-    maps = torch.rand(2, 40, 36, generator=torch.Generator().manual_seed(0))
-    kernel = torch.from_numpy(postprocess.gaussian_kernel1d(4.0))
-    expected = ndimage.gaussian_filter(maps.numpy(), sigma=(0, 4.0, 4.0), truncate=4.0, mode="mirror")
-    np.testing.assert_allclose(mirror_blur(maps, kernel).numpy(), expected, atol=1e-6)
-    np.testing.assert_allclose(mirror_blur(maps, kernel).numpy(), postprocess.gaussian_blur(maps).numpy(), atol=1e-6)
 
 
 def test_spade_needs_a_fixed_batch(tiny_dataset, tmp_path):

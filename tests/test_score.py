@@ -75,9 +75,11 @@ def assert_rows_match(rows, expected):
         assert row["is_anomalous"] == prediction.is_anomalous
         assert row["map_max"] == pytest.approx(float(prediction.anomaly_map.max()), rel=1e-5)
         assert row["map_mean"] == pytest.approx(float(prediction.anomaly_map.mean()), rel=1e-5)
+        assert [region["box"] for region in row["regions"]] == [list(region.box) for region in prediction.regions]
         if row["map_path"] is not None:
             np.testing.assert_allclose(np.load(row["map_path"]), prediction.anomaly_map, rtol=1e-5, atol=1e-6)
     assert len({row["threshold"] for row in rows if row["error"] is None}) == 1
+    assert len({row["pixel_threshold"] for row in rows if row["error"] is None}) == 1
 
 
 def assert_error_rows(rows, corrupt, tiny):

@@ -20,8 +20,9 @@ import flawmap
 from conftest import blocked_packages_path
 from flawmap.errors import FlawmapError
 from flawmap.prediction import Predictor
+from flawmap.regions import find_regions
 from flawmap.serve import (
-    ServedModel, ServeSettings, anomalous_regions, create_app, load_served_model, metric_values, serve_in_subprocess,
+    ServedModel, ServeSettings, create_app, load_served_model, metric_values, serve_in_subprocess,
 )
 
 #: Good requests and bad ones in the load test, and its concurrent clients.
@@ -74,8 +75,14 @@ def test_predict_raw_and_multipart_equal_model_predict(client, test_images, refe
         assert answer["threshold"] == pytest.approx(client.get("/v1/model").json()["threshold"])
         assert answer["model"]["method"] == "patchcore" and len(answer["model"]["hash"]) == 64
         assert answer["image_size"] == [96, 96] and answer["latency_ms"] > 0
-        regions = anomalous_regions(expected.anomaly_map, answer["threshold"])
-        assert [{**region, "peak_score": pytest.approx(region["peak_score"], rel=1e-4)} for region in regions] == answer["regions"]
+        assert answer["pixel_threshold"] == pytest.approx(client.get("/v1/model").json()["pixel_threshold"])
+        regions = [region.to_json() for region in find_regions(expected.anomaly_map, answer["pixel_threshold"])]
+        approximate = [
+            {**region, "peak_score": pytest.approx(region["peak_score"], rel=1e-4),
+             "mean_score": pytest.approx(region["mean_score"], rel=1e-4)}
+            for region in regions
+        ]
+        assert approximate == answer["regions"]
         assert regions  # the defect is found, so the comparison above compares something
     assert "map" not in raw.json()
     encoded = multipart.json()["map"]
@@ -84,20 +91,6 @@ def test_predict_raw_and_multipart_equal_model_predict(client, test_images, refe
     assert levels.shape == expected.anomaly_map.shape
     decoded = encoded["low"] + levels / 65535.0 * (encoded["high"] - encoded["low"])
     np.testing.assert_allclose(decoded, expected.anomaly_map, atol=1e-3 * (encoded["high"] - encoded["low"]) + 1e-4)
-
-
-def test_anomalous_regions_are_connected_components_above_the_threshold():
-    anomaly_map = np.zeros((20, 30), dtype=np.float32)
-    anomaly_map[2:5, 3:9] = 2.0
-    anomaly_map[3, 4] = 5.0
-    anomaly_map[10:18, 20:22] = 3.0
-    anomaly_map[19, 0] = 0.5  # below the threshold
-    regions = anomalous_regions(anomaly_map, threshold=1.0)
-    assert regions == [
-        {"box": [3, 2, 9, 5], "peak_score": 5.0, "area_px": 18},
-        {"box": [20, 10, 22, 18], "peak_score": 3.0, "area_px": 16},
-    ]
-    assert anomalous_regions(anomaly_map, threshold=10.0) == []
 
 
 def bad_requests() -> dict[str, tuple[int, dict]]:

@@ -390,7 +390,7 @@ def run_info(args: argparse.Namespace) -> None:
 
 def describe_model(model: AnomalyModel) -> dict[str, Any]:
     """What ``flawmap info`` shows: method, hyper-parameters, training, threshold and calibration."""
-    calibration = model.calibration_
+    calibration, pixel = model.calibration_, model.pixel_calibration()
     return {
         "method": model.method,
         "params": model.get_params(),
@@ -403,6 +403,9 @@ def describe_model(model: AnomalyModel) -> dict[str, Any]:
         "calibration": calibration.source,
         "n_normal_scores": calibration.n_scores,
         "estimator": calibration.estimator,
+        "pixel_threshold": model.map_high_,
+        "pixel_threshold_interval_90": list(pixel.threshold_interval),
+        "expected_images_with_regions_range": list(pixel.false_alarm_rate_interval),
         "overlay_scale": [model.map_low_, model.map_high_],
     }
 
@@ -412,6 +415,8 @@ def format_description(description: dict[str, Any]) -> str:
     params = ", ".join(f"{name}={value}" for name, value in description["params"].items())
     low, high = description["threshold_interval_90"]
     rate_low, rate_high = description["expected_false_alarm_rate_range"]
+    pixel_low, pixel_high = description["pixel_threshold_interval_90"]
+    regions_low, regions_high = description["expected_images_with_regions_range"]
     return "\n".join([
         f"method: {description['method']}",
         f"parameters: {params}",
@@ -420,6 +425,8 @@ def format_description(description: dict[str, Any]) -> str:
         f"false-alarm rate: target {description['false_alarm_rate']:g}, expected {rate_low:.3g} .. {rate_high:.3g}",
         f"calibrated on: {description['calibration']}; {description['estimator']} quantile of "
         f"{description['n_normal_scores']} normal scores",
+        f"pixel threshold: {description['pixel_threshold']:.6g} (90% interval {pixel_low:.6g} .. {pixel_high:.6g}): "
+        f"good images with any region expected {regions_low:.3g} .. {regions_high:.3g}",
     ])
 
 
@@ -476,6 +483,7 @@ def run_predict(args: argparse.Namespace) -> None:
                 record = {
                     "path": str(prediction.sample.image_path), "score": prediction.score,
                     "is_anomalous": prediction.is_anomalous, "threshold": model.threshold_, "overlay": overlay,
+                    "pixel_threshold": model.map_high_, "regions": [region.to_json() for region in prediction.regions],
                 }
                 lines.write(json.dumps(record) + "\n")
                 n_scored += 1

@@ -19,11 +19,13 @@ from flawmap.data import Dataset, open_dataset
 from flawmap.errors import FlawmapError
 from flawmap.metrics import StreamingPixelMetrics, image_metrics
 from flawmap.prediction import Predictor
+from flawmap.regions import RegionTally
 
 #: The keys of an evaluation result, in order.
 RESULT_KEYS = (
     "image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1_max", "pixel_f1_max", "threshold", "false_alarm_rate",
-    "recall", "n_images", "predict_ms_per_image",
+    "recall", "pixel_threshold", "region_recall", "false_regions_per_good_image", "verdict_region_disagreement",
+    "n_images", "predict_ms_per_image",
 )
 
 
@@ -44,7 +46,9 @@ def evaluate(
     -------
     dict with the keys of :data:`RESULT_KEYS`. ``false_alarm_rate`` and ``recall`` are what the
     model's calibrated ``threshold_`` achieves: the share of normal test images flagged, and of
-    anomalous ones (NaN when the split has none of that kind).
+    anomalous ones (NaN when the split has none of that kind). ``region_recall``,
+    ``false_regions_per_good_image`` and ``verdict_region_disagreement`` are what its pixel
+    threshold ``map_high_`` achieves (:class:`flawmap.regions.RegionTally`).
     """
     if not isinstance(dataset, Dataset):
         dataset = open_dataset(dataset)
@@ -52,6 +56,7 @@ def evaluate(
         raise FlawmapError(f"{dataset.root}: no test images to evaluate on (expected test/<type>/ folders)")
     keys, scores, labels = [], [], []
     pixels = StreamingPixelMetrics()
+    regions = RegionTally(model.map_high_)
     counting_seconds = 0.0  # metrics and map files, kept out of the prediction time
     start = time.perf_counter()
     for prediction, mask in model.iter_predictions(dataset.test, load_masks=True):
@@ -60,6 +65,7 @@ def evaluate(
         scores.append(prediction.score)
         labels.append(prediction.sample.is_anomalous)
         pixels.add(prediction.anomaly_map, mask)
+        regions.add(prediction.anomaly_map, mask, prediction.is_anomalous)
         if maps_dir is not None:
             _write_map(Path(maps_dir), prediction.sample.key, prediction.anomaly_map)
         counting_seconds += time.perf_counter() - counting_start
@@ -81,6 +87,8 @@ def evaluate(
         "threshold": float(model.threshold_),
         "false_alarm_rate": _share(flagged[~label_array]),
         "recall": _share(flagged[label_array]),
+        "pixel_threshold": float(model.map_high_),
+        **regions.result(),
         "n_images": len(scores),
         "predict_ms_per_image": predict_ms,
     }

@@ -1,10 +1,9 @@
 """Export a fitted model to one ONNX graph, from images to smoothed anomaly maps and image scores.
 
 The graph is the method's scorer (``model.scorer_``, the one inference path of every method)
-followed by the shared postprocessing of :mod:`flawmap.postprocess`, written as torch operations
-so that it traces: bilinear upsampling to ``S x S``, the same Gaussian kernel as
-:func:`flawmap.postprocess.gaussian_blur` as two 1-D convolutions with reflect padding (which is
-SciPy's ``"mirror"`` border), and the image score (the scorer's own, or the map's maximum).
+followed by the model's :class:`~flawmap.postprocessor.PostProcessor`, the very module prediction
+runs: upsampling and smoothing as two matrix products, and the image score (the scorer's own, or
+the map's maximum).
 Nearest-neighbour searches are matrix products and reductions (:mod:`flawmap.search`; one chunk
 while exporting), SFR's solver runs its fixed number of iterations, so the graph has no custom
 operators. A bank searched with faiss (:mod:`flawmap.search_faiss`) is exported as an exact search
@@ -34,10 +33,9 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from flawmap import io, postprocess
+from flawmap import io
 from flawmap._version import __version__
 from flawmap.errors import FlawmapError
 from flawmap.loading import EXPORT_FILE
@@ -45,6 +43,7 @@ from flawmap.models.base import AnomalyModel, Scorer, load_model
 from flawmap.onnx_model import (
     FORMAT_NAME, FORMAT_VERSION, INPUT_DTYPES, INPUT_NAME, OUTPUT_NAMES, STORAGE_PRECISIONS, load_onnx,
 )
+from flawmap.postprocessor import PostProcessor
 from flawmap.search_faiss import exact_torch_searches
 
 #: ``precision="float16"`` stores float32 weights of at least this many elements as float16.
@@ -62,50 +61,30 @@ EXPORT_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 
 
 class ExportGraph(nn.Module):
-    """A scorer plus the shared postprocessing: images -> (maps (B, S, S), image scores (B,)).
+    """A scorer plus its model's post-processor: images -> (maps (B, S, S), image scores (B,)).
 
     Parameters
     ----------
     scorer : Scorer
         A fitted method's ``scorer_`` (float32, on the CPU).
-    image_size : int
-        ``S``.
-    sigma : float
-        Gaussian smoothing in pixels; 0 turns it off.
+    postprocessor : PostProcessor
+        The model's ``postprocessor()``.
     uint8_input : bool
         Take uint8 RGB in [0, 255] (divided by 255 inside) instead of float32 in [0, 1].
     """
 
-    def __init__(self, scorer: Scorer, image_size: int, sigma: float, uint8_input: bool) -> None:
+    def __init__(self, scorer: Scorer, postprocessor: PostProcessor, uint8_input: bool) -> None:
         super().__init__()
         self.scorer = scorer
-        self.image_size = image_size
+        self.postprocessor = postprocessor
         self.uint8_input = uint8_input
-        kernel = torch.from_numpy(postprocess.gaussian_kernel1d(sigma)) if sigma > 0 else None
-        if kernel is not None and kernel.shape[0] // 2 >= image_size:
-            raise FlawmapError(f"sigma {sigma} needs a blur radius below image_size {image_size} to export")
-        self.register_buffer("kernel", kernel)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (B, 3, S, S) -> smoothed maps (B, S, S) and image scores (B,), float32."""
         if self.uint8_input:
             images = images.float() / 255.0
         scored = self.scorer(images)
-        maps = postprocess.upsample(scored.patch_scores.float(), (self.image_size, self.image_size))
-        if self.kernel is not None:
-            maps = mirror_blur(maps, self.kernel)
-        image_scores = maps.amax(dim=(1, 2)) if scored.image_scores is None else scored.image_scores.float()
-        return maps, image_scores
-
-
-def mirror_blur(maps: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """Separable correlation of maps (B, H, W) with a 1-D kernel (2r + 1,) along both axes, with
-    mirrored borders (``d c b | a b c d | c b a``, SciPy's ``"mirror"``); needs ``r < H, W``."""
-    radius = kernel.shape[0] // 2
-    planes = maps.unsqueeze(1)
-    planes = F.conv2d(F.pad(planes, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
-    planes = F.conv2d(F.pad(planes, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
-    return planes.squeeze(1)
+        return self.postprocessor(scored.patch_scores, scored.image_scores)
 
 
 def export_onnx(
@@ -157,7 +136,7 @@ def export_onnx(
     if reason is not None:
         raise FlawmapError(f"{model_dir}: {reason}")
     exact_torch_searches(model.scorer_)  # a faiss bank exports as an exact search over its stored vectors
-    graph = ExportGraph(model.scorer_, model.image_size, model.sigma, input_dtype == "uint8").eval()
+    graph = ExportGraph(model.scorer_, model.postprocessor(), input_dtype == "uint8").eval()
     proto = _to_onnx(graph, model, batch, opset)
     if precision == "float16":
         store_float16(proto)
@@ -230,6 +209,7 @@ def _to_onnx(graph: ExportGraph, model: AnomalyModel, batch: int | str, opset: i
         example = torch.rand(example_batch, 3, size, size)
     dynamic_shapes = {"images": {0: torch.export.Dim("batch", min=1)}} if batch == "dynamic" else None
     with torch.no_grad(), _quiet_exporter():
+        graph(example)  # builds the post-processor's operators from real tensors: constants of the graph
         try:
             exported = torch.export.export(graph, (example,), dynamic_shapes=dynamic_shapes, strict=False)
         except torch._dynamo.exc.UserError:

@@ -30,14 +30,13 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
 from flawmap._version import __version__
 from flawmap.data import Dataset, Sample, read_image
 from flawmap.errors import FlawmapError
 from flawmap.metrics import DEFAULT_FPR_LIMIT, image_metrics, pixel_metrics, pro_curve, roc_curve
 from flawmap.prediction import Prediction, Predictor
-from flawmap.report import write_overlay
+from flawmap.report import outline, write_overlay
 
 #: Largest side of a gallery picture (the ``original | overlay`` panel; the ground truth is half).
 PANEL_SIDE = 1024
@@ -158,10 +157,8 @@ def _panel_picture(model: Predictor, prediction: Prediction, scratch: Path, targ
 def _truth_picture(image_path: Path, mask: np.ndarray, target: Path) -> str:
     """The image with its ground-truth mask (H x W bool) tinted and outlined, as a JPEG."""
     image = read_image(image_path).astype(np.float32)
-    width = max(1, max(mask.shape) // 200)
-    edge = mask & ~ndimage.binary_erosion(mask, iterations=width)
     image[mask] = 0.7 * image[mask] + 0.3 * TRUTH_COLOUR
-    image[edge] = TRUTH_COLOUR
+    image[outline(mask)] = TRUTH_COLOUR
     _save_small(Image.fromarray(image.round().astype(np.uint8)), target, PANEL_SIDE // 2)
     return f"images/{target.name}"
 

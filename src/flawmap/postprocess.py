@@ -1,10 +1,10 @@
-"""From raw patch scores to anomaly maps at the input size, and score thresholds.
+"""What post-processing needs without torch: the smoothing kernel, resizing a map to its image's
+original size, and score thresholds.
 
-Every method's ``B x h x w`` patch scores go through the same steps: bilinear upsampling to the
-network input size, Gaussian smoothing (sigma 4 px, as in PatchCore and PaDiM), then resizing to
-each image's original size. An exported model (:mod:`flawmap.export`) does the first two steps
-inside its graph; the last step and the thresholds are shared by both, so this module imports
-torch only inside the functions that take tensors.
+The maps themselves come from :class:`flawmap.postprocessor.PostProcessor` (upsampling and
+smoothing, in prediction and inside exported graphs alike); resizing to each image's original
+size and the thresholds are shared with the torch-free onnxruntime path, so this module imports
+torch only inside :func:`upsample`, the bilinear resize methods use between their own grids.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
 if TYPE_CHECKING:
     import torch
@@ -30,43 +29,11 @@ def gaussian_kernel1d(sigma: float) -> np.ndarray:
     return kernel / kernel.sum()
 
 
-def gaussian_blur(maps: torch.Tensor, sigma: float = DEFAULT_SIGMA) -> torch.Tensor:
-    """Separable Gaussian smoothing with mirrored borders, on the CPU.
-
-    SciPy's 1-D correlations measured about 5x faster than two torch convolutions for
-    single-channel 256 x 256 maps.
-
-    Parameters
-    ----------
-    maps : Tensor of shape (B, H, W)
-    sigma : float
-        Standard deviation in pixels; 0 returns the input.
-
-    Returns
-    -------
-    Tensor of shape (B, H, W), float32, on the CPU
-    """
-    import torch
-
-    if sigma <= 0:
-        return maps
-    kernel = gaussian_kernel1d(sigma)
-    planes = maps.detach().float().cpu().numpy()
-    planes = ndimage.correlate1d(planes, kernel, axis=1, mode="mirror")
-    planes = ndimage.correlate1d(planes, kernel, axis=2, mode="mirror")
-    return torch.from_numpy(planes)
-
-
 def upsample(patch_scores: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
     """Bilinear resize of score grids: (B, h, w) -> (B, H, W)."""
     import torch.nn.functional as F
 
     return F.interpolate(patch_scores.unsqueeze(1), size=size_hw, mode="bilinear", align_corners=False).squeeze(1)
-
-
-def anomaly_maps(patch_scores: torch.Tensor, image_size: int, sigma: float = DEFAULT_SIGMA) -> torch.Tensor:
-    """Patch scores (B, h, w) to smoothed maps (B, S, S) at the network input size, on the CPU."""
-    return gaussian_blur(upsample(patch_scores.float().cpu(), (image_size, image_size)), sigma)
 
 
 def to_original_size(anomaly_map: np.ndarray | torch.Tensor, original_hw: tuple[int, int]) -> np.ndarray:

@@ -12,6 +12,7 @@ this interface, so they work with either. This module does not import torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -21,6 +22,7 @@ from PIL import Image
 from flawmap import postprocess
 from flawmap.data import Batch, Dataset, Sample, iter_batches, samples_from_paths
 from flawmap.data.loader import DecodedImage, iter_images, pil_to_array
+from flawmap.regions import Region, find_regions
 from flawmap.runtime import Runtime
 from flawmap.tiling import Tiling
 
@@ -43,12 +45,20 @@ class Prediction:
         ``score > threshold_`` of the model.
     anomaly_map : ndarray of shape (H, W), float32
         Pixel anomaly scores at the image's original size.
+    pixel_threshold : float
+        The model's pixel threshold ``map_high_``: map values above it form :attr:`regions`.
     """
 
     sample: Sample
     score: float
     is_anomalous: bool
     anomaly_map: np.ndarray
+    pixel_threshold: float
+
+    @cached_property
+    def regions(self) -> list[Region]:
+        """The map's regions above the pixel threshold, highest peak first (:mod:`flawmap.regions`)."""
+        return find_regions(self.anomaly_map, self.pixel_threshold)
 
 
 class Predictor:
@@ -70,7 +80,8 @@ class Predictor:
     threshold_ : float
         Image scores above it are anomalous.
     map_low_, map_high_ : float
-        Median and calibrated maximum pixel score of normal images (the overlays' colour range).
+        Median and calibrated maximum pixel score of normal images: the overlays' colour range,
+        and ``map_high_`` the pixel threshold of the regions (:mod:`flawmap.regions`).
     """
 
     method: str
@@ -93,7 +104,7 @@ class Predictor:
         self._check_is_fitted()
         for sample, score, anomaly_map, original_hw, mask in self._scored(samples, skip_invalid, "predicting", load_masks):
             full_map = postprocess.to_original_size(anomaly_map, original_hw)
-            yield Prediction(sample, score, score > self.threshold_, full_map), mask
+            yield Prediction(sample, score, score > self.threshold_, full_map, self.map_high_), mask
 
     def score_images(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Images (B, 3, S, S) float32 in [0, 1] to image scores (B,) and smoothed maps (B, S, S),

@@ -11,9 +11,10 @@ a pixel above it at about the model's false-alarm rate), the scale runs from ``l
 - the threshold is the boundary between normal and anomalous colours: above it, yellow to red,
   strong.
 
-A picture is ``original | overlay`` side by side, with a caption strip (score, threshold, verdict)
-and a colour bar with the threshold marked below them, never drawn over the image; the text is
-scaled to the picture's width.
+A picture is ``original | overlay`` side by side, with a caption strip (score, threshold, verdict,
+number of regions) and a colour bar with the threshold marked below them, never drawn over the
+image; the text is scaled to the picture's width. The overlay outlines the defect regions (the map
+above the pixel threshold, :mod:`flawmap.regions`) in cyan, a colour the ramp never takes.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
 
 from flawmap.data import read_image
 from flawmap.prediction import Prediction, Predictor
@@ -34,6 +36,8 @@ CLEAR_LEVEL = 0.25
 _RAMP = np.array([
     [0.0, 0, 90, 255], [THRESHOLD_LEVEL - 1e-6, 0, 200, 120], [THRESHOLD_LEVEL, 255, 230, 0], [1.0, 230, 0, 0],
 ])
+#: Colour of the defect regions' outline on overlays: cyan, outside the blue-to-red ramp.
+REGION_COLOUR = np.array([0, 255, 255], dtype=np.uint8)
 _BACKGROUND = (24, 24, 24)
 _TEXT = (235, 235, 235)
 _ANOMALOUS_TEXT = (255, 90, 90)
@@ -68,22 +72,32 @@ def overlay(image: np.ndarray, anomaly_map: np.ndarray, low: float, high: float)
     return blended.round().astype(np.uint8)
 
 
+def outline(mask: np.ndarray) -> np.ndarray:
+    """The border pixels (H x W bool) of the True areas of ``mask`` (H x W bool), about
+    ``max(H, W) / 200`` pixels wide (at least 1), inside the areas."""
+    width = max(1, max(mask.shape) // 200)
+    return mask & ~ndimage.binary_erosion(mask, iterations=width)
+
+
 def colour_scale(model: Predictor) -> tuple[float, float]:
     """The model's fixed colour scale ``(low, high)``: the pixel threshold ``map_high_`` in the middle."""
     return model.map_low_, model.map_high_ + (model.map_high_ - model.map_low_)
 
 
 def write_overlay(model: Predictor, prediction: Prediction, path: Path) -> Path:
-    """Save ``original | overlay`` with a caption (score, threshold, verdict) and a colour bar
-    marking the threshold, below the images, as a PNG."""
+    """Save ``original | overlay`` (defect regions outlined) with a caption (score, threshold,
+    verdict, regions) and a colour bar marking the pixel threshold, below the images, as a PNG."""
     image = read_image(prediction.sample.image_path)
     low, high = colour_scale(model)
-    panel = np.concatenate([image, overlay(image, prediction.anomaly_map, low, high)], axis=1)
+    heat = overlay(image, prediction.anomaly_map, low, high)
+    heat[outline(prediction.anomaly_map > prediction.pixel_threshold)] = REGION_COLOUR
+    panel = np.concatenate([image, heat], axis=1)
     width = panel.shape[1]
     font = _font(width)
     line_height = int(font.size * 1.5)
     verdict = "ANOMALOUS" if prediction.is_anomalous else "normal"
-    caption = f"score {prediction.score:.3f}  threshold {model.threshold_:.3f}  {verdict}"
+    n_regions = len(prediction.regions)
+    caption = f"score {prediction.score:.3f}  threshold {model.threshold_:.3f}  {verdict}  {n_regions} region{'s' * (n_regions != 1)}"
     bar = _colour_bar(width, line_height, font, model.map_high_)
     picture = Image.new("RGB", (width, panel.shape[0] + line_height + bar.height), _BACKGROUND)
     picture.paste(Image.fromarray(panel), (0, 0))

@@ -60,6 +60,10 @@ RESULT_SCHEMA = pa.schema([
     ("map_max", pa.float64()),
     ("map_mean", pa.float64()),
     ("map_path", pa.string()),
+    ("pixel_threshold", pa.float64()),
+    ("regions", pa.list_(pa.struct([
+        ("box", pa.list_(pa.int32(), 4)), ("area_px", pa.int64()), ("peak_score", pa.float64()), ("mean_score", pa.float64()),
+    ]))),
     ("error", pa.string()),
 ])
 
@@ -248,7 +252,9 @@ class ModelScorer:
         return {
             "path": path, "score": prediction.score, "is_anomalous": prediction.is_anomalous,
             "threshold": float(self.model.threshold_), "map_max": float(anomaly_map.max()),
-            "map_mean": float(anomaly_map.mean(dtype=np.float64)), "map_path": map_path or None, "error": None,
+            "map_mean": float(anomaly_map.mean(dtype=np.float64)), "map_path": map_path or None,
+            "pixel_threshold": float(self.model.map_high_), "regions": [region.to_json() for region in prediction.regions],
+            "error": None,
         }
 
 

@@ -8,13 +8,14 @@ requests are admitted at once (reading, decoding, waiting or being scored); one 
 
 =======================  ======================================================================
 ``POST /v1/predict``     one image (raw body or multipart; PNG, JPEG, BMP, TIFF) -> score,
-                         verdict, threshold, model, latency, anomalous regions (bounding boxes
-                         of the connected map regions above the threshold, with peak scores);
+                         verdict, threshold, pixel threshold, model, latency, defect regions
+                         (boxes of the connected map regions above the pixel threshold, with
+                         area, peak and mean score: :mod:`flawmap.regions`);
                          ``?map=png`` adds the anomaly map (16-bit grey PNG, base64, at the
                          image's size, with the score range its levels span)
 ``GET /v1/health``       liveness: 200 while the process serves
 ``GET /v1/ready``        200 once the model is loaded and warmed up, 503 before and when stopping
-``GET /v1/model``        method, hyper-parameters, threshold, image size, model hash, versions
+``GET /v1/model``        method, hyper-parameters, thresholds, image size, model hash, versions
 ``GET /metrics``         Prometheus text: requests by route and status, predict latency and batch
                          size histograms, queue depth
 ``GET /docs``            OpenAPI documentation (FastAPI's)
@@ -45,7 +46,6 @@ from typing import Any, AsyncIterator, Iterator
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
 from flawmap._version import __version__
 from flawmap.data.images import decode_image
@@ -117,6 +117,7 @@ class ServedModel:
             "method": self.model.method,
             "params": self.model.get_params(),
             "threshold": self.model.threshold_,
+            "pixel_threshold": self.model.map_high_,
             "image_size": self.model.image_size,
             "model_hash": self.model_hash,
             "runtime": self.runtime,
@@ -315,22 +316,6 @@ def resident_memory_bytes() -> int | None:
 def metric_values(text: str) -> dict[str, float]:
     """Prometheus text (as ``/metrics`` writes it) to ``{"name{labels}": value}``."""
     return {name: float(value) for name, value in (line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))}
-
-
-def anomalous_regions(anomaly_map: np.ndarray, threshold: float) -> list[dict[str, Any]]:
-    """The 8-connected regions of ``anomaly_map`` (H x W) above ``threshold``, highest peak first:
-    ``{"box": [x0, y0, x1, y1]`` (pixels, end exclusive), ``"peak_score"``, ``"area_px"}``."""
-    labels, n_regions = ndimage.label(anomaly_map > threshold, structure=np.ones((3, 3), dtype=bool))
-    if n_regions == 0:
-        return []
-    index = np.arange(1, n_regions + 1)
-    peaks = ndimage.maximum(anomaly_map, labels, index)
-    areas = np.bincount(labels.ravel(), minlength=n_regions + 1)[1:]
-    regions = [
-        {"box": [cols.start, rows.start, cols.stop, rows.stop], "peak_score": float(peak), "area_px": int(area)}
-        for (rows, cols), peak, area in zip(ndimage.find_objects(labels), peaks, areas)
-    ]
-    return sorted(regions, key=lambda region: -region["peak_score"])
 
 
 def map_png(anomaly_map: np.ndarray) -> dict[str, Any]:
@@ -561,9 +546,10 @@ def _answer(served: ServedModel, prediction: Prediction, with_map: bool) -> dict
         "score": prediction.score,
         "is_anomalous": bool(prediction.is_anomalous),
         "threshold": model.threshold_,
+        "pixel_threshold": model.map_high_,
         "model": {"method": model.method, "hash": served.model_hash},
         "image_size": [width, height],
-        "regions": anomalous_regions(prediction.anomaly_map, model.threshold_),
+        "regions": [region.to_json() for region in prediction.regions],
     }
     if with_map:
         answer["map"] = map_png(prediction.anomaly_map)

@@ -72,11 +72,12 @@ from PIL import Image
 from torch import nn
 
 from flawmap import io, postprocess
-from flawmap.calibration import Calibration, calibrate_threshold, check_false_alarm_rate, quantile_estimate
+from flawmap.calibration import Calibration, CalibrationWarning, calibrate_threshold, check_false_alarm_rate
 from flawmap.backbones import Backbone, create_backbone
 from flawmap.data import Batch, Dataset, Sample, open_dataset, samples_from_paths
 from flawmap.data.loader import InvalidImageWarning, pil_to_array
 from flawmap.errors import FlawmapError
+from flawmap.postprocessor import PostProcessor
 from flawmap.prediction import ImageInput, Predictor, prediction_samples
 from flawmap.registry import Registry
 from flawmap.runtime import Runtime, autocast
@@ -345,9 +346,21 @@ class AnomalyModel(Predictor):
         )
         self.threshold_ = calibration.threshold
         self.map_low_ = float(np.median(self.calibration_map_medians_))
-        self.map_high_ = quantile_estimate(np.sort(self.calibration_map_maxima_), self.false_alarm_rate)[0]
+        self.map_high_ = self.pixel_calibration().threshold
         self.calibration_ = calibration
         return calibration
+
+    def pixel_calibration(self) -> Calibration:
+        """The pixel threshold ``map_high_`` as a :class:`Calibration`: the level that at most
+        ``false_alarm_rate`` of normal images exceed anywhere in their map, estimated from the
+        maxima of the same out-of-sample normal maps as the image threshold (same estimator and
+        bootstrap interval; :mod:`flawmap.regions`)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CalibrationWarning)  # the image threshold's calibration warns already
+            return calibrate_threshold(
+                np.asarray(self.calibration_map_maxima_), self.false_alarm_rate,
+                source=f"maxima of the maps of {len(self.calibration_map_maxima_)} normal images", random_state=self.random_state,
+            )
 
     def score_images(self, images: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Images (B, 3, S, S) in [0, 1] (array or tensor) to image scores (B,) and smoothed maps
@@ -544,11 +557,17 @@ class AnomalyModel(Predictor):
             self.calibration_map_maxima_.append(maximum)
             self.calibration_map_medians_.append(median)
 
+    def postprocessor(self) -> PostProcessor:
+        """The :class:`~flawmap.postprocessor.PostProcessor` of this model's ``image_size`` and
+        ``sigma`` (``postprocessor_``, built on first use after a fit or a load)."""
+        if not hasattr(self, "postprocessor_"):
+            self.postprocessor_ = PostProcessor(self.image_size, self.sigma)
+        return self.postprocessor_
+
     def _postprocess(self, scored: PatchScores) -> tuple[np.ndarray, np.ndarray]:
         """Scorer output to image scores (B,) and smoothed maps (B, S, S), float32 numpy."""
-        maps = postprocess.anomaly_maps(scored.patch_scores, self.image_size, self.sigma)
-        image_scores = maps.amax(dim=(1, 2)) if scored.image_scores is None else scored.image_scores.cpu()
-        return image_scores.float().numpy(), maps.numpy()
+        maps, image_scores = self.postprocessor()(scored.patch_scores, scored.image_scores)
+        return image_scores.cpu().numpy(), maps.cpu().numpy()
 
     def _cross_fitted(self) -> bool:
         """Whether fits calibrate on leave-one-out scores of the training images (module docstring)."""
