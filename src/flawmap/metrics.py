@@ -34,12 +34,10 @@ import numpy as np
 from scipy import ndimage
 
 from flawmap.errors import FlawmapError
+from flawmap.regions import CONNECTIVITY
 
 DEFAULT_FPR_LIMIT = 0.3
 """The false-positive rate up to which AUPRO integrates, as in the MVTec AD benchmark."""
-
-_EIGHT_CONNECTIVITY = np.ones((3, 3), dtype=bool)
-"""Structuring element for ``ndimage.label``: diagonal neighbours belong to the same region."""
 
 DEFAULT_MAX_BINS = 2**20
 """Bins of :class:`StreamingPixelMetrics` (24 bytes each, 24 MiB in all)."""
@@ -621,7 +619,7 @@ def _checked_map_and_mask(anomaly_map: np.ndarray, mask: np.ndarray, index: int)
 def _inverse_region_sizes(mask: np.ndarray) -> tuple[np.ndarray, int]:
     """``1 / size of its 8-connected region`` for each anomalous pixel of ``mask`` (H, W), in
     row-major order, and the number of regions."""
-    regions, n_regions = ndimage.label(mask, structure=_EIGHT_CONNECTIVITY)
+    regions, n_regions = ndimage.label(mask, structure=CONNECTIVITY)
     region_of_pixel = regions[mask]
     sizes = np.bincount(region_of_pixel, minlength=n_regions + 1)
     return 1.0 / sizes[region_of_pixel], n_regions
