@@ -59,11 +59,14 @@ method.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+import math
+from contextlib import nullcontext
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from flawmap import postprocess
 from flawmap.backbones import Backbone, FeatureInfo
@@ -73,8 +76,16 @@ from flawmap.models.base import PatchScores, Scorer, register_method
 from flawmap.models.trained import TrainedModel
 from flawmap.training import cache_batches, seeded_init
 
-LOCALIZATIONS = ("gradient", "discrepancy")
-"""The anomaly maps MKD offers (``localization``)."""
+LOCALIZATIONS = ("gradient", "smoothgrad", "guided", "discrepancy")
+"""The anomaly maps MKD offers (``localization``); the first three are input attributions."""
+
+SMOOTHGRAD_NOISE = 0.05
+"""Standard deviation of SmoothGrad's noise, as a fraction of each image's value range (the
+authors' multiplier)."""
+
+SMOOTHGRAD_SEED = 0
+"""Seed of SmoothGrad's noise: every image gets the same draws, so its map is a pure function of
+the image."""
 
 N_DEFAULT_TAPS = 4
 """Taps used when none are given: the deepest stage of each of the four coarsest strides."""
@@ -89,9 +100,10 @@ activation of both networks, holds one image's (about 0.1 GB at 256 px)."""
 class MKDScorer(Scorer):
     """Images -> the loss of the cloner against the source (image scores) and an anomaly map.
 
-    ``embed`` is the identity: both networks read the images, and the gradient attribution
-    differentiates with respect to them. ``learned`` holds what fitting sets: the cloner and
-    each tap's standardisation (buffers ``mean`` and ``std``, ``C_l`` each).
+    ``embed`` is the identity: both networks read the images, and the attributions differentiate
+    with respect to them. ``learned`` holds what fitting sets: the cloner and each tap's
+    standardisation (buffers ``mean`` and ``std``, ``C_l`` each). The score and the maps use the
+    ``scored_taps`` coarsest taps; training uses all of them.
     """
 
     def __init__(
@@ -102,14 +114,20 @@ class MKDScorer(Scorer):
         width: int,
         depth: int,
         direction_weight: float,
+        scored_taps: int,
         localization: str,
+        smoothgrad_samples: int,
     ) -> None:
         super().__init__(backbone, taps)
         tap_info = backbone.tap_info(taps)
         standardizations = nn.ModuleList(_Standardization(info.channels) for info in tap_info)
         self.learned = nn.ModuleDict({"cloner": Cloner(tap_info, width, depth), "standardization": standardizations})
+        if not 1 <= scored_taps <= len(taps):
+            raise FlawmapError(f"scored_taps must be between 1 and the {len(taps)} taps, got {scored_taps}")
         self.direction_weight = direction_weight
+        self.scored_taps = scored_taps
         self.localization = localization
+        self.smoothgrad_samples = smoothgrad_samples
         self.eval()  # batch norm of the cloner: running statistics except while training
 
     @property
@@ -121,12 +139,20 @@ class MKDScorer(Scorer):
         return images
 
     def score(self, images: torch.Tensor) -> PatchScores:
-        """Images (B, 3, S, S) -> map (B, S, S) for ``"gradient"``, (B, h_0, w_0) for
-        ``"discrepancy"`` (the finest tap's grid); image scores: the loss (B,)."""
-        if self.localization == "gradient":
-            return self._gradient_scores(images)
-        source, cloned = self.outputs(images)
-        return PatchScores(self._discrepancy_map(source, cloned), self.image_losses(source, cloned))
+        """Images (B, 3, S, S) -> map (B, S, S) for the attributions, (B, h, w) for
+        ``"discrepancy"`` (the finest scored tap's grid); image scores: the loss (B,)."""
+        if self.localization == "discrepancy":
+            source, cloned = self.scored(*self.outputs(images))
+            return PatchScores(self._discrepancy_map(source, cloned), self.image_losses(source, cloned))
+        if self.localization == "smoothgrad":
+            losses = self.image_losses(*self.scored(*self.outputs(images)))
+            return PatchScores(grey_opening(torch.cat([self._smoothgrad(image) for image in images])), losses)
+        losses, saliencies = [], []
+        for chunk in images.split(GRADIENT_CHUNK):
+            chunk_losses, saliency = self._saliency(chunk, guided=self.localization == "guided")
+            losses.append(chunk_losses)
+            saliencies.append(saliency)
+        return PatchScores(grey_opening(torch.cat(saliencies)), torch.cat(losses))
 
     def source_levels(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The source's standardised tap outputs (B, C_l, h_l, w_l), finest first, float32."""
@@ -148,41 +174,58 @@ class MKDScorer(Scorer):
         """(source levels, cloner levels) of images (B, 3, S, S)."""
         return self.source_levels(images), self.cloned_levels(images)
 
+    def scored(
+        self, source: list[torch.Tensor], cloned: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The levels of the ``scored_taps`` coarsest taps of both networks."""
+        first = len(source) - self.scored_taps
+        return source[first:], cloned[first:]
+
     def image_losses(self, source: list[torch.Tensor], cloned: list[torch.Tensor]) -> torch.Tensor:
-        """Step 3 per image: ``sum_l MSE_l + lambda sum_l (1 - cos_l)`` (B,) of the two outputs."""
+        """Step 3 per image: ``sum_l MSE_l + lambda sum_l (1 - cos_l)`` (B,) over the levels given."""
         total = torch.zeros(source[0].shape[0], device=source[0].device)
         for target, prediction in zip(source, cloned):
-            squared = (prediction - target).pow(2).flatten(1).mean(dim=1)
-            direction = 1.0 - F.cosine_similarity(prediction.flatten(1), target.flatten(1), dim=1)
-            total = total + squared + self.direction_weight * direction
+            squared = (prediction - target).pow(2).flatten(1).mean(dim=1)  # L_val, the paper's eq. 1
+            direction = 1.0 - F.cosine_similarity(prediction.flatten(1), target.flatten(1), dim=1)  # L_dir, eq. 2
+            total = total + squared + self.direction_weight * direction  # L_total, eq. 3
         return total
 
     def export_error(self) -> str | None:
-        """The gradient map needs autograd, which an ONNX graph cannot hold."""
-        if self.localization == "gradient":
+        """The attribution maps need autograd, which an ONNX graph cannot hold."""
+        if self.localization != "discrepancy":
             return (
-                'mkd with localization="gradient" cannot be exported to ONNX (its map is a gradient computed '
-                'with autograd); fit it with localization="discrepancy" to export'
+                f'mkd with localization="{self.localization}" cannot be exported to ONNX (its map is a gradient '
+                'computed with autograd); fit it with localization="discrepancy" to export'
             )
         return None
 
-    def _gradient_scores(self, images: torch.Tensor) -> PatchScores:
-        """Step 5, ``"gradient"``: ``sum_RGB |dL/dx|`` (B, S, S) after a 3x3 grey opening.
+    def _saliency(self, images: torch.Tensor, *, guided: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, 3, S, S) -> their losses (B,) and ``sum_RGB |dL/dx|`` (B, S, S), the
+        paper's attribution (``dL_total / dx``).
 
-        Runs autograd even when called in inference mode (as ``predict`` does): the images are
-        copied into an ordinary tensor that requires grad, :data:`GRADIENT_CHUNK` at a time. The
-        images of a batch do not interact (eval-mode batch norm), so the gradient of the summed
-        loss is each image's own.
+        Runs autograd even when called in inference mode (as ``predict`` does), on a copy of the
+        images that requires grad. The images of a batch do not interact (eval-mode batch norm),
+        so the gradient of the summed loss is each image's own. ``guided``: guided
+        backpropagation through the rectifiers of both networks (:class:`GuidedRectifiers`); it
+        changes the backward pass only, so the losses are the same.
         """
-        losses, saliencies = [], []
-        for chunk in images.split(GRADIENT_CHUNK):
-            with torch.inference_mode(False), torch.enable_grad():
-                inputs = chunk.detach().clone().requires_grad_(True)
-                chunk_losses = self.image_losses(*self.outputs(inputs))
-                (gradient,) = torch.autograd.grad(chunk_losses.sum(), inputs)
-            losses.append(chunk_losses.detach())
-            saliencies.append(gradient.abs().sum(dim=1))
-        return PatchScores(grey_opening(torch.cat(saliencies)), torch.cat(losses))
+        with torch.inference_mode(False), torch.enable_grad():
+            inputs = images.detach().clone().requires_grad_(True)
+            with GuidedRectifiers() if guided else nullcontext():
+                losses = self.image_losses(*self.scored(*self.outputs(inputs)))
+            (gradient,) = torch.autograd.grad(losses.sum(), inputs)
+        return losses.detach(), gradient.abs().sum(dim=1)
+
+    def _smoothgrad(self, image: torch.Tensor) -> torch.Tensor:
+        """One image (3, S, S) -> SmoothGrad (1, S, S): the mean of :meth:`_saliency` over
+        ``smoothgrad_samples`` copies with Gaussian noise of std ``SMOOTHGRAD_NOISE`` x its range."""
+        generator = torch.Generator().manual_seed(SMOOTHGRAD_SEED)
+        spread = SMOOTHGRAD_NOISE * (image.max() - image.min())
+        total = torch.zeros(1, *image.shape[-2:], device=image.device)
+        for _ in range(self.smoothgrad_samples):
+            noise = torch.randn(image.shape, generator=generator).to(image.device)
+            total = total + self._saliency((image + spread * noise).unsqueeze(0))[1]
+        return total / self.smoothgrad_samples
 
     def _discrepancy_map(self, source: list[torch.Tensor], cloned: list[torch.Tensor]) -> torch.Tensor:
         """Step 5, ``"discrepancy"``: per-position loss of each tap, upsampled to the finest
@@ -199,10 +242,36 @@ class MKDScorer(Scorer):
         return total
 
     def training_loss(self, batch: list[torch.Tensor], generator: torch.Generator) -> torch.Tensor:
-        """Mean loss of a training batch: images (B, 3, S, S) stored as float16, then the raw
-        source levels (B, C_l, h_l, w_l) (float16, cached); ``generator`` is unused (no noise)."""
+        """Mean loss of a training batch over all taps: images (B, 3, S, S) stored as float16, then
+        the raw source levels (B, C_l, h_l, w_l) (float16, cached); ``generator`` is unused."""
         images, *levels = batch
         return self.image_losses(self.standardized(levels), self.cloned_levels(images.float())).mean()
+
+
+class GuidedRectifiers(TorchFunctionMode):
+    """Within this context, ``F.relu`` and ``F.relu6`` (hence ``nn.ReLU``) backpropagate as in
+    guided backpropagation (Springenberg et al. 2015, the authors' ``GuidedBackprop``): only
+    positive gradients, and only where the rectifier passed its input. Forward values are
+    unchanged. A torch function mode: nothing outside the ``with`` block is affected."""
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func is F.relu or func is F.relu6:
+            return _GuidedRectifier.apply(args[0], 6.0 if func is F.relu6 else math.inf)
+        return func(*args, **(kwargs or {}))
+
+
+class _GuidedRectifier(torch.autograd.Function):
+    """``clamp(x, 0, upper)`` whose backward passes ``max(g, 0)`` where ``0 < x < upper``."""
+
+    @staticmethod
+    def forward(ctx: Any, inputs: torch.Tensor, upper: float) -> torch.Tensor:
+        ctx.save_for_backward((inputs > 0) & (inputs < upper))
+        return inputs.clamp(0.0, upper)
+
+    @staticmethod
+    def backward(ctx: Any, gradient: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (passed,) = ctx.saved_tensors
+        return gradient.clamp(min=0.0) * passed, None
 
 
 class Cloner(nn.Module):
@@ -275,14 +344,20 @@ class MKD(TrainedModel):
 
     Parameters
     ----------
-    localization : {"gradient", "discrepancy"}
-        The anomaly map: the paper's gradient attribution, or the per-position loss (exportable).
+    localization : {"discrepancy", "gradient", "smoothgrad", "guided"}
+        The anomaly map (step 5): the per-position loss (the default, exportable), or one of the
+        authors' three input attributions.
     width : int
         Hidden channels of the cloner (its stem has half).
     depth : int
         Hidden 3x3 convolutions per tap in the cloner.
     direction_weight : float
         ``lambda``, the weight of the direction loss ``1 - cos`` against the squared distance.
+    scored_taps : int
+        How many of the coarsest taps the image score and the maps sum (training uses every
+        tap); the authors score 3 of their 4.
+    smoothgrad_samples : int
+        Noisy copies averaged by ``localization="smoothgrad"`` (the authors use 50).
 
     and the training parameters of :class:`flawmap.models.trained.TrainedModel` (Adam training
     of the cloner; here ``epochs`` 15). ``taps`` (shared parameter): None taps the deepest stage
@@ -296,10 +371,12 @@ class MKD(TrainedModel):
 
     quick_params = {"image_size": 64, "epochs": 1, "width": 8, "depth": 1, "train_batch_size": 4}
 
-    localization: str = "gradient"
+    localization: str = "discrepancy"
     width: int = 32
     depth: int = 1
     direction_weight: float = 0.5
+    scored_taps: int = 4
+    smoothgrad_samples: int = 10
     epochs: int = 15
 
     def _validate_method_params(self) -> None:
@@ -309,6 +386,8 @@ class MKD(TrainedModel):
             raise FlawmapError(f"need width >= 2 and depth >= 1, got width={self.width}, depth={self.depth}")
         if not self.direction_weight >= 0.0:
             raise FlawmapError(f"need direction_weight >= 0, got {self.direction_weight}")
+        if self.smoothgrad_samples < 1:
+            raise FlawmapError(f"need smoothgrad_samples >= 1, got {self.smoothgrad_samples}")
 
     def _default_taps(self, backbone: Backbone) -> tuple[str, ...]:
         """The deepest stage of each of the backbone's four coarsest strides."""
@@ -323,7 +402,9 @@ class MKD(TrainedModel):
                 width=self.width,
                 depth=self.depth,
                 direction_weight=self.direction_weight,
+                scored_taps=self.scored_taps,
                 localization=self.localization,
+                smoothgrad_samples=self.smoothgrad_samples,
             )
 
     def _learn(self, feature_batches: Iterable[torch.Tensor]) -> None:
