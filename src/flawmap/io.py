@@ -49,7 +49,8 @@ CONFIG_FILE = "config.json"
 #: Format versions this flawmap reads. Configs of an older version lack the hyper-parameters
 #: added since, which then take their defaults (defaults that keep the old behaviour: version 3
 #: predates tiling and the faiss searches, version 4 SFR's reconstruction, n_subspaces, subspace_dim),
-#: or the value a method's ``former_params`` names (version 5 predates SFR's affine term, 0 then).
+#: or the value a method's ``former_params`` names (version 5 predates SFR's affine term, 0 then;
+#: version 6 MKD's ``scored_taps`` and ``smoothgrad_samples``, whose defaults keep its behaviour).
 READABLE_VERSIONS = (3, 4, 5, 6, FORMAT_VERSION)
 #: Top-level keys every model config has besides the format fields.
 MODEL_KEYS = ("method", "params", "fitted", "files")
