@@ -112,9 +112,9 @@ method.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
@@ -282,8 +282,8 @@ class MKDScorer(Scorer):
         return total / self.smoothgrad_samples
 
     def _discrepancy_map(self, source: list[torch.Tensor], cloned: list[torch.Tensor]) -> torch.Tensor:
-        """Step 5, ``"discrepancy"``: per-position loss of each tap, upsampled to the finest
-        tap's grid and summed: (B, h_0, w_0)."""
+        """Step 5, ``"discrepancy"``: per-position loss of each level given, upsampled to the
+        first (finest) level's grid and summed: (B, h_0, w_0)."""
         grid = tuple(source[0].shape[-2:])
         total = torch.zeros(source[0].shape[0], *grid, device=source[0].device)
         for target, prediction in zip(source, cloned):
