@@ -72,9 +72,10 @@ anomaly score.
    autograd in the scorer, so they cannot be exported to ONNX (:meth:`MKDScorer.export_error`).
 
 Measured on bottle, screw and capsules (256 px, 15 epochs, one fit per category and ``lambda``,
-seed 0, every map drawn from the same saved cloner; one thread of a shared 2-core machine, so
-times are loaded): pixel AUROC / AUPRO per category, their mean, and ``predict`` ms per image
-(mean of the three). The image AUROC does not depend on the map: 0.997 / 0.019 / 0.702 (mean
+seed 0, every map drawn from the same fitted cloner, ``benchmarks/bench_mkd.py``; the "cloner
+only" rows with the guided context around the cloner alone; one thread of a shared 2-core
+machine, so times are loaded): pixel AUROC / AUPRO per category, their mean, and ``predict`` ms
+per image (mean of the three). The image AUROC does not depend on the map: 0.997 / 0.019 / 0.702 (mean
 0.573) with the 4 taps, 0.997 / 0.021 / 0.698 (0.572) with 3.
 
 =============================  =============  =============  =============  =============  =====
