@@ -71,9 +71,6 @@ BOTTLE_TRAIN = 8
 BOTTLE_TEST_PER_TYPE = 1
 #: Batch of the graph for methods that cannot export a dynamic batch.
 FIXED_EXPORT_BATCH = {"spade": 4}
-#: Parity runs: hyper-parameters a method needs to be exportable (mkd's gradient map needs
-#: autograd and refuses to export, tested in tests/models/test_mkd.py).
-EXPORT_PARAMS = {"mkd": {"localization": "discrepancy"}}
 
 
 @pytest.fixture(scope="session")
@@ -95,7 +92,7 @@ def bottle_export(mvtec_bottle, tmp_path_factory):
     def get(method: str) -> tuple[Path, Path]:
         if method not in cache:
             folder = tmp_path_factory.mktemp(f"bottle-{method}")
-            params = {**METHODS.get(method).quick_params, **EXPORT_PARAMS.get(method, {}), "image_size": 256}
+            params = {**METHODS.get(method).quick_params, "image_size": 256}
             model = create_model(method, **params).set_runtime(batch_size=4, num_workers=1).fit(train)
             model_dir = model.save(folder / "model")
             batch = FIXED_EXPORT_BATCH.get(method, "dynamic")

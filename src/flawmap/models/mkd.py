@@ -130,7 +130,7 @@ from flawmap.errors import FlawmapError
 from flawmap.features import channel_statistics
 from flawmap.models.base import PatchScores, Scorer, register_method
 from flawmap.models.trained import TrainedModel
-from flawmap.training import cache_batches, seeded_init
+from flawmap.training import seeded_init
 
 LOCALIZATIONS = ("gradient", "smoothgrad", "guided", "discrepancy")
 """The anomaly maps MKD offers (``localization``); the first three are input attributions."""
@@ -464,16 +464,17 @@ class MKD(TrainedModel):
             )
 
     def _learn(self, feature_batches: Iterable[torch.Tensor]) -> None:
-        images, levels = self._cache(feature_batches)
+        images, levels = self._training_data(feature_batches)
         if self.n_fits_ == 0:  # first fit: standardise with its outputs
             for standardization, level in zip(self.scorer_.learned["standardization"], levels):
                 standardization.set_from(level)
         self._train(self.scorer_.cloner, [images, *levels], self.scorer_.training_loss, "mkd")
 
-    def _cache(self, image_batches: Iterable[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _training_data(self, image_batches: Iterable[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The training images (N, 3, S, S) and the source's raw tap outputs (N, C_l, h_l, w_l),
-        float16 on the CPU: the source runs once per fit, not once per epoch."""
-        images, *levels = cache_batches((batch, *self._source_outputs(batch)) for batch in image_batches)
+        cached on the CPU (float16, or float32 with ``float32_training``): the source runs once
+        per fit, not once per epoch."""
+        images, *levels = self._cache((batch, *self._source_outputs(batch)) for batch in image_batches)
         return images, levels
 
     def _source_outputs(self, images: torch.Tensor) -> list[torch.Tensor]:
