@@ -93,7 +93,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -207,8 +207,29 @@ def localisation_network(in_channels: int, first_kernel: int, first_stride: int)
     )
 
 
+class Projector(nn.Module):
+    """Fused aligned features -> the features the Gaussians model (step 3's trained part).
+
+    ``y = S z + W_2 relu(W_1 z)`` per position (1x1 convolutions C -> d -> d): ``S z`` is PaDiM's
+    random channel selection of the fused features ``z`` (B x C x h x w), the residual is learned
+    with L_NC. ``W_2`` starts at zero, so an untrained projector is PaDiM's selection.
+    """
+
+    def __init__(self, channels: int, n_features: int) -> None:
+        super().__init__()
+        self.residual = nn.Sequential(
+            nn.Conv2d(channels, n_features, 1), nn.ReLU(), nn.Conv2d(n_features, n_features, 1)
+        )
+        nn.init.zeros_(self.residual[-1].weight)
+        nn.init.zeros_(self.residual[-1].bias)
+
+    def forward(self, fused: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+        """Fused features (B, C, h, w) and their selected channels ``S z`` (B, d, h, w) -> y (B, d, h, w)."""
+        return selected + self.residual(fused)
+
+
 class Alignment(nn.Module):
-    """The image transformer (ICA) and one feature transformer per tapped level (FCA).
+    """The image transformer (ICA), one feature transformer per tapped level (FCA) and the projector.
 
     Parameters
     ----------
@@ -218,10 +239,17 @@ class Alignment(nn.Module):
         Side ``S`` of the square input images.
     max_rotation, max_shift : float
         Bounds of every transformer (degrees; fraction of the side).
+    n_features : int
+        Channels ``d`` of the projected features.
     """
 
     def __init__(
-        self, level_shapes: list[tuple[int, int, int]], image_size: int, max_rotation: float, max_shift: float
+        self,
+        level_shapes: list[tuple[int, int, int]],
+        image_size: int,
+        max_rotation: float,
+        max_shift: float,
+        n_features: int,
     ) -> None:
         super().__init__()
         bounds = (max_rotation, max_shift)
@@ -229,22 +257,18 @@ class Alignment(nn.Module):
         self.levels = nn.ModuleList(
             RigidTransformer(localisation_network(shape[0], 3, 2), shape, *bounds) for shape in level_shapes
         )
+        self.projector = Projector(sum(shape[0] for shape in level_shapes), n_features)
 
     def align_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (B, 3, S, S) in [0, 1] -> (ICA-warped images, theta (B, 2, 3))."""
         warped, theta, _ = self.image(images)
         return warped, theta
 
-    def align_levels(self, levels: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Levels (B, C_l, h_l, w_l) -> (FCA-warped levels, the finest level's theta (B, 2, 3))."""
-        warped = [transformer(level) for transformer, level in zip(self.levels, levels)]
-        return [level for level, _, _ in warped], warped[0][1]
-
     @staticmethod
-    def to_input_frame(maps: torch.Tensor, image_theta: torch.Tensor, level_theta: torch.Tensor) -> torch.Tensor:
-        """Maps (B, h, w) in the aligned frame -> the same maps in the input images' frame."""
-        back = invert(compose(image_theta, level_theta))
-        return warp(maps.unsqueeze(1), back).squeeze(1)
+    def to_input_frame(maps: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        """Maps (B, h, w) in the aligned frame -> the same maps in the input images' frame;
+        ``theta`` (B, 2, 3) maps the aligned frame to the input frame."""
+        return warp(maps.unsqueeze(1), invert(theta)).squeeze(1)
 
     def image_alignment_loss(self, images: torch.Tensor) -> torch.Tensor:
         """L_ICA of a batch of images (B, 3, S, S): the mean per-pixel L2 distance between the
@@ -257,19 +281,41 @@ class Alignment(nn.Module):
         distances = (differences.square().sum(dim=1) + 1e-12).sqrt()
         return distances.sum() / max(1, distances.numel()) + pose_anchor(poses)
 
-    def feature_alignment_loss(self, levels: list[torch.Tensor], predictor: nn.Module) -> torch.Tensor:
-        """L_NC of a batch of backbone levels (B, C_l, h_l, w_l), image k paired with image k - 1,
-        plus the pose anchor of every level (only the anchor for a single image: it has no partner)."""
-        warped = [transformer(level) for transformer, level in zip(self.levels, levels)]
-        anchor = sum(pose_anchor(poses) for _, _, poses in warped)
-        if levels[0].shape[0] < 2:
-            return anchor
-        targets = fuse_levels([level for level, _, _ in warped])  # z, (B, C, h, w)
-        predictions = predictor(targets)  # p(z)
-        partner_targets, partner_predictions = targets.roll(1, dims=0).detach(), predictions.roll(1, dims=0)
-        forward = F.cosine_similarity(predictions, partner_targets, dim=1).mean()
-        backward = F.cosine_similarity(partner_predictions, targets.detach(), dim=1).mean()
-        return -0.5 * (forward + backward) + anchor
+
+class AlignedFeatures(NamedTuple):
+    """What the chained feature alignment gives for a batch of B images."""
+
+    projected: torch.Tensor
+    """y, the features the Gaussians model (B, d, h, w)."""
+    selected: torch.Tensor
+    """PaDiM's channel selection ``S z`` of the same aligned, fused features (B, d, h, w)."""
+    theta: torch.Tensor
+    """The finest level's FCA transform (B, 2, 3)."""
+    poses: list[torch.Tensor]
+    """Every level transformer's poses (B, 3)."""
+
+
+def fine_alignment_loss(aligned: AlignedFeatures, predictor: nn.Module) -> torch.Tensor:
+    """L_NC of a batch, image k paired with image k - 1, plus the variance floor and every level's
+    pose anchor (only the anchors for a single image: it has no partner)."""
+    anchor = sum(pose_anchor(poses) for poses in aligned.poses)
+    targets = aligned.projected  # y, (B, d, h, w)
+    if targets.shape[0] < 2:
+        return anchor
+    predictions = predictor(targets)  # p(y)
+    partner_targets, partner_predictions = targets.roll(1, dims=0).detach(), predictions.roll(1, dims=0)
+    forward = F.cosine_similarity(predictions, partner_targets, dim=1).mean()
+    backward = F.cosine_similarity(partner_predictions, targets.detach(), dim=1).mean()
+    return -0.5 * (forward + backward) + variance_floor(targets, aligned.selected) + anchor
+
+
+def variance_floor(projected: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """VICReg's variance term with PaDiM's features as the floor: the mean over channels of
+    ``relu(1 - std(y_c) / std(S z_c))``, each standard deviation over the batch's images and
+    positions, (B, d, h, w) twice -> (). Zero while the projection spreads each channel at least
+    as much as PaDiM's channel does; it stops L_NC from collapsing y."""
+    spread = lambda features: features.transpose(0, 1).flatten(1).std(dim=1)  # noqa: E731
+    return F.relu(1.0 - spread(projected) / (spread(selected).detach() + 1e-6)).mean()
 
 
 def pose_anchor(poses: torch.Tensor) -> torch.Tensor:
@@ -288,7 +334,7 @@ def predictor_head(channels: int) -> nn.Sequential:
 
 # ---------------------------------------------------------------------- scorer
 class FydScorer(PadimScorer):
-    """Images -> aligned features -> Mahalanobis distances in the input frame (steps 1, 2, 4, 5).
+    """Images -> aligned, projected features -> Mahalanobis distances in the input frame.
 
     FYD learns in front of the backbone, so what it embeds for fitting is the image itself:
     ``embed`` is the identity and ``score`` runs the whole chain. ``alignment`` is None for
@@ -305,28 +351,47 @@ class FydScorer(PadimScorer):
         """Images (B, 3, S, S) -> the same images (what FYD learns from)."""
         return images
 
-    def aligned_levels(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """Images (B, 3, S, S) -> (backbone levels of the ICA-warped images, ICA theta or None)."""
-        if self.alignment is None:
-            return self.levels(images), None
-        warped, theta = self.alignment.align_images(images)
-        return self.levels(warped), theta
+    def padim_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, S, S) -> PaDiM's features (B, d, S/8, S/8), unaligned (``align=False``)."""
+        return super().embed(images)
 
-    def features(self, levels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Backbone levels -> (FCA-aligned, fused, selected features (B, d, h, w), finest FCA theta or None)."""
-        theta = None
-        if self.alignment is not None:
-            levels, theta = self.alignment.align_levels(levels)
-        return fuse_levels(levels).index_select(1, self.channel_indices), theta
+    def first_level(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, 3, S, S) -> (the first tap's map (B, C_0, h, w) of the ICA-warped images,
+        before its FCA transform; ICA theta (B, 2, 3))."""
+        warped, theta = self.alignment.align_images(images)
+        with self.autocast(images.device):
+            level = self.backbone.features(warped, self.taps[:1])[0]
+        return level.float(), theta
+
+    def aligned_features(self, first_level: torch.Tensor) -> AlignedFeatures:
+        """The first tap's map (B, C_0, h, w) -> FCA chained through the stages, fused, projected.
+
+        Transformer ``l`` warps tap ``l``'s map; the stages after it read the warped map, up to
+        the next tap (steps 2-3)."""
+        transformers = self.alignment.levels
+        first, theta, first_poses = transformers[0](first_level)
+        poses = [first_poses]
+
+        def align_level(position: int, level: torch.Tensor) -> torch.Tensor:
+            warped, _, level_poses = transformers[position + 1](level)
+            poses.append(level_poses)
+            return warped
+
+        with self.autocast(first_level.device):
+            later = self.backbone.features_after(first, self.taps[0], self.taps[1:], align_level) if self.taps[1:] else []
+        fused = fuse_levels([first, *(level.float() for level in later)])  # z, (B, C, h, w)
+        selected = fused.index_select(1, self.channel_indices)
+        return AlignedFeatures(self.alignment.projector(fused, selected), selected, theta, poses)
 
     def score(self, images: torch.Tensor) -> PatchScores:
         """Images (B, 3, S, S) -> Mahalanobis distances (B, S/8, S/8) in the input frame."""
-        levels, image_theta = self.aligned_levels(images)
-        features, level_theta = self.features(levels)
-        distances = super().score(features).patch_scores
         if self.alignment is None:
-            return PatchScores(distances)
-        return PatchScores(self.alignment.to_input_frame(distances, image_theta, level_theta))
+            return super().score(self.padim_features(images))
+        first_level, image_theta = self.first_level(images)
+        aligned = self.aligned_features(first_level)
+        distances = super().score(aligned.projected).patch_scores
+        # back through the finest level's warp, then the image's (step 5)
+        return PatchScores(self.alignment.to_input_frame(distances, compose(image_theta, aligned.theta)))
 
 
 # ---------------------------------------------------------------------- estimator
@@ -367,6 +432,7 @@ class Fyd(Padim):
     """
 
     quick_params = {"image_size": 64, "n_features": 24, "epochs": 1, "train_batch_size": 4}
+    cross_fits = False  # the aligned model holds images out; align=False cross-fits as PaDiM does
 
     align: bool = True
     epochs: int = 10
@@ -384,28 +450,39 @@ class Fyd(Padim):
             )
 
     def _new_scorer(self, backbone: Backbone, taps: tuple[str, ...]) -> FydScorer:
+        channel_indices = self._channel_indices(backbone, taps)
         alignment = None
         if self.align:
+            _check_stage_order(backbone, taps)
             grids = [math.ceil(self.image_size / info.stride) for info in backbone.tap_info(taps)]
             shapes = [(info.channels, grid, grid) for info, grid in zip(backbone.tap_info(taps), grids)]
-            with seeded_init(self.random_state):  # the transformers' initial weights
-                alignment = Alignment(shapes, self.image_size, self.max_rotation, self.max_shift)
-        return FydScorer(backbone, taps, self._channel_indices(backbone, taps), alignment)
+            with seeded_init(self.random_state):  # the transformers' and the projector's initial weights
+                alignment = Alignment(shapes, self.image_size, self.max_rotation, self.max_shift, len(channel_indices))
+        return FydScorer(backbone, taps, channel_indices, alignment)
+
+    def _cross_fitted(self) -> bool:
+        """Only ``align=False`` (PaDiM) cross-fits: the aligned model's networks learned from every
+        training image, so it holds out ``calibration_fraction`` of them as trained methods do."""
+        return not self.align and self.tile_size is None
 
     def _learn(self, feature_batches: Iterable[torch.Tensor]) -> None:
-        """First fit: train the image transformer on the images, cache the levels of the aligned
-        images, train the feature transformers on them; every fit: add the aligned features'
-        moments to the Gaussians (PaDiM's ``_learn``)."""
+        """First fit: train the image transformer on the images, cache the first tap's map of the
+        aligned images, train the feature transformers and the projector on them; every fit: add
+        the aligned, projected features' moments to the Gaussians (PaDiM's ``_learn``)."""
         images = _cache_images(feature_batches)
         first = self.scorer_.means is None
         if first:
             self.image_alignment_losses_, self.feature_alignment_losses_ = [], []
-        if first and self.align:
+        scorer = self.scorer_
+        if not self.align:
+            super()._learn(self._mapped(images, lambda batch: scorer.padim_features(batch.float() / 255.0)))
+            return
+        if first:
             self.image_alignment_losses_ = self._train_image_alignment(images)
-        levels = self._levels(images)
-        if first and self.align:
-            self.feature_alignment_losses_ = self._train_feature_alignment(levels)
-        super()._learn(self._feature_batches(levels))
+        first_levels = torch.cat(list(self._mapped(images, lambda batch: scorer.first_level(batch.float() / 255.0)[0])))
+        if first:
+            self.feature_alignment_losses_ = self._train_feature_alignment(first_levels)
+        super()._learn(self._mapped(first_levels, lambda batch: scorer.aligned_features(batch).projected))
 
     def _train_image_alignment(self, images: torch.Tensor) -> list[float]:
         """Stage 1: the image transformer, with L_ICA, on uint8 images (N, 3, S, S)."""
@@ -423,17 +500,19 @@ class Fyd(Padim):
         )
         return history.losses
 
-    def _train_feature_alignment(self, levels: list[torch.Tensor]) -> list[float]:
-        """Stage 2: the feature transformers and a predictor head (then dropped), with L_NC, on
-        the cached levels (N, C_l, h_l, w_l) of the ICA-aligned training images."""
-        alignment = self.scorer_.alignment
+    def _train_feature_alignment(self, first_levels: torch.Tensor) -> list[float]:
+        """Stage 2: the feature transformers and the projector, with a predictor head (then
+        dropped), with L_NC, on the cached first-tap maps (N, C_0, h, w) of the ICA-aligned
+        training images; the later stages run in every step (frozen, gradients pass through)."""
+        scorer = self.scorer_
+        alignment = scorer.alignment
         device = self.runtime.torch_device
         with seeded_init(self.random_state + 1):
-            predictor = predictor_head(sum(level.shape[1] for level in levels)).to(device)
+            predictor = predictor_head(len(scorer.channel_indices)).to(device)
         history = train(
-            nn.ModuleList([alignment.levels, predictor]),
-            [level.to(device) for level in levels],
-            lambda batch, generator: alignment.feature_alignment_loss(batch, predictor),
+            nn.ModuleList([alignment.levels, alignment.projector, predictor]),
+            [first_levels.to(device)],
+            lambda batch, generator: fine_alignment_loss(scorer.aligned_features(batch[0]), predictor),
             epochs=self.epochs,
             batch_size=self.train_batch_size,
             learning_rate=self.learning_rate,
@@ -442,27 +521,14 @@ class Fyd(Padim):
         )
         return history.losses
 
-    def _levels(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """uint8 images (N, 3, S, S) -> backbone levels of the ICA-aligned images, on the CPU."""
+    def _mapped(self, data: torch.Tensor, function: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[torch.Tensor]:
+        """``function`` of ``data`` (N, ...) in batches of the runtime's size, on its device, in
+        inference mode; each result is yielded on the CPU, outside inference mode (trainable)."""
         device = self.runtime.torch_device
-        per_level: list[list[torch.Tensor]] = []
-        with torch.inference_mode():
-            for start in range(0, images.shape[0], self.runtime.batch_size):
-                batch = images[start : start + self.runtime.batch_size].to(device).float() / 255.0
-                levels, _ = self.scorer_.aligned_levels(batch)
-                per_level = per_level or [[] for _ in levels]
-                for stored, level in zip(per_level, levels):
-                    stored.append(level.cpu())
-        return [torch.cat(stored) for stored in per_level]  # outside inference mode: trainable
-
-    def _feature_batches(self, levels: list[torch.Tensor]) -> Iterator[torch.Tensor]:
-        """Cached levels -> aligned, selected features (B, d, h, w) batch by batch."""
-        device = self.runtime.torch_device
-        for start in range(0, levels[0].shape[0], self.runtime.batch_size):
-            batch = [level[start : start + self.runtime.batch_size].to(device) for level in levels]
+        for start in range(0, data.shape[0], self.runtime.batch_size):
             with torch.inference_mode():
-                features, _ = self.scorer_.features(batch)
-            yield features
+                result = function(data[start : start + self.runtime.batch_size].to(device))
+            yield result.cpu().clone()
 
     def to_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         fitted, tensors = super().to_state()
@@ -481,6 +547,8 @@ class Fyd(Padim):
         alignment = {name.removeprefix(_ALIGNMENT_PREFIX): t for name, t in tensors.items() if name not in padim}
         super().from_state(fitted, padim)
         if self.scorer_.alignment is not None:
+            if not any(name.startswith("projector.") for name in alignment):
+                raise RuntimeError("an FYD model saved before format 7 (no projector, unchained alignment): fit it again")
             self.scorer_.alignment.load_state_dict(alignment)
         elif alignment:
             raise RuntimeError("alignment weights in a model fitted with align=False")
@@ -498,3 +566,12 @@ def _cache_images(feature_batches: Iterable[torch.Tensor]) -> torch.Tensor:
     if not batches:
         raise FlawmapError("no valid training image left: every image was skipped")
     return torch.cat(batches)
+
+
+def _check_stage_order(backbone: Backbone, taps: tuple[str, ...]) -> None:
+    """FlawmapError unless ``taps`` are distinct stages in the backbone's order (the chained
+    feature alignment runs from each tap to the next)."""
+    stages = [info.name for info in backbone.feature_info]
+    order = [stages.index(tap) for tap in taps]
+    if order != sorted(set(order)):
+        raise FlawmapError(f"fyd chains its feature alignment through the backbone: give distinct taps in stage order, got {list(taps)}")
