@@ -144,23 +144,23 @@ class Backbone(nn.Module):
             raise FlawmapError(f"backbone {self.name!r} has no feature tap {unknown[0]!r}; choose from: {choices}")
         return [self.feature_info[self._stage_index[tap]] for tap in taps]
 
-    def features(self, images: Tensor, taps: Sequence[str], between: TapHook | None = None) -> list[Tensor]:
+    def features(self, images: Tensor, taps: Sequence[str]) -> list[Tensor]:
         """Feature maps at ``taps``, in that order.
 
         ``images``: ``B x 3 x H x W`` float in [0, 1]. Returns one ``B x C_l x H_l x W_l`` map per
         tap with ``C_l = tap_info(taps)[l].channels`` and ``H_l = ceil(H / stride_l)`` (likewise
-        ``W_l``). Stages after the deepest requested one are not computed. ``between(l, map)``,
-        when given, replaces the map of ``taps[l]`` as it is tapped: the next stage reads what it
-        returns, and so does the result (FYD's chained feature alignment).
+        ``W_l``). Stages after the deepest requested one are not computed.
         """
-        return self.features_after(self._stem(self._prepare(images)), None, taps, between)
+        return self.features_after(self._stem(self._prepare(images)), None, taps)
 
     def features_after(
         self, x: Tensor, stage: str | None, taps: Sequence[str], between: TapHook | None = None
     ) -> list[Tensor]:
         """:meth:`features` continued from ``x``, the output of ``stage`` (None: of the stem).
 
-        Every tap must come after ``stage``; ``between`` as in :meth:`features`.
+        Every tap must come after ``stage``. ``between(l, map)``, when given, replaces the map of
+        ``taps[l]`` as it is tapped: the next stage reads what it returns, and so does the result
+        (FYD's chained feature alignment).
         """
         self.tap_info(taps if stage is None else [*taps, stage])
         first = 0 if stage is None else self._stage_index[stage] + 1
