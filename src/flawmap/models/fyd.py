@@ -92,7 +92,9 @@ AUPRO, image AUROC, fit seconds:
 | capsules | 0.9530 / 0.6296, 0.638, 11 s | 0.9511 / 0.6007, 0.607, 19 s | 0.9530 / 0.6296, 0.638, 7 s |
 | mean | 0.9655 / 0.8030, 0.707 | 0.9625 / 0.7862, 0.672 | 0.9655 / 0.8030, 0.707 |
 
-FYD wins on the aligned bottle and loses on screw and capsules. The grid the default was
+FYD wins on the aligned bottle and loses on screw and capsules; with ``random_state=1`` (another
+channel selection and hold-out) as well: screw 0.9646 / 0.8705 (PaDiM) against 0.9560 / 0.8410,
+capsules 0.9491 / 0.6220 against 0.9461 / 0.6044. The grid the default was
 chosen from (fit and evaluated in one process per row; pixel AUROC / AUPRO; "nothing learned"
 freezes the transformers and the projector at their initial identity, which is PaDiM fitted on
 the images the hold-out leaves, calibrated on the held-out ones):
