@@ -11,9 +11,13 @@ from safetensors.torch import load_file, save_file
 from flawmap.backbones import create_backbone
 from flawmap.cli import _given_hyperparameters, build_parser
 from flawmap.errors import FlawmapError
-from flawmap.features import fuse_levels
+from flawmap.features import flatten_positions, fuse_levels
 from flawmap.models import Fyd, Padim, load_model
+from flawmap.models import fyd as fyd_module
+from flawmap.models.base import PatchScores
 from flawmap.models.fyd import Alignment, FydScorer, compose, invert, warp
+from flawmap.models.padim import GaussianAccumulator, mahalanobis_distances, regularised_inverse
+from flawmap.training import train
 
 
 def shifted_disks(n_images: int, size: int = 64, seed: int = 0) -> list[np.ndarray]:
@@ -130,16 +134,47 @@ def test_the_trained_projector_changes_the_features_and_keeps_their_spread(align
     assert (spread(aligned.projected) >= 0.9 * spread(aligned.selected)).all()
 
 
-def test_calibration_holds_normal_images_out(aligned_model):
-    """The aligned model's networks and Gaussians never saw the images its threshold comes from."""
-    n_held = aligned_model.calibration_images_.shape[0]
-    assert n_held >= 1 and aligned_model.n_train_images_ + n_held == 8
-    assert aligned_model.gaussians_.count == aligned_model.n_train_images_
-    given = {image.tobytes() for image in shifted_disks(8)}
-    held = aligned_model.calibration_images_.permute(0, 2, 3, 1).numpy()
-    assert all(np.ascontiguousarray(image).tobytes() in given for image in held)
-    scores, _ = aligned_model.score_images(aligned_model.calibration_images_.float() / 255.0)
-    np.testing.assert_allclose(aligned_model.calibration_scores_, scores, rtol=1e-5)
+def test_calibration_holds_normal_images_out(monkeypatch):
+    """The networks never learn from the images the threshold comes from; the Gaussians take them
+    in, and each is scored against the Gaussians without its own moments."""
+    trained_on = []
+
+    def spy(network, data, loss, **settings):
+        trained_on.append(data[0].detach().clone())
+        return train(network, data, loss, **settings)
+
+    monkeypatch.setattr(fyd_module, "train", spy)
+    images = shifted_disks(8)
+    model = quick_fyd(epochs=2).fit(images)
+    held = model.calibration_images_
+    n_held, n_trained = held.shape[0], model.n_train_images_
+    assert n_held >= 1 and n_trained + n_held == 8 and model.gaussians_.count == 8
+    given = {np.ascontiguousarray(image.transpose(2, 0, 1)).tobytes() for image in images}
+    held_bytes = {image.numpy().tobytes() for image in held}
+    assert held_bytes <= given
+    image_data, level_data = trained_on  # the image transformer's images; the first-tap maps
+    assert image_data.shape[0] == n_trained and level_data.shape[0] == n_trained
+    assert not held_bytes & {image.numpy().tobytes() for image in image_data}
+    # each held-out image against Gaussians refitted on the 7 other images' aligned features (the
+    # downdate treats the regulariser as scaled by (N - 1) / (N - 2), PaDiM's docstring)
+    scorer = model.scorer_
+    everything = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
+    with torch.no_grad():
+        features = flatten_positions(scorer.aligned_features(scorer.first_level(everything)[0]).projected)
+        order = [bytes_ for bytes_ in (np.ascontiguousarray(i.transpose(2, 0, 1)).tobytes() for i in images)]
+        expected = []
+        for image in held:
+            others = [k for k, key in enumerate(order) if key != image.numpy().tobytes()]
+            gaussians = GaussianAccumulator()
+            gaussians.add(features[others])
+            inverse = regularised_inverse(gaussians.covariance(), model.epsilon * 7 / 6)
+            distances, theta = scorer.aligned_distances(image[None].float() / 255.0)
+            query = flatten_positions(scorer.aligned_features(scorer.first_level(image[None].float() / 255.0)[0]).projected)
+            left_out = mahalanobis_distances(query, gaussians.mean(), inverse).float().view_as(distances)
+            expected.append(model._postprocess(PatchScores(scorer.alignment.to_input_frame(left_out, theta)))[0][0])
+    in_sample, _ = model.score_images(held.float() / 255.0)
+    np.testing.assert_allclose(model.calibration_scores_, expected, rtol=1e-2)  # float32 scorer
+    assert (np.asarray(model.calibration_scores_) > 1.5 * in_sample).all()
 
 
 def test_fyd_models_of_format_6_load_or_fail_in_one_line(aligned_model, tmp_path):

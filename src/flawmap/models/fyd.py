@@ -139,15 +139,19 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from flawmap.backbones import Backbone
+from flawmap.data import Sample
 from flawmap.errors import FlawmapError
-from flawmap.features import fuse_levels
+from flawmap.features import flatten_positions, fuse_levels
 from flawmap.models.base import PatchScores, register_method
-from flawmap.models.padim import Padim, PadimScorer
+from flawmap.models.padim import (
+    GaussianAccumulator, Padim, PadimScorer, left_out_distances, mahalanobis_distances, regularised_inverse,
+)
 from flawmap.models.trained import check_training_params
 from flawmap.training import seeded_init, train
 
@@ -326,6 +330,17 @@ class Alignment(nn.Module):
         return distances.sum() / max(1, distances.numel()) + pose_anchor(poses)
 
 
+class Selected(NamedTuple):
+    """What training one alignment stage gave."""
+
+    losses: list[float]
+    """Mean training loss of every epoch."""
+    validation: list[float]
+    """The held-out criterion of the untrained stage and after every epoch (empty without one)."""
+    epoch: int
+    """The epoch whose weights the stage kept (0: untrained)."""
+
+
 class AlignedFeatures(NamedTuple):
     """What the chained feature alignment gives for a batch of B images."""
 
@@ -429,15 +444,20 @@ class FydScorer(PadimScorer):
         selected = fused.index_select(1, self.channel_indices)
         return AlignedFeatures(self.alignment.projector(fused, selected), selected, theta, poses)
 
+    def aligned_distances(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, 3, S, S) -> (Mahalanobis distances (B, S/8, S/8) in the aligned frame, the
+        map from the aligned frame to the input frame (B, 2, 3): the finest level's warp, then
+        the image's)."""
+        first_level, image_theta = self.first_level(images)
+        aligned = self.aligned_features(first_level)
+        return super().score(aligned.projected).patch_scores, compose(image_theta, aligned.theta)
+
     def score(self, images: torch.Tensor) -> PatchScores:
         """Images (B, 3, S, S) -> Mahalanobis distances (B, S/8, S/8) in the input frame."""
         if self.alignment is None:
             return super().score(self.padim_features(images))
-        first_level, image_theta = self.first_level(images)
-        aligned = self.aligned_features(first_level)
-        distances = super().score(aligned.projected).patch_scores
-        # back through the finest level's warp, then the image's (step 5)
-        return PatchScores(self.alignment.to_input_frame(distances, compose(image_theta, aligned.theta)))
+        distances, theta = self.aligned_distances(images)
+        return PatchScores(self.alignment.to_input_frame(distances, theta))  # step 5
 
 
 # ---------------------------------------------------------------------- estimator
@@ -507,46 +527,65 @@ class Fyd(Padim):
         return FydScorer(backbone, taps, channel_indices, alignment)
 
     def _cross_fitted(self) -> bool:
-        """Only ``align=False`` (PaDiM) cross-fits: the aligned model's networks learned from every
-        training image, so it holds out ``calibration_fraction`` of them as trained methods do."""
+        """Only ``align=False`` (PaDiM) cross-fits: the aligned model's networks learn from the
+        training images, so it holds out ``calibration_fraction`` of them as trained methods do."""
         return not self.align and self.tile_size is None
+
+    def _hold_out(
+        self, samples: list[Sample | np.ndarray], first: bool, skip_invalid: bool
+    ) -> tuple[list[Sample | np.ndarray], list[np.ndarray]]:
+        """The base class's hold-out; the held-out images (decoded; none for a tiled model, whose
+        held-out samples are scored whole) also select the first fit's training epochs."""
+        fit_samples, held_out = super()._hold_out(samples, first, skip_invalid)
+        self._validation_images = held_out if self.tile_size is None else []
+        return fit_samples, held_out
 
     def _learn(self, feature_batches: Iterable[torch.Tensor]) -> None:
         """First fit: train the image transformer on the images, cache the first tap's map of the
-        aligned images, train the feature transformers and the projector on them; every fit: add
-        the aligned, projected features' moments to the Gaussians (PaDiM's ``_learn``)."""
+        aligned images, train the feature transformers and the projector on them, each stage
+        keeping the epoch (0: untrained) its held-out criterion selects; every fit: add the
+        aligned, projected features' moments to the Gaussians (PaDiM's ``_learn``)."""
         images = _cache_images(feature_batches)
+        held = _stacked(getattr(self, "_validation_images", []), images.shape[1:])
+        self._validation_images = []
         first = self.scorer_.means is None
         if first:
             self.image_alignment_losses_, self.feature_alignment_losses_ = [], []
+            self.image_alignment_validation_, self.feature_alignment_validation_ = [], []
+            self.alignment_epochs_ = [0, 0]
         scorer = self.scorer_
         if not self.align:
             super()._learn(self._mapped(images, lambda batch: scorer.padim_features(batch.float() / 255.0)))
             return
+        can_validate = held.shape[0] > 0 and images.shape[0] >= 2
         if first:
-            self.image_alignment_losses_ = self._train_image_alignment(images)
-        first_levels = torch.cat(list(self._mapped(images, lambda batch: scorer.first_level(batch.float() / 255.0)[0])))
+            validation = lambda: self._validation_distance(self._first_levels(images), self._first_levels(held))  # noqa: E731
+            self.image_alignment_losses_, self.image_alignment_validation_, self.alignment_epochs_[0] = (
+                self._train_image_alignment(images, validation if can_validate else None)
+            )
+        first_levels = self._first_levels(images)
         if first:
-            self.feature_alignment_losses_ = self._train_feature_alignment(first_levels)
-        super()._learn(self._mapped(first_levels, lambda batch: scorer.aligned_features(batch).projected))
+            held_levels = self._first_levels(held) if can_validate else None
+            validation = lambda: self._validation_distance(first_levels, held_levels)  # noqa: E731
+            self.feature_alignment_losses_, self.feature_alignment_validation_, self.alignment_epochs_[1] = (
+                self._train_feature_alignment(first_levels, validation if can_validate else None)
+            )
+        super()._learn(self._projected(first_levels))
 
-    def _train_image_alignment(self, images: torch.Tensor) -> list[float]:
+    def _train_image_alignment(self, images: torch.Tensor, validation: Callable[[], float] | None) -> Selected:
         """Stage 1: the image transformer, with L_ICA, on uint8 images (N, 3, S, S)."""
         alignment = self.scorer_.alignment
         device = self.runtime.torch_device
-        history = train(
+        return self._train_stage(
             alignment.image,
-            [images.to(device)],
+            images.to(device),
             lambda batch, generator: alignment.image_alignment_loss(batch[0].float() / 255.0),
-            epochs=self.epochs,
-            batch_size=self.train_batch_size,
-            learning_rate=self.learning_rate,
-            seed=self.random_state,
-            progress="fyd: image alignment" if self.runtime.progress else None,
+            self.random_state,
+            "image",
+            validation,
         )
-        return history.losses
 
-    def _train_feature_alignment(self, first_levels: torch.Tensor) -> list[float]:
+    def _train_feature_alignment(self, first_levels: torch.Tensor, validation: Callable[[], float] | None) -> Selected:
         """Stage 2: the feature transformers and the projector, with a predictor head (then
         dropped), with L_NC, on the cached first-tap maps (N, C_0, h, w) of the ICA-aligned
         training images; the later stages run in every step (frozen, gradients pass through)."""
@@ -555,17 +594,87 @@ class Fyd(Padim):
         device = self.runtime.torch_device
         with seeded_init(self.random_state + 1):
             predictor = predictor_head(len(scorer.channel_indices)).to(device)
-        history = train(
+        return self._train_stage(
             nn.ModuleList([alignment.levels, alignment.projector, predictor]),
-            [first_levels.to(device)],
+            first_levels.to(device),
             lambda batch, generator: fine_alignment_loss(scorer.aligned_features(batch[0]), predictor),
+            self.random_state + 1,
+            "feature",
+            validation,
+        )
+
+    def _train_stage(
+        self,
+        network: nn.Module,
+        data: torch.Tensor,
+        loss: Callable[[list[torch.Tensor], torch.Generator], torch.Tensor],
+        seed: int,
+        stage: str,
+        validation: Callable[[], float] | None,
+    ) -> Selected:
+        """Train one stage with the shared loop for ``epochs``; with a ``validation`` criterion
+        (lower is better), keep the weights of its best epoch, the untrained ones (epoch 0)
+        included. Returns the training losses, the criterion before training and after every
+        epoch (empty without one) and the kept epoch."""
+        initial = {name: tensor.detach().clone() for name, tensor in network.state_dict().items()}
+        network.eval()
+        with torch.no_grad():
+            untrained = [] if validation is None else [float(validation())]
+        history = train(
+            network,
+            [data],
+            loss,
             epochs=self.epochs,
             batch_size=self.train_batch_size,
             learning_rate=self.learning_rate,
-            seed=self.random_state + 1,
-            progress="fyd: feature alignment" if self.runtime.progress else None,
+            seed=seed,
+            selection="last" if validation is None else "validation_loss",
+            validation_loss=validation,
+            progress=f"fyd: {stage} alignment" if self.runtime.progress else None,
         )
-        return history.losses
+        criterion = untrained + history.validation_losses
+        if validation is None:
+            return Selected(history.losses, criterion, self.epochs)
+        kept = min(range(len(criterion)), key=criterion.__getitem__)  # ties keep the earlier epoch
+        if kept == 0:
+            network.load_state_dict(initial)
+        return Selected(history.losses, criterion, kept)
+
+    def _first_levels(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images (N, 3, S, S) -> the first tap's maps (N, C_0, h, w) of the ICA-aligned images."""
+        return torch.cat(list(self._mapped(images, lambda batch: self.scorer_.first_level(batch.float() / 255.0)[0])))
+
+    def _projected(self, first_levels: torch.Tensor) -> Iterator[torch.Tensor]:
+        """First-tap maps (N, C_0, h, w) -> batches of the features the Gaussians model (b, d, h, w)."""
+        return self._mapped(first_levels, lambda batch: self.scorer_.aligned_features(batch).projected)
+
+    def _validation_distance(self, first_levels: torch.Tensor, held_levels: torch.Tensor) -> float:
+        """The model-selection criterion: the mean Mahalanobis distance, over positions and images,
+        of the held-out images' projected features (from their first-tap maps ``held_levels``) to
+        the Gaussians (``epsilon`` as fitted) of the training images' (``first_levels``)."""
+        gaussians = GaussianAccumulator()
+        for batch in self._projected(first_levels):
+            gaussians.add(flatten_positions(batch))
+        inverse_covariances = regularised_inverse(gaussians.covariance(), self.epsilon)
+        held = torch.cat([flatten_positions(batch) for batch in self._projected(held_levels)])
+        return mahalanobis_distances(held, gaussians.mean(), inverse_covariances).mean().item()
+
+    def _rescore_held_out(self, new_images: list[np.ndarray]) -> None:
+        """The Gaussians take this fit's held-out images in (the networks never learn from them);
+        then every held-out image is scored again, leave-one-out (``_held_out_scores``)."""
+        if new_images:
+            super()._learn(self._projected(self._first_levels(torch.from_numpy(np.stack(new_images)))))
+        super()._rescore_held_out(new_images)
+
+    def _held_out_scores(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Held-out images (B, 3, S, S) in [0, 1], whose moments are in the Gaussians -> their
+        distances to the Gaussians without their own moments (PaDiM's exact downdate,
+        :func:`~flawmap.models.padim.left_out_distances`, in the aligned frame), mapped to the
+        input frame and postprocessed as in prediction: image scores (B,), maps (B, S, S)."""
+        with torch.inference_mode():
+            distances, theta = self.scorer_.aligned_distances(images.to(self.runtime.torch_device))
+            left_out = left_out_distances(distances, self.gaussians_.count)
+            return self._postprocess(PatchScores(self.scorer_.alignment.to_input_frame(left_out, theta)))
 
     def _mapped(self, data: torch.Tensor, function: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[torch.Tensor]:
         """``function`` of ``data`` (N, ...) in batches of the runtime's size, on its device, in
@@ -582,6 +691,9 @@ class Fyd(Padim):
             **fitted,
             "image_alignment_losses_": self.image_alignment_losses_,
             "feature_alignment_losses_": self.feature_alignment_losses_,
+            "image_alignment_validation_": self.image_alignment_validation_,
+            "feature_alignment_validation_": self.feature_alignment_validation_,
+            "alignment_epochs_": self.alignment_epochs_,
         }
         if self.scorer_.alignment is not None:
             alignment = self.scorer_.alignment.state_dict()
@@ -601,6 +713,9 @@ class Fyd(Padim):
             raise RuntimeError("alignment weights in a model fitted with align=False")
         self.image_alignment_losses_ = list(fitted["image_alignment_losses_"])
         self.feature_alignment_losses_ = list(fitted["feature_alignment_losses_"])
+        self.image_alignment_validation_ = list(fitted["image_alignment_validation_"])
+        self.feature_alignment_validation_ = list(fitted["feature_alignment_validation_"])
+        self.alignment_epochs_ = list(fitted["alignment_epochs_"])
 
 
 def _cache_images(feature_batches: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -613,6 +728,11 @@ def _cache_images(feature_batches: Iterable[torch.Tensor]) -> torch.Tensor:
     if not batches:
         raise FlawmapError("no valid training image left: every image was skipped")
     return torch.cat(batches)
+
+
+def _stacked(images: list[np.ndarray], shape: torch.Size) -> torch.Tensor:
+    """Decoded uint8 images (3, S, S each) -> one tensor (N, 3, S, S); (0, *shape) for none."""
+    return torch.from_numpy(np.stack(images)) if images else torch.empty(0, *shape, dtype=torch.uint8)
 
 
 def _check_stage_order(backbone: Backbone, taps: tuple[str, ...]) -> None:
