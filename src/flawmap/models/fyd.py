@@ -572,7 +572,7 @@ class Fyd(Padim):
             )
         super()._learn(self._projected(first_levels))
 
-    def _train_image_alignment(self, images: torch.Tensor, validation: Callable[[], float] | None) -> Selected:
+    def _train_image_alignment(self, images: torch.Tensor, validation: Callable[[], torch.Tensor] | None) -> Selected:
         """Stage 1: the image transformer, with L_ICA, on uint8 images (N, 3, S, S)."""
         alignment = self.scorer_.alignment
         device = self.runtime.torch_device
@@ -585,7 +585,9 @@ class Fyd(Padim):
             validation,
         )
 
-    def _train_feature_alignment(self, first_levels: torch.Tensor, validation: Callable[[], float] | None) -> Selected:
+    def _train_feature_alignment(
+        self, first_levels: torch.Tensor, validation: Callable[[], torch.Tensor] | None
+    ) -> Selected:
         """Stage 2: the feature transformers and the projector, with a predictor head (then
         dropped), with L_NC, on the cached first-tap maps (N, C_0, h, w) of the ICA-aligned
         training images; the later stages run in every step (frozen, gradients pass through)."""
@@ -610,16 +612,25 @@ class Fyd(Padim):
         loss: Callable[[list[torch.Tensor], torch.Generator], torch.Tensor],
         seed: int,
         stage: str,
-        validation: Callable[[], float] | None,
+        validation: Callable[[], torch.Tensor] | None,
     ) -> Selected:
-        """Train one stage with the shared loop for ``epochs``; with a ``validation`` criterion
-        (lower is better), keep the weights of its best epoch, the untrained ones (epoch 0)
-        included. Returns the training losses, the criterion before training and after every
-        epoch (empty without one) and the kept epoch."""
+        """Train one stage with the shared loop for ``epochs``. With a ``validation`` criterion
+        (per held-out image, lower is better), keep the epoch of lowest mean criterion if it beats
+        the untrained stage by more than one standard error (over the held-out images) of that
+        mean, else the untrained weights (epoch 0): the one-standard-error rule. Returns the
+        training losses, the mean criterion before training and after every epoch (empty
+        without one) and the kept epoch."""
         initial = {name: tensor.detach().clone() for name, tensor in network.state_dict().items()}
+        per_image: list[torch.Tensor] = []
+
+        def criterion() -> float:
+            per_image.append(validation())
+            return per_image[-1].mean().item()
+
         network.eval()
-        with torch.no_grad():
-            untrained = [] if validation is None else [float(validation())]
+        if validation is not None:
+            with torch.no_grad():
+                criterion()
         history = train(
             network,
             [data],
@@ -629,16 +640,18 @@ class Fyd(Padim):
             learning_rate=self.learning_rate,
             seed=seed,
             selection="last" if validation is None else "validation_loss",
-            validation_loss=validation,
+            validation_loss=None if validation is None else criterion,
             progress=f"fyd: {stage} alignment" if self.runtime.progress else None,
         )
-        criterion = untrained + history.validation_losses
         if validation is None:
-            return Selected(history.losses, criterion, self.epochs)
-        kept = min(range(len(criterion)), key=criterion.__getitem__)  # ties keep the earlier epoch
-        if kept == 0:
+            return Selected(history.losses, [], self.epochs)
+        means = [distances.mean().item() for distances in per_image]
+        best = history.selected_epoch + 1
+        standard_error = (per_image[best].std() / math.sqrt(per_image[best].numel())).item()  # nan for one image
+        if not means[best] < means[0] - standard_error:
             network.load_state_dict(initial)
-        return Selected(history.losses, criterion, kept)
+            return Selected(history.losses, means, 0)
+        return Selected(history.losses, means, best)
 
     def _first_levels(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images (N, 3, S, S) -> the first tap's maps (N, C_0, h, w) of the ICA-aligned images."""
@@ -648,16 +661,16 @@ class Fyd(Padim):
         """First-tap maps (N, C_0, h, w) -> batches of the features the Gaussians model (b, d, h, w)."""
         return self._mapped(first_levels, lambda batch: self.scorer_.aligned_features(batch).projected)
 
-    def _validation_distance(self, first_levels: torch.Tensor, held_levels: torch.Tensor) -> float:
-        """The model-selection criterion: the mean Mahalanobis distance, over positions and images,
-        of the held-out images' projected features (from their first-tap maps ``held_levels``) to
-        the Gaussians (``epsilon`` as fitted) of the training images' (``first_levels``)."""
+    def _validation_distance(self, first_levels: torch.Tensor, held_levels: torch.Tensor) -> torch.Tensor:
+        """The model-selection criterion: each held-out image's mean Mahalanobis distance, over
+        positions, of its projected features (from its first-tap map, ``held_levels``) to the
+        Gaussians (``epsilon`` as fitted) of the training images' (``first_levels``), (n_held,)."""
         gaussians = GaussianAccumulator()
         for batch in self._projected(first_levels):
             gaussians.add(flatten_positions(batch))
         inverse_covariances = regularised_inverse(gaussians.covariance(), self.epsilon)
         held = torch.cat([flatten_positions(batch) for batch in self._projected(held_levels)])
-        return mahalanobis_distances(held, gaussians.mean(), inverse_covariances).mean().item()
+        return mahalanobis_distances(held, gaussians.mean(), inverse_covariances).mean(dim=1)
 
     def _rescore_held_out(self, new_images: list[np.ndarray]) -> None:
         """The Gaussians take this fit's held-out images in (the networks never learn from them);
