@@ -173,7 +173,7 @@ def test_calibration_holds_normal_images_out(monkeypatch):
             left_out = mahalanobis_distances(query, gaussians.mean(), inverse).float().view_as(distances)
             expected.append(model._postprocess(PatchScores(scorer.alignment.to_input_frame(left_out, theta)))[0][0])
     in_sample, _ = model.score_images(held.float() / 255.0)
-    np.testing.assert_allclose(model.calibration_scores_, expected, rtol=1e-2)  # float32 scorer
+    np.testing.assert_allclose(model.calibration_scores_, expected, rtol=0.03)  # float32 scorer, d > N
     assert (np.asarray(model.calibration_scores_) > 1.5 * in_sample).all()
 
 
