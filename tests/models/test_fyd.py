@@ -175,6 +175,13 @@ def test_calibration_holds_normal_images_out(monkeypatch):
     in_sample, _ = model.score_images(held.float() / 255.0)
     np.testing.assert_allclose(model.calibration_scores_, expected, rtol=0.03)  # float32 scorer, d > N
     assert (np.asarray(model.calibration_scores_) > 1.5 * in_sample).all()
+    # partial_fit keeps the networks; every image reaches the Gaussians, every held-out image is rescored
+    weights = {name: t.clone() for name, t in scorer.alignment.state_dict().items()}
+    model.partial_fit(shifted_disks(6, seed=3))
+    assert len(trained_on) == 2 and model.gaussians_.count == 14
+    assert model.n_train_images_ + model.calibration_images_.shape[0] == 14
+    assert len(model.calibration_scores_) == model.calibration_images_.shape[0]
+    assert all(torch.equal(t, weights[name]) for name, t in scorer.alignment.state_dict().items())
 
 
 def test_fyd_models_of_format_6_load_or_fail_in_one_line(aligned_model, tmp_path):
