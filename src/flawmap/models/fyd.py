@@ -120,18 +120,32 @@ and the epochs the two stages kept (image, feature; 0 = untrained):
 
 | category | PaDiM | FYD (default: 3 epochs, selected) | FYD ``--no-align`` |
 |---|---|---|---|
-| bottle | 0.9793 / 0.9110, 1.000, 21 s | 0.9794 / 0.9110, 1.000, 125 s; kept BOTTLE_EPOCHS | 0.9793 / 0.9110, 1.000, 30 s |
+| bottle | 0.9793 / 0.9110, 1.000, 21 s | 0.9794 / 0.9110, 1.000, 125 s; kept 0, 0 | 0.9793 / 0.9110, 1.000, 30 s |
 | screw | 0.9641 / 0.8684, 0.483, 6 s | 0.9642 / 0.8684, 0.485, 37 s; kept 0, 0 | 0.9641 / 0.8684, 0.483, 8 s |
 | capsules | 0.9530 / 0.6296, 0.638, 6 s | 0.9473 / 0.5765, 0.595, 46 s; kept 3, 2 | 0.9530 / 0.6296, 0.638, 7 s |
 | mean | 0.9655 / 0.8030, 0.707 | 0.9636 / 0.7853, 0.693 | 0.9655 / 0.8030, 0.707 |
 
-SEED1_TEXT
+With ``random_state=1`` (another channel selection and hold-out: 19 / 7 / 5 held-out images;
+fit and evaluated in one process per row with the benchmark's settings, PaDiM's rows are PaDiM's
+code unchanged):
 
-Where both stages keep epoch 0 (screw), FYD is PaDiM up to float rounding (the identity warps
+| category | PaDiM | FYD (default, selected) |
+|---|---|---|
+| bottle | 0.9812 / 0.9169, 1.000 | 0.9813 / 0.9169, 1.000; kept 0, 0 |
+| screw | 0.9646 / 0.8705, 0.446 | 0.9664 / 0.8762, 0.459; kept 0, 1 |
+| capsules | 0.9491 / 0.6222, 0.563 | 0.9459 / 0.6186, 0.562; kept 3, 1 |
+| mean | 0.9650 / 0.8032, 0.670 | 0.9645 / 0.8039, 0.674 |
+
+Bottle keeps no training with either seed (its criterion moves by under 1%), so FYD is PaDiM
+there: the former default's 0.003 gain on bottle was within the 0.002 run-to-run spread of
+trained bottle models noted below and is no longer claimed. With the second seed, the feature
+stage's first epoch is kept on screw and gains 0.0018 / 0.0057 over PaDiM.
+
+Where both stages keep epoch 0 (screw with the first seed, bottle), FYD is PaDiM up to float rounding (the identity warps
 are bilinear resamplings), as it should be: the selection found no alignment that clearly brings
 unseen normal screws closer to the training distributions. On capsules the criterion falls with
 training (216.5 untrained, 211.6 after 3 image-alignment epochs, 197.5 after 2 of the feature
-stage; one standard error is about 2) and FYD keeps it, yet localisation gets worse: the
+stage, each gain beyond one standard error over the 5 held-out images) and FYD keeps it, yet localisation gets worse: the
 criterion rewards what also hides defects (module docstring above), and per-image warps of a
 multi-instance image blur it. Measured in PaDiM's fixed channel selection of the aligned
 features instead of the projection, it kept the same epochs on screw and capsules, so the
