@@ -149,9 +149,9 @@ def test_calibration_holds_normal_images_out(monkeypatch):
     held = model.calibration_images_
     n_held, n_trained = held.shape[0], model.n_train_images_
     assert n_held >= 1 and n_trained + n_held == 8 and model.gaussians_.count == 8
-    given = {np.ascontiguousarray(image.transpose(2, 0, 1)).tobytes() for image in images}
+    keys = [np.ascontiguousarray(image.transpose(2, 0, 1)).tobytes() for image in images]  # as held (3 x S x S)
     held_bytes = {image.numpy().tobytes() for image in held}
-    assert held_bytes <= given
+    assert held_bytes <= set(keys)
     image_data, level_data = trained_on  # the image transformer's images; the first-tap maps
     assert image_data.shape[0] == n_trained and level_data.shape[0] == n_trained
     assert not held_bytes & {image.numpy().tobytes() for image in image_data}
@@ -161,15 +161,14 @@ def test_calibration_holds_normal_images_out(monkeypatch):
     everything = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
     with torch.no_grad():
         features = flatten_positions(scorer.aligned_features(scorer.first_level(everything)[0]).projected)
-        order = [bytes_ for bytes_ in (np.ascontiguousarray(i.transpose(2, 0, 1)).tobytes() for i in images)]
         expected = []
         for image in held:
-            others = [k for k, key in enumerate(order) if key != image.numpy().tobytes()]
+            others = [k for k, key in enumerate(keys) if key != image.numpy().tobytes()]
             gaussians = GaussianAccumulator()
             gaussians.add(features[others])
             inverse = regularised_inverse(gaussians.covariance(), model.epsilon * 7 / 6)
             distances, theta = scorer.aligned_distances(image[None].float() / 255.0)
-            query = flatten_positions(scorer.aligned_features(scorer.first_level(image[None].float() / 255.0)[0]).projected)
+            query = features[[keys.index(image.numpy().tobytes())]]
             left_out = mahalanobis_distances(query, gaussians.mean(), inverse).float().view_as(distances)
             expected.append(model._postprocess(PatchScores(scorer.alignment.to_input_frame(left_out, theta)))[0][0])
     in_sample, _ = model.score_images(held.float() / 255.0)
@@ -182,6 +181,27 @@ def test_calibration_holds_normal_images_out(monkeypatch):
     assert model.n_train_images_ + model.calibration_images_.shape[0] == 14
     assert len(model.calibration_scores_) == model.calibration_images_.shape[0]
     assert all(torch.equal(t, weights[name]) for name, t in scorer.alignment.state_dict().items())
+
+
+@pytest.mark.parametrize("direction", [1.0, -1.0])
+def test_each_stage_keeps_the_epoch_its_held_out_criterion_selects(monkeypatch, direction):
+    """A criterion that grows with training keeps both stages untrained (PaDiM's features); one
+    that falls keeps the last epoch."""
+    calls = []
+
+    def criterion(self, first_levels, held_levels):
+        calls.append(None)
+        return torch.full((3,), direction * len(calls))  # per held-out image; no spread
+
+    monkeypatch.setattr(Fyd, "_validation_distance", criterion)
+    model = quick_fyd(epochs=2).fit(shifted_disks(8))
+    assert len(calls) == 6 and len(model.image_alignment_validation_) == 3
+    untrained = model._new_scorer(create_backbone(model.backbone), model.taps_).alignment.state_dict()
+    unchanged = [torch.equal(t, untrained[name]) for name, t in model.scorer_.alignment.state_dict().items()]
+    if direction > 0:
+        assert model.alignment_epochs_ == [0, 0] and all(unchanged)
+    else:
+        assert model.alignment_epochs_ == [2, 2] and not all(unchanged)
 
 
 def test_fyd_models_of_format_6_load_or_fail_in_one_line(aligned_model, tmp_path):
