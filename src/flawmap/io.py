@@ -44,13 +44,14 @@ from flawmap._version import __version__
 from flawmap.errors import FlawmapError
 
 FORMAT_NAME = "flawmap-model"
-FORMAT_VERSION = 7  # 3: out-of-sample calibration records (calibration_, map maxima and medians); 4: tiling parameters; 5: SFR subspaces; 6: SFR affine; 7: MKD scored taps
+FORMAT_VERSION = 7  # 3: out-of-sample calibration records (calibration_, map maxima and medians); 4: tiling parameters; 5: SFR subspaces; 6: SFR affine; 7: MKD scored taps, FYD projector and chained FCA, students' patch teacher
 CONFIG_FILE = "config.json"
 #: Format versions this flawmap reads. Configs of an older version lack the hyper-parameters
 #: added since, which then take their defaults (defaults that keep the old behaviour: version 3
 #: predates tiling and the faiss searches, version 4 SFR's reconstruction, n_subspaces, subspace_dim),
 #: or the value a method's ``former_params`` names (version 5 predates SFR's affine term, 0 then;
 #: version 6 MKD's ``scored_taps`` and ``smoothgrad_samples``, whose defaults keep its behaviour).
+#: An aligned FYD model of version 6 or before (no projector) cannot be read: it is to be refitted.
 READABLE_VERSIONS = (3, 4, 5, 6, FORMAT_VERSION)
 #: Top-level keys every model config has besides the format fields.
 MODEL_KEYS = ("method", "params", "fitted", "files")

@@ -183,6 +183,21 @@ def test_features_follow_tap_order():
     assert torch.equal(reversed_maps[0], layer3) and torch.equal(reversed_maps[1], layer2)
 
 
+def test_features_continue_from_a_stage_and_later_stages_read_the_hooked_map():
+    model = random_backbone("efficientnet_lite0")
+    images = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        stage3, stage5 = model.features(images, ("stage3", "stage5"))
+        (continued,) = model.features_after(stage3, "stage3", ["stage5"])
+        hooked = model.features_after(stage3, "stage3", ["stage4", "stage5"], lambda position, x: x.flip(-1))
+        (stage4,) = model.features_after(stage3, "stage3", ["stage4"])
+        (from_flipped,) = model.features_after(stage4.flip(-1), "stage4", ["stage5"])
+    torch.testing.assert_close(continued, stage5)
+    torch.testing.assert_close(hooked[1], from_flipped.flip(-1))
+    with pytest.raises(ValueError, match="come after stage 'stage5'"):
+        model.features_after(stage5, "stage5", ["stage3"])
+
+
 @pytest.mark.parametrize("taps", [["stage3", "layer9"], [], "stage3"])
 def test_bad_taps_raise_and_list_choices(taps):
     model = random_backbone("efficientnet_lite0")

@@ -18,6 +18,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from flawmap.errors import FlawmapError
 from flawmap.registry import Registry
 
+#: ``(position of the tap in the requested taps, its map) -> the map the next stage reads``.
+TapHook = Callable[[int, Tensor], Tensor]
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -148,15 +151,29 @@ class Backbone(nn.Module):
         tap with ``C_l = tap_info(taps)[l].channels`` and ``H_l = ceil(H / stride_l)`` (likewise
         ``W_l``). Stages after the deepest requested one are not computed.
         """
-        self.tap_info(taps)
-        wanted = set(taps)
+        return self.features_after(self._stem(self._prepare(images)), None, taps)
+
+    def features_after(
+        self, x: Tensor, stage: str | None, taps: Sequence[str], between: TapHook | None = None
+    ) -> list[Tensor]:
+        """:meth:`features` continued from ``x``, the output of ``stage`` (None: of the stem).
+
+        Every tap must come after ``stage``. ``between(l, map)``, when given, replaces the map of
+        ``taps[l]`` as it is tapped: the next stage reads what it returns, and so does the result
+        (FYD's chained feature alignment).
+        """
+        self.tap_info(taps if stage is None else [*taps, stage])
+        first = 0 if stage is None else self._stage_index[stage] + 1
+        if min(self._stage_index[tap] for tap in taps) < first:
+            raise ValueError(f"taps {list(taps)} do not all come after stage {stage!r}")
+        position = {tap: index for index, tap in reversed(list(enumerate(taps)))}
         last = max(self._stage_index[tap] for tap in taps)
-        x = self._stem(self._prepare(images))
         found: dict[str, Tensor] = {}
-        for index in range(last + 1):
+        for index in range(first, last + 1):
             x = self._stage(index, x)
             name = self.feature_info[index].name
-            if name in wanted:
+            if name in position:
+                x = x if between is None else between(position[name], x)
                 found[name] = x
         return [found[tap] for tap in taps]
 

@@ -38,7 +38,9 @@ One mechanism serves every method, through one more hook:
 - Methods without it (trained networks) hold out a share ``calibration_fraction`` of the normal
   images, chosen by a hash of each image's identity (so the same images are held out whether
   they arrive in one fit or several); the held-out images of every fit are kept in the model
-  (``uint8``, at the network size) and all of them are scored again after every fit.
+  (``uint8``, at the network size) and all of them are scored again after every fit
+  (``_held_out_scores``: as in prediction, unless the method's density model took them in too
+  and scores them leave-one-out, as FYD's Gaussians do).
 
 ``calibration_images_`` are those held-out images, or for cross-fitted methods the first
 :data:`KEPT_CROSS_FIT_IMAGES` training images (kept for checks such as the export parity test).
@@ -539,8 +541,14 @@ class AnomalyModel(Predictor):
         self.calibration_scores_, self.calibration_map_maxima_, self.calibration_map_medians_ = [], [], []
         for start in range(0, self.calibration_images_.shape[0], self.runtime.batch_size):
             images = self.calibration_images_[start : start + self.runtime.batch_size].float().div_(255.0)
-            image_scores, maps = self.score_images(images)
+            image_scores, maps = self._held_out_scores(images)
             self._add_normal_scores(map(_normal_summary, image_scores.tolist(), maps))
+
+    def _held_out_scores(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Held-out images (B, 3, S, S) in [0, 1] -> image scores (B,) and smoothed maps (B, S, S),
+        float32 numpy: the fitted model's scores, as in prediction. A method whose density model
+        also took the held-out images in (FYD) scores them leave-one-out here instead."""
+        return self.score_images(images)
 
     def _score_held_out_whole(self, samples: list[Sample | np.ndarray], skip_invalid: bool) -> None:
         """Tiled models: add the whole-image scores of this fit's held-out images (tiled and
