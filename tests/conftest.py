@@ -69,8 +69,8 @@ def mvtec_bottle() -> Path:
 BOTTLE_TRAIN = 8
 #: Parity runs: the first BOTTLE_TEST_PER_TYPE test images of every type (good and each defect).
 BOTTLE_TEST_PER_TYPE = 1
-#: Batch of the graph for methods that cannot export a dynamic batch.
-FIXED_EXPORT_BATCH = {"spade": 4}
+#: Batch of the graph for methods that cannot export a dynamic batch (``traits.export_batch``).
+FIXED_EXPORT_BATCH = 4
 
 
 @pytest.fixture(scope="session")
@@ -95,7 +95,7 @@ def bottle_export(mvtec_bottle, tmp_path_factory):
             params = {**METHODS.get(method).quick_params, "image_size": 256}
             model = create_model(method, **params).set_runtime(batch_size=4, num_workers=1).fit(train)
             model_dir = model.save(folder / "model")
-            batch = FIXED_EXPORT_BATCH.get(method, "dynamic")
+            batch = FIXED_EXPORT_BATCH if METHODS.get(method).traits.export_batch == "fixed" else "dynamic"
             cache[method] = model_dir, export_onnx(model_dir, folder / f"{method}.onnx", batch=batch)
         return cache[method]
 

@@ -9,7 +9,6 @@ import onnx
 import pytest
 
 import flawmap
-from conftest import FIXED_EXPORT_BATCH
 from flawmap import io
 from flawmap.errors import FlawmapError
 from flawmap.export import export_onnx
@@ -38,7 +37,7 @@ def test_parity_on_bottle(method, bottle_export, bottle_test_images):
     assert_parity(exported, reference, bottle_test_images, batch_size=4)
 
 
-@pytest.mark.parametrize("method", [method for method in ALL_METHODS if method not in FIXED_EXPORT_BATCH])
+@pytest.mark.parametrize("method", [method for method in ALL_METHODS if METHODS.get(method).traits.export_batch == "dynamic"])
 def test_dynamic_batch_results_do_not_depend_on_the_batch(method, bottle_export, bottle_test_images):
     exported = flawmap.load(bottle_export(method)[1], num_workers=1)
     assert exported.fixed_batch is None

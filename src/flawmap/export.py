@@ -11,9 +11,9 @@ over the vectors its index stores (faiss-ivfpq keeps them for its exact re-rank)
 computes the exact neighbours the approximate index only estimates.
 
 The exporter is ``torch.export`` (non-strict) and ``torch.onnx``'s dynamo translation, in float32.
-A dynamic batch dimension is asked of ``torch.export`` as ``Dim.DYNAMIC``, which fails loudly if
-the scorer fixes the batch size while tracing (SPADE searches each image's own gallery in a loop
-over the batch): such methods export with a fixed ``batch`` only.
+A dynamic batch dimension is asked of ``torch.export`` as ``Dim.DYNAMIC``; a method whose scorer
+fixes the batch size while tracing (SPADE searches each image's own gallery in a loop over the
+batch) declares ``traits.export_batch = "fixed"`` and exports with a fixed ``batch`` only.
 
 Before anything is written the graph is run with onnxruntime on the model's held-out calibration
 images and compared with the torch model (maps within :data:`MAP_TOLERANCE` of the maps' range,
@@ -135,6 +135,11 @@ def export_onnx(
     reason = model.scorer_.export_error()
     if reason is not None:
         raise FlawmapError(f"{model_dir}: {reason}")
+    if batch == "dynamic" and model.traits.export_batch == "fixed":
+        raise FlawmapError(
+            f"{model.method} cannot be exported with a dynamic batch: its scorer's code depends on the batch size "
+            "(tracing fixes it); export it with a fixed batch, e.g. --batch 1"
+        )
     exact_torch_searches(model.scorer_)  # a faiss bank exports as an exact search over its stored vectors
     graph = ExportGraph(model.scorer_, model.postprocessor(), input_dtype == "uint8").eval()
     proto = _to_onnx(graph, model, batch, opset)
@@ -210,15 +215,7 @@ def _to_onnx(graph: ExportGraph, model: AnomalyModel, batch: int | str, opset: i
     dynamic_shapes = {"images": {0: torch.export.Dim("batch", min=1)}} if batch == "dynamic" else None
     with torch.no_grad(), _quiet_exporter():
         graph(example)  # builds the post-processor's operators from real tensors: constants of the graph
-        try:
-            exported = torch.export.export(graph, (example,), dynamic_shapes=dynamic_shapes, strict=False)
-        except torch._dynamo.exc.UserError:
-            if batch != "dynamic":
-                raise
-            raise FlawmapError(
-                f"{model.method} cannot be exported with a dynamic batch: its scorer's code depends on the batch "
-                "size (tracing fixes it); export it with a fixed batch, e.g. --batch 1"
-            ) from None
+        exported = torch.export.export(graph, (example,), dynamic_shapes=dynamic_shapes, strict=False)
         program = torch.onnx.export(
             exported, dynamo=True, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
             opset_version=opset, external_data=False, verbose=False,

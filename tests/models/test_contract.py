@@ -14,6 +14,7 @@ from conftest import assert_same_predictions
 from flawmap.data import open_dataset
 from flawmap.errors import FlawmapError
 from flawmap.models import METHODS, AnomalyModel, PatchCore, PatchScores, Scorer, create_model, load_model
+from flawmap.models.base import MethodTraits
 
 ALL_METHODS = METHODS.names()
 
@@ -24,7 +25,7 @@ def quick_model(method: str) -> AnomalyModel:
 
 def n_held_out(model: AnomalyModel) -> int:
     """Normal images the model did not learn from (cross-fitted methods hold none out)."""
-    return 0 if model.cross_fits else model.calibration_images_.shape[0]
+    return 0 if model.traits.cross_fits else model.calibration_images_.shape[0]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ def test_fit_returns_self_and_sets_fitted_state(method, tiny_dataset):
     assert model.fit(tiny_dataset) is model
     assert model.is_fitted() and isinstance(model.scorer_, Scorer)
     assert model.n_fits_ == 1 and model.n_train_images_ + n_held_out(model) == 12
-    assert len(model.calibration_scores_) == (12 if model.cross_fits else n_held_out(model))
+    assert len(model.calibration_scores_) == (12 if model.traits.cross_fits else n_held_out(model))
     assert model.calibration_.n_scores == len(model.calibration_scores_) and model.calibration_.threshold == model.threshold_
 
 
@@ -147,7 +148,7 @@ def test_bad_parameters_are_rejected_clearly(method, tiny_dataset):
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_partial_fit_as_declared(method, fitted, tiny_dataset, test_images, tmp_path):
     model = fitted(method)
-    if not model.supports_partial_fit:
+    if model.traits.partial_fit == "none":
         with pytest.raises(FlawmapError, match="cannot learn from more images"):
             model.partial_fit(tiny_dataset)
         return
@@ -156,15 +157,34 @@ def test_partial_fit_as_declared(method, fitted, tiny_dataset, test_images, tmp_
     assert updated.partial_fit(train[6:]) is updated
     assert updated.n_fits_ == 2
     assert updated.n_train_images_ + n_held_out(updated) == 12
-    assert len(updated.calibration_scores_) == (12 if updated.cross_fits else n_held_out(updated))
+    assert len(updated.calibration_scores_) == (12 if updated.traits.cross_fits else n_held_out(updated))
     assert all(np.isfinite(prediction.score) for prediction in updated.predict(test_images))
     reloaded = load_model(updated.save(tmp_path / "updated"), batch_size=4, num_workers=1)
     assert_same_predictions(updated, reloaded, test_images, rel=1e-6)
 
 
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_traits_match_what_the_method_does(method, fitted):
+    """Each method declares its traits, and they are true of its fitted model: it trains
+    networks exactly when it says so, and calibrates as declared."""
+    traits = METHODS.get(method).traits
+    assert isinstance(traits, MethodTraits)
+    model = fitted(method)
+    trained_parameters = sum(p.numel() for p in model.scorer_.parameters() if p.requires_grad)
+    assert (trained_parameters > 0) == traits.trains_on_fit_images
+    assert model._cross_fitted() == traits.cross_fits
+
+
+def test_a_method_that_trains_on_its_fit_images_cannot_cross_fit():
+    with pytest.raises(FlawmapError, match="cannot cross-fit"):
+        MethodTraits(cross_fits=True, trains_on_fit_images=True)
+    with pytest.raises(FlawmapError, match="partial_fit must be one of"):
+        MethodTraits(partial_fit="sometimes")
+
+
 def test_a_method_that_declares_no_partial_fit_says_so(tiny_model):
     class FrozenPatchCore(PatchCore):
-        supports_partial_fit = False
+        traits = MethodTraits(cross_fits=True, partial_fit="none")
 
     frozen = FrozenPatchCore(**tiny_model.get_params())
     frozen.__dict__.update({name: value for name, value in vars(tiny_model).items() if name.endswith("_")})
@@ -186,7 +206,7 @@ def test_calibration_scores_are_out_of_sample(method, fitted, tiny_dataset):
     """The threshold's normal scores are not in-sample: a cross-fitted training image scores at
     least as high left out as when the model scores it with its own contribution."""
     model = fitted(method)
-    if not model.cross_fits:
+    if not model.traits.cross_fits:
         assert model.calibration_images_.shape[0] >= 1 and len(model.calibration_scores_) == model.calibration_images_.shape[0]
         return
     train = list(open_dataset(tiny_dataset).train)
@@ -204,7 +224,7 @@ def test_skip_invalid_never_aborts_because_the_held_out_images_were_skipped(tiny
     from flawmap.models.base import _uniform_hash
 
     class HeldOutPatchCore(PatchCore):
-        cross_fits = False
+        traits = MethodTraits(partial_fit="approximate")
 
     dataset = shutil.copytree(tiny_dataset, tmp_path / "data")
     model = HeldOutPatchCore(image_size=64, coreset_fraction=0.25).set_runtime(batch_size=4, num_workers=1)

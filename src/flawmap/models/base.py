@@ -26,7 +26,7 @@ The threshold is calibrated on out-of-sample scores of normal images (:mod:`flaw
 so ``is_anomalous`` needs no defect images and flags about ``false_alarm_rate`` of normal ones.
 One mechanism serves every method, through one more hook:
 
-- ``_left_out_scores(features, image_ids)``: for methods that set ``cross_fits = True``, the
+- ``_left_out_scores(features, image_ids)``: for methods whose traits cross-fit, the
   scores of embedded *training* images by the fitted model without what it learned from each of
   them (leave one image out: a memory bank without that image's rows, Gaussians without its
   moments). Training images are numbered 0, 1, ... in the order their features reach
@@ -106,6 +106,46 @@ class PatchScores(NamedTuple):
 
     patch_scores: torch.Tensor
     image_scores: torch.Tensor | None = None
+
+
+PARTIAL_FITS = ("exact", "approximate", "fine-tune", "none")
+"""What ``partial_fit`` means for a method (:attr:`MethodTraits.partial_fit`)."""
+EXPORT_BATCHES = ("dynamic", "fixed")
+"""How a method's scorer exports (:attr:`MethodTraits.export_batch`)."""
+
+
+@dataclass(frozen=True)
+class MethodTraits:
+    """What a method can do, declared once per method (``traits``), in the spirit of
+    scikit-learn's estimator tags: the estimator and the contract tests read this one record.
+
+    Attributes
+    ----------
+    cross_fits : bool
+        Calibration scores each training image leave-one-out (``_left_out_scores``); otherwise
+        ``calibration_fraction`` of the normal images is held out.
+    trains_on_fit_images : bool
+        A network is trained on the fit images. Such a method must not cross-fit: its networks
+        have seen every image that leave-one-out would score.
+    partial_fit : {"exact", "approximate", "fine-tune", "none"}
+        ``partial_fit`` gives the model of one fit on all images (up to float rounding); or a
+        model that keeps a summary of the earlier images (a coreset, a pool), close to one fit;
+        or networks trained further on the new images only (the earlier ones can be forgotten);
+        or a fitted model cannot learn more.
+    export_batch : {"dynamic", "fixed"}
+        Whether the ONNX graph takes any batch size or the one it was exported with.
+    """
+
+    cross_fits: bool = False
+    trains_on_fit_images: bool = False
+    partial_fit: str = "exact"
+    export_batch: str = "dynamic"
+
+    def __post_init__(self) -> None:
+        if self.cross_fits and self.trains_on_fit_images:
+            raise FlawmapError("a method that trains on its fit images cannot cross-fit (its networks saw every image)")
+        if self.partial_fit not in PARTIAL_FITS or self.export_batch not in EXPORT_BATCHES:
+            raise FlawmapError(f"partial_fit must be one of {PARTIAL_FITS} and export_batch one of {EXPORT_BATCHES}")
 
 
 class Scorer(nn.Module):
@@ -193,7 +233,7 @@ class AnomalyModel(Predictor):
         Gaussian smoothing of the anomaly map, in input pixels.
     calibration_fraction : float
         Share of the normal training images held out to calibrate the threshold, for methods
-        that cannot cross-fit (``cross_fits`` False); cross-fitted methods hold nothing out.
+        that cannot cross-fit (``traits.cross_fits`` False); cross-fitted methods hold nothing out.
     false_alarm_rate : float
         Target share of normal images flagged as anomalous by the threshold, in (0, 1).
     random_state : int
@@ -206,11 +246,8 @@ class AnomalyModel(Predictor):
     """
 
     method: ClassVar[str] = ""
-    #: Whether a fitted model can learn from more images (``partial_fit``).
-    supports_partial_fit: ClassVar[bool] = True
-    #: Whether the method scores its training images leave-one-out (``_left_out_scores``);
-    #: otherwise it holds out ``calibration_fraction`` of them for the threshold.
-    cross_fits: ClassVar[bool] = False
+    #: What the method can do (:class:`MethodTraits`), declared once per method.
+    traits: ClassVar[MethodTraits] = MethodTraits()
     #: Small hyper-parameters for a fast smoke fit at 64 px (tests and examples).
     quick_params: ClassVar[dict[str, Any]] = {}
     #: Named hyper-parameter sets (``flawmap fit --preset NAME``), e.g. a paper's configuration.
@@ -264,7 +301,7 @@ class AnomalyModel(Predictor):
         ones, or every held-out image is scored again).
         """
         first = not self.is_fitted()
-        if not first and not self.supports_partial_fit:
+        if not first and self.traits.partial_fit == "none":
             raise FlawmapError(f"method {self.method!r} cannot learn from more images; fit a new model on all of them")
         self._validate_params()
         samples = training_samples(images)
@@ -412,7 +449,7 @@ class AnomalyModel(Predictor):
     def _left_out_scores(self, features: Any, image_ids: torch.Tensor) -> PatchScores:
         """Scores of embedded training images (B of them, numbered ``image_ids`` (B,) as in
         ``_learn``) by the fitted model without what it learned from each one; methods that set
-        ``cross_fits`` implement it."""
+        ``traits.cross_fits`` implement it."""
         raise NotImplementedError
 
     def to_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -579,7 +616,7 @@ class AnomalyModel(Predictor):
 
     def _cross_fitted(self) -> bool:
         """Whether fits calibrate on leave-one-out scores of the training images (module docstring)."""
-        return self.cross_fits and self.tile_size is None
+        return self.traits.cross_fits and self.tile_size is None
 
     def _check_is_fitted(self) -> None:
         if not self.is_fitted():

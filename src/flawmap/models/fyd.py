@@ -212,7 +212,7 @@ from flawmap.backbones import Backbone
 from flawmap.data import Sample
 from flawmap.errors import FlawmapError
 from flawmap.features import flatten_positions, fuse_levels
-from flawmap.models.base import PatchScores, register_method
+from flawmap.models.base import MethodTraits, PatchScores, register_method
 from flawmap.models.padim import (
     GaussianAccumulator, Padim, PadimScorer, left_out_distances, mahalanobis_distances, regularised_inverse,
 )
@@ -569,7 +569,9 @@ class Fyd(Padim):
     """
 
     quick_params = {"image_size": 64, "n_features": 24, "epochs": 1, "train_batch_size": 4}
-    cross_fits = False  # the aligned model holds images out; align=False cross-fits as PaDiM does
+    # the networks learn from the fit images, so the aligned model holds images out; align=False
+    # (exactly PaDiM, no network) cross-fits as PaDiM does (_cross_fitted)
+    traits = MethodTraits(trains_on_fit_images=True, partial_fit="approximate")
 
     align: bool = True
     epochs: int = 3

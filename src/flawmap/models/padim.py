@@ -39,7 +39,7 @@ import torch
 from flawmap.backbones import Backbone
 from flawmap.errors import FlawmapError
 from flawmap.features import flatten_positions, fuse_levels
-from flawmap.models.base import AnomalyModel, PatchScores, Scorer, register_method
+from flawmap.models.base import AnomalyModel, MethodTraits, PatchScores, Scorer, register_method
 
 
 class GaussianAccumulator:
@@ -204,7 +204,7 @@ class Padim(AnomalyModel):
     """
 
     quick_params = {"image_size": 64, "n_features": 24}
-    cross_fits = True
+    traits = MethodTraits(cross_fits=True, partial_fit="exact")
 
     n_features: int = 100
     epsilon: float = 0.01

@@ -32,7 +32,7 @@ from flawmap.backbones import Backbone
 from flawmap.coreset import StreamingCoreset
 from flawmap.errors import FlawmapError
 from flawmap.features import flatten_patches, locally_aware_patches
-from flawmap.models.base import PatchScores, Scorer, check_positive_odd, register_method
+from flawmap.models.base import MethodTraits, PatchScores, Scorer, check_positive_odd, register_method
 from flawmap.models.memory_bank import MemoryBankModel
 from flawmap.search import SearchIndex, all_vectors, search_from_state, search_state
 
@@ -117,7 +117,7 @@ class PatchCore(MemoryBankModel):
     """
 
     quick_params = {"image_size": 64, "coreset_fraction": 0.25}
-    cross_fits = True
+    traits = MethodTraits(cross_fits=True, partial_fit="approximate")
 
     coreset_fraction: float = 0.1
     neighborhood_size: int = 3

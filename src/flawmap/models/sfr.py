@@ -91,7 +91,7 @@ from flawmap.backbones import Backbone
 from flawmap.coreset import StreamingCoreset, StreamingRandomSample
 from flawmap.errors import FlawmapError
 from flawmap.features import flatten_patches, locally_aware_patches
-from flawmap.models.base import PatchScores, Scorer, check_positive_odd, register_method
+from flawmap.models.base import MethodTraits, PatchScores, Scorer, check_positive_odd, register_method
 from flawmap.models.memory_bank import MemoryBankModel
 from flawmap.search import SearchIndex, all_vectors, build_search, row_chunks, search_from_state, search_state
 
@@ -241,7 +241,7 @@ class SFR(MemoryBankModel):
     """
 
     quick_params = {"image_size": 64, "bank_fraction": 0.25}
-    cross_fits = True
+    traits = MethodTraits(cross_fits=True, partial_fit="approximate")
     former_params = {6: {"affine": 0.0}}  # format 5 and before: linear subspaces
 
     bank_fraction: float = 0.025

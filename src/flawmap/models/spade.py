@@ -33,7 +33,7 @@ import torch
 from flawmap.backbones import Backbone
 from flawmap.errors import FlawmapError
 from flawmap.features import flatten_patches, fuse_levels
-from flawmap.models.base import PatchScores, Scorer, register_method
+from flawmap.models.base import MethodTraits, PatchScores, Scorer, register_method
 from flawmap.models.memory_bank import MemoryBankModel
 from flawmap.search import SearchIndex, all_vectors, build_search, search_from_state, search_state
 
@@ -131,7 +131,7 @@ class Spade(MemoryBankModel):
     """
 
     quick_params = {"image_size": 64, "image_neighbors": 3}
-    cross_fits = True
+    traits = MethodTraits(cross_fits=True, partial_fit="exact", export_batch="fixed")
 
     image_neighbors: int = 50
     patch_neighbors: int = 1

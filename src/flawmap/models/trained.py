@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from flawmap.errors import FlawmapError
-from flawmap.models.base import AnomalyModel
+from flawmap.models.base import AnomalyModel, MethodTraits
 from flawmap.prediction import ImageInput
 from flawmap.training import Batch, cache_batches, fit_checkpoint, train
 
@@ -60,6 +60,8 @@ class TrainedModel(AnomalyModel):
     train_losses_ : list of float
         Mean training loss of every epoch of every fit so far.
     """
+
+    traits = MethodTraits(trains_on_fit_images=True, partial_fit="fine-tune")
 
     epochs: int = 20
     train_batch_size: int = 8
