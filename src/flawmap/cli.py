@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from flawmap._version import __version__
-from flawmap.calibration import check_false_alarm_rate
+from flawmap.calibration import MIN_CALIBRATION_IMAGES, check_false_alarm_rate
 from flawmap.data.datasets import output_names
 from flawmap.errors import FlawmapError
 from flawmap.loading import RUNTIMES, load, missing_torch_error
@@ -112,8 +112,21 @@ def _add_torch_commands(commands) -> None:
     calibrate = _command(
         commands, "calibrate", "re-calibrate a model's threshold on new good images, without refitting", run_calibrate
     )
-    calibrate.add_argument("model", type=Path, metavar="MODEL_DIR", help="updated in place")
-    calibrate.add_argument("good", nargs="+", type=Path, metavar="GOOD_DIR", help="folders or files of normal images")
+    calibrate.add_argument("model", type=Path, metavar="MODEL_DIR", help="updated in place unless --out is given")
+    calibrate.add_argument(
+        "good", nargs="*", type=Path, metavar="GOOD_DIR",
+        help=f"folders or files of at least {MIN_CALIBRATION_IMAGES} normal images the model never learned from",
+    )
+    calibrate.add_argument("--out", type=Path, metavar="MODEL_DIR", help="write the re-calibrated model here instead (MODEL_DIR is left as it is)")
+    calibrate.add_argument("--force", action="store_true", help="replace the model already in --out")
+    calibrate.add_argument(
+        "--restore", action="store_true",
+        help="instead of calibrating: put back the calibration the last `calibrate` replaced (`info` lists them)",
+    )
+    calibrate.add_argument(
+        "--allow-training-images", action="store_true",
+        help="accept the model's own training images (their scores are in-sample: the threshold comes out too low); `info` says so",
+    )
     calibrate.add_argument(
         "--false-alarm-rate", type=float, default=None, metavar="R",
         help="target share of normal images flagged, in (0, 1) (default: the model's)",
@@ -407,6 +420,12 @@ def describe_model(model: AnomalyModel) -> dict[str, Any]:
         "pixel_threshold_interval_90": list(pixel.threshold_interval),
         "expected_images_with_regions_range": list(pixel.false_alarm_rate_interval),
         "overlay_scale": [model.map_low_, model.map_high_],
+        "n_distinct_normal_images": calibration.n_scores,
+        "n_training_digests": None if model.train_digests_ is None else len(model.train_digests_),
+        "calibration_history": [
+            {"threshold": state["threshold_"], "false_alarm_rate": state["false_alarm_rate"], "calibration": state["calibration_"]["source"]}
+            for state in model.calibration_history_
+        ],
     }
 
 
@@ -427,21 +446,53 @@ def format_description(description: dict[str, Any]) -> str:
         f"{description['n_normal_scores']} normal scores",
         f"pixel threshold: {description['pixel_threshold']:.6g} (90% interval {pixel_low:.6g} .. {pixel_high:.6g}): "
         f"good images with any region expected {regions_low:.3g} .. {regions_high:.3g}",
+        f"the threshold rests on {description['n_distinct_normal_images']} distinct normal images",
+        "training images: " + (
+            "no content digests recorded (saved by an older flawmap): calibrate cannot refuse them"
+            if description["n_training_digests"] is None
+            else f"{description['n_training_digests']} content digests recorded; calibrate refuses them"
+        ),
+        *_history_lines(description["calibration_history"]),
     ])
 
 
+def _history_lines(history: list[dict[str, Any]]) -> list[str]:
+    """``info``'s lines on the earlier calibrations, the most recent first."""
+    if not history:
+        return ["earlier calibrations: none"]
+    lines = [f"earlier calibrations ({len(history)}, `flawmap calibrate MODEL_DIR --restore` puts back the first):"]
+    for state in reversed(history):
+        lines.append(f"  threshold {state['threshold']:.6g} at false-alarm rate {state['false_alarm_rate']:g}: {state['calibration']}")
+    return lines
+
+
 def run_calibrate(args: argparse.Namespace) -> None:
+    if args.restore == bool(args.good):
+        raise FlawmapError("give GOOD_DIR (images to calibrate on) or --restore, not both" if args.restore else
+                           "give GOOD_DIR: folders or files of good images to calibrate on (or --restore)")
+    if args.restore and (args.false_alarm_rate is not None or args.allow_training_images):
+        raise FlawmapError("--restore takes no --false-alarm-rate or --allow-training-images: it puts back a saved calibration")
     if args.false_alarm_rate is not None:
         check_false_alarm_rate(args.false_alarm_rate)
-    check_writable(args.model, folder=True)
+    out = args.model if args.out is None else args.out
+    if args.out is not None and (args.out / "config.json").is_file() and not args.force and args.out != args.model:
+        raise FlawmapError(f"{args.out}: already holds a model; give --force to replace it")
+    check_writable(out, folder=True)
     model = load_model(args.model, **dataclasses.asdict(_runtime(args)))
-    good = args.good[0] if len(args.good) == 1 else args.good
-    model.calibrate(good, false_alarm_rate=args.false_alarm_rate, skip_invalid=args.skip_invalid)
-    model.save(args.model)
+    if args.restore:
+        model.restore_calibration()
+    else:
+        good = args.good[0] if len(args.good) == 1 else args.good
+        model.calibrate(
+            good, false_alarm_rate=args.false_alarm_rate, skip_invalid=args.skip_invalid,
+            allow_training_images=args.allow_training_images,
+        )
+    model.save(out)
     calibration = model.calibration_
     print(
-        f"calibrated {args.model}: threshold {calibration.threshold:.4f} for a false-alarm rate of "
-        f"{calibration.false_alarm_rate:g} ({calibration.estimator} quantile of {calibration.n_scores} normal images)"
+        f"{'restored' if args.restore else 'calibrated'} {out}: threshold {calibration.threshold:.4f} for a false-alarm rate of "
+        f"{calibration.false_alarm_rate:g} ({calibration.estimator} quantile of {calibration.n_scores} normal images; "
+        f"{len(model.calibration_history_)} earlier calibration(s) kept, `flawmap calibrate {out} --restore` puts the last back)"
     )
 
 

@@ -18,7 +18,7 @@ the new record, complete. Model directories and training checkpoints are both re
 
 A model directory is a record whose document is ``config.json``::
 
-    {"format": "flawmap-model", "format_version": 6, "flawmap_version": ...,
+    {"format": "flawmap-model", "format_version": 8, "flawmap_version": ...,
      "method": ..., "params": {...}, "fitted": {...}, "saved_with": {...}, "files": {...}}
 
 ``saved_with`` says where the model was fitted (device, torch version), for information only:
@@ -44,13 +44,15 @@ from flawmap._version import __version__
 from flawmap.errors import FlawmapError
 
 FORMAT_NAME = "flawmap-model"
-FORMAT_VERSION = 6  # 3: out-of-sample calibration records (calibration_, map maxima and medians); 4: tiling parameters; 5: SFR subspaces; 6: SFR affine
+FORMAT_VERSION = 8  # 3: out-of-sample calibration records (calibration_, map maxima and medians); 4: tiling parameters; 5: SFR subspaces; 6: SFR affine; 8: training-image digests and calibration history
 CONFIG_FILE = "config.json"
 #: Format versions this flawmap reads. Configs of an older version lack the hyper-parameters
 #: added since, which then take their defaults (defaults that keep the old behaviour: version 3
 #: predates tiling and the faiss searches, version 4 SFR's reconstruction, n_subspaces, subspace_dim),
-#: or the value a method's ``former_params`` names (version 5 predates SFR's affine term, 0 then).
-READABLE_VERSIONS = (3, 4, 5, FORMAT_VERSION)
+#: or the value a method's ``former_params`` names (version 5 predates SFR's affine term, 0 then);
+#: fitted values added since (version 8: training-image digests, calibration history) load as
+#: unrecorded (``flawmap.models.base.FORMER_FITTED``).
+READABLE_VERSIONS = (3, 4, 5, 6, FORMAT_VERSION)
 #: Top-level keys every model config has besides the format fields.
 MODEL_KEYS = ("method", "params", "fitted", "files")
 
