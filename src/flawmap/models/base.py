@@ -732,7 +732,21 @@ def load_model(directory: str | Path, **runtime_settings: Any) -> AnomalyModel:
         model.from_state(fitted, io.read_tensor_file(files["model"]))
     except (KeyError, RuntimeError, ValueError, IndexError, FlawmapError) as error:
         raise FlawmapError(f"{files['model']}: tensors do not match the {config['method']} configuration ({error})") from None
-    return model.set_runtime()
+    model.set_runtime()
+    _check_scorer_runs(model, config_path)
+    return model
+
+
+def _check_scorer_runs(model: AnomalyModel, config_path: Path) -> None:
+    """Score one blank image: a config whose backbone or taps were edited loads (the backbone
+    exists, the taps too) but embeds features of another size than the saved tensors."""
+    try:
+        model.score_images(torch.zeros(1, 3, model.image_size, model.image_size))
+    except RuntimeError as error:
+        reason = str(error).splitlines()[0]
+        raise FlawmapError(
+            f"{config_path}: its backbone and taps do not fit the saved tensors (was it edited? fit the model again): {reason}"
+        ) from None
 
 
 #: JSON types of the fitted values every model saves (``_fitted_scalars``).
