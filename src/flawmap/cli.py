@@ -701,7 +701,7 @@ def _add_serve_command(commands) -> None:
     from flawmap.serve import ServeSettings
 
     defaults = ServeSettings()
-    serve = _command(commands, "serve", "answer HTTP prediction requests (micro-batched; docs at /docs)", run_serve)
+    serve = _command(commands, "serve", "answer HTTP prediction requests (micro-batched; API description at /openapi.json)", run_serve)
     serve.add_argument("model", type=Path, metavar="MODEL", help="a model directory, or an exported .onnx file")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8080, help="default 8080")
@@ -716,17 +716,22 @@ def _add_serve_command(commands) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> None:
-    from flawmap.serve import ServeSettings, load_served_model, serve
+    from flawmap.serve import ServeSettings, bind_socket, create_app, load_served_model, serve
 
     settings = ServeSettings(
         max_batch=args.max_batch, max_queue=args.max_queue, max_upload_mb=args.max_upload_mb, max_wait_ms=args.max_wait_ms
     )
-    served = load_served_model(args.model, args.runtime, device=args.device, precision=args.precision, batch_size=settings.max_batch)
-    print(
-        f"serving {served.model.method} model {args.model} ({served.runtime}) at http://{args.host}:{args.port}/v1/predict "
-        f"(docs: /docs); Ctrl+C stops", flush=True,
-    )
-    serve(served, settings, host=args.host, port=args.port, log_level=args.log_level)
+    sock = bind_socket(args.host, args.port)
+    try:
+        served = load_served_model(args.model, args.runtime, device=args.device, precision=args.precision, batch_size=settings.max_batch)
+        app = create_app(served, settings)
+        print(
+            f"serving {served.model.method} model {args.model} ({served.runtime}) at http://{args.host}:{sock.getsockname()[1]}"
+            "/v1/predict (API description: /openapi.json); Ctrl+C stops", flush=True,
+        )
+        serve(app, settings, sock, log_level=args.log_level)
+    finally:
+        sock.close()
 
 
 # ---------------------------------------------------------------- report

@@ -21,7 +21,7 @@ from PIL import Image
 
 from flawmap import postprocess
 from flawmap.data import Batch, Dataset, Sample, iter_batches, samples_from_paths
-from flawmap.data.loader import DecodedImage, iter_images, pil_to_array
+from flawmap.data.loader import DecodedImage, check_image_side, iter_images, pil_to_array
 from flawmap.regions import Region, find_regions
 from flawmap.runtime import Runtime
 from flawmap.tiling import Tiling
@@ -123,6 +123,11 @@ class Predictor:
 
     def _check_is_fitted(self) -> None:
         """Raise FlawmapError unless the model can score (an exported model always can)."""
+
+    def check_image(self, image: np.ndarray, name: str) -> None:
+        """FlawmapError naming ``name`` if the image (H x W x C) is too small for this model, as
+        decoding for a prediction would find (cheap: for a server to refuse it before batching)."""
+        check_image_side(image.shape[:2], None if self.tiling() is not None else self.image_size, name)
 
     def _scored(
         self, samples: Sequence[Sample | np.ndarray], skip_invalid: bool, what: str, load_masks: bool = False
