@@ -24,12 +24,14 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from flawmap import io
 from flawmap._version import __version__
 from flawmap.calibration import MIN_CALIBRATION_IMAGES, check_false_alarm_rate
 from flawmap.data.datasets import output_names
 from flawmap.errors import FlawmapError
 from flawmap.loading import RUNTIMES, load, missing_torch_error
 from flawmap.onnx_model import INPUT_DTYPES, STORAGE_PRECISIONS
+from flawmap.outputs import check_replaceable, check_writable, is_listed_output, set_umask_mode
 from flawmap.runtime import PRECISIONS, Runtime
 
 try:
@@ -140,6 +142,7 @@ def _add_torch_commands(commands) -> None:
         "--out", type=Path, metavar="FILE",
         help="the .onnx file to write (default MODEL_DIR/model.onnx, which --runtime onnx runs)",
     )
+    export.add_argument("--force", action="store_true", help="replace --out even if it is not a graph flawmap exported")
     export.add_argument("--opset", type=int, default=None, metavar="INT", help="ONNX opset, at least 18 (default: the exporter's)")
     export.add_argument(
         "--batch", type=_parse_batch, default="dynamic", metavar="dynamic|INT",
@@ -196,6 +199,7 @@ def _add_prediction_commands(commands) -> None:
         "--out", required=True, type=Path, metavar="DIR",
         help="overlays and scores.jsonl go here (replaced as a whole when the run succeeds)",
     )
+    predict.add_argument("--force", action="store_true", help="replace --out (and --report) even if they hold files flawmap did not write")
     predict.add_argument("--skip-invalid", action="store_true", help="skip unreadable images with a warning")
     predict.add_argument("--recursive", action="store_true", help="also take images in subfolders of IMAGE_OR_DIR")
     predict.add_argument(
@@ -362,7 +366,7 @@ def run_fit(args: argparse.Namespace) -> None:
         raise FlawmapError("give --out MODEL_DIR (where to save the model), or --update MODEL_DIR")
     if args.out is not None and args.out != args.update and (args.out / "config.json").is_file() and not args.force:
         raise FlawmapError(f"{args.out}: already holds a model; give --force to replace it, or --update {args.out} to add to it")
-    check_writable(out, folder=True)
+    io.check_model_target(out)
     if args.update is not None:
         model = _update(args, data)
     else:
@@ -477,7 +481,7 @@ def run_calibrate(args: argparse.Namespace) -> None:
     out = args.model if args.out is None else args.out
     if args.out is not None and (args.out / "config.json").is_file() and not args.force and args.out != args.model:
         raise FlawmapError(f"{args.out}: already holds a model; give --force to replace it")
-    check_writable(out, folder=True)
+    io.check_model_target(out)
     model = load_model(args.model, **dataclasses.asdict(_runtime(args)))
     if args.restore:
         model.restore_calibration()
@@ -499,9 +503,11 @@ def run_calibrate(args: argparse.Namespace) -> None:
 def run_evaluate(args: argparse.Namespace) -> None:
     from flawmap.evaluate import evaluate
 
-    for path, folder in ((args.json, False), (args.maps_dir, True), (args.report, True)):
+    for path, folder in ((args.json, False), (args.maps_dir, True)):
         if path is not None and path != Path("-"):
             check_writable(path, folder=folder)
+    if args.report is not None:
+        check_report_target(args.report)
     model = load(args.model, runtime=args.runtime, **dataclasses.asdict(_runtime(args)))
     result = evaluate(model, args.data, maps_dir=args.maps_dir)
     print(format_metrics(result), file=sys.stderr if args.json == Path("-") else sys.stdout)
@@ -517,8 +523,8 @@ def run_predict(args: argparse.Namespace) -> None:
     from flawmap.report import write_overlay
 
     if args.report is not None:
-        check_writable(args.report, folder=True)
-    staging = _staging_folder(args.out)
+        check_report_target(args.report, force=args.force)
+    staging = _staging_folder(args.out, force=args.force)
     try:
         model = load(args.model, runtime=args.runtime, **dataclasses.asdict(_runtime(args)))
         if args.threshold is not None:
@@ -543,37 +549,23 @@ def run_predict(args: argparse.Namespace) -> None:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    print(f"scored {n_scored} images, {n_anomalous} anomalous; overlays and scores.jsonl in {args.out}")
+    print(f"scored {_count(n_scored, 'image')}, {n_anomalous} anomalous; overlays and scores.jsonl in {args.out}")
     if args.report is not None:
-        _write_report(model, samples, args.report, skip_invalid=args.skip_invalid)
+        _write_report(model, samples, args.report, skip_invalid=args.skip_invalid, force=args.force)
 
 
-def check_writable(path: Path, *, folder: bool) -> None:
-    """Fail now, before any long work, if ``path`` (a folder or a file to create or replace)
-    cannot be written: its nearest existing ancestor must be a writable folder."""
-    existing = Path(os.path.abspath(path))
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if existing == Path(os.path.abspath(path)):
-        if folder != existing.is_dir():
-            raise FlawmapError(f"{path}: exists and is {'a file, not a folder' if folder else 'a folder, not a file'}")
-        existing = existing if folder else existing.parent
-    elif not existing.is_dir():
-        raise FlawmapError(f"{path}: cannot be created ({existing} is a file, not a folder)")
-    try:
-        tempfile.TemporaryFile(dir=existing).close()
-    except OSError as error:
-        raise FlawmapError(f"{path}: cannot write there ({error.strerror or error})") from None
-
-
-def _staging_folder(out: Path) -> Path:
+def _staging_folder(out: Path, *, force: bool) -> Path:
     """A new temporary sibling of ``out`` to write predictions into (``out`` is replaced by it
-    at the end); refuses an ``out`` that holds anything but an earlier prediction output."""
-    check_writable(out, folder=True)
-    if out.is_dir() and any(out.iterdir()) and not (out / "scores.jsonl").is_file():
-        raise FlawmapError(f"{out}: exists and is not an earlier predict output (no scores.jsonl); refusing to replace it")
+    at the end); refuses, unless ``force``, an ``out`` that holds anything but an earlier
+    prediction output (files its scores.jsonl does not list included)."""
+    check_replaceable(
+        out, folder=True, force=force, ours=lambda folder: is_listed_output(folder, "scores.jsonl", "overlay"),
+        what="an earlier predict output (only scores.jsonl and the overlays it lists)",
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    set_umask_mode(staging, folder=True)
+    return staging
 
 
 def _replace_folder(new: Path, target: Path) -> None:
@@ -603,7 +595,8 @@ def run_export(args: argparse.Namespace) -> None:
     from flawmap.export import export_onnx
 
     out = export_onnx(
-        args.model, args.out, opset=args.opset, batch=args.batch, precision=args.precision, input_dtype=args.input_dtype
+        args.model, args.out, opset=args.opset, batch=args.batch, precision=args.precision, input_dtype=args.input_dtype,
+        force=args.force,
     )
     print(
         f"exported {args.model} to {out} ({out.stat().st_size / 2**20:.1f} MiB, batch {args.batch}, "
@@ -677,6 +670,11 @@ def _method_params(specs: list[str]) -> dict[str, dict[str, Any]]:
     return params
 
 
+def _count(n: int, noun: str) -> str:
+    """``1 image``, ``2 images``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def format_metrics(result: dict[str, float]) -> str:
     """One ``name: value`` line per metric."""
     return "\n".join(f"{key:>22}: {_cell(value)}" for key, value in result.items())
@@ -741,6 +739,7 @@ def _add_report_command(commands) -> None:
     report.add_argument("model", type=Path, metavar="MODEL", help="a model directory, or an exported .onnx file")
     report.add_argument("data", type=Path, metavar="DATA_DIR", help="a dataset (its labelled test split) or a folder of images")
     report.add_argument("--out", required=True, type=Path, metavar="DIR", help="DIR/index.html and its pictures go here")
+    report.add_argument("--force", action="store_true", help="replace DIR/index.html even if flawmap did not write it")
     _add_runtime_choice(report)
     _add_runtime_flags(report)
 
@@ -748,9 +747,16 @@ def _add_report_command(commands) -> None:
 def run_report(args: argparse.Namespace) -> None:
     from flawmap.data import open_dataset, samples_from_paths
 
+    check_report_target(args.out, force=args.force)
     model = load(args.model, runtime=args.runtime, **dataclasses.asdict(_runtime(args)))
     dataset = open_dataset(args.data)
-    _write_report(model, dataset if dataset.test else samples_from_paths([args.data]), args.out)
+    _write_report(model, dataset if dataset.test else samples_from_paths([args.data]), args.out, force=args.force)
+
+
+def check_report_target(out: Path, *, force: bool = False) -> None:
+    from flawmap.html_report import check_report_target
+
+    check_report_target(out, force=force)
 
 
 def _write_report(model: Any, data: Any, out: Path, **options: Any) -> Path:
@@ -772,6 +778,7 @@ def _add_score_command(commands) -> None:
         help="image files, folders (searched recursively), or .txt files listing one image or folder per line",
     )
     score.add_argument("--out", required=True, type=Path, metavar="RESULTS.parquet", help="one row per image (replaced when the run succeeds)")
+    score.add_argument("--force", action="store_true", help="replace --out even if it is not a results table flawmap wrote")
     score.add_argument("--engine", default="local", choices=("local", "ray"), help="this process (default), or Ray Data tasks and model actors")
     score.add_argument("--maps-dir", type=Path, metavar="DIR", help="also save each anomaly map as DIR/<name>.npy (float32, the image's size)")
     _add_runtime_choice(score)
@@ -793,15 +800,12 @@ def run_score(args: argparse.Namespace) -> None:
     given = {name: value for name, value in ray_flags.items() if value is not None}
     if given and args.engine != "ray":
         raise FlawmapError(f"{_flag(next(iter(given)))} applies to --engine ray only")
-    check_writable(args.out, folder=False)
-    if args.maps_dir is not None:
-        check_writable(args.maps_dir, folder=True)
     summary = score_files(
         args.model, args.inputs, args.out, engine=args.engine, model_runtime=args.runtime, runtime=_runtime(args),
-        maps_dir=args.maps_dir, cluster=RaySettings(**given),
+        maps_dir=args.maps_dir, cluster=RaySettings(**given), force=args.force,
     )
     print(
-        f"scored {summary.n_images} images ({summary.n_anomalous} anomalous, {summary.n_errors} errors) "
+        f"scored {_count(summary.n_images, 'image')} ({summary.n_anomalous} anomalous, {_count(summary.n_errors, 'error')}) "
         f"into {summary.out}" + (f"; maps in {args.maps_dir}" if args.maps_dir is not None else "")
     )
 

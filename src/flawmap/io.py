@@ -71,12 +71,21 @@ def save_model_directory(directory: str | Path, document: dict[str, Any], groups
     anything but a flawmap model.
     """
     target = Path(directory)
-    if target.exists() and not (target / CONFIG_FILE).is_file():
-        if not target.is_dir() or any(target.iterdir()):
-            raise FlawmapError(f"{target}: exists and is not a flawmap model directory; refusing to overwrite it")
+    check_model_target(target)
     header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "flawmap_version": __version__}
     write_record(target, CONFIG_FILE, {**header, **document}, groups)
     return target
+
+
+def check_model_target(directory: Path) -> None:
+    """FlawmapError unless ``directory`` can receive a model: absent, an empty folder or a model
+    directory (:mod:`flawmap.outputs`: checked before a fit, not after it)."""
+    from flawmap.outputs import check_writable
+
+    if directory.exists() and not (directory / CONFIG_FILE).is_file():
+        if not directory.is_dir() or any(directory.iterdir()):
+            raise FlawmapError(f"{directory}: exists and is not a flawmap model directory; refusing to overwrite it")
+    check_writable(directory, folder=True)
 
 
 def read_model_directory(directory: str | Path) -> tuple[dict[str, Any], dict[str, Path]]:
@@ -271,9 +280,13 @@ def read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def write_atomically(path: Path, payload: bytes) -> None:
-    """Write ``payload`` to a temporary sibling, flush it to disk, then rename it onto ``path``."""
+    """Write ``payload`` to a temporary sibling, flush it to disk, then rename it onto ``path``
+    (with the mode the umask gives new files, :mod:`flawmap.outputs`)."""
+    from flawmap.outputs import set_umask_mode
+
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        set_umask_mode(Path(temporary), folder=False)
         with os.fdopen(handle, "wb") as stream:
             stream.write(payload)
             stream.flush()
