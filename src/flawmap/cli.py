@@ -49,13 +49,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     # image decoding refuses such images with an error of its own; Pillow's warning would repeat it
     warnings.filterwarnings("ignore", message=".*decompression bomb", module="PIL")
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown and args.handler not in _NEEDS_TORCH.values():
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
+        args, unknown = parser.parse_known_args(argv)
+        if unknown and args.handler not in _NEEDS_TORCH.values():
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         return args.handler(args) or 0
     except FlawmapError as error:
         print(f"flawmap: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as error:  # the file system refused (full disk, permissions changed mid-run): one line too
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"flawmap: error: {where}{error.strerror or error}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("flawmap: interrupted", file=sys.stderr)
@@ -71,8 +75,18 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"{chr(10) if bar_drawn else ''}flawmap: warning: {message}\n"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with flawmap's one error line (``flawmap: error: fit: argument --x: ...``, exit 2)
+    instead of a usage block and a second error format."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        command = self.prog.removeprefix("flawmap").strip()
+        where = f"{command}: " if command else ""
+        raise FlawmapError(f"{where}{' '.join(message.split())} (see: {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flawmap", description="Unsupervised visual anomaly detection.")
+    parser = _Parser(prog="flawmap", description="Unsupervised visual anomaly detection.")
     parser.add_argument("--version", action="version", version=f"flawmap {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     if METHODS is None:
@@ -399,6 +413,8 @@ def _update(args: argparse.Namespace, data: Any) -> AnomalyModel:
 
 
 def run_info(args: argparse.Namespace) -> None:
+    if args.json not in (None, Path("-")):
+        check_writable(args.json, folder=False)
     description = describe_model(load_model(args.model))
     if args.json != Path("-"):
         print(format_description(description))
@@ -528,7 +544,7 @@ def run_predict(args: argparse.Namespace) -> None:
     try:
         model = load(args.model, runtime=args.runtime, **dataclasses.asdict(_runtime(args)))
         if args.threshold is not None:
-            model.threshold_ = args.threshold
+            model.set_threshold(args.threshold)
         samples = samples_from_paths(args.images, recursive=args.recursive)
         names = output_names([sample.image_path for sample in samples])
         name_of = {id(sample): name for sample, name in zip(samples, names)}
@@ -607,6 +623,7 @@ def run_export(args: argparse.Namespace) -> None:
 def run_demo_data(args: argparse.Namespace) -> None:
     from flawmap.data import make_demo_data
 
+    check_writable(args.out, folder=True)
     folders = make_demo_data(args.out)
     print("wrote demo categories: " + ", ".join(str(folder) for folder in folders))
 
@@ -616,6 +633,7 @@ def run_demo(args: argparse.Namespace) -> None:
     from flawmap.evaluate import evaluate
     from flawmap.report import write_overlay
 
+    check_writable(args.out, folder=True)
     rows = []
     data_root = args.out / "data"
     folders = sorted(data_root.iterdir()) if data_root.is_dir() else make_demo_data(data_root)

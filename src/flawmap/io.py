@@ -91,6 +91,9 @@ def check_model_target(directory: Path) -> None:
 def read_model_directory(directory: str | Path) -> tuple[dict[str, Any], dict[str, Path]]:
     """The validated ``config.json`` of a model directory and its tensor files by group."""
     source = Path(directory)
+    if source.is_file():
+        hint = "an exported model, which runs with predict, evaluate, score, report and serve" if source.suffix == ".onnx" else "not a model"
+        raise FlawmapError(f"{source}: is a file ({hint}); this needs a model directory (`flawmap fit --out DIR`)")
     if not source.is_dir():
         raise FlawmapError(f"{source}: model directory not found")
     config_path = source / CONFIG_FILE
