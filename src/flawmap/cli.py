@@ -26,18 +26,46 @@ from typing import Any, Callable, Sequence
 
 from flawmap import io
 from flawmap._version import __version__
-from flawmap.calibration import MIN_CALIBRATION_IMAGES, check_false_alarm_rate
-from flawmap.data.datasets import output_names
 from flawmap.errors import FlawmapError
-from flawmap.loading import RUNTIMES, load, missing_torch_error
-from flawmap.onnx_model import INPUT_DTYPES, STORAGE_PRECISIONS
 from flawmap.outputs import check_replaceable, check_writable, is_listed_output, set_umask_mode
-from flawmap.runtime import PRECISIONS, Runtime
 
-try:
-    from flawmap.models import METHODS, AnomalyModel, create_model, load_model
-except ImportError as import_error:  # the torch-free install: the commands that need torch say so when run
-    METHODS, _TORCH_IMPORT_ERROR = None, import_error
+if typing.TYPE_CHECKING:
+    from flawmap.models import AnomalyModel
+
+#: What each command does (its help line; the list of commands needs nothing else).
+COMMAND_HELP = {
+    "fit": "learn normality from good images and save a model",
+    "evaluate": "compute metrics of a model on a dataset's test split",
+    "predict": "score images and write heat-map overlays",
+    "info": "describe a saved model: method, parameters, threshold and its calibration",
+    "calibrate": "re-calibrate a model's threshold on new good images, without refitting",
+    "export": "write a fitted model as one ONNX graph (images -> maps, scores)",
+    "demo": "make demo data, fit, evaluate and draw overlays",
+    "demo-data": "write the built-in demo dataset (MVTec layout)",
+    "benchmark": "fit and evaluate methods on datasets, one fresh process each",
+    "serve": "answer HTTP prediction requests (micro-batched; API description at /openapi.json)",
+    "report": "score a dataset's test images and write an HTML report",
+    "score": "score many images into one Parquet table, here or on a Ray cluster",
+}
+
+
+def _import_commands() -> None:
+    """Import what the commands and their flags need (numpy, Pillow, SciPy, and torch where it is
+    installed: seconds), as module globals; listing the commands (``flawmap --help``,
+    ``--version``) needs none of it."""
+    global MIN_CALIBRATION_IMAGES, check_false_alarm_rate, output_names, RUNTIMES, load, missing_torch_error
+    global INPUT_DTYPES, STORAGE_PRECISIONS, PRECISIONS, Runtime, METHODS, create_model, load_model, _TORCH_IMPORT_ERROR
+    from flawmap.calibration import MIN_CALIBRATION_IMAGES, check_false_alarm_rate
+    from flawmap.data.datasets import output_names
+    from flawmap.loading import RUNTIMES, load, missing_torch_error
+    from flawmap.onnx_model import INPUT_DTYPES, STORAGE_PRECISIONS
+    from flawmap.runtime import PRECISIONS, Runtime
+
+    try:
+        from flawmap.models import METHODS, create_model, load_model
+    except ImportError as import_error:  # the torch-free install: the commands that need torch say so when run
+        METHODS, _TORCH_IMPORT_ERROR = None, import_error
+
 
 #: Fields the CLI sets itself (``random_state`` from ``--seed``): no flags.
 _DEDICATED_FIELDS = {"random_state"}
@@ -48,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.formatwarning = _one_line_warning
     # image decoding refuses such images with an error of its own; Pillow's warning would repeat it
     warnings.filterwarnings("ignore", message=".*decompression bomb", module="PIL")
-    parser = build_parser()
+    parser = build_parser(commands=_command_in(sys.argv[1:] if argv is None else argv))
     try:
         args, unknown = parser.parse_known_args(argv)
         if unknown and args.handler not in _NEEDS_TORCH.values():
@@ -85,10 +113,27 @@ class _Parser(argparse.ArgumentParser):
         raise FlawmapError(f"{where}{' '.join(message.split())} (see: {self.prog} --help)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_in(argv: Sequence[str]) -> bool:
+    """Whether ``argv`` names a command (the top level has no option that takes a value)."""
+    return any(not str(arg).startswith("-") for arg in argv)
+
+
+def build_parser(commands: bool = True) -> argparse.ArgumentParser:
+    """The ``flawmap`` parser; with ``commands=False`` the commands without their flags (enough
+    for ``--help``, ``--version`` and a missing command, and fast: nothing heavy is imported)."""
     parser = _Parser(prog="flawmap", description="Unsupervised visual anomaly detection.")
     parser.add_argument("--version", action="version", version=f"flawmap {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    if not commands:
+        for name in COMMAND_HELP:
+            _command(subparsers, name, None)
+        return parser
+    _import_commands()
+    _add_commands(subparsers)
+    return parser
+
+
+def _add_commands(commands) -> None:
     if METHODS is None:
         _add_runtime_only_commands(commands)
     else:
@@ -96,12 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_command(commands)
     _add_report_command(commands)
     _add_score_command(commands)
-    return parser
 
 
 def _add_torch_commands(commands) -> None:
     """Every command, with its flags (method hyper-parameters included)."""
-    fit = _command(commands, "fit", "learn normality from good images and save a model", run_fit)
+    fit = _command(commands, "fit", run_fit)
     fit.add_argument("data", nargs="+", type=Path, metavar="DATA_DIR", help="dataset or image folder(s); several train one model")
     fit.add_argument("--method", default=None, help=f"one of: {', '.join(METHODS.names())} (default patchcore)")
     fit.add_argument("--out", type=Path, metavar="MODEL_DIR", help="where to save the model (default with --update: that model)")
@@ -121,13 +165,11 @@ def _add_torch_commands(commands) -> None:
 
     _add_prediction_commands(commands)
 
-    info = _command(commands, "info", "describe a saved model: method, parameters, threshold and its calibration", run_info)
+    info = _command(commands, "info", run_info)
     info.add_argument("model", type=Path, metavar="MODEL_DIR")
     info.add_argument("--json", type=Path, metavar="FILE", help="also write the description as JSON ('-': stdout only)")
 
-    calibrate = _command(
-        commands, "calibrate", "re-calibrate a model's threshold on new good images, without refitting", run_calibrate
-    )
+    calibrate = _command(commands, "calibrate", run_calibrate)
     calibrate.add_argument("model", type=Path, metavar="MODEL_DIR", help="updated in place unless --out is given")
     calibrate.add_argument(
         "good", nargs="*", type=Path, metavar="GOOD_DIR",
@@ -150,7 +192,7 @@ def _add_torch_commands(commands) -> None:
     calibrate.add_argument("--skip-invalid", action="store_true", help="skip unreadable images with a warning")
     _add_runtime_flags(calibrate)
 
-    export = _command(commands, "export", "write a fitted model as one ONNX graph (images -> maps, scores)", run_export)
+    export = _command(commands, "export", run_export)
     export.add_argument("model", type=Path, metavar="MODEL_DIR")
     export.add_argument(
         "--out", type=Path, metavar="FILE",
@@ -171,15 +213,15 @@ def _add_torch_commands(commands) -> None:
         help="graph input: float32 RGB in [0, 1] (default) or uint8 RGB in [0, 255]",
     )
 
-    demo = _command(commands, "demo", "make demo data, fit, evaluate and draw overlays", run_demo)
+    demo = _command(commands, "demo", run_demo)
     demo.add_argument("--out", type=Path, default=Path("flawmap-demo"), metavar="DIR", help="default ./flawmap-demo")
     demo.add_argument("--method", default="patchcore", help=f"one of: {', '.join(METHODS.names())}")
     _add_runtime_flags(demo)
 
-    demo_data = _command(commands, "demo-data", "write the built-in demo dataset (MVTec layout)", run_demo_data)
+    demo_data = _command(commands, "demo-data", run_demo_data)
     demo_data.add_argument("out", type=Path, metavar="OUT_DIR")
 
-    bench = _command(commands, "benchmark", "fit and evaluate methods on datasets, one fresh process each", run_benchmark)
+    bench = _command(commands, "benchmark", run_benchmark)
     bench.add_argument("data", nargs="+", type=Path, metavar="DATA_DIR", help="MVTec-layout dataset folder(s)")
     bench.add_argument("--methods", default=",".join(METHODS.names()), metavar="A,B", help="comma-separated (default: all)")
     bench.add_argument("--json", type=Path, metavar="FILE", help="write the rows as JSON")
@@ -197,7 +239,7 @@ def _add_torch_commands(commands) -> None:
 def _add_prediction_commands(commands) -> None:
     """``evaluate`` and ``predict``: with torch or without, for model directories or .onnx files."""
     model_help = "a model directory, or an exported .onnx file (runs with onnxruntime, no torch needed)"
-    evaluate = _command(commands, "evaluate", "compute metrics of a model on a dataset's test split", run_evaluate)
+    evaluate = _command(commands, "evaluate", run_evaluate)
     evaluate.add_argument("model", type=Path, metavar="MODEL", help=model_help)
     evaluate.add_argument("data", type=Path, metavar="DATA_DIR")
     evaluate.add_argument("--json", type=Path, metavar="FILE", help="write the metrics as JSON ('-': to stdout)")
@@ -206,7 +248,7 @@ def _add_prediction_commands(commands) -> None:
     evaluate.add_argument("--report", type=Path, metavar="DIR", help="also write the HTML report (DIR/index.html)")
     _add_runtime_flags(evaluate)
 
-    predict = _command(commands, "predict", "score images and write heat-map overlays", run_predict)
+    predict = _command(commands, "predict", run_predict)
     predict.add_argument("model", type=Path, metavar="MODEL", help=model_help)
     predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE_OR_DIR")
     predict.add_argument(
@@ -237,7 +279,7 @@ def _add_runtime_only_commands(commands) -> None:
     """Without torch: ``evaluate`` and ``predict``, and a stub for each command that needs torch."""
     _add_prediction_commands(commands)
     for name, handler in _NEEDS_TORCH.items():
-        _command(commands, name, 'needs the torch extra: pip install "flawmap[torch]"', handler)
+        _command(commands, name, handler, 'needs the torch extra: pip install "flawmap[torch]"')
 
 
 def _needs_torch(name: str) -> Callable[[argparse.Namespace], None]:
@@ -256,7 +298,8 @@ def _parse_batch(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected 'dynamic' or an integer, got {text!r}") from None
 
 
-def _command(commands, name: str, help_text: str, handler: Callable[[argparse.Namespace], int | None]):
+def _command(commands, name: str, handler: Callable[[argparse.Namespace], int | None] | None, help_text: str | None = None):
+    help_text = help_text or COMMAND_HELP[name]
     sub = commands.add_parser(name, help=help_text, description=help_text)
     sub.set_defaults(handler=handler)
     return sub
@@ -717,7 +760,7 @@ def _add_serve_command(commands) -> None:
     from flawmap.serve import ServeSettings
 
     defaults = ServeSettings()
-    serve = _command(commands, "serve", "answer HTTP prediction requests (micro-batched; API description at /openapi.json)", run_serve)
+    serve = _command(commands, "serve", run_serve)
     serve.add_argument("model", type=Path, metavar="MODEL", help="a model directory, or an exported .onnx file")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8080, help="default 8080")
@@ -753,7 +796,7 @@ def run_serve(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- report
 def _add_report_command(commands) -> None:
     """``report``: with torch or without (an exported .onnx model needs only onnxruntime)."""
-    report = _command(commands, "report", "score a dataset's test images and write an HTML report", run_report)
+    report = _command(commands, "report", run_report)
     report.add_argument("model", type=Path, metavar="MODEL", help="a model directory, or an exported .onnx file")
     report.add_argument("data", type=Path, metavar="DATA_DIR", help="a dataset (its labelled test split) or a folder of images")
     report.add_argument("--out", required=True, type=Path, metavar="DIR", help="DIR/index.html and its pictures go here")
@@ -789,7 +832,7 @@ def _write_report(model: Any, data: Any, out: Path, **options: Any) -> Path:
 # ---------------------------------------------------------------- score
 def _add_score_command(commands) -> None:
     """``score``: with torch or without (an exported .onnx model needs only onnxruntime)."""
-    score = _command(commands, "score", "score many images into one Parquet table, here or on a Ray cluster", run_score)
+    score = _command(commands, "score", run_score)
     score.add_argument("model", type=Path, metavar="MODEL", help="a model directory, or an exported .onnx file")
     score.add_argument(
         "inputs", nargs="+", type=Path, metavar="INPUT",
