@@ -78,7 +78,7 @@ def test_calibrate_refuses_training_images_unless_allowed(capsys, tiny_dataset, 
     mixed = shutil.copytree(new_good_images, tmp_path / "mixed")
     shutil.copy(tiny_dataset / "train" / "good" / "003.png", mixed / "renamed.png")
     code, _, err = run_cli(capsys, "calibrate", model_dir, mixed)
-    assert "1 of the 17 calibration images are training images" in one_error_line(code, err) and "renamed.png" in err
+    assert "1 of the 17 calibration images is a training image" in one_error_line(code, err) and "renamed.png" in err
     assert (model_dir / "config.json").read_bytes() == before
     code, out, err = run_cli(capsys, "calibrate", model_dir, tiny_dataset / "train" / "good", "--allow-training-images")
     assert code == 0, err

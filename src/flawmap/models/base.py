@@ -340,7 +340,7 @@ class AnomalyModel(Predictor):
             samples = [sample for sample in images.test if not sample.is_anomalous]
         else:
             samples = prediction_samples(images)
-        samples, _ = self._distinct_calibration_samples(samples, allow_training_images)
+        samples = self._distinct_calibration_samples(samples, allow_training_images)
         scored = self._scored(samples, skip_invalid, "calibrating")
         summaries = [_normal_summary(score, anomaly_map) for _, score, anomaly_map, _, _ in scored]
         _check_calibration_count(len(summaries), "valid ")
@@ -384,7 +384,7 @@ class AnomalyModel(Predictor):
 
     def _distinct_calibration_samples(
         self, samples: list[Sample | np.ndarray], allow_training_images: bool
-    ) -> tuple[list[Sample | np.ndarray], list[str]]:
+    ) -> list[Sample | np.ndarray]:
         """``samples`` with each content once; FlawmapError for training images (unless allowed)
         or fewer than MIN_CALIBRATION_IMAGES distinct ones."""
         kept, digests, dropped = distinct_images(samples)
@@ -402,12 +402,12 @@ class AnomalyModel(Predictor):
             learned = [image_name(item, i) for i, (item, digest) in enumerate(zip(kept, digests)) if digest in training]
             if learned:
                 raise FlawmapError(
-                    f"{len(learned)} of the {len(kept)} calibration images are training images of this model "
+                    f"{len(learned)} of the {len(kept)} calibration images {'is a training image' if len(learned) == 1 else 'are training images'} of this model "
                     f"({name_some(learned)}): their scores are in-sample, too low, and would lower the threshold; "
                     "give good images it never learned from (or --allow-training-images)"
                 )
         _check_calibration_count(len(kept), "distinct ")
-        return kept, digests
+        return kept
 
     def calibrate_threshold(self, source: str | None = None) -> Calibration:
         """Set ``threshold_`` (and the overlays' ``map_low_``, ``map_high_``) from the stored
