@@ -329,3 +329,16 @@ def test_serve_on_a_port_in_use_says_so_before_any_banner(capsys, tiny_model_dir
     captured = capsys.readouterr()
     assert captured.out == "" and "Traceback" not in captured.err
     assert captured.err.startswith(f"flawmap: error: cannot listen on 127.0.0.1:{port} (Address already in use)")
+
+
+def test_serve_prints_no_banner_before_a_missing_extra_fails(capsys, tiny_model_dir, monkeypatch):
+    """The app is built (FastAPI imported) before the banner: a missing serve extra is the only output."""
+    from flawmap.cli import main
+
+    def no_fastapi(*args, **kwargs):
+        raise FlawmapError('flawmap serve needs the serve extra (No module named fastapi): pip install "flawmap[serve]"')
+
+    monkeypatch.setattr("flawmap.serve.create_app", no_fastapi)
+    assert main(["serve", str(tiny_model_dir), "--port", "0"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "needs the serve extra" in captured.err
