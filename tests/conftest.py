@@ -21,6 +21,21 @@ def tiny_dataset(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def new_good_images(tiny_dataset, tmp_path_factory) -> Path:
+    """A folder of 16 good images no tiny model learned from: the 4 good test images of
+    ``tiny_dataset`` and their mirror images (left-right, up-down, both)."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("new_good")
+    for path in sorted((tiny_dataset / "test" / "good").glob("*.png")):
+        pixels = np.asarray(Image.open(path))
+        for name, variant in (("", pixels), ("lr", pixels[:, ::-1]), ("ud", pixels[::-1]), ("both", pixels[::-1, ::-1])):
+            Image.fromarray(np.ascontiguousarray(variant)).save(folder / f"{path.stem}{name}.png")
+    return folder
+
+
 @pytest.fixture
 def one_torch_thread():
     """Torch on one thread during a test of tiny tensors, where threads only add synchronisation

@@ -113,10 +113,10 @@ def assert_metrics_reproduce_from_maps(metrics, maps_dir, dataset_root):
     assert aupro(maps, masks) == pytest.approx(metrics["aupro"], abs=1e-9)
 
 
-def test_fit_several_folders_into_one_model(capsys, tiny_dataset, tmp_path):
+def test_fit_several_folders_into_one_model(capsys, tiny_dataset, new_good_images, tmp_path):
     extra = tmp_path / "more_good"
     extra.mkdir()
-    for path in sorted((tiny_dataset / "train" / "good").glob("*.png"))[:3]:
+    for path in sorted(new_good_images.glob("*.png"))[:3]:  # other images (a copy of a training image counts once)
         shutil.copy(path, extra / f"extra_{path.name}")
     code, out, _ = run_cli(capsys, "fit", tiny_dataset, extra, "--out", tmp_path / "m", *SMALL)
     assert code == 0
@@ -267,15 +267,15 @@ def test_info_describes_the_model_and_its_calibration(capsys, tiny_model_dir):
     assert low <= description["pixel_threshold"] <= high
 
 
-def test_calibrate_replaces_the_threshold_without_refitting(capsys, tiny_dataset, tiny_model_dir, tmp_path):
+def test_calibrate_replaces_the_threshold_without_refitting(capsys, new_good_images, tiny_model_dir, tmp_path):
     model_dir = copy_model(tiny_model_dir, tmp_path)
     model_file = json.loads((model_dir / "config.json").read_text())["files"]["model"]
-    code, out, _ = run_cli(capsys, "calibrate", model_dir, tiny_dataset / "test" / "good", "--false-alarm-rate", "0.2")
+    code, out, _ = run_cli(capsys, "calibrate", model_dir, new_good_images, "--false-alarm-rate", "0.2")
     assert code == 0 and "false-alarm rate of 0.2" in out
     config = json.loads((model_dir / "config.json").read_text())
     assert config["files"]["model"] == model_file  # the bank is untouched
-    assert config["params"]["false_alarm_rate"] == 0.2 and len(config["fitted"]["calibration_scores_"]) == 4
-    assert config["fitted"]["calibration_"]["source"].startswith("calibrate: 4 new normal images")
+    assert config["params"]["false_alarm_rate"] == 0.2 and len(config["fitted"]["calibration_scores_"]) == 16
+    assert config["fitted"]["calibration_"]["source"].startswith("calibrate: 16 new normal images")
     scores = np.sort(config["fitted"]["calibration_scores_"])
     assert scores[0] <= config["fitted"]["threshold_"] <= scores[-1] * 2
 

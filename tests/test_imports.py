@@ -36,7 +36,8 @@ def imported_modules(name: str) -> set[str]:
 
 
 def test_io_imports_no_model_code():
-    assert imported_modules("flawmap.io") <= {"flawmap.errors", "flawmap._version"}
+    assert imported_modules("flawmap.io") <= {"flawmap.errors", "flawmap._version", "flawmap.outputs"}
+    assert imported_modules("flawmap.outputs") <= {"flawmap.errors"}
 
 
 def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -70,3 +71,18 @@ def test_no_import_cycles_between_modules():
 def test_the_checks_can_fail():
     assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
     assert "flawmap.models" in imported_modules("flawmap.cli")  # a function-level import is seen
+
+
+def test_listing_the_commands_imports_nothing_heavy():
+    """``flawmap --help`` and ``--version`` import neither torch nor numpy (they took 4 s; now well under 1 s)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom flawmap.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit as done:\n    assert done.code == 0\n"
+        "heavy = [name for name in ('torch', 'numpy', 'scipy', 'PIL') if name in sys.modules]\n"
+        "assert not heavy, heavy"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and "fit " in result.stdout, result.stderr

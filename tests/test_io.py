@@ -213,3 +213,14 @@ def test_version_3_directories_load_with_the_defaults_of_later_parameters(tiny_m
     assert reloaded.tile_size is None and reloaded.tile_overlap == 32 and reloaded.search == "exact"
     image = np.full((64, 64, 3), 127, dtype=np.uint8)
     assert reloaded.predict(image)[0].score == pytest.approx(tiny_model.predict(image)[0].score, rel=1e-6)
+
+
+@pytest.mark.parametrize("taps", [["stage2", "stage5"], ["stage3", "stage4"]])
+def test_edited_taps_that_exist_but_do_not_fit_the_tensors_fail_at_load(tiny_model, tmp_path, taps):
+    """Taps of the same backbone embed features of another size than the saved bank: a one-line
+    error at load, not a RuntimeError from the search at the first prediction."""
+    target = tiny_model.save(tmp_path / "model")
+    _edit_section(target, "fitted", taps_=taps)
+    _edit_section(target, "params", taps=taps)
+    with pytest.raises(FlawmapError, match=r"config.json: its backbone and taps do not fit the saved tensors"):
+        AnomalyModel.load(target)

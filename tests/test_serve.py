@@ -109,7 +109,24 @@ def bad_requests() -> dict[str, tuple[int, dict]]:
         "form without file": (400, {"files": {"name": (None, "just a field")}}),
         "huge dimensions": (413, {"content": png_header_claiming(8000, 6000)}),
         "decompression bomb": (400, {"content": png_header_claiming(30000, 30000)}),
+        "1 x 1 image": (422, {"content": png_bytes(np.zeros((1, 1, 3), dtype=np.uint8))}),
+        "bad query": (422, {"content": png_bytes(np.zeros((16, 16, 3), dtype=np.uint8)), "params": {"map": "jpeg"}}),
     }
+
+
+def error_message(response, status: int) -> str:
+    """The message of an error answer, checked to have the one error shape."""
+    body = response.json()
+    assert response.status_code == status and list(body) == ["error"] and set(body["error"]) == {"code", "message"}, body
+    return body["error"]["message"]
+
+
+@pytest.mark.parametrize("method, path, status, code", [
+    ("get", "/nowhere", 404, "not_found"), ("get", "/v1/predict", 405, "method_not_allowed"), ("get", "/docs", 404, "not_found"),
+])
+def test_every_client_error_has_one_shape(client, method, path, status, code):
+    response = getattr(client, method)(path)
+    assert error_message(response, status) and response.json()["error"]["code"] == code
 
 
 def png_header_claiming(width: int, height: int) -> bytes:
@@ -125,7 +142,7 @@ def test_bad_input_is_a_clear_client_error(client, name):
     status, arguments = bad_requests()[name]
     response = client.post("/v1/predict", **arguments)
     assert response.status_code == status, response.text
-    message = response.json()["error"]
+    message = error_message(response, status)
     assert message and "\n" not in message and "Traceback" not in message
     if name == "truncated":
         assert "truncated" in message
@@ -145,7 +162,8 @@ def test_health_ready_model_and_metrics(client, served, tiny_model_dir):
     assert 'flawmap_requests_total{route="/v1/predict",status="400"}' in text
     assert 'flawmap_requests_total{route="/v1/ready",status="200"}' in text
     assert "flawmap_predict_latency_seconds_bucket{le=\"+Inf\"}" in text and "flawmap_queue_depth 0" in text
-    assert client.get("/docs").status_code == 200 and "/v1/predict" in client.get("/openapi.json").json()["paths"]
+    assert "/v1/predict" in client.get("/openapi.json").json()["paths"]
+    assert "cdn" not in client.get("/openapi.json").text.lower()  # no page of the app loads a CDN: /docs is off
 
 
 def test_not_ready_before_the_model_is_warmed_up(served, test_images):
@@ -179,7 +197,7 @@ def test_a_model_failure_fails_only_its_own_request(served, test_images, referen
             responses = list(pool.map(lambda body: client.post("/v1/predict", content=body), bodies))
         batches = metric_values(client.get("/metrics").text)
     assert [response.status_code for response in responses] == [200, 500, 200, 200]
-    assert responses[1].json()["error"] == "the model failed on this image: cannot score a white image"
+    assert error_message(responses[1], 500) == "the model failed on this image: cannot score a white image"
     for response, path in zip([responses[0], *responses[2:]], test_images[:3]):
         assert response.json()["score"] == pytest.approx(reference[path].score, rel=1e-4)
     assert batches["flawmap_batch_size_sum"] > len(bodies) + 1  # the warm-up, a failed batch, then one by one
@@ -214,7 +232,7 @@ def test_a_full_queue_answers_503_at_once_and_recovers(served, test_images):
             start = time.monotonic()
             refused = client.post("/v1/predict", content=image)
             assert time.monotonic() - start < 5
-            assert refused.status_code == 503 and refused.headers["Retry-After"] == "1" and "busy" in refused.json()["error"]
+            assert refused.status_code == 503 and refused.headers["Retry-After"] == "1" and "busy" in error_message(refused, 503)
             gate.set()
             assert [future.result().status_code for future in admitted] == [200, 200]
         assert client.post("/v1/predict", content=image).status_code == 200
@@ -287,3 +305,40 @@ def test_onnx_server_without_torch(tiny_onnx, test_images, tmp_path):
     for answer, prediction in zip(answers, expected, strict=True):
         assert answer["score"] == pytest.approx(prediction.score, rel=1e-5)
 
+
+
+@pytest.mark.parametrize("port", ["99999", "-1"])
+def test_serve_refuses_a_port_out_of_range_before_any_banner(capsys, tiny_model_dir, port):
+    from flawmap.cli import main
+
+    assert main(["serve", str(tiny_model_dir), "--port", port]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == f"flawmap: error: --port {port}: must be in 0..65535\n"
+
+
+def test_serve_on_a_port_in_use_says_so_before_any_banner(capsys, tiny_model_dir):
+    import socket
+
+    from flawmap.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", str(tiny_model_dir), "--port", str(port)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Traceback" not in captured.err
+    assert captured.err.startswith(f"flawmap: error: cannot listen on 127.0.0.1:{port} (Address already in use)")
+
+
+def test_serve_prints_no_banner_before_a_missing_extra_fails(capsys, tiny_model_dir, monkeypatch):
+    """The app is built (FastAPI imported) before the banner: a missing serve extra is the only output."""
+    from flawmap.cli import main
+
+    def no_fastapi(*args, **kwargs):
+        raise FlawmapError('flawmap serve needs the serve extra (No module named fastapi): pip install "flawmap[serve]"')
+
+    monkeypatch.setattr("flawmap.serve.create_app", no_fastapi)
+    assert main(["serve", str(tiny_model_dir), "--port", "0"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "needs the serve extra" in captured.err

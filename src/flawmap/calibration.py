@@ -25,6 +25,16 @@ scores; the 5 % and 95 % quantiles of those thresholds form a 90 % interval, and
 survival function at the interval's ends gives the range of false-alarm rates it implies.
 Fewer than :data:`MIN_RELIABLE_SCORES` normal scores give a :class:`CalibrationWarning`.
 
+Re-calibration on new images (``flawmap calibrate``) needs at least :data:`MIN_CALIBRATION_IMAGES`
+distinct ones, none of them a training image. The floor is distribution-free: a new normal image
+exceeds the largest of ``n`` normal scores with probability ``1 / (n + 1)``, so below 10 images
+not even the largest score is known to keep the false-alarm rate under 10 %, and the threshold
+would rest on the tail model's extrapolation alone (with one image: a zero-width interval and a
+threshold at that image's score, which flags about every other good image). Training images
+are refused because their scores are in-sample: too low, so the threshold drops and good images
+are flagged. The calibrations a model had before are kept (the last
+:data:`CALIBRATION_HISTORY_LENGTH`) and one can be put back.
+
 This module needs numpy only (no torch), so exported models can be re-calibrated too.
 """
 
@@ -44,6 +54,10 @@ MIN_EXCEEDANCES = 5
 MIN_RELIABLE_SCORES = 20
 #: Bootstrap resamples behind the uncertainty interval.
 BOOTSTRAP_SAMPLES = 200
+#: Distinct new normal images ``calibrate`` needs, at least (module docstring).
+MIN_CALIBRATION_IMAGES = 10
+#: Earlier calibrations a model keeps (restorable), at most.
+CALIBRATION_HISTORY_LENGTH = 10
 #: Share of the scores the tail model is fitted on (at least MIN_EXCEEDANCES of them).
 TAIL_SHARE = 0.2
 

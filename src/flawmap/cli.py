@@ -24,18 +24,48 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from flawmap import io
 from flawmap._version import __version__
-from flawmap.calibration import check_false_alarm_rate
-from flawmap.data.datasets import output_names
 from flawmap.errors import FlawmapError
-from flawmap.loading import RUNTIMES, load, missing_torch_error
-from flawmap.onnx_model import INPUT_DTYPES, STORAGE_PRECISIONS
-from flawmap.runtime import PRECISIONS, Runtime
+from flawmap.outputs import check_replaceable, check_writable, is_listed_output, set_umask_mode
 
-try:
-    from flawmap.models import METHODS, AnomalyModel, create_model, load_model
-except ImportError as import_error:  # the torch-free install: the commands that need torch say so when run
-    METHODS, _TORCH_IMPORT_ERROR = None, import_error
+if typing.TYPE_CHECKING:
+    from flawmap.models import AnomalyModel
+
+#: What each command does (its help line; the list of commands needs nothing else).
+COMMAND_HELP = {
+    "fit": "learn normality from good images and save a model",
+    "evaluate": "compute metrics of a model on a dataset's test split",
+    "predict": "score images and write heat-map overlays",
+    "info": "describe a saved model: method, parameters, threshold and its calibration",
+    "calibrate": "re-calibrate a model's threshold on new good images, without refitting",
+    "export": "write a fitted model as one ONNX graph (images -> maps, scores)",
+    "demo": "make demo data, fit, evaluate and draw overlays",
+    "demo-data": "write the built-in demo dataset (MVTec layout)",
+    "benchmark": "fit and evaluate methods on datasets, one fresh process each",
+    "serve": "answer HTTP prediction requests (micro-batched; API description at /openapi.json)",
+    "report": "score a dataset's test images and write an HTML report",
+    "score": "score many images into one Parquet table, here or on a Ray cluster",
+}
+
+
+def _import_commands() -> None:
+    """Import what the commands and their flags need (numpy, Pillow, SciPy, and torch where it is
+    installed: seconds), as module globals; listing the commands (``flawmap --help``,
+    ``--version``) needs none of it."""
+    global MIN_CALIBRATION_IMAGES, check_false_alarm_rate, output_names, RUNTIMES, load, missing_torch_error
+    global INPUT_DTYPES, STORAGE_PRECISIONS, PRECISIONS, Runtime, METHODS, create_model, load_model, _TORCH_IMPORT_ERROR
+    from flawmap.calibration import MIN_CALIBRATION_IMAGES, check_false_alarm_rate
+    from flawmap.data.datasets import output_names
+    from flawmap.loading import RUNTIMES, load, missing_torch_error
+    from flawmap.onnx_model import INPUT_DTYPES, STORAGE_PRECISIONS
+    from flawmap.runtime import PRECISIONS, Runtime
+
+    try:
+        from flawmap.models import METHODS, create_model, load_model
+    except ImportError as import_error:  # the torch-free install: the commands that need torch say so when run
+        METHODS, _TORCH_IMPORT_ERROR = None, import_error
+
 
 #: Fields the CLI sets itself (``random_state`` from ``--seed``): no flags.
 _DEDICATED_FIELDS = {"random_state"}
@@ -46,14 +76,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.formatwarning = _one_line_warning
     # image decoding refuses such images with an error of its own; Pillow's warning would repeat it
     warnings.filterwarnings("ignore", message=".*decompression bomb", module="PIL")
-    parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown and args.handler not in _NEEDS_TORCH.values():
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    parser = build_parser(commands=_command_in(sys.argv[1:] if argv is None else argv))
     try:
+        args, unknown = parser.parse_known_args(argv)
+        if unknown and args.handler not in _NEEDS_TORCH.values():
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         return args.handler(args) or 0
     except FlawmapError as error:
         print(f"flawmap: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as error:  # the file system refused (full disk, permissions changed mid-run): one line too
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"flawmap: error: {where}{error.strerror or error}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("flawmap: interrupted", file=sys.stderr)
@@ -69,10 +103,37 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"{chr(10) if bar_drawn else ''}flawmap: warning: {message}\n"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flawmap", description="Unsupervised visual anomaly detection.")
+class _Parser(argparse.ArgumentParser):
+    """argparse with flawmap's one error line (``flawmap: error: fit: argument --x: ...``, exit 2)
+    instead of a usage block and a second error format."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        command = self.prog.removeprefix("flawmap").strip()
+        where = f"{command}: " if command else ""
+        raise FlawmapError(f"{where}{' '.join(message.split())} (see: {self.prog} --help)")
+
+
+def _command_in(argv: Sequence[str]) -> bool:
+    """Whether ``argv`` names a command (the top level has no option that takes a value)."""
+    return any(not str(arg).startswith("-") for arg in argv)
+
+
+def build_parser(commands: bool = True) -> argparse.ArgumentParser:
+    """The ``flawmap`` parser; with ``commands=False`` the commands without their flags (enough
+    for ``--help``, ``--version`` and a missing command, and fast: nothing heavy is imported)."""
+    parser = _Parser(prog="flawmap", description="Unsupervised visual anomaly detection.")
     parser.add_argument("--version", action="version", version=f"flawmap {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    if not commands:
+        for name in COMMAND_HELP:
+            _command(subparsers, name, None)
+        return parser
+    _import_commands()
+    _add_commands(subparsers)
+    return parser
+
+
+def _add_commands(commands) -> None:
     if METHODS is None:
         _add_runtime_only_commands(commands)
     else:
@@ -80,12 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_command(commands)
     _add_report_command(commands)
     _add_score_command(commands)
-    return parser
 
 
 def _add_torch_commands(commands) -> None:
     """Every command, with its flags (method hyper-parameters included)."""
-    fit = _command(commands, "fit", "learn normality from good images and save a model", run_fit)
+    fit = _command(commands, "fit", run_fit)
     fit.add_argument("data", nargs="+", type=Path, metavar="DATA_DIR", help="dataset or image folder(s); several train one model")
     fit.add_argument("--method", default=None, help=f"one of: {', '.join(METHODS.names())} (default patchcore)")
     fit.add_argument("--out", type=Path, metavar="MODEL_DIR", help="where to save the model (default with --update: that model)")
@@ -105,15 +165,26 @@ def _add_torch_commands(commands) -> None:
 
     _add_prediction_commands(commands)
 
-    info = _command(commands, "info", "describe a saved model: method, parameters, threshold and its calibration", run_info)
+    info = _command(commands, "info", run_info)
     info.add_argument("model", type=Path, metavar="MODEL_DIR")
     info.add_argument("--json", type=Path, metavar="FILE", help="also write the description as JSON ('-': stdout only)")
 
-    calibrate = _command(
-        commands, "calibrate", "re-calibrate a model's threshold on new good images, without refitting", run_calibrate
+    calibrate = _command(commands, "calibrate", run_calibrate)
+    calibrate.add_argument("model", type=Path, metavar="MODEL_DIR", help="updated in place unless --out is given")
+    calibrate.add_argument(
+        "good", nargs="*", type=Path, metavar="GOOD_DIR",
+        help=f"folders or files of at least {MIN_CALIBRATION_IMAGES} normal images the model never learned from",
     )
-    calibrate.add_argument("model", type=Path, metavar="MODEL_DIR", help="updated in place")
-    calibrate.add_argument("good", nargs="+", type=Path, metavar="GOOD_DIR", help="folders or files of normal images")
+    calibrate.add_argument("--out", type=Path, metavar="MODEL_DIR", help="write the re-calibrated model here instead (MODEL_DIR is left as it is)")
+    calibrate.add_argument("--force", action="store_true", help="replace the model already in --out")
+    calibrate.add_argument(
+        "--restore", action="store_true",
+        help="instead of calibrating: put back the calibration the last `calibrate` replaced (`info` lists them)",
+    )
+    calibrate.add_argument(
+        "--allow-training-images", action="store_true",
+        help="accept the model's own training images (their scores are in-sample: the threshold comes out too low); `info` says so",
+    )
     calibrate.add_argument(
         "--false-alarm-rate", type=float, default=None, metavar="R",
         help="target share of normal images flagged, in (0, 1) (default: the model's)",
@@ -121,12 +192,13 @@ def _add_torch_commands(commands) -> None:
     calibrate.add_argument("--skip-invalid", action="store_true", help="skip unreadable images with a warning")
     _add_runtime_flags(calibrate)
 
-    export = _command(commands, "export", "write a fitted model as one ONNX graph (images -> maps, scores)", run_export)
+    export = _command(commands, "export", run_export)
     export.add_argument("model", type=Path, metavar="MODEL_DIR")
     export.add_argument(
         "--out", type=Path, metavar="FILE",
         help="the .onnx file to write (default MODEL_DIR/model.onnx, which --runtime onnx runs)",
     )
+    export.add_argument("--force", action="store_true", help="replace --out even if it is not a graph flawmap exported")
     export.add_argument("--opset", type=int, default=None, metavar="INT", help="ONNX opset, at least 18 (default: the exporter's)")
     export.add_argument(
         "--batch", type=_parse_batch, default="dynamic", metavar="dynamic|INT",
@@ -141,15 +213,15 @@ def _add_torch_commands(commands) -> None:
         help="graph input: float32 RGB in [0, 1] (default) or uint8 RGB in [0, 255]",
     )
 
-    demo = _command(commands, "demo", "make demo data, fit, evaluate and draw overlays", run_demo)
+    demo = _command(commands, "demo", run_demo)
     demo.add_argument("--out", type=Path, default=Path("flawmap-demo"), metavar="DIR", help="default ./flawmap-demo")
     demo.add_argument("--method", default="patchcore", help=f"one of: {', '.join(METHODS.names())}")
     _add_runtime_flags(demo)
 
-    demo_data = _command(commands, "demo-data", "write the built-in demo dataset (MVTec layout)", run_demo_data)
+    demo_data = _command(commands, "demo-data", run_demo_data)
     demo_data.add_argument("out", type=Path, metavar="OUT_DIR")
 
-    bench = _command(commands, "benchmark", "fit and evaluate methods on datasets, one fresh process each", run_benchmark)
+    bench = _command(commands, "benchmark", run_benchmark)
     bench.add_argument("data", nargs="+", type=Path, metavar="DATA_DIR", help="MVTec-layout dataset folder(s)")
     bench.add_argument("--methods", default=",".join(METHODS.names()), metavar="A,B", help="comma-separated (default: all)")
     bench.add_argument("--json", type=Path, metavar="FILE", help="write the rows as JSON")
@@ -167,7 +239,7 @@ def _add_torch_commands(commands) -> None:
 def _add_prediction_commands(commands) -> None:
     """``evaluate`` and ``predict``: with torch or without, for model directories or .onnx files."""
     model_help = "a model directory, or an exported .onnx file (runs with onnxruntime, no torch needed)"
-    evaluate = _command(commands, "evaluate", "compute metrics of a model on a dataset's test split", run_evaluate)
+    evaluate = _command(commands, "evaluate", run_evaluate)
     evaluate.add_argument("model", type=Path, metavar="MODEL", help=model_help)
     evaluate.add_argument("data", type=Path, metavar="DATA_DIR")
     evaluate.add_argument("--json", type=Path, metavar="FILE", help="write the metrics as JSON ('-': to stdout)")
@@ -176,13 +248,14 @@ def _add_prediction_commands(commands) -> None:
     evaluate.add_argument("--report", type=Path, metavar="DIR", help="also write the HTML report (DIR/index.html)")
     _add_runtime_flags(evaluate)
 
-    predict = _command(commands, "predict", "score images and write heat-map overlays", run_predict)
+    predict = _command(commands, "predict", run_predict)
     predict.add_argument("model", type=Path, metavar="MODEL", help=model_help)
     predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE_OR_DIR")
     predict.add_argument(
         "--out", required=True, type=Path, metavar="DIR",
         help="overlays and scores.jsonl go here (replaced as a whole when the run succeeds)",
     )
+    predict.add_argument("--force", action="store_true", help="replace --out (and --report) even if they hold files flawmap did not write")
     predict.add_argument("--skip-invalid", action="store_true", help="skip unreadable images with a warning")
     predict.add_argument("--recursive", action="store_true", help="also take images in subfolders of IMAGE_OR_DIR")
     predict.add_argument(
@@ -206,7 +279,7 @@ def _add_runtime_only_commands(commands) -> None:
     """Without torch: ``evaluate`` and ``predict``, and a stub for each command that needs torch."""
     _add_prediction_commands(commands)
     for name, handler in _NEEDS_TORCH.items():
-        _command(commands, name, 'needs the torch extra: pip install "flawmap[torch]"', handler)
+        _command(commands, name, handler, 'needs the torch extra: pip install "flawmap[torch]"')
 
 
 def _needs_torch(name: str) -> Callable[[argparse.Namespace], None]:
@@ -225,7 +298,8 @@ def _parse_batch(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected 'dynamic' or an integer, got {text!r}") from None
 
 
-def _command(commands, name: str, help_text: str, handler: Callable[[argparse.Namespace], int | None]):
+def _command(commands, name: str, handler: Callable[[argparse.Namespace], int | None] | None, help_text: str | None = None):
+    help_text = help_text or COMMAND_HELP[name]
     sub = commands.add_parser(name, help=help_text, description=help_text)
     sub.set_defaults(handler=handler)
     return sub
@@ -349,7 +423,7 @@ def run_fit(args: argparse.Namespace) -> None:
         raise FlawmapError("give --out MODEL_DIR (where to save the model), or --update MODEL_DIR")
     if args.out is not None and args.out != args.update and (args.out / "config.json").is_file() and not args.force:
         raise FlawmapError(f"{args.out}: already holds a model; give --force to replace it, or --update {args.out} to add to it")
-    check_writable(out, folder=True)
+    io.check_model_target(out)
     if args.update is not None:
         model = _update(args, data)
     else:
@@ -382,6 +456,8 @@ def _update(args: argparse.Namespace, data: Any) -> AnomalyModel:
 
 
 def run_info(args: argparse.Namespace) -> None:
+    if args.json not in (None, Path("-")):
+        check_writable(args.json, folder=False)
     description = describe_model(load_model(args.model))
     if args.json != Path("-"):
         print(format_description(description))
@@ -407,6 +483,12 @@ def describe_model(model: AnomalyModel) -> dict[str, Any]:
         "pixel_threshold_interval_90": list(pixel.threshold_interval),
         "expected_images_with_regions_range": list(pixel.false_alarm_rate_interval),
         "overlay_scale": [model.map_low_, model.map_high_],
+        "n_distinct_normal_images": calibration.n_scores,
+        "n_training_digests": None if model.train_digests_ is None else len(model.train_digests_),
+        "calibration_history": [
+            {"threshold": state["threshold_"], "false_alarm_rate": state["false_alarm_rate"], "calibration": state["calibration_"]["source"]}
+            for state in model.calibration_history_
+        ],
     }
 
 
@@ -427,30 +509,64 @@ def format_description(description: dict[str, Any]) -> str:
         f"{description['n_normal_scores']} normal scores",
         f"pixel threshold: {description['pixel_threshold']:.6g} (90% interval {pixel_low:.6g} .. {pixel_high:.6g}): "
         f"good images with any region expected {regions_low:.3g} .. {regions_high:.3g}",
+        f"the threshold rests on {description['n_distinct_normal_images']} distinct normal images",
+        "training images: " + (
+            "no content digests recorded (saved by an older flawmap): calibrate cannot refuse them"
+            if description["n_training_digests"] is None
+            else f"{description['n_training_digests']} content digests recorded; calibrate refuses them"
+        ),
+        *_history_lines(description["calibration_history"]),
     ])
 
 
+def _history_lines(history: list[dict[str, Any]]) -> list[str]:
+    """``info``'s lines on the earlier calibrations, the most recent first."""
+    if not history:
+        return ["earlier calibrations: none"]
+    lines = [f"earlier calibrations ({len(history)}, `flawmap calibrate MODEL_DIR --restore` puts back the first):"]
+    for state in reversed(history):
+        lines.append(f"  threshold {state['threshold']:.6g} at false-alarm rate {state['false_alarm_rate']:g}: {state['calibration']}")
+    return lines
+
+
 def run_calibrate(args: argparse.Namespace) -> None:
+    if args.restore == bool(args.good):
+        raise FlawmapError("give GOOD_DIR (images to calibrate on) or --restore, not both" if args.restore else
+                           "give GOOD_DIR: folders or files of good images to calibrate on (or --restore)")
+    if args.restore and (args.false_alarm_rate is not None or args.allow_training_images):
+        raise FlawmapError("--restore takes no --false-alarm-rate or --allow-training-images: it puts back a saved calibration")
     if args.false_alarm_rate is not None:
         check_false_alarm_rate(args.false_alarm_rate)
-    check_writable(args.model, folder=True)
+    out = args.model if args.out is None else args.out
+    if args.out is not None and (args.out / "config.json").is_file() and not args.force and args.out != args.model:
+        raise FlawmapError(f"{args.out}: already holds a model; give --force to replace it")
+    io.check_model_target(out)
     model = load_model(args.model, **dataclasses.asdict(_runtime(args)))
-    good = args.good[0] if len(args.good) == 1 else args.good
-    model.calibrate(good, false_alarm_rate=args.false_alarm_rate, skip_invalid=args.skip_invalid)
-    model.save(args.model)
+    if args.restore:
+        model.restore_calibration()
+    else:
+        good = args.good[0] if len(args.good) == 1 else args.good
+        model.calibrate(
+            good, false_alarm_rate=args.false_alarm_rate, skip_invalid=args.skip_invalid,
+            allow_training_images=args.allow_training_images,
+        )
+    model.save(out)
     calibration = model.calibration_
     print(
-        f"calibrated {args.model}: threshold {calibration.threshold:.4f} for a false-alarm rate of "
-        f"{calibration.false_alarm_rate:g} ({calibration.estimator} quantile of {calibration.n_scores} normal images)"
+        f"{'restored' if args.restore else 'calibrated'} {out}: threshold {calibration.threshold:.4f} for a false-alarm rate of "
+        f"{calibration.false_alarm_rate:g} ({calibration.estimator} quantile of {calibration.n_scores} normal images; "
+        f"{len(model.calibration_history_)} earlier calibration(s) kept, `flawmap calibrate {out} --restore` puts the last back)"
     )
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
     from flawmap.evaluate import evaluate
 
-    for path, folder in ((args.json, False), (args.maps_dir, True), (args.report, True)):
+    for path, folder in ((args.json, False), (args.maps_dir, True)):
         if path is not None and path != Path("-"):
             check_writable(path, folder=folder)
+    if args.report is not None:
+        check_report_target(args.report)
     model = load(args.model, runtime=args.runtime, **dataclasses.asdict(_runtime(args)))
     result = evaluate(model, args.data, maps_dir=args.maps_dir)
     print(format_metrics(result), file=sys.stderr if args.json == Path("-") else sys.stdout)
@@ -466,12 +582,12 @@ def run_predict(args: argparse.Namespace) -> None:
     from flawmap.report import write_overlay
 
     if args.report is not None:
-        check_writable(args.report, folder=True)
-    staging = _staging_folder(args.out)
+        check_report_target(args.report, force=args.force)
+    staging = _staging_folder(args.out, force=args.force)
     try:
         model = load(args.model, runtime=args.runtime, **dataclasses.asdict(_runtime(args)))
         if args.threshold is not None:
-            model.threshold_ = args.threshold
+            model.set_threshold(args.threshold)
         samples = samples_from_paths(args.images, recursive=args.recursive)
         names = output_names([sample.image_path for sample in samples])
         name_of = {id(sample): name for sample, name in zip(samples, names)}
@@ -492,37 +608,23 @@ def run_predict(args: argparse.Namespace) -> None:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    print(f"scored {n_scored} images, {n_anomalous} anomalous; overlays and scores.jsonl in {args.out}")
+    print(f"scored {_count(n_scored, 'image')}, {n_anomalous} anomalous; overlays and scores.jsonl in {args.out}")
     if args.report is not None:
-        _write_report(model, samples, args.report, skip_invalid=args.skip_invalid)
+        _write_report(model, samples, args.report, skip_invalid=args.skip_invalid, force=args.force)
 
 
-def check_writable(path: Path, *, folder: bool) -> None:
-    """Fail now, before any long work, if ``path`` (a folder or a file to create or replace)
-    cannot be written: its nearest existing ancestor must be a writable folder."""
-    existing = Path(os.path.abspath(path))
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if existing == Path(os.path.abspath(path)):
-        if folder != existing.is_dir():
-            raise FlawmapError(f"{path}: exists and is {'a file, not a folder' if folder else 'a folder, not a file'}")
-        existing = existing if folder else existing.parent
-    elif not existing.is_dir():
-        raise FlawmapError(f"{path}: cannot be created ({existing} is a file, not a folder)")
-    try:
-        tempfile.TemporaryFile(dir=existing).close()
-    except OSError as error:
-        raise FlawmapError(f"{path}: cannot write there ({error.strerror or error})") from None
-
-
-def _staging_folder(out: Path) -> Path:
+def _staging_folder(out: Path, *, force: bool) -> Path:
     """A new temporary sibling of ``out`` to write predictions into (``out`` is replaced by it
-    at the end); refuses an ``out`` that holds anything but an earlier prediction output."""
-    check_writable(out, folder=True)
-    if out.is_dir() and any(out.iterdir()) and not (out / "scores.jsonl").is_file():
-        raise FlawmapError(f"{out}: exists and is not an earlier predict output (no scores.jsonl); refusing to replace it")
+    at the end); refuses, unless ``force``, an ``out`` that holds anything but an earlier
+    prediction output (files its scores.jsonl does not list included)."""
+    check_replaceable(
+        out, folder=True, force=force, ours=lambda folder: is_listed_output(folder, "scores.jsonl", "overlay"),
+        what="an earlier predict output (only scores.jsonl and the overlays it lists)",
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    set_umask_mode(staging, folder=True)
+    return staging
 
 
 def _replace_folder(new: Path, target: Path) -> None:
@@ -552,7 +654,8 @@ def run_export(args: argparse.Namespace) -> None:
     from flawmap.export import export_onnx
 
     out = export_onnx(
-        args.model, args.out, opset=args.opset, batch=args.batch, precision=args.precision, input_dtype=args.input_dtype
+        args.model, args.out, opset=args.opset, batch=args.batch, precision=args.precision, input_dtype=args.input_dtype,
+        force=args.force,
     )
     print(
         f"exported {args.model} to {out} ({out.stat().st_size / 2**20:.1f} MiB, batch {args.batch}, "
@@ -563,6 +666,7 @@ def run_export(args: argparse.Namespace) -> None:
 def run_demo_data(args: argparse.Namespace) -> None:
     from flawmap.data import make_demo_data
 
+    check_writable(args.out, folder=True)
     folders = make_demo_data(args.out)
     print("wrote demo categories: " + ", ".join(str(folder) for folder in folders))
 
@@ -572,6 +676,7 @@ def run_demo(args: argparse.Namespace) -> None:
     from flawmap.evaluate import evaluate
     from flawmap.report import write_overlay
 
+    check_writable(args.out, folder=True)
     rows = []
     data_root = args.out / "data"
     folders = sorted(data_root.iterdir()) if data_root.is_dir() else make_demo_data(data_root)
@@ -626,6 +731,11 @@ def _method_params(specs: list[str]) -> dict[str, dict[str, Any]]:
     return params
 
 
+def _count(n: int, noun: str) -> str:
+    """``1 image``, ``2 images``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def format_metrics(result: dict[str, float]) -> str:
     """One ``name: value`` line per metric."""
     return "\n".join(f"{key:>22}: {_cell(value)}" for key, value in result.items())
@@ -650,7 +760,7 @@ def _add_serve_command(commands) -> None:
     from flawmap.serve import ServeSettings
 
     defaults = ServeSettings()
-    serve = _command(commands, "serve", "answer HTTP prediction requests (micro-batched; docs at /docs)", run_serve)
+    serve = _command(commands, "serve", run_serve)
     serve.add_argument("model", type=Path, metavar="MODEL", help="a model directory, or an exported .onnx file")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8080, help="default 8080")
@@ -665,26 +775,32 @@ def _add_serve_command(commands) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> None:
-    from flawmap.serve import ServeSettings, load_served_model, serve
+    from flawmap.serve import ServeSettings, bind_socket, create_app, load_served_model, serve
 
     settings = ServeSettings(
         max_batch=args.max_batch, max_queue=args.max_queue, max_upload_mb=args.max_upload_mb, max_wait_ms=args.max_wait_ms
     )
-    served = load_served_model(args.model, args.runtime, device=args.device, precision=args.precision, batch_size=settings.max_batch)
-    print(
-        f"serving {served.model.method} model {args.model} ({served.runtime}) at http://{args.host}:{args.port}/v1/predict "
-        f"(docs: /docs); Ctrl+C stops", flush=True,
-    )
-    serve(served, settings, host=args.host, port=args.port, log_level=args.log_level)
+    sock = bind_socket(args.host, args.port)
+    try:
+        served = load_served_model(args.model, args.runtime, device=args.device, precision=args.precision, batch_size=settings.max_batch)
+        app = create_app(served, settings)
+        print(
+            f"serving {served.model.method} model {args.model} ({served.runtime}) at http://{args.host}:{sock.getsockname()[1]}"
+            "/v1/predict (API description: /openapi.json); Ctrl+C stops", flush=True,
+        )
+        serve(app, settings, sock, log_level=args.log_level)
+    finally:
+        sock.close()
 
 
 # ---------------------------------------------------------------- report
 def _add_report_command(commands) -> None:
     """``report``: with torch or without (an exported .onnx model needs only onnxruntime)."""
-    report = _command(commands, "report", "score a dataset's test images and write an HTML report", run_report)
+    report = _command(commands, "report", run_report)
     report.add_argument("model", type=Path, metavar="MODEL", help="a model directory, or an exported .onnx file")
     report.add_argument("data", type=Path, metavar="DATA_DIR", help="a dataset (its labelled test split) or a folder of images")
     report.add_argument("--out", required=True, type=Path, metavar="DIR", help="DIR/index.html and its pictures go here")
+    report.add_argument("--force", action="store_true", help="replace DIR/index.html even if flawmap did not write it")
     _add_runtime_choice(report)
     _add_runtime_flags(report)
 
@@ -692,9 +808,16 @@ def _add_report_command(commands) -> None:
 def run_report(args: argparse.Namespace) -> None:
     from flawmap.data import open_dataset, samples_from_paths
 
+    check_report_target(args.out, force=args.force)
     model = load(args.model, runtime=args.runtime, **dataclasses.asdict(_runtime(args)))
     dataset = open_dataset(args.data)
-    _write_report(model, dataset if dataset.test else samples_from_paths([args.data]), args.out)
+    _write_report(model, dataset if dataset.test else samples_from_paths([args.data]), args.out, force=args.force)
+
+
+def check_report_target(out: Path, *, force: bool = False) -> None:
+    from flawmap.html_report import check_report_target
+
+    check_report_target(out, force=force)
 
 
 def _write_report(model: Any, data: Any, out: Path, **options: Any) -> Path:
@@ -709,13 +832,14 @@ def _write_report(model: Any, data: Any, out: Path, **options: Any) -> Path:
 # ---------------------------------------------------------------- score
 def _add_score_command(commands) -> None:
     """``score``: with torch or without (an exported .onnx model needs only onnxruntime)."""
-    score = _command(commands, "score", "score many images into one Parquet table, here or on a Ray cluster", run_score)
+    score = _command(commands, "score", run_score)
     score.add_argument("model", type=Path, metavar="MODEL", help="a model directory, or an exported .onnx file")
     score.add_argument(
         "inputs", nargs="+", type=Path, metavar="INPUT",
         help="image files, folders (searched recursively), or .txt files listing one image or folder per line",
     )
     score.add_argument("--out", required=True, type=Path, metavar="RESULTS.parquet", help="one row per image (replaced when the run succeeds)")
+    score.add_argument("--force", action="store_true", help="replace --out even if it is not a results table flawmap wrote")
     score.add_argument("--engine", default="local", choices=("local", "ray"), help="this process (default), or Ray Data tasks and model actors")
     score.add_argument("--maps-dir", type=Path, metavar="DIR", help="also save each anomaly map as DIR/<name>.npy (float32, the image's size)")
     _add_runtime_choice(score)
@@ -737,15 +861,12 @@ def run_score(args: argparse.Namespace) -> None:
     given = {name: value for name, value in ray_flags.items() if value is not None}
     if given and args.engine != "ray":
         raise FlawmapError(f"{_flag(next(iter(given)))} applies to --engine ray only")
-    check_writable(args.out, folder=False)
-    if args.maps_dir is not None:
-        check_writable(args.maps_dir, folder=True)
     summary = score_files(
         args.model, args.inputs, args.out, engine=args.engine, model_runtime=args.runtime, runtime=_runtime(args),
-        maps_dir=args.maps_dir, cluster=RaySettings(**given),
+        maps_dir=args.maps_dir, cluster=RaySettings(**given), force=args.force,
     )
     print(
-        f"scored {summary.n_images} images ({summary.n_anomalous} anomalous, {summary.n_errors} errors) "
+        f"scored {_count(summary.n_images, 'image')} ({summary.n_anomalous} anomalous, {_count(summary.n_errors, 'error')}) "
         f"into {summary.out}" + (f"; maps in {args.maps_dir}" if args.maps_dir is not None else "")
     )
 

@@ -39,6 +39,7 @@ from flawmap import io
 from flawmap._version import __version__
 from flawmap.errors import FlawmapError
 from flawmap.loading import EXPORT_FILE
+from flawmap.outputs import check_replaceable
 from flawmap.models.base import AnomalyModel, Scorer, load_model
 from flawmap.onnx_model import (
     FORMAT_NAME, FORMAT_VERSION, INPUT_DTYPES, INPUT_NAME, OUTPUT_NAMES, STORAGE_PRECISIONS, load_onnx,
@@ -95,6 +96,7 @@ def export_onnx(
     batch: int | str = "dynamic",
     precision: str = "float32",
     input_dtype: str = "float32",
+    force: bool = False,
 ) -> Path:
     """Export the model saved in ``model_dir`` to the ONNX file ``out``; returns its path.
 
@@ -114,6 +116,8 @@ def export_onnx(
         file); the graph still computes in float32, so the maps move by about 1e-3 relative.
     input_dtype : {"float32", "uint8"}
         The graph's input: RGB float32 in [0, 1], or uint8 in [0, 255].
+    force : bool
+        Replace an existing ``out`` that is not a graph flawmap exported (:mod:`flawmap.outputs`).
 
     Raises
     ------
@@ -131,6 +135,7 @@ def export_onnx(
         raise FlawmapError(f"{target}: is a directory; give the .onnx file to write")
     if not target.parent.is_dir():
         raise FlawmapError(f"{target.parent}: folder does not exist")
+    check_replaceable(target, folder=False, force=force, ours=is_exported_graph, what="a graph flawmap exported")
     model = load_model(model_dir, device="cpu", precision="float32", batch_size=CHECK_IMAGES, num_workers=1)
     reason = model.scorer_.export_error()
     if reason is not None:
@@ -170,6 +175,17 @@ def export_onnx(
     _check_parity(payload, model, precision, target)
     io.write_atomically(target, payload)
     return target
+
+
+def is_exported_graph(path: Path) -> bool:
+    """Whether ``path`` is an ONNX file with flawmap's metadata (one ``export_onnx`` wrote)."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # onnx raises DecodeError and others for a file that is not ONNX
+        return False
+    return any(entry.key == "flawmap_format" and entry.value == FORMAT_NAME for entry in proto.metadata_props)
 
 
 def store_float16(proto) -> None:

@@ -31,10 +31,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from flawmap import io
 from flawmap._version import __version__
 from flawmap.data import Dataset, Sample, read_image
 from flawmap.errors import FlawmapError
 from flawmap.metrics import DEFAULT_FPR_LIMIT, image_metrics, pixel_metrics, pro_curve, roc_curve
+from flawmap.outputs import check_replaceable, check_writable
 from flawmap.prediction import Prediction, Predictor
 from flawmap.report import outline, write_overlay
 
@@ -80,6 +82,7 @@ def write_report(
     *,
     metrics: dict[str, Any] | None = None,
     skip_invalid: bool = False,
+    force: bool = False,
 ) -> Path:
     """Score ``data`` with ``model`` and write ``out_dir/index.html``; returns its path.
 
@@ -91,8 +94,11 @@ def write_report(
         The ``evaluate`` result to show; None computes the image and pixel metrics from this pass.
     skip_invalid : bool
         Leave out unreadable images with a warning instead of stopping.
+    force : bool
+        Replace an ``index.html`` in ``out_dir`` that flawmap did not write (:mod:`flawmap.outputs`).
     """
     out = Path(out_dir)
+    check_report_target(out, force=force)
     labelled = isinstance(data, Dataset)
     samples = list(data.test) if labelled else list(data)
     if not samples:
@@ -122,8 +128,24 @@ def write_report(
     )
     page = _PAGE.format(title=_escape(f"flawmap report: {name}"), subtitle=_escape(subtitle), style=_STYLE, body="\n".join(sections))
     path = out / "index.html"
-    path.write_text(page, encoding="utf-8")
+    io.write_atomically(path, page.encode("utf-8"))
     return path
+
+
+def check_report_target(out: Path, *, force: bool = False) -> None:
+    """FlawmapError, before any work, unless ``out`` can receive a report: a writable folder whose
+    ``index.html``, if any, is a report flawmap wrote (or ``force``)."""
+    check_writable(out, folder=True)
+    check_replaceable(out / "index.html", folder=False, force=force, ours=_is_report_page, what="a report flawmap wrote")
+
+
+def _is_report_page(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as page:
+            head = page.read(4096)
+    except OSError:
+        return False
+    return REPORT_MARK in head or "<title>flawmap report: " in head  # the title: reports written before the mark
 
 
 # ---------------------------------------------------------------- scoring and pictures
@@ -353,12 +375,15 @@ def _ratio(part: int, whole: int) -> str:
     return f"{part / whole:.1%}" if whole else "n/a"
 
 
+#: How a report page names its writer (checked before replacing an index.html).
+REPORT_MARK = '<meta name="generator" content="flawmap">'
 _PAGE = """<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{title}</title>
+<meta name="generator" content="flawmap">
 <style>{style}</style>
 </head>
 <body>

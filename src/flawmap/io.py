@@ -18,7 +18,7 @@ the new record, complete. Model directories and training checkpoints are both re
 
 A model directory is a record whose document is ``config.json``::
 
-    {"format": "flawmap-model", "format_version": 6, "flawmap_version": ...,
+    {"format": "flawmap-model", "format_version": 8, "flawmap_version": ...,
      "method": ..., "params": {...}, "fitted": {...}, "saved_with": {...}, "files": {...}}
 
 ``saved_with`` says where the model was fitted (device, torch version), for information only:
@@ -44,7 +44,7 @@ from flawmap._version import __version__
 from flawmap.errors import FlawmapError
 
 FORMAT_NAME = "flawmap-model"
-FORMAT_VERSION = 7  # 3: out-of-sample calibration records (calibration_, map maxima and medians); 4: tiling parameters; 5: SFR subspaces; 6: SFR affine; 7: MKD scored taps, FYD projector and chained FCA, students' patch teacher
+FORMAT_VERSION = 8  # 3: out-of-sample calibration records (calibration_, map maxima and medians); 4: tiling parameters; 5: SFR subspaces; 6: SFR affine; 7: MKD scored taps, FYD projector and chained FCA, students' patch teacher; 8: training-image digests and calibration history
 CONFIG_FILE = "config.json"
 #: Format versions this flawmap reads. Configs of an older version lack the hyper-parameters
 #: added since, which then take their defaults (defaults that keep the old behaviour: version 3
@@ -52,7 +52,9 @@ CONFIG_FILE = "config.json"
 #: or the value a method's ``former_params`` names (version 5 predates SFR's affine term, 0 then;
 #: version 6 MKD's ``scored_taps`` and ``smoothgrad_samples``, whose defaults keep its behaviour).
 #: An aligned FYD model of version 6 or before (no projector) cannot be read: it is to be refitted.
-READABLE_VERSIONS = (3, 4, 5, 6, FORMAT_VERSION)
+#: Fitted values added since (version 8: training-image digests, calibration history) load as
+#: unrecorded (``flawmap.models.base.FORMER_FITTED``).
+READABLE_VERSIONS = (3, 4, 5, 6, 7, FORMAT_VERSION)
 #: Top-level keys every model config has besides the format fields.
 MODEL_KEYS = ("method", "params", "fitted", "files")
 
@@ -71,17 +73,29 @@ def save_model_directory(directory: str | Path, document: dict[str, Any], groups
     anything but a flawmap model.
     """
     target = Path(directory)
-    if target.exists() and not (target / CONFIG_FILE).is_file():
-        if not target.is_dir() or any(target.iterdir()):
-            raise FlawmapError(f"{target}: exists and is not a flawmap model directory; refusing to overwrite it")
+    check_model_target(target)
     header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "flawmap_version": __version__}
     write_record(target, CONFIG_FILE, {**header, **document}, groups)
     return target
 
 
+def check_model_target(directory: Path) -> None:
+    """FlawmapError unless ``directory`` can receive a model: absent, an empty folder or a model
+    directory (:mod:`flawmap.outputs`: checked before a fit, not after it)."""
+    from flawmap.outputs import check_writable
+
+    if directory.exists() and not (directory / CONFIG_FILE).is_file():
+        if not directory.is_dir() or any(directory.iterdir()):
+            raise FlawmapError(f"{directory}: exists and is not a flawmap model directory; refusing to overwrite it")
+    check_writable(directory, folder=True)
+
+
 def read_model_directory(directory: str | Path) -> tuple[dict[str, Any], dict[str, Path]]:
     """The validated ``config.json`` of a model directory and its tensor files by group."""
     source = Path(directory)
+    if source.is_file():
+        hint = "an exported model, which runs with predict, evaluate, score, report and serve" if source.suffix == ".onnx" else "not a model"
+        raise FlawmapError(f"{source}: is a file ({hint}); this needs a model directory (`flawmap fit --out DIR`)")
     if not source.is_dir():
         raise FlawmapError(f"{source}: model directory not found")
     config_path = source / CONFIG_FILE
@@ -271,9 +285,13 @@ def read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def write_atomically(path: Path, payload: bytes) -> None:
-    """Write ``payload`` to a temporary sibling, flush it to disk, then rename it onto ``path``."""
+    """Write ``payload`` to a temporary sibling, flush it to disk, then rename it onto ``path``
+    (with the mode the umask gives new files, :mod:`flawmap.outputs`)."""
+    from flawmap.outputs import set_umask_mode
+
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        set_umask_mode(Path(temporary), folder=False)
         with os.fdopen(handle, "wb") as stream:
             stream.write(payload)
             stream.flush()

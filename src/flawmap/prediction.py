@@ -11,6 +11,7 @@ this interface, so they work with either. This module does not import torch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -21,7 +22,8 @@ from PIL import Image
 
 from flawmap import postprocess
 from flawmap.data import Batch, Dataset, Sample, iter_batches, samples_from_paths
-from flawmap.data.loader import DecodedImage, iter_images, pil_to_array
+from flawmap.data.loader import DecodedImage, check_image_side, iter_images, pil_to_array
+from flawmap.errors import FlawmapError
 from flawmap.regions import Region, find_regions
 from flawmap.runtime import Runtime
 from flawmap.tiling import Tiling
@@ -123,6 +125,24 @@ class Predictor:
 
     def _check_is_fitted(self) -> None:
         """Raise FlawmapError unless the model can score (an exported model always can)."""
+
+    def set_threshold(self, threshold: float) -> None:
+        """Flag image scores above ``threshold`` instead of the calibrated one; FlawmapError for a
+        value that is not finite, or below 0 for a model whose normal pixel scores are not (the
+        median normal pixel score ``map_low_`` is >= 0): it would flag every image."""
+        if not math.isfinite(threshold):
+            raise FlawmapError(f"threshold must be a finite number, got {threshold}")
+        if threshold < 0.0 <= self.map_low_:
+            raise FlawmapError(
+                f"threshold {threshold:g} is below 0, and this model's scores are not (median normal pixel score "
+                f"{self.map_low_:.4g}): every image would be flagged; its calibrated threshold is {self.threshold_:.4g}"
+            )
+        self.threshold_ = float(threshold)
+
+    def check_image(self, image: np.ndarray, name: str) -> None:
+        """FlawmapError naming ``name`` if the image (H x W x C) is too small for this model, as
+        decoding for a prediction would find (cheap: for a server to refuse it before batching)."""
+        check_image_side(image.shape[:2], None if self.tiling() is not None else self.image_size, name)
 
     def _scored(
         self, samples: Sequence[Sample | np.ndarray], skip_invalid: bool, what: str, load_masks: bool = False

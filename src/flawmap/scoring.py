@@ -45,6 +45,7 @@ from flawmap.data.datasets import output_names, samples_from_paths
 from flawmap.data.images import read_image
 from flawmap.errors import FlawmapError
 from flawmap.loading import load
+from flawmap.outputs import check_replaceable, check_writable, set_umask_mode
 from flawmap.prediction import Prediction
 from flawmap.runtime import Runtime
 
@@ -126,6 +127,7 @@ def score_files(
     runtime: Runtime = Runtime(),
     maps_dir: str | Path | None = None,
     cluster: RaySettings = RaySettings(),
+    force: bool = False,
 ) -> ScoreSummary:
     """Score every image of ``inputs`` with the model at ``model_path`` into the Parquet file ``out``.
 
@@ -141,6 +143,7 @@ def score_files(
     maps_dir : if given, each anomaly map is saved as ``MAPS_DIR/<name>.npy`` (float32, the
         image's original ``H x W``), ``<name>`` its path below the inputs' common folder.
     cluster : the Ray cluster and its actors, for ``engine="ray"``.
+    force : replace an existing ``out`` that is not a results table (:mod:`flawmap.outputs`).
 
     Raises
     ------
@@ -150,6 +153,9 @@ def score_files(
     """
     if engine not in ENGINES:
         raise FlawmapError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    check_replaceable(Path(out), folder=False, force=force, ours=is_results_table, what="a results table flawmap wrote")
+    if maps_dir is not None:
+        check_writable(Path(maps_dir), folder=True)
     paths = image_paths(inputs)
     map_paths = _map_paths(paths, maps_dir)
     scorer_args = {"model_path": os.path.abspath(model_path), "model_runtime": model_runtime, "runtime": asdict(runtime.replace(progress=False))}
@@ -332,6 +338,14 @@ def _check_reachable(address: str) -> None:
 
 
 # ---------------------------------------------------------------- output
+def is_results_table(path: Path) -> bool:
+    """Whether ``path`` is a Parquet file of :data:`RESULT_SCHEMA` (one ``score`` wrote)."""
+    try:
+        return pq.read_schema(path).equals(RESULT_SCHEMA, check_metadata=False)
+    except (OSError, pa.ArrowException):
+        return False
+
+
 def _write_rows(tables: Generator[pa.Table, None, None], out: Path, n_expected: int, *, progress: bool) -> ScoreSummary:
     """Write ``tables`` into ``out`` through :class:`ParquetRows`, counting what they hold; the
     generator is closed (a Ray instance started for it stopped) whatever happens."""
@@ -365,6 +379,7 @@ class ParquetRows:
         handle, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         os.close(handle)
         self._temporary = Path(name)
+        set_umask_mode(self._temporary, folder=False)
         self._writer = pq.ParquetWriter(self._temporary, RESULT_SCHEMA)
         return self
 

@@ -18,12 +18,15 @@ requests are admitted at once (reading, decoding, waiting or being scored); one 
 ``GET /v1/model``        method, hyper-parameters, thresholds, image size, model hash, versions
 ``GET /metrics``         Prometheus text: requests by route and status, predict latency and batch
                          size histograms, queue depth
-``GET /docs``            OpenAPI documentation (FastAPI's)
+``GET /openapi.json``    the OpenAPI description (no ``/docs`` page: FastAPI's loads its
+                         scripts from a CDN, blank on an offline factory network)
 =======================  ======================================================================
 
 Bad input never disturbs other requests: a body over ``max_upload_mb`` is ``413``, an empty body
 or bytes that are not a decodable image ``400`` (naming the problem), another content type or image
-format ``415``. With an exported ``.onnx`` model this module does not import torch.
+format ``415``, an image the model cannot take (smaller than its patch grid) or a bad query
+parameter ``422``, an unknown route ``404``. Every error answer has one shape:
+``{"error": {"code": "unsupported_media_type", "message": "..."}}``. With an exported ``.onnx`` model this module does not import torch.
 
 No ``from __future__ import annotations`` here: FastAPI reads the route handlers' annotations,
 which name classes imported inside :func:`create_app`.
@@ -41,6 +44,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
 
@@ -94,7 +98,7 @@ class ServeSettings:
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_queue < 1:
             raise FlawmapError(f"max_batch and max_queue must be at least 1, got {self.max_batch} and {self.max_queue}")
-        if self.max_upload_mb <= 0 or self.max_wait_ms < 0:
+        if not (self.max_upload_mb > 0 and self.max_wait_ms >= 0):  # NaN fails too
             raise FlawmapError(f"max_upload_mb must be > 0 and max_wait_ms >= 0, got {self.max_upload_mb} and {self.max_wait_ms}")
 
     @property
@@ -331,7 +335,9 @@ def create_app(served: ServedModel, settings: ServeSettings = ServeSettings()):
     """The FastAPI application serving ``served`` (run it with any ASGI server)."""
     try:
         from fastapi import FastAPI, Query, Request
+        from fastapi.exceptions import RequestValidationError
         from fastapi.responses import JSONResponse, PlainTextResponse
+        from starlette.exceptions import HTTPException
     except ImportError as error:
         raise FlawmapError(f'flawmap serve needs the serve extra ({error}): pip install "flawmap[serve]"') from None
 
@@ -349,8 +355,8 @@ def create_app(served: ServedModel, settings: ServeSettings = ServeSettings()):
         state["ready"] = False
         await batcher.stop()
 
-    app = FastAPI(
-        title="flawmap", version=__version__, lifespan=lifespan,
+    app = FastAPI(  # no /docs or /redoc: their pages load scripts from a CDN, blank offline
+        title="flawmap", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
         description=f"Anomaly detection with a {served.model.method} model ({served.source}).",
     )
 
@@ -365,6 +371,15 @@ def create_app(served: ServedModel, settings: ServeSettings = ServeSettings()):
     async def refuse(request: Request, error: RequestError):
         return _error_response(JSONResponse, error)
 
+    @app.exception_handler(HTTPException)
+    async def refuse_route(request: Request, error: HTTPException):  # unknown route, wrong method
+        return _error_response(JSONResponse, RequestError(error.status_code, f"{request.method} {request.url.path}: {error.detail}", error.headers))
+
+    @app.exception_handler(RequestValidationError)
+    async def refuse_parameters(request: Request, error: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(map(str, problem['loc']))}: {problem['msg']}" for problem in error.errors())
+        return _error_response(JSONResponse, RequestError(422, f"invalid request ({problems})"))
+
     @app.post("/v1/predict", openapi_extra=_PREDICT_BODY_DOC, summary="Score one image")
     async def predict(request: Request, map: str | None = Query(None, pattern="^png$", description="png: add the anomaly map")):
         start = time.perf_counter()
@@ -375,7 +390,13 @@ def create_app(served: ServedModel, settings: ServeSettings = ServeSettings()):
             data, content_type = await _read_image_bytes(request, settings.max_upload_bytes)
             image = await asyncio.to_thread(_decode_upload, data, content_type)
             try:
+                served.model.check_image(image, "upload")
+            except FlawmapError as error:  # before batching: it would fail its batch, then alone
+                raise RequestError(422, str(error)) from None
+            try:
                 prediction = await batcher.predict(image)
+            except FlawmapError as error:  # an image the model cannot take, e.g. smaller than its patch grid
+                raise RequestError(422, str(error)) from None
             except Exception as error:
                 raise RequestError(500, f"the model failed on this image: {error}") from None
             answer = await asyncio.to_thread(_answer, served, prediction, map == "png")
@@ -404,14 +425,34 @@ def create_app(served: ServedModel, settings: ServeSettings = ServeSettings()):
     return app
 
 
-def serve(served: ServedModel, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8080, log_level: str = "info") -> None:
-    """Run the server until interrupted (uvicorn; SIGINT/SIGTERM stop it after the requests in progress)."""
-    app = create_app(served, settings)
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (not yet listening); FlawmapError for a port outside
+    0..65535, an unknown host or an address in use, so that nothing is announced before it is bound."""
+    if not 0 <= port <= 65535:
+        raise FlawmapError(f"--port {port}: must be in 0..65535")
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (OSError, UnicodeError) as error:
+        raise FlawmapError(f"--host {host}: cannot resolve it ({error})") from None
+    sock = socket.socket(family, kind, protocol)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart reuses a port in TIME_WAIT
+    try:
+        sock.bind(address)
+    except OSError as error:
+        sock.close()
+        raise FlawmapError(f"cannot listen on {host}:{port} ({error.strerror or error}); is another server using it?") from None
+    return sock
+
+
+def serve(app, settings: ServeSettings, sock: socket.socket, log_level: str = "info") -> None:
+    """Run ``app`` (:func:`create_app`) on the bound ``sock`` (:func:`bind_socket`) until
+    interrupted (uvicorn; SIGINT/SIGTERM stop it after the requests in progress)."""
     import uvicorn
 
     # A backstop on open connections (uvicorn answers 503 past it), well above what --max-queue admits.
     connections = 2 * settings.max_queue + settings.max_batch + 16
-    uvicorn.run(app, host=host, port=port, log_level=log_level, limit_concurrency=connections, timeout_graceful_shutdown=10)
+    config = uvicorn.Config(app, log_level=log_level, limit_concurrency=connections, timeout_graceful_shutdown=10)
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 @contextmanager
@@ -470,7 +511,10 @@ _PREDICT_BODY_DOC = {
 
 
 def _error_response(json_response, error: RequestError):
-    return json_response({"error": error.message}, status_code=error.status, headers=error.headers)
+    """Every error answer: ``{"error": {"code": "payload_too_large", "message": "..."}}``, the
+    code being the status's standard phrase in snake case."""
+    code = HTTPStatus(error.status).phrase.lower().replace(" ", "_").replace("-", "_")
+    return json_response({"error": {"code": code, "message": error.message}}, status_code=error.status, headers=error.headers)
 
 
 def _check_length(request, max_bytes: int) -> None:

@@ -202,6 +202,18 @@ def _collect(
         decoded.clear()
 
 
+def check_image_side(original_hw: tuple[int, int], image_size: int | None, name: str) -> None:
+    """FlawmapError naming ``name`` when an image of ``original_hw`` is smaller than the patch grid of
+    a model resizing to ``image_size`` (None: images kept at their size, any size will do)."""
+    min_side = 1 if image_size is None else max(1, image_size // PATCH_STRIDE)
+    if min(original_hw) < min_side:
+        height, width = original_hw
+        raise FlawmapError(
+            f"{name}: image is {width}x{height}, smaller than the model's {min_side}x{min_side} patch grid "
+            f"(at least {min_side} pixels a side are needed)"
+        )
+
+
 def _decode(sample: Sample, array: np.ndarray | None, image_size: int | None, load_masks: bool) -> DecodedImage:
     """Read (or take) one image, resize it to ``image_size`` squared (None: keep its size) and
     read its mask if asked."""
@@ -210,13 +222,7 @@ def _decode(sample: Sample, array: np.ndarray | None, image_size: int | None, lo
     else:
         image = Image.fromarray(_array_to_rgb(array, sample.image_path))
     original_hw = (image.height, image.width)
-    min_side = 1 if image_size is None else max(1, image_size // PATCH_STRIDE)
-    if min(original_hw) < min_side:
-        height, width = original_hw
-        raise FlawmapError(
-            f"{sample.image_path}: image is {width}x{height}, smaller than the model's {min_side}x{min_side} patch grid "
-            f"(at least {min_side} pixels a side are needed)"
-        )
+    check_image_side(original_hw, image_size, str(sample.image_path))
     if image_size is not None:
         image = image.resize((image_size, image_size), Image.BILINEAR, reducing_gap=None)
     mask = _read_sample_mask(sample, original_hw) if load_masks else None

@@ -74,9 +74,17 @@ from PIL import Image
 from torch import nn
 
 from flawmap import io, postprocess
-from flawmap.calibration import Calibration, CalibrationWarning, calibrate_threshold, check_false_alarm_rate
+from flawmap.calibration import (
+    CALIBRATION_HISTORY_LENGTH,
+    MIN_CALIBRATION_IMAGES,
+    Calibration,
+    CalibrationWarning,
+    calibrate_threshold,
+    check_false_alarm_rate,
+)
 from flawmap.backbones import Backbone, create_backbone
 from flawmap.data import Batch, Dataset, Sample, open_dataset, samples_from_paths
+from flawmap.data.digests import DuplicateImageWarning, distinct_images, image_name, name_some
 from flawmap.data.loader import InvalidImageWarning, pil_to_array
 from flawmap.errors import FlawmapError
 from flawmap.postprocessor import PostProcessor
@@ -304,7 +312,7 @@ class AnomalyModel(Predictor):
         if not first and self.traits.partial_fit == "none":
             raise FlawmapError(f"method {self.method!r} cannot learn from more images; fit a new model on all of them")
         self._validate_params()
-        samples = training_samples(images)
+        samples, digests = self._distinct_training_samples(training_samples(images), first)
         if first and len(samples) < 2:
             raise FlawmapError(f"need at least 2 training images (to calibrate the threshold), got {len(samples)}")
         if first:
@@ -312,6 +320,7 @@ class AnomalyModel(Predictor):
             self.taps_ = tuple(self.taps or self._default_taps(backbone))
             self.scorer_ = self._new_scorer(backbone, self.taps_)
             self.n_train_images_, self.n_fits_ = 0, 0
+            self.train_digests_: list[str] | None = []
             self.calibration_images_ = torch.empty(0, 3, self.image_size, self.image_size, dtype=torch.uint8)
             self.calibration_scores_, self.calibration_map_maxima_, self.calibration_map_medians_ = [], [], []
         self.set_runtime()
@@ -328,6 +337,9 @@ class AnomalyModel(Predictor):
         learned = time.perf_counter()
         self.n_train_images_ += training.count
         self.n_fits_ += 1
+        if self.train_digests_ is not None:
+            self.train_digests_ += digests
+        self.calibration_history_ = []  # earlier calibrations scored a model that no longer exists
         if cross_fit:
             self._add_left_out_scores(fit_samples, training, skip_invalid)
         elif self.tile_size is not None:
@@ -341,15 +353,24 @@ class AnomalyModel(Predictor):
         return self
 
     def calibrate(
-        self, images: ImageInput, *, false_alarm_rate: float | None = None, skip_invalid: bool = False
+        self,
+        images: ImageInput,
+        *,
+        false_alarm_rate: float | None = None,
+        skip_invalid: bool = False,
+        allow_training_images: bool = False,
     ) -> "AnomalyModel":
         """Re-calibrate the threshold on new normal images without refitting; returns ``self``.
 
-        ``images``: normal images the model never learned from (files, folders of images, arrays,
-        PIL images; a Dataset gives its good test images). They are scored by the fitted model
-        and replace the normal scores the threshold came from; ``false_alarm_rate`` (if given)
-        becomes the model's target rate. A later :meth:`partial_fit` calibrates again from the
-        training data (module docstring).
+        ``images``: at least :data:`~flawmap.calibration.MIN_CALIBRATION_IMAGES` distinct normal
+        images the model never learned from (files, folders of images, arrays, PIL images; a
+        Dataset gives its good test images); an image given twice counts once. Training images
+        (recognised by content, :mod:`flawmap.data.digests`) are refused unless
+        ``allow_training_images``, which the calibration's source then states. They are scored
+        by the fitted model and replace the normal scores the threshold came from;
+        ``false_alarm_rate`` (if given) becomes the model's target rate. The calibration
+        replaced is kept in ``calibration_history_`` (:meth:`restore_calibration` puts it back).
+        A later :meth:`partial_fit` calibrates again from the training data (module docstring).
         """
         self._check_is_fitted()
         if false_alarm_rate is not None:
@@ -358,18 +379,74 @@ class AnomalyModel(Predictor):
             samples = [sample for sample in images.test if not sample.is_anomalous]
         else:
             samples = prediction_samples(images)
-        if not samples:
-            raise FlawmapError("no images given to calibrate on")
+        samples = self._distinct_calibration_samples(samples, allow_training_images)
         scored = self._scored(samples, skip_invalid, "calibrating")
         summaries = [_normal_summary(score, anomaly_map) for _, score, anomaly_map, _, _ in scored]
-        if not summaries:
-            raise FlawmapError("no valid calibration image left: every image was skipped")
+        _check_calibration_count(len(summaries), "valid ")
+        previous = self._calibration_state()
         if false_alarm_rate is not None:
             self.false_alarm_rate = false_alarm_rate
         self.calibration_scores_, self.calibration_map_maxima_, self.calibration_map_medians_ = [], [], []
         self._add_normal_scores(summaries)
-        self.calibrate_threshold(f"calibrate: {len(self.calibration_scores_)} new normal images")
+        allowed = ", training images allowed (--allow-training-images)" if allow_training_images else ""
+        self.calibrate_threshold(f"calibrate: {len(self.calibration_scores_)} new normal images{allowed}")
+        self.calibration_history_ = [*self.calibration_history_, previous][-CALIBRATION_HISTORY_LENGTH:]
         return self
+
+    def restore_calibration(self) -> "AnomalyModel":
+        """Put back the calibration the last :meth:`calibrate` replaced (threshold, pixel
+        threshold, false-alarm rate and their normal scores); returns ``self``."""
+        self._check_is_fitted()
+        if not self.calibration_history_:
+            raise FlawmapError("no earlier calibration to restore (this model was not re-calibrated since its fit)")
+        *self.calibration_history_, state = self.calibration_history_
+        for name in CALIBRATION_STATE:
+            setattr(self, name, Calibration.from_json(state[name]) if name == "calibration_" else state[name])
+        return self
+
+    def _calibration_state(self) -> dict[str, Any]:
+        """The current calibration, JSON-ready (an entry of ``calibration_history_``)."""
+        return {name: getattr(self, name).to_json() if name == "calibration_" else getattr(self, name)
+                for name in CALIBRATION_STATE}
+
+    def _distinct_training_samples(self, samples: list[Sample | np.ndarray], first: bool) -> tuple[list[Sample | np.ndarray], list[str]]:
+        """``samples`` with each content once, and not one an earlier fit learned; their digests.
+        Warns (:class:`~flawmap.data.digests.DuplicateImageWarning`) naming the dropped ones."""
+        known = set() if first or self.train_digests_ is None else set(self.train_digests_)
+        kept, digests, dropped = distinct_images(samples, known)
+        if dropped:
+            warnings.warn(
+                f"{len(dropped)} training image{'s' if len(dropped) > 1 else ''} given again counted once: {name_some(dropped)}",
+                DuplicateImageWarning, stacklevel=3,
+            )
+        return kept, digests
+
+    def _distinct_calibration_samples(
+        self, samples: list[Sample | np.ndarray], allow_training_images: bool
+    ) -> list[Sample | np.ndarray]:
+        """``samples`` with each content once; FlawmapError for training images (unless allowed)
+        or fewer than MIN_CALIBRATION_IMAGES distinct ones."""
+        kept, digests, dropped = distinct_images(samples)
+        if dropped:
+            warnings.warn(f"calibration images given again counted once: {name_some(dropped)}", DuplicateImageWarning, stacklevel=3)
+        if self.train_digests_ is None:
+            if not allow_training_images:
+                warnings.warn(
+                    "this model was saved without the content digests of its training images: calibrate cannot "
+                    "check that these images are new to it (fit it again to record them)",
+                    CalibrationWarning, stacklevel=3,
+                )
+        elif not allow_training_images:
+            training = set(self.train_digests_)
+            learned = [image_name(item, i) for i, (item, digest) in enumerate(zip(kept, digests)) if digest in training]
+            if learned:
+                raise FlawmapError(
+                    f"{len(learned)} of the {len(kept)} calibration images {'is a training image' if len(learned) == 1 else 'are training images'} of this model "
+                    f"({name_some(learned)}): their scores are in-sample, too low, and would lower the threshold; "
+                    "give good images it never learned from (or --allow-training-images)"
+                )
+        _check_calibration_count(len(kept), "distinct ")
+        return kept
 
     def calibrate_threshold(self, source: str | None = None) -> Calibration:
         """Set ``threshold_`` (and the overlays' ``map_low_``, ``map_high_``) from the stored
@@ -636,6 +713,8 @@ class AnomalyModel(Predictor):
             "calibration_map_maxima_": self.calibration_map_maxima_,
             "calibration_map_medians_": self.calibration_map_medians_,
             "fit_seconds_": self.fit_seconds_,
+            "train_digests_": self.train_digests_,
+            "calibration_history_": self.calibration_history_,
         }
 
 
@@ -670,7 +749,12 @@ def load_model(directory: str | Path, **runtime_settings: Any) -> AnomalyModel:
     except FlawmapError as error:
         raise FlawmapError(f"{config_path}: {error}") from None
     model.runtime = model.runtime.replace(**runtime_settings)
-    fitted = io.check_fitted(config_path, config["fitted"], FITTED_TYPES)
+    fitted = config["fitted"]
+    if isinstance(fitted, dict):  # values added since it was saved: none recorded then
+        former = {name: value for added, values in FORMER_FITTED.items() if config["format_version"] < added
+                  for name, value in values.items()}
+        fitted = {**former, **fitted}
+    fitted = io.check_fitted(config_path, fitted, FITTED_TYPES)
     model.taps_ = tuple(fitted.pop("taps_"))
     for name in FITTED_TYPES:
         if name != "taps_":
@@ -679,6 +763,7 @@ def load_model(directory: str | Path, **runtime_settings: Any) -> AnomalyModel:
         model.calibration_ = Calibration.from_json(model.calibration_)
     except ValueError as error:
         raise FlawmapError(f"{config_path}: 'calibration_': {error}") from None
+    _check_history(config_path, model.calibration_history_)
     calibration = io.read_tensor_file(files["calibration"])
     images = calibration.get("images")
     if images is None or images.dtype != torch.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != (3, model.image_size, model.image_size):
@@ -692,7 +777,21 @@ def load_model(directory: str | Path, **runtime_settings: Any) -> AnomalyModel:
         model.from_state(fitted, io.read_tensor_file(files["model"]))
     except (KeyError, RuntimeError, ValueError, IndexError, FlawmapError) as error:
         raise FlawmapError(f"{files['model']}: tensors do not match the {config['method']} configuration ({error})") from None
-    return model.set_runtime()
+    model.set_runtime()
+    _check_scorer_runs(model, config_path)
+    return model
+
+
+def _check_scorer_runs(model: AnomalyModel, config_path: Path) -> None:
+    """Score one blank image: a config whose backbone or taps were edited loads (the backbone
+    exists, the taps too) but embeds features of another size than the saved tensors."""
+    try:
+        model.score_images(torch.zeros(1, 3, model.image_size, model.image_size))
+    except RuntimeError as error:
+        reason = str(error).splitlines()[0]
+        raise FlawmapError(
+            f"{config_path}: its backbone and taps do not fit the saved tensors (was it edited? fit the model again): {reason}"
+        ) from None
 
 
 #: JSON types of the fitted values every model saves (``_fitted_scalars``).
@@ -708,7 +807,36 @@ FITTED_TYPES: dict[str, Any] = {
     "calibration_map_maxima_": list,
     "calibration_map_medians_": list,
     "fit_seconds_": dict,
+    "train_digests_": list | None,
+    "calibration_history_": list,
 }
+#: What a calibration changes in a model (saved as one entry of ``calibration_history_``).
+CALIBRATION_STATE = (
+    "false_alarm_rate", "threshold_", "map_low_", "map_high_", "calibration_",
+    "calibration_scores_", "calibration_map_maxima_", "calibration_map_medians_",
+)
+#: Fitted values added in a format version: version -> their values in a model saved before it.
+FORMER_FITTED: dict[int, dict[str, Any]] = {8: {"train_digests_": None, "calibration_history_": []}}
+
+
+def _check_calibration_count(count: int, kind: str) -> None:
+    """FlawmapError unless ``count`` reaches MIN_CALIBRATION_IMAGES (flawmap.calibration)."""
+    if count < MIN_CALIBRATION_IMAGES:
+        raise FlawmapError(
+            f"calibrate needs at least {MIN_CALIBRATION_IMAGES} {kind}good images, got {count}: with fewer, "
+            "the false-alarm rate of the threshold is unknown (see flawmap.calibration)"
+        )
+
+
+def _check_history(config_path: Path, history: list) -> None:
+    """FlawmapError naming ``config_path`` unless each entry of ``calibration_history_`` is a calibration state."""
+    for entry in history:
+        try:
+            if not isinstance(entry, dict) or set(entry) != set(CALIBRATION_STATE):
+                raise ValueError(f"expected the keys {', '.join(CALIBRATION_STATE)}")
+            Calibration.from_json(entry["calibration_"])
+        except ValueError as error:
+            raise FlawmapError(f"{config_path}: 'calibration_history_': {error}") from None
 
 
 def _param_types(model_class: type[AnomalyModel]) -> dict[str, Any]:
