@@ -394,3 +394,43 @@ def test_warnings_start_on_a_new_line_while_a_progress_bar_is_drawn():
 def test_quiet_silences_progress_bars(capsys, tiny_dataset, tiny_model_dir, tmp_path):
     code, _, err = run_cli(capsys, "predict", tiny_model_dir, tiny_dataset / "test" / "good", "--out", tmp_path / "p", "--quiet")
     assert code == 0 and "predicting" not in err
+
+
+def fit_help(capsys, *argv):
+    """``flawmap fit ... --help``: its text, after the exit argparse makes."""
+    with pytest.raises(SystemExit) as done:
+        main(["fit", *argv, "--help"])
+    assert done.value.code == 0
+    return capsys.readouterr().out
+
+
+def help_line(text, flag):
+    """The help of ``flag`` in ``text`` (argparse may put it on the next line), whitespace joined."""
+    words = " ".join(text.split())
+    start = words.index(f" {flag} ") + len(flag) + 2
+    rest = words[start:].split(" --")[0]
+    return rest
+
+
+def test_fit_help_of_one_method_lists_its_flags_with_its_defaults(capsys):
+    from flawmap.models import METHODS
+
+    rlr = METHODS.get("rlr")()
+    text = fit_help(capsys, "--method", "rlr")
+    for name in ("epochs", "hidden_dim", "depth", "learning_rate"):
+        assert help_line(text, "--" + name.replace("_", "-")).endswith(f"default {getattr(rlr, name)}")
+    assert "--coreset-fraction" not in text and "--align" not in text  # patchcore's and fyd's
+    assert "--epochs INT default 12" in " ".join(fit_help(capsys, "--method=rlr").split())
+
+
+def test_fit_help_names_each_methods_default_where_they_differ(capsys):
+    from flawmap.models import METHODS
+
+    text = fit_help(capsys)
+    epochs = {name: METHODS.get(name)().epochs for name in ("fyd", "mkd", "rlr", "students")}
+    line = help_line(text, "--epochs INT")
+    assert line.startswith("[fyd, mkd, rlr, students] default ")
+    for name, value in epochs.items():
+        assert f"{name} {value}" in line or line.startswith(f"[fyd, mkd, rlr, students] default {value}")
+    assert help_line(text, "--depth INT") == f"[mkd, rlr] default {METHODS.get('mkd')().depth} (rlr {METHODS.get('rlr')().depth})"
+    assert "--coreset-fraction" in text

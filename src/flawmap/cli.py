@@ -76,7 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.formatwarning = _one_line_warning
     # image decoding refuses such images with an error of its own; Pillow's warning would repeat it
     warnings.filterwarnings("ignore", message=".*decompression bomb", module="PIL")
-    parser = build_parser(commands=_command_in(sys.argv[1:] if argv is None else argv))
+    arguments = sys.argv[1:] if argv is None else argv
+    parser = build_parser(commands=_command_in(arguments), method=_fit_method_in(arguments))
     try:
         args, unknown = parser.parse_known_args(argv)
         if unknown and args.handler not in _NEEDS_TORCH.values():
@@ -118,9 +119,25 @@ def _command_in(argv: Sequence[str]) -> bool:
     return any(not str(arg).startswith("-") for arg in argv)
 
 
-def build_parser(commands: bool = True) -> argparse.ArgumentParser:
+def _fit_method_in(argv: Sequence[str]) -> str | None:
+    """The value of ``fit --method X`` (or ``--method=X``) in ``argv``, if any, read before
+    parsing: ``fit --method X --help`` then lists X's hyper-parameters with X's defaults."""
+    arguments = [str(arg) for arg in argv]
+    if "fit" not in arguments:
+        return None
+    for i, arg in enumerate(arguments):
+        if arg == "--method" and i + 1 < len(arguments):
+            return arguments[i + 1]
+        if arg.startswith("--method="):
+            return arg.partition("=")[2]
+    return None
+
+
+def build_parser(commands: bool = True, method: str | None = None) -> argparse.ArgumentParser:
     """The ``flawmap`` parser; with ``commands=False`` the commands without their flags (enough
-    for ``--help``, ``--version`` and a missing command, and fast: nothing heavy is imported)."""
+    for ``--help``, ``--version`` and a missing command, and fast: nothing heavy is imported).
+    With ``method`` (a registered one), ``fit --help`` lists only that method's hyper-parameters,
+    with its defaults; the others' flags still parse (and are refused by name for it)."""
     parser = _Parser(prog="flawmap", description="Unsupervised visual anomaly detection.")
     parser.add_argument("--version", action="version", version=f"flawmap {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -129,25 +146,29 @@ def build_parser(commands: bool = True) -> argparse.ArgumentParser:
             _command(subparsers, name, None)
         return parser
     _import_commands()
-    _add_commands(subparsers)
+    _add_commands(subparsers, method)
     return parser
 
 
-def _add_commands(commands) -> None:
+def _add_commands(commands, method: str | None = None) -> None:
     if METHODS is None:
         _add_runtime_only_commands(commands)
     else:
-        _add_torch_commands(commands)
+        _add_torch_commands(commands, method if method in METHODS else None)
     _add_serve_command(commands)
     _add_report_command(commands)
     _add_score_command(commands)
 
 
-def _add_torch_commands(commands) -> None:
-    """Every command, with its flags (method hyper-parameters included)."""
+def _add_torch_commands(commands, method: str | None = None) -> None:
+    """Every command, with its flags (method hyper-parameters included; ``method``: see
+    :func:`build_parser`)."""
     fit = _command(commands, "fit", run_fit)
     fit.add_argument("data", nargs="+", type=Path, metavar="DATA_DIR", help="dataset or image folder(s); several train one model")
-    fit.add_argument("--method", default=None, help=f"one of: {', '.join(METHODS.names())} (default patchcore)")
+    fit.add_argument(
+        "--method", default=None,
+        help=f"one of: {', '.join(METHODS.names())} (default patchcore); `fit --method X --help` lists X's hyper-parameters",
+    )
     fit.add_argument("--out", type=Path, metavar="MODEL_DIR", help="where to save the model (default with --update: that model)")
     fit.add_argument(
         "--update", type=Path, metavar="MODEL_DIR",
@@ -161,7 +182,7 @@ def _add_torch_commands(commands) -> None:
     )
     fit.add_argument("--skip-invalid", action="store_true", help="skip unreadable images with a warning instead of stopping")
     _add_runtime_flags(fit)
-    _add_hyperparameter_flags(fit)
+    _add_hyperparameter_flags(fit, method)
 
     _add_prediction_commands(commands)
 
@@ -336,25 +357,39 @@ def _hyperparameter_fields() -> dict[str, tuple[Any, list[str]]]:
     return fields
 
 
-def _add_hyperparameter_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("hyper-parameters (each applies to the methods named)")
-    all_methods = METHODS.names()
+def _add_hyperparameter_flags(parser: argparse.ArgumentParser, method: str | None = None) -> None:
+    """A flag per hyper-parameter: each names the methods it applies to and their defaults; with
+    ``method``, only that method's flags are listed, with its defaults (the others are hidden)."""
+    title = f"hyper-parameters of {method}" if method else "hyper-parameters (each applies to the methods named)"
+    group = parser.add_argument_group(title)
     for name, (hint, methods) in _hyperparameter_fields().items():
-        scope = "all methods" if methods == all_methods else ", ".join(methods)
-        default = _field_default(name, methods[0])
+        if method is None:
+            help_text = f"[{_scope(methods)}] {_defaults_text(name, methods)}"
+        else:
+            help_text = f"default {_field_default(name, method)}" if method in methods else argparse.SUPPRESS
         group.add_argument(
-            _flag(name),
-            dest=f"param_{name}",
-            type=_parser_for(hint),
-            default=None,
-            metavar=_metavar(hint),
-            help=f"[{scope}] default {default}",
+            _flag(name), dest=f"param_{name}", type=_parser_for(hint), default=None, metavar=_metavar(hint), help=help_text,
         )
         if _parser_for(hint) is _parse_bool:  # --no-align is --align false
             group.add_argument(
                 "--no-" + name.replace("_", "-"), dest=f"param_{name}", action="store_const", const=False,
-                help=f"[{scope}] the same as {_flag(name)} false",
+                help=argparse.SUPPRESS if help_text is argparse.SUPPRESS else f"the same as {_flag(name)} false",
             )
+
+
+def _scope(methods: list[str]) -> str:
+    """``all methods`` or the methods named."""
+    return "all methods" if methods == METHODS.names() else ", ".join(methods)
+
+
+def _defaults_text(name: str, methods: list[str]) -> str:
+    """``default 20 (mkd 15, rlr 12)``: the default most of ``methods`` share (the first
+    method's on a tie), then each method whose default differs."""
+    defaults = {method: _field_default(name, method) for method in methods}
+    values = list(defaults.values())
+    common = max(values, key=values.count)
+    others = [f"{method} {value}" for method, value in defaults.items() if value != common]
+    return f"default {common}" + (f" ({', '.join(others)})" if others else "")
 
 
 def _flag(name: str) -> str:
