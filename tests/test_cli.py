@@ -406,10 +406,10 @@ def fit_help(capsys, *argv):
 
 def help_line(text, flag):
     """The help of ``flag`` in ``text`` (argparse may put it on the next line), whitespace joined."""
-    words = " ".join(text.split())
-    start = words.index(f" {flag} ") + len(flag) + 2
-    rest = words[start:].split(" --")[0]
-    return rest
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"  {flag} ") or line == f"  {flag}")
+    end = next((i for i in range(start + 1, len(lines)) if not lines[i].startswith("    ")), len(lines))
+    return " ".join(" ".join(lines[start:end]).split()[len(flag.split()):])
 
 
 def test_fit_help_of_one_method_lists_its_flags_with_its_defaults(capsys):
@@ -434,3 +434,25 @@ def test_fit_help_names_each_methods_default_where_they_differ(capsys):
         assert f"{name} {value}" in line or line.startswith(f"[fyd, mkd, rlr, students] default {value}")
     assert help_line(text, "--depth INT") == f"[mkd, rlr] default {METHODS.get('mkd')().depth} (rlr {METHODS.get('rlr')().depth})"
     assert "--coreset-fraction" in text
+
+
+def test_calibration_fraction_names_the_methods_that_hold_images_out(capsys, tmp_path):
+    from flawmap.models import METHODS
+
+    holding = [name for name in METHODS.names() if not METHODS.get(name).traits.cross_fits]
+    cross_fitting = [name for name in METHODS.names() if name not in holding]
+    assert holding and cross_fitting
+    assert help_line(fit_help(capsys), "--calibration-fraction FLOAT").startswith(f"[{', '.join(holding)}; any method with --tile-size]")
+    assert help_line(fit_help(capsys, "--method", cross_fitting[0]), "--calibration-fraction FLOAT").startswith("[only with --tile-size]")
+
+    missing = tmp_path / "missing"
+    for method in cross_fitting:
+        code, _, err = run_cli(capsys, "fit", missing, "--method", method, "--out", tmp_path / "m", "--calibration-fraction", "0.3")
+        assert_one_line_error(code, err, "--calibration-fraction does not apply", repr(method), "holds no image out")
+    code, _, err = run_cli(capsys, "benchmark", missing, "--methods", cross_fitting[0], "--param", f"{cross_fitting[0]}.calibration_fraction=0.3")
+    assert_one_line_error(code, err, "calibration_fraction does not apply")
+    # where it changes the calibration it is accepted: the fit goes on (to the missing folder)
+    for extra in (["--method", holding[0]], ["--method", cross_fitting[0], "--tile-size", "64"]):
+        code, _, err = run_cli(capsys, "fit", missing, *extra, "--out", tmp_path / "m", "--calibration-fraction", "0.3")
+        assert_one_line_error(code, err, "missing")
+        assert "calibration-fraction" not in err

@@ -367,6 +367,8 @@ def _add_hyperparameter_flags(parser: argparse.ArgumentParser, method: str | Non
             help_text = f"[{_scope(methods)}] {_defaults_text(name, methods)}"
         else:
             help_text = f"default {_field_default(name, method)}" if method in methods else argparse.SUPPRESS
+        if name == "calibration_fraction":
+            help_text = _calibration_fraction_help(method)
         group.add_argument(
             _flag(name), dest=f"param_{name}", type=_parser_for(hint), default=None, metavar=_metavar(hint), help=help_text,
         )
@@ -375,6 +377,31 @@ def _add_hyperparameter_flags(parser: argparse.ArgumentParser, method: str | Non
                 "--no-" + name.replace("_", "-"), dest=f"param_{name}", action="store_const", const=False,
                 help=argparse.SUPPRESS if help_text is argparse.SUPPRESS else f"the same as {_flag(name)} false",
             )
+
+
+def _calibration_fraction_help(method: str | None) -> str:
+    """Which methods ``--calibration-fraction`` changes, and why giving it to another is an error."""
+    default = _field_default("calibration_fraction", METHODS.names()[0])
+    holding = [name for name in METHODS.names() if METHODS.get(name).holds_out()]
+    cross_fitting = ", ".join(name for name in METHODS.names() if name not in holding)
+    reason = (
+        f"share of the training images held out to calibrate the threshold, default {default}. The cross-fitting "
+        f"methods ({cross_fitting}) hold none out: they score every training image leave-one-out, so for them it "
+        "is an error (it would change nothing), unless --tile-size is given (tiled fits hold out)"
+    )
+    if method is None:
+        return f"[{', '.join(holding)}; any method with --tile-size] {reason}"
+    return reason if METHODS.get(method).holds_out() else f"[only with --tile-size] {reason}"
+
+
+def _check_calibration_fraction(method: str, params: dict[str, Any], flag: str) -> None:
+    """FlawmapError if ``params`` set ``calibration_fraction`` for a fit of ``method`` that holds
+    no image out (a cross-fitting method, untiled)."""
+    if "calibration_fraction" in params and not METHODS.get(method).holds_out(params.get("tile_size")):
+        raise FlawmapError(
+            f"{flag} does not apply to method {method!r} without --tile-size: it cross-fits (every training image "
+            "is scored leave-one-out to calibrate the threshold) and holds no image out"
+        )
 
 
 def _scope(methods: list[str]) -> str:
@@ -436,6 +463,7 @@ def _given_hyperparameters(args: argparse.Namespace, method: str) -> dict[str, A
     for name in given:
         if method not in fields[name][1]:
             raise FlawmapError(f"{_flag(name)} does not apply to method {method!r} (it applies to: {', '.join(fields[name][1])})")
+    _check_calibration_fraction(method, given, "--calibration-fraction")
     return given
 
 
@@ -763,6 +791,8 @@ def _method_params(specs: list[str]) -> dict[str, dict[str, Any]]:
             params.setdefault(method, {})[name] = _parser_for(fields[name][0])(text)
         except (ValueError, argparse.ArgumentTypeError) as error:
             raise FlawmapError(f"--param {spec!r}: {error}") from None
+    for method, given in params.items():
+        _check_calibration_fraction(method, given, f"--param {method}.calibration_fraction")
     return params
 
 

@@ -691,9 +691,16 @@ class AnomalyModel(Predictor):
         maps, image_scores = self.postprocessor()(scored.patch_scores, scored.image_scores)
         return image_scores.cpu().numpy(), maps.cpu().numpy()
 
+    @classmethod
+    def holds_out(cls, tile_size: int | None = None) -> bool:
+        """Whether a fit holds out ``calibration_fraction`` of the normal images to calibrate
+        the threshold (so that the hyper-parameter matters): methods that do not cross-fit, and
+        every method when tiled (``tile_size`` given)."""
+        return not cls.traits.cross_fits or tile_size is not None
+
     def _cross_fitted(self) -> bool:
         """Whether fits calibrate on leave-one-out scores of the training images (module docstring)."""
-        return self.traits.cross_fits and self.tile_size is None
+        return not self.holds_out(self.tile_size)
 
     def _check_is_fitted(self) -> None:
         if not self.is_fitted():
