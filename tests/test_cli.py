@@ -70,8 +70,11 @@ def test_fit_evaluate_predict_end_to_end(capsys, tiny_dataset, tmp_path):
 
 def test_export_then_predict_and_evaluate_the_onnx_file(capsys, tiny_dataset, tiny_model_dir, tmp_path):
     onnx_path = tmp_path / "model.onnx"
-    code, out, _ = run_cli(capsys, "export", tiny_model_dir, "--out", onnx_path, "--batch", "2", "--input-dtype", "uint8")
+    code, out, err = run_cli(capsys, "export", tiny_model_dir, "--out", onnx_path, "--batch", "2", "--input-dtype", "uint8")
     assert code == 0 and f"to {onnx_path}" in out and "batch 2" in out
+    from flawmap.export import EXPORT_STEPS
+
+    assert all(f"exporting: {step}" in err for step in EXPORT_STEPS)  # progress of each step, onnxruntime's check included
     images = sorted((tiny_dataset / "test").glob("*/*.png"))[:3]
     outputs = {}
     for model in (tiny_model_dir, onnx_path):
@@ -456,3 +459,26 @@ def test_calibration_fraction_names_the_methods_that_hold_images_out(capsys, tmp
         code, _, err = run_cli(capsys, "fit", missing, *extra, "--out", tmp_path / "m", "--calibration-fraction", "0.3")
         assert_one_line_error(code, err, "missing")
         assert "calibration-fraction" not in err
+
+
+def test_export_and_serve_take_quiet(capsys, monkeypatch, tiny_model_dir, tmp_path):
+    import flawmap.export
+    import flawmap.serve
+
+    # export's progress (its steps on stderr) is shown by the export test above; here: who turns it off
+    asked = []
+    written = tmp_path / "m.onnx"
+    written.write_bytes(b"graph")
+    monkeypatch.setattr(flawmap.export, "export_onnx", lambda *args, progress, **options: asked.append(progress) or written)
+    for flags, environment in ((["--quiet"], "0"), ([], "0"), ([], "1")):
+        monkeypatch.setenv("TQDM_DISABLE", environment)
+        code, out, _ = run_cli(capsys, "export", tiny_model_dir, "--out", written, *flags)
+        assert code == 0 and "exported" in out
+    assert asked == [False, True, False]
+
+    levels = []
+    monkeypatch.setattr(flawmap.serve, "serve", lambda app, settings, sock, log_level: levels.append(log_level))
+    for flags in (["--quiet"], [], ["--quiet", "--log-level", "debug"]):
+        code, out, _ = run_cli(capsys, "serve", tiny_model_dir, "--port", "0", *flags)
+        assert code == 0 and "serving patchcore model" in out
+    assert levels == ["warning", "info", "debug"]  # --quiet: no log line per request; an explicit level wins

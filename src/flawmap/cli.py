@@ -233,6 +233,7 @@ def _add_torch_commands(commands, method: str | None = None) -> None:
         "--input-dtype", default="float32", choices=INPUT_DTYPES,
         help="graph input: float32 RGB in [0, 1] (default) or uint8 RGB in [0, 255]",
     )
+    _add_quiet_flag(export)
 
     demo = _command(commands, "demo", run_demo)
     demo.add_argument("--out", type=Path, default=Path("flawmap-demo"), metavar="DIR", help="default ./flawmap-demo")
@@ -334,13 +335,21 @@ def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--precision", default=None, choices=PRECISIONS, help=f"arithmetic (default {defaults.precision})")
     group.add_argument("--batch-size", type=int, default=None, metavar="INT", help=f"images per backbone pass (default {defaults.batch_size})")
     group.add_argument("--num-workers", type=int, default=None, metavar="INT", help=f"image-decoding threads (default {defaults.num_workers})")
-    group.add_argument("--quiet", action="store_true", help="no progress bars (also: environment variable TQDM_DISABLE=1)")
+    _add_quiet_flag(group)
+
+
+def _add_quiet_flag(parser, help_text: str = "no progress bars (also: environment variable TQDM_DISABLE=1)") -> None:
+    parser.add_argument("--quiet", action="store_true", help=help_text)
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    """Progress bars, unless ``--quiet`` or the environment variable ``TQDM_DISABLE``."""
+    return not args.quiet and os.environ.get("TQDM_DISABLE", "").lower() in ("", "0", "false")
 
 
 def _runtime(args: argparse.Namespace) -> Runtime:
     """The runtime the flags ask for, with progress bars unless ``--quiet`` or ``TQDM_DISABLE``."""
-    progress = not args.quiet and os.environ.get("TQDM_DISABLE", "").lower() in ("", "0", "false")
-    return Runtime(progress=progress).replace(
+    return Runtime(progress=_progress(args)).replace(
         device=args.device, precision=args.precision, batch_size=args.batch_size, num_workers=args.num_workers
     )
 
@@ -718,7 +727,7 @@ def run_export(args: argparse.Namespace) -> None:
 
     out = export_onnx(
         args.model, args.out, opset=args.opset, batch=args.batch, precision=args.precision, input_dtype=args.input_dtype,
-        force=args.force,
+        force=args.force, progress=_progress(args),
     )
     print(
         f"exported {args.model} to {out} ({out.stat().st_size / 2**20:.1f} MiB, batch {args.batch}, "
@@ -836,7 +845,11 @@ def _add_serve_command(commands) -> None:
     serve.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms, metavar="MS", help=f"how long a batch waits for more images (default {defaults.max_wait_ms:g})")
     serve.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default cpu)")
     serve.add_argument("--precision", default=None, choices=PRECISIONS, help="arithmetic of a model directory (default auto)")
-    serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"), help="uvicorn's (default info)")
+    serve.add_argument(
+        "--log-level", default=None, choices=("critical", "error", "warning", "info", "debug"),
+        help="uvicorn's (default info; warning with --quiet)",
+    )
+    _add_quiet_flag(serve, "no log line per request (uvicorn's log level warning, unless --log-level is given)")
 
 
 def run_serve(args: argparse.Namespace) -> None:
@@ -853,7 +866,7 @@ def run_serve(args: argparse.Namespace) -> None:
             f"serving {served.model.method} model {args.model} ({served.runtime}) at http://{args.host}:{sock.getsockname()[1]}"
             "/v1/predict (API description: /openapi.json); Ctrl+C stops", flush=True,
         )
-        serve(app, settings, sock, log_level=args.log_level)
+        serve(app, settings, sock, log_level=args.log_level or ("warning" if args.quiet else "info"))
     finally:
         sock.close()
 

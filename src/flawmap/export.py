@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +35,7 @@ from typing import Iterator
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from flawmap import io
 from flawmap._version import __version__
@@ -59,6 +61,8 @@ SCORE_TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
 CHECK_IMAGES = 4
 #: What exporting needs besides torch (the ``flawmap[export]`` extra).
 EXPORT_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
+#: The export's steps, shown one after the other by its progress bar (seconds each on a CPU).
+EXPORT_STEPS = ("tracing (torch.export)", "translating to ONNX", "checking with onnxruntime")
 
 
 class ExportGraph(nn.Module):
@@ -97,6 +101,7 @@ def export_onnx(
     precision: str = "float32",
     input_dtype: str = "float32",
     force: bool = False,
+    progress: bool = False,
 ) -> Path:
     """Export the model saved in ``model_dir`` to the ONNX file ``out``; returns its path.
 
@@ -118,6 +123,8 @@ def export_onnx(
         The graph's input: RGB float32 in [0, 1], or uint8 in [0, 255].
     force : bool
         Replace an existing ``out`` that is not a graph flawmap exported (:mod:`flawmap.outputs`).
+    progress : bool
+        Show a progress bar over the export's steps (:data:`EXPORT_STEPS`, on stderr).
 
     Raises
     ------
@@ -147,7 +154,15 @@ def export_onnx(
         )
     exact_torch_searches(model.scorer_)  # a faiss bank exports as an exact search over its stored vectors
     graph = ExportGraph(model.scorer_, model.postprocessor(), input_dtype == "uint8").eval()
-    proto = _to_onnx(graph, model, batch, opset)
+    with tqdm(total=len(EXPORT_STEPS), unit="step", disable=not progress, leave=False, file=sys.stderr) as steps:
+        payload = _with_metadata(_to_onnx(graph, model, batch, opset, steps), model, precision, batch, input_dtype, source_sha256)
+        _check_parity(payload, model, precision, target, steps)
+    io.write_atomically(target, payload)
+    return target
+
+
+def _with_metadata(proto, model: AnomalyModel, precision: str, batch: int | str, input_dtype: str, source_sha256: str) -> bytes:
+    """``proto`` (float16 storage where asked) with flawmap's metadata, serialised."""
     if precision == "float16":
         store_float16(proto)
     exporter = f"torch.export (non-strict) + torch.onnx dynamo, torch {torch.__version__}"
@@ -171,10 +186,7 @@ def export_onnx(
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    payload = proto.SerializeToString()
-    _check_parity(payload, model, precision, target)
-    io.write_atomically(target, payload)
-    return target
+    return proto.SerializeToString()
 
 
 def is_exported_graph(path: Path) -> bool:
@@ -220,7 +232,13 @@ def _check_arguments(batch: int | str, precision: str, input_dtype: str, opset: 
         raise FlawmapError(f"opset must be at least 18 (the dynamo exporter's minimum), got {opset}")
 
 
-def _to_onnx(graph: ExportGraph, model: AnomalyModel, batch: int | str, opset: int | None):
+def _step(steps: tqdm, index: int) -> None:
+    """Show :data:`EXPORT_STEPS` ``[index]`` as the one in progress (``steps`` counts those done)."""
+    steps.update(index - steps.n)
+    steps.set_description(f"exporting: {EXPORT_STEPS[index]}")
+
+
+def _to_onnx(graph: ExportGraph, model: AnomalyModel, batch: int | str, opset: int | None, steps: tqdm):
     """The ONNX ModelProto of ``graph``, traced with ``torch.export`` at the requested batch."""
     size = model.image_size
     example_batch = 2 if batch == "dynamic" else batch  # 0 and 1 would be specialised
@@ -231,7 +249,9 @@ def _to_onnx(graph: ExportGraph, model: AnomalyModel, batch: int | str, opset: i
     dynamic_shapes = {"images": {0: torch.export.Dim("batch", min=1)}} if batch == "dynamic" else None
     with torch.no_grad(), _quiet_exporter():
         graph(example)  # builds the post-processor's operators from real tensors: constants of the graph
+        _step(steps, 0)
         exported = torch.export.export(graph, (example,), dynamic_shapes=dynamic_shapes, strict=False)
+        _step(steps, 1)
         program = torch.onnx.export(
             exported, dynamo=True, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
             opset_version=opset, external_data=False, verbose=False,
@@ -273,8 +293,9 @@ def _normalization_note(model: AnomalyModel, input_dtype: str) -> str:
     )
 
 
-def _check_parity(payload: bytes, model: AnomalyModel, precision: str, target: Path) -> None:
+def _check_parity(payload: bytes, model: AnomalyModel, precision: str, target: Path, steps: tqdm) -> None:
     """Run the serialised graph on the model's calibration images and compare with the torch model."""
+    _step(steps, 2)
     probe = target.with_name(f".{target.name}.check")  # removed below, whatever happens
     io.write_atomically(probe, payload)
     try:
@@ -286,6 +307,7 @@ def _check_parity(payload: bytes, model: AnomalyModel, precision: str, target: P
         onnx_scores, onnx_maps = exported.score_images(images)
     finally:
         probe.unlink(missing_ok=True)
+    steps.update()
     map_range = max(float(torch_maps.max() - torch_maps.min()), 1e-12)
     map_error = float(np.abs(onnx_maps - torch_maps).max()) / map_range
     score_error = float(np.max(np.abs(onnx_scores - torch_scores) / np.maximum(np.abs(torch_scores), 1e-12)))
