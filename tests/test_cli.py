@@ -482,3 +482,28 @@ def test_export_and_serve_take_quiet(capsys, monkeypatch, tiny_model_dir, tmp_pa
         code, out, _ = run_cli(capsys, "serve", tiny_model_dir, "--port", "0", *flags)
         assert code == 0 and "serving patchcore model" in out
     assert levels == ["warning", "info", "debug"]  # --quiet: no log line per request; an explicit level wins
+
+
+def quick_flags(method):
+    """``fit`` flags of ``method``'s quick_params."""
+    from flawmap.models import METHODS
+
+    flags = []
+    for name, value in METHODS.get(method).quick_params.items():
+        flags += ["--" + name.replace("_", "-"), ",".join(value) if isinstance(value, tuple) else str(value)]
+    return flags
+
+
+@pytest.mark.parametrize(
+    ("method", "phases"),
+    [("patchcore", ["extracting features", "coreset selection", "calibrating: leave-one-out"]),
+     ("rlr", ["holding out", "training rlr", "calibrating: held-out images"])],
+)
+def test_fit_shows_progress_of_every_phase_unless_quiet(capsys, monkeypatch, tiny_dataset, tmp_path, one_torch_thread, method, phases):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    fit = ["fit", tiny_dataset, "--method", method, *quick_flags(method), "--batch-size", "8", "--num-workers", "1"]
+    code, _, err = run_cli(capsys, *fit, "--out", tmp_path / "shown")
+    assert code == 0 and all(f"{phase}:" in err for phase in phases), err
+    if method == "patchcore":  # one quiet fit is enough
+        code, _, err = run_cli(capsys, *fit, "--out", tmp_path / "quiet", "--quiet")
+        assert code == 0 and not any(phase in err for phase in phases) and "%|" not in err

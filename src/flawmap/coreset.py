@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from flawmap.runtime import progress_bar
+
 #: Rows per coreset shard. Each greedy step reads the whole projected shard, so the shard must
 #: stay in cache: measured here, a step over 8k x 128 float32 rows (4 MiB) took 0.31 ms, one over
 #: 16k rows (8 MiB) 1.2-2.2 ms. The number of steps is the coreset's size whatever the shards.
@@ -19,7 +21,7 @@ CORESET_SHARD_ROWS = 8_192
 
 
 def greedy_coreset(
-    features: torch.Tensor, n_select: int, *, generator: torch.Generator | None = None
+    features: torch.Tensor, n_select: int, *, generator: torch.Generator | None = None, progress: str | None = None
 ) -> torch.Tensor:
     """Indices of a greedy k-center coreset (Gonzalez; PatchCore Alg. 1).
 
@@ -34,6 +36,8 @@ def greedy_coreset(
         Coreset size, ``1 <= n_select <= N``.
     generator : torch.Generator, optional
         Picks the first point.
+    progress : str, optional
+        Description of a progress bar over the selection steps (on stderr); None shows none.
 
     Returns
     -------
@@ -49,13 +53,15 @@ def greedy_coreset(
     dots = torch.empty(n_points)
     chosen = torch.empty(n_select, dtype=torch.long)
     next_index = int(torch.randint(n_points, (1,), generator=generator))
-    for step in range(n_select):
-        chosen[step] = next_index
-        torch.mv(points, points[next_index], out=dots)
-        # |p - c|^2 = |p|^2 - 2 p.c + |c|^2, folded into the running minimum in place
-        sq_distances = dots.mul_(-2.0).add_(sq_norms).add_(sq_norms[next_index])
-        torch.minimum(min_sq_distances, sq_distances, out=min_sq_distances)
-        next_index = int(torch.argmax(min_sq_distances))
+    with progress_bar(progress, total=n_select, unit="row") as bar:
+        for step in range(n_select):
+            chosen[step] = next_index
+            torch.mv(points, points[next_index], out=dots)
+            # |p - c|^2 = |p|^2 - 2 p.c + |c|^2, folded into the running minimum in place
+            sq_distances = dots.mul_(-2.0).add_(sq_norms).add_(sq_norms[next_index])
+            torch.minimum(min_sq_distances, sq_distances, out=min_sq_distances)
+            next_index = int(torch.argmax(min_sq_distances))
+            bar.update()
     return chosen
 
 
@@ -132,6 +138,9 @@ class StreamingCoreset(_StreamSample):
         Rows per shard.
     generator : torch.Generator, optional
         Source of the projection and of each shard's first point.
+    progress : str, optional
+        Description of a progress bar over each shard's selection (on stderr); None shows none.
+        How the stream runs, not part of its :meth:`state`.
 
     Rows may carry integer labels (``add(rows, labels)``, e.g. the training image each row came
     from); the labels of the kept rows are :meth:`labels`, -1 for rows added without.
@@ -145,10 +154,12 @@ class StreamingCoreset(_StreamSample):
         projection_dim: int = 128,
         shard_rows: int = CORESET_SHARD_ROWS,
         generator: torch.Generator | None = None,
+        progress: str | None = None,
     ) -> None:
         super().__init__(fraction, generator=generator)
         self.projection_dim = projection_dim
         self.shard_rows = shard_rows
+        self.progress = progress
         self._buffer: list[torch.Tensor] = []
         self._label_buffer: list[torch.Tensor] = []
         self._buffered_rows = 0
@@ -181,10 +192,10 @@ class StreamingCoreset(_StreamSample):
     @classmethod
     def from_state(
         cls, state: dict[str, torch.Tensor], kept: torch.Tensor, fraction: float, *, projection_dim: int = 128,
-        shard_rows: int = CORESET_SHARD_ROWS,
+        shard_rows: int = CORESET_SHARD_ROWS, progress: str | None = None,
     ) -> "StreamingCoreset":
         """Resume a stream that kept ``kept`` (M, D) and saved ``state``; new rows continue it."""
-        coreset = cls(fraction, projection_dim=projection_dim, shard_rows=shard_rows, generator=_generator(state))
+        coreset = cls(fraction, projection_dim=projection_dim, shard_rows=shard_rows, generator=_generator(state), progress=progress)
         coreset._resume(state, kept)
         coreset._projection = state.get("projection")
         return coreset
@@ -210,7 +221,7 @@ class StreamingCoreset(_StreamSample):
         if quota == shard.shape[0]:
             selected = torch.arange(quota)
         else:
-            selected = greedy_coreset(self._project(shard), quota, generator=self.generator)
+            selected = greedy_coreset(self._project(shard), quota, generator=self.generator, progress=self.progress)
         self._keep(shard[selected], labels[selected])
 
     def _project(self, shard: torch.Tensor) -> torch.Tensor:

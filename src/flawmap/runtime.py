@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +22,7 @@ from flawmap.errors import FlawmapError
 
 if TYPE_CHECKING:
     import torch
+    from tqdm import tqdm
 
 PRECISIONS = ("auto", "float32", "bfloat16")
 
@@ -89,6 +91,14 @@ class Runtime:
         if self.precision == "auto":
             return fast_low_precision_dtype(self.torch_device)
         return torch.bfloat16 if self.precision == "bfloat16" else None
+
+
+def progress_bar(progress: str | None, total: int | None = None, unit: str = "it") -> tqdm:
+    """A progress bar described by ``progress`` (on stderr, drawn at most twice a second and
+    cleared when closed), or a disabled one for None: how a long step shows that it advances."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=progress, disable=progress is None, unit=unit, leave=False, mininterval=0.5, file=sys.stderr)
 
 
 def autocast(device: torch.device, low_precision: torch.dtype | None) -> torch.autocast:

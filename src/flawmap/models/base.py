@@ -90,7 +90,7 @@ from flawmap.errors import FlawmapError
 from flawmap.postprocessor import PostProcessor
 from flawmap.prediction import ImageInput, Predictor, prediction_samples
 from flawmap.registry import Registry
-from flawmap.runtime import Runtime, autocast
+from flawmap.runtime import Runtime, autocast, progress_bar
 from flawmap.tiling import check_tiling
 
 METHODS: Registry[type["AnomalyModel"]] = Registry("method")
@@ -106,6 +106,10 @@ CROSS_FIT_CACHE_BYTES = 1 << 30
 #: cross-fitting pass (each image against a bank that grows with the training set) linear in the
 #: number of training images instead of quadratic.
 CROSS_FIT_MAX_IMAGES = 256
+#: Progress bars of a fit's calibration pass: training images scored leave-one-out, or the
+#: held-out images scored by the fitted model.
+LEFT_OUT_PROGRESS = "calibrating: leave-one-out"
+HELD_OUT_PROGRESS = "calibrating: held-out images"
 
 
 class PatchScores(NamedTuple):
@@ -617,15 +621,17 @@ class AnomalyModel(Predictor):
         (images skipped while learning are skipped again, silently: they were reported)."""
         if training.features is not None:
             device = self.runtime.torch_device
-            for image_ids, features, images in training.kept_batches(self.runtime.batch_size):
-                self._add_left_out_batch(image_ids, _map_tensors(lambda t: t.to(device), features), images)
+            with progress_bar(self._progress(LEFT_OUT_PROGRESS), total=training.n_kept, unit="img") as bar:
+                for image_ids, features, images in training.kept_batches(self.runtime.batch_size):
+                    self._add_left_out_batch(image_ids, _map_tensors(lambda t: t.to(device), features), images)
+                    bar.update(len(image_ids))
             return
         scored = [(key, sample) for key, sample in _keyed(samples) if key in training.scored]
         # a re-embedded array is named by its place among the scored samples: back to its key
         key_of = {key: original for (key, _), (original, _) in zip(_keyed([sample for _, sample in scored]), scored)}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", InvalidImageWarning)
-            for batch in self._batches([sample for _, sample in scored], skip_invalid, "cross-fitting"):
+            for batch in self._batches([sample for _, sample in scored], skip_invalid, LEFT_OUT_PROGRESS):
                 image_ids = torch.tensor([training.numbers[key_of[str(sample.image_path)]] for sample in batch.samples])
                 with torch.inference_mode():
                     features = self.scorer_.embed(torch.from_numpy(batch.images).to(self.runtime.torch_device))
@@ -653,10 +659,13 @@ class AnomalyModel(Predictor):
         if self.calibration_images_.shape[0] == 0:
             raise FlawmapError("no valid calibration image left: every held-out image was skipped")
         self.calibration_scores_, self.calibration_map_maxima_, self.calibration_map_medians_ = [], [], []
-        for start in range(0, self.calibration_images_.shape[0], self.runtime.batch_size):
-            images = self.calibration_images_[start : start + self.runtime.batch_size].float().div_(255.0)
-            image_scores, maps = self._held_out_scores(images)
-            self._add_normal_scores(map(_normal_summary, image_scores.tolist(), maps))
+        n_images = self.calibration_images_.shape[0]
+        with progress_bar(self._progress(HELD_OUT_PROGRESS), total=n_images, unit="img") as bar:
+            for start in range(0, n_images, self.runtime.batch_size):
+                images = self.calibration_images_[start : start + self.runtime.batch_size].float().div_(255.0)
+                image_scores, maps = self._held_out_scores(images)
+                self._add_normal_scores(map(_normal_summary, image_scores.tolist(), maps))
+                bar.update(images.shape[0])
 
     def _held_out_scores(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Held-out images (B, 3, S, S) in [0, 1] -> image scores (B,) and smoothed maps (B, S, S),
@@ -667,7 +676,7 @@ class AnomalyModel(Predictor):
     def _score_held_out_whole(self, samples: list[Sample | np.ndarray], skip_invalid: bool) -> None:
         """Tiled models: add the whole-image scores of this fit's held-out images (tiled and
         stitched as in prediction) to those of earlier fits."""
-        scored = self._scored(samples, skip_invalid, "calibrating")
+        scored = self._scored(samples, skip_invalid, HELD_OUT_PROGRESS)
         self._add_normal_scores(_normal_summary(score, anomaly_map) for _, score, anomaly_map, _, _ in scored)
         if not self.calibration_scores_:
             raise FlawmapError("no valid calibration image left: every held-out image was skipped")
@@ -690,6 +699,10 @@ class AnomalyModel(Predictor):
         """Scorer output to image scores (B,) and smoothed maps (B, S, S), float32 numpy."""
         maps, image_scores = self.postprocessor()(scored.patch_scores, scored.image_scores)
         return image_scores.cpu().numpy(), maps.cpu().numpy()
+
+    def _progress(self, description: str) -> str | None:
+        """``description`` for a progress bar when the runtime shows them, else None."""
+        return description if self.runtime.progress else None
 
     @classmethod
     def holds_out(cls, tile_size: int | None = None) -> bool:

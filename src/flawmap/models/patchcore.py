@@ -154,11 +154,14 @@ class PatchCore(MemoryBankModel):
 
     def _coreset(self) -> StreamingCoreset:
         """A new coreset stream, or the one that kept the current bank."""
+        progress = "coreset selection" if self.runtime.progress else None
         if self.scorer_.search is None:
             generator = torch.Generator().manual_seed(self.random_state)
-            return StreamingCoreset(self.coreset_fraction, projection_dim=self.projection_dim, generator=generator)
+            return StreamingCoreset(self.coreset_fraction, projection_dim=self.projection_dim, generator=generator, progress=progress)
         bank = all_vectors(self.scorer_.search)
-        return StreamingCoreset.from_state(self.coreset_state_, bank, self.coreset_fraction, projection_dim=self.projection_dim)
+        return StreamingCoreset.from_state(
+            self.coreset_state_, bank, self.coreset_fraction, projection_dim=self.projection_dim, progress=progress
+        )
 
     def to_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         coreset = {f"coreset.{name}": tensor for name, tensor in self.coreset_state_.items()}

@@ -331,14 +331,17 @@ class SFR(MemoryBankModel):
         """Step 2's stream (for the baselines: the bank's): new, or resumed from the fitted pool."""
         pooled = self.sampling in POOLED_SAMPLINGS
         fraction = min(1.0, self.pool_factor * self.bank_fraction) if pooled else self.bank_fraction
+        progress = "coreset selection" if self.runtime.progress else None
         if self.scorer_.search is None:
             generator = torch.Generator().manual_seed(self.random_state)
             if self.sampling == "random":
                 return StreamingRandomSample(fraction, generator=generator)
-            return StreamingCoreset(fraction, projection_dim=self.projection_dim, generator=generator)
+            return StreamingCoreset(fraction, projection_dim=self.projection_dim, generator=generator, progress=progress)
         if self.sampling == "random":
             return StreamingRandomSample.from_state(self.pool_sampler_state_, self._pool(), fraction)
-        return StreamingCoreset.from_state(self.pool_sampler_state_, self._pool(), fraction, projection_dim=self.projection_dim)
+        return StreamingCoreset.from_state(
+            self.pool_sampler_state_, self._pool(), fraction, projection_dim=self.projection_dim, progress=progress
+        )
 
     def _pool(self) -> torch.Tensor:
         """The fitted pool (P, D) on the CPU: ``pool_``, or for the baselines the bank itself."""
