@@ -300,7 +300,8 @@ def _parser_for(hint: Any) -> Callable[[str], Any]:
     if base is bool:
         return _parse_bool
     if typing.get_origin(base) is tuple:
-        return lambda text: tuple(part.strip() for part in text.split(",") if part.strip())
+        element = typing.get_args(base)[0]
+        return lambda text: tuple(element(part.strip()) for part in text.split(",") if part.strip())
     return base
 
 

@@ -44,13 +44,14 @@ from flawmap._version import __version__
 from flawmap.errors import FlawmapError
 
 FORMAT_NAME = "flawmap-model"
-FORMAT_VERSION = 6  # 3: out-of-sample calibration records (calibration_, map maxima and medians); 4: tiling parameters; 5: SFR subspaces; 6: SFR affine
+FORMAT_VERSION = 7  # 3: out-of-sample calibration records (calibration_, map maxima and medians); 4: tiling parameters; 5: SFR subspaces; 6: SFR affine; 7: students teacher
 CONFIG_FILE = "config.json"
 #: Format versions this flawmap reads. Configs of an older version lack the hyper-parameters
 #: added since, which then take their defaults (defaults that keep the old behaviour: version 3
 #: predates tiling and the faiss searches, version 4 SFR's reconstruction, n_subspaces, subspace_dim),
-#: or the value a method's ``former_params`` names (version 5 predates SFR's affine term, 0 then).
-READABLE_VERSIONS = (3, 4, 5, FORMAT_VERSION)
+#: or the value a method's ``former_params`` names (version 5 predates SFR's affine term, 0 then;
+#: version 6 the students' patch teacher and validation split: the backbone teacher and none then).
+READABLE_VERSIONS = (3, 4, 5, 6, FORMAT_VERSION)
 #: Top-level keys every model config has besides the format fields.
 MODEL_KEYS = ("method", "params", "fitted", "files")
 

@@ -70,10 +70,13 @@ hyper-parameters (``epochs`` aside) and training data resumes from the last fini
 
 from __future__ import annotations
 
+import importlib.resources
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, NamedTuple
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from flawmap import postprocess
@@ -94,89 +97,102 @@ _STEM_STRIDE = 4
 """Largest stride of the students' patchify stem."""
 
 
+TEACHER_FILE = "weights/students_teacher.safetensors"
+"""The packaged teachers, inside the flawmap package (benchmarks/train_students_teacher.py makes it)."""
+
+PATCH_SIZES = (17, 33, 65)
+"""The paper's patch sizes ``p``: one teacher (and ensemble of students) per size."""
+
+_ARCHITECTURES: dict[int, tuple[tuple[int, int] | None, ...]] = {
+    17: ((6, 1), (5, 2), (5, 2), (4, 0)),
+    33: ((6, 1), None, (5, 2), None, (2, 2), (4, 0)),
+    65: ((6, 1), None, (5, 1), None, (6, 2), None, (4, 2), (1, 0)),
+}
+"""The paper's patch networks (its supplementary material), layer by layer: ``(kernel, width
+multiple)`` of a convolution (multiple 0: the descriptor, the last layer) or ``None``, a 2x2
+max-pool of stride 2. The first convolution's kernel (6 instead of 5) and, at ``p = 65``, the
+third's make the receptive field exactly ``p`` (the paper's layers give 16 + 16 = 32 and 60)."""
+
+
+class PatchNetwork(nn.Module):
+    """The paper's descriptor network of a ``p x p`` patch (teacher and students share it).
+
+    Plain convolutions (no padding) and 2x2 max-pools, leaky ReLU (slope 5e-3) after every
+    convolution but the last, whose ``descriptor_dim`` channels are the patch descriptor.
+
+    ``forward`` is the patch network itself: ``B x 3 x P x P`` -> ``B x d x 1 x 1``, or on a larger
+    window ``B x 3 x (p + s(g - 1))`` -> ``B x d x g x g``, the descriptors of the patches at stride
+    ``s`` (``stride``: 2 per pool). ``dense`` is the fast dense evaluation: every pool at stride 1 and
+    the layers after it dilated by the product of the earlier strides (the *a trous* form of
+    Bailer et al.'s fast dense feature extraction: the same values as running the network on every
+    patch, in one pass).
+    """
+
+    def __init__(self, patch_size: int, width: int, descriptor_dim: int) -> None:
+        super().__init__()
+        if patch_size not in _ARCHITECTURES:
+            raise FlawmapError(f"patch size must be one of {sorted(_ARCHITECTURES)}, got {patch_size}")
+        self.patch_size, self.width, self.descriptor_dim = patch_size, width, descriptor_dim
+        self.layers = nn.ModuleList()
+        in_channels = 3
+        for spec in _ARCHITECTURES[patch_size]:
+            if spec is None:
+                self.layers.append(nn.MaxPool2d(2))
+                continue
+            kernel, multiple = spec
+            out_channels = multiple * width if multiple else descriptor_dim
+            self.layers.append(nn.Conv2d(in_channels, out_channels, kernel))
+            in_channels = out_channels
+        self.stride = 2 ** sum(isinstance(layer, nn.MaxPool2d) for layer in self.layers)
+
+    def same_architecture(self) -> "PatchNetwork":
+        """A new network of this one's architecture, randomly initialised (a student)."""
+        return PatchNetwork(self.patch_size, self.width, self.descriptor_dim)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised windows ``B x 3 x (p + s(g - 1)) x (p + s(g - 1))`` -> descriptors ``B x d x g x g``."""
+        return self._run(pixels, dense=False)
+
+    def dense(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised images ``B x 3 x S x S`` -> the descriptor of the patch centred on every
+        pixel, ``B x d x S x S`` (the image reflect-padded by ``p // 2`` first)."""
+        return self._run(_reflect_pad(pixels, self.patch_size), dense=True)
+
+    def _run(self, x: torch.Tensor, *, dense: bool) -> torch.Tensor:
+        dilation = 1
+        last = len(self.layers) - 1
+        for index, layer in enumerate(self.layers):
+            if isinstance(layer, nn.Conv2d):
+                x = nn.functional.conv2d(x, layer.weight, layer.bias, dilation=dilation)
+                if index < last:
+                    x = nn.functional.leaky_relu(x, _LEAKY_SLOPE)
+            elif dense:
+                x = nn.functional.max_pool2d(x, 2, stride=1, dilation=dilation)
+                dilation *= 2
+            else:
+                x = nn.functional.max_pool2d(x, 2)
+        return x
+
+
+SCORE_TERMS = ("error+uncertainty", "error", "uncertainty")
+"""What a scale's anomaly score is: Eq. 6's sum of the standardised terms, or one of them."""
+
+TEACHERS = ("patch", "backbone")
+"""The teacher: the packaged patch networks (the paper's), or the frozen backbone's features."""
+
+_CROP_GRID = 8
+"""Side of the grid of patch descriptors in one training window of a patch-network student."""
+
+_DENSE_IMAGES = 8
+"""Images per pass of the dense patch networks (bounds their activations' memory)."""
+
+
 class StudentInputs(NamedTuple):
-    """What the students and the teacher see of a batch: ``images`` (B, 3, S, S) in [0, 1] and
-    ``teacher``, the teacher's descriptors at each scale, (B, C_l, h_l, w_l), finest first."""
+    """What the students and the backbone teacher see of a batch: ``images`` B x 3 x S x S in
+    [0, 1] and ``teacher``, the teacher's descriptors at each scale, B x C_l x h_l x w_l, finest first."""
 
     images: torch.Tensor
     teacher: list[torch.Tensor]
-
-
-class StudentsScorer(Scorer):
-    """Images -> teacher descriptors (step 1) -> the students' scores (step 5).
-
-    ``ensembles`` holds one :class:`StudentEnsemble` per tapped stage; they score once trained.
-    """
-
-    def __init__(
-        self,
-        backbone: Backbone,
-        taps: tuple[str, ...],
-        *,
-        neighborhood_size: int,
-        n_students: int,
-        width: int,
-        depth: int,
-    ) -> None:
-        super().__init__(backbone, taps)
-        self.neighborhood_size = neighborhood_size
-        self.ensembles = nn.ModuleList(
-            StudentEnsemble(info.channels, info.stride, n_students, width, depth) for info in backbone.tap_info(taps)
-        )
-
-    def embed(self, images: torch.Tensor) -> StudentInputs:
-        """Images (B, 3, S, S) -> the images and the locally averaged levels (B, C_l, h_l, w_l)."""
-        return StudentInputs(images, [local_average(level, self.neighborhood_size) for level in self.levels(images)])
-
-    def score(self, features: StudentInputs) -> PatchScores:
-        """Step 5: the mean over scales of the standardised error plus uncertainty, (B, h_0, w_0)."""
-        pixels = self.student_input(features.images)
-        finest_grid = tuple(features.teacher[0].shape[-2:])
-        scale_maps = []
-        for ensemble, descriptors in zip(self.ensembles, features.teacher):
-            with self.autocast(pixels.device):
-                predictions = ensemble(pixels)
-            error, uncertainty = ensemble.error_and_uncertainty(predictions.float(), descriptors)
-            scale_map = ensemble.standardized_score(error, uncertainty)
-            if tuple(scale_map.shape[-2:]) != finest_grid:
-                scale_map = postprocess.upsample(scale_map, finest_grid)  # bilinear, to the finest grid
-            scale_maps.append(scale_map)
-        return PatchScores(torch.stack(scale_maps).mean(dim=0))
-
-    def student_input(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, S, S) in [0, 1] -> normalised as the teacher's input (the backbone's mean and std)."""
-        return (images.float() - self.backbone.mean) / self.backbone.std
-
-    def training_loss(self, batch: list[torch.Tensor]) -> torch.Tensor:
-        """Step 4 on one cached batch ``[images, teacher level 0, ...]``: the students' squared
-        regression errors, summed over channels, averaged over positions and images, summed
-        over students and scales."""
-        pixels = self.student_input(batch[0])
-        total = torch.zeros((), device=pixels.device)
-        for ensemble, descriptors in zip(self.ensembles, batch[1:]):
-            with self.autocast(pixels.device):
-                predictions = ensemble(pixels)
-            target = ensemble.standardize(descriptors.float())
-            total = total + (predictions.float() - target).square().sum(dim=2).mean(dim=(1, 2, 3)).sum()
-        return total
-
-    def set_score_statistics(self, cached: list[torch.Tensor], batch_size: int) -> None:
-        """Measure step 5's standardisation on cached training data ``[images, level 0, ...]``
-        (rows on the CPU, fed ``batch_size`` at a time to the scorer's device)."""
-        device = self.backbone.mean.device
-        moments = torch.zeros(len(self.ensembles), 2, 3, dtype=torch.float64)  # scale, (e, v), (n, sum, sum of squares)
-        with torch.inference_mode():
-            for start in range(0, cached[0].shape[0], batch_size):
-                rows = [tensor[start : start + batch_size].to(device) for tensor in cached]
-                pixels = self.student_input(rows[0])
-                for scale, (ensemble, descriptors) in enumerate(zip(self.ensembles, rows[1:])):
-                    with self.autocast(device):
-                        predictions = ensemble(pixels)
-                    error, uncertainty = ensemble.error_and_uncertainty(predictions.float(), descriptors.float())
-                    moments[scale, 0] += _moments(error)
-                    moments[scale, 1] += _moments(uncertainty)
-        for ensemble, scale_moments in zip(self.ensembles, moments):
-            ensemble.set_score_statistics(scale_moments)
 
 
 class StudentEnsemble(nn.Module):
@@ -184,44 +200,54 @@ class StudentEnsemble(nn.Module):
 
     Parameters
     ----------
-    channels, stride : int
-        The teacher's descriptor width ``C`` and grid stride at this scale.
-    n_students, width, depth : int
-        Ensemble size and each student's width and depth (:func:`student_network`).
+    channels : int
+        The teacher's descriptor width ``C`` at this scale.
+    students : list of nn.Module
+        The ``M`` students (each its own initialisation).
+    teacher : PatchNetwork, optional
+        The scale's frozen patch-network teacher; None when the teacher is the backbone.
     """
 
-    def __init__(self, channels: int, stride: int, n_students: int, width: int, depth: int) -> None:
+    def __init__(self, channels: int, students: list[nn.Module], teacher: PatchNetwork | None = None) -> None:
         super().__init__()
         self.register_buffer("teacher_mean", torch.zeros(channels))
         self.register_buffer("teacher_std", torch.ones(channels))
         self.register_buffer("score_mean", torch.zeros(2))  # regression error, uncertainty
         self.register_buffer("score_std", torch.ones(2))
-        self.students = nn.ModuleList(student_network(channels, stride, width, depth) for _ in range(n_students))
+        self.students = nn.ModuleList(students)
+        self.teacher = teacher.requires_grad_(False) if teacher is not None else None
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Normalised images (B, 3, S, S) -> every student's descriptors (M, B, C, h, w)."""
+        """Normalised images or windows B x 3 x H x W -> every student's descriptors M x B x C x h x w."""
         return torch.stack([student(pixels) for student in self.students])
 
     def set_standardization(self, descriptors: torch.Tensor) -> None:
-        """Per-channel mean and std of the training images' teacher descriptors (N, C, h, w)."""
+        """Per-channel mean and std of the training images' teacher descriptors N x C x h x w."""
         mean, std = channel_statistics(descriptors)
         self.teacher_mean.copy_(mean)
         self.teacher_std.copy_(std)
 
     def standardize(self, descriptors: torch.Tensor) -> torch.Tensor:
-        """Teacher descriptors (B, C, h, w) -> standardised per channel (the students' targets)."""
+        """Teacher descriptors B x C x h x w -> standardised per channel (the students' targets)."""
         return (descriptors - self.teacher_mean.view(-1, 1, 1)) / self.teacher_std.view(-1, 1, 1)
 
+    def regression_loss(self, predictions: torch.Tensor, descriptors: torch.Tensor) -> torch.Tensor:
+        """Eq. 3 (students' loss): predictions M x B x C x h x w against the teacher's B x C x h x w:
+        squared error summed over channels, averaged over positions and images, summed over students."""
+        target = self.standardize(descriptors.float())
+        return (predictions.float() - target).square().sum(dim=2).mean(dim=(1, 2, 3)).sum()
+
     def error_and_uncertainty(self, predictions: torch.Tensor, descriptors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Predictions (M, B, C, h, w) and teacher descriptors (B, C, h, w) -> Eq. 4's regression
-        error ``||mean_i mu_i - t||^2`` and Eq. 5's uncertainty ``mean_c var_i mu_i``, (B, h, w) each."""
+        """Predictions M x B x C x h x w and teacher descriptors B x C x h x w -> Eq. 4's regression
+        error ``||mean_i mu_i - t||^2`` and Eq. 5's uncertainty ``mean_c var_i mu_i``, B x h x w each."""
         error = (predictions.mean(dim=0) - self.standardize(descriptors)).square().sum(dim=1)
         uncertainty = predictions.var(dim=0, unbiased=False).mean(dim=1)
         return error, uncertainty
 
     def set_score_statistics(self, moments: torch.Tensor) -> None:
         """Step 5's mean and std of the error and the uncertainty from their moments over the
-        training positions (2, 3): rows (error, uncertainty), columns (count, sum, sum of squares).
+        positions of the normal images they were measured on (2 x 3): rows (error, uncertainty),
+        columns (count, sum, sum of squares).
 
         The std is at least :data:`_MIN_RELATIVE_STD` of the mean: a term that hardly varies
         over normal positions (untrained students' uncertainty is nearly their constant
@@ -233,9 +259,182 @@ class StudentEnsemble(nn.Module):
         self.score_mean.copy_(mean)
         self.score_std.copy_(variance.sqrt().maximum(_MIN_RELATIVE_STD * mean.abs()).clamp_min(1e-12))
 
-    def standardized_score(self, error: torch.Tensor, uncertainty: torch.Tensor) -> torch.Tensor:
-        """Eq. 6: ``(e - e_mean) / e_std + (v - v_mean) / v_std``, (B, h, w)."""
-        return (error - self.score_mean[0]) / self.score_std[0] + (uncertainty - self.score_mean[1]) / self.score_std[1]
+    def standardized_terms(self, error: torch.Tensor, uncertainty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 6's terms ``(e - e_mean) / e_std`` and ``(v - v_mean) / v_std``, B x h x w each."""
+        return (error - self.score_mean[0]) / self.score_std[0], (uncertainty - self.score_mean[1]) / self.score_std[1]
+
+
+class StudentsScorer(Scorer):
+    """What both teachers share: the scale maps from the standardised error and uncertainty
+    (step 5) and the measurement of their standardisation. A subclass says how it gets every
+    scale's error and uncertainty (:meth:`scale_terms`).
+
+    ``ensembles`` holds one :class:`StudentEnsemble` per scale, finest first; they score once trained.
+    """
+
+    def __init__(self, backbone: Backbone, taps: tuple[str, ...], ensembles: list[StudentEnsemble], score_terms: str) -> None:
+        super().__init__(backbone, taps)
+        self.ensembles = nn.ModuleList(ensembles)
+        self.score_terms = score_terms
+
+    def scale_terms(self, features: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Embedded images -> every scale's (error, uncertainty), B x h_l x w_l each."""
+        raise NotImplementedError
+
+    def score(self, features: Any) -> PatchScores:
+        """Step 5: the mean over scales of each scale's score (``score_terms`` of Eq. 6), B x h_0 x w_0."""
+        scale_maps = [
+            combine_terms(*ensemble.standardized_terms(error, uncertainty), self.score_terms)
+            for ensemble, (error, uncertainty) in zip(self.ensembles, self.scale_terms(features))
+        ]
+        finest_grid = tuple(scale_maps[0].shape[-2:])
+        scale_maps = [postprocess.upsample(scale_map, finest_grid) if tuple(scale_map.shape[-2:]) != finest_grid else scale_map for scale_map in scale_maps]
+        return PatchScores(torch.stack(scale_maps).mean(dim=0))
+
+    def student_input(self, images: torch.Tensor) -> torch.Tensor:
+        """Images B x 3 x S x S in [0, 1] -> normalised as the teacher's input (the backbone's mean and std)."""
+        return (images.float() - self.backbone.mean) / self.backbone.std
+
+    def set_score_statistics(self, feature_batches: Iterable[Any]) -> None:
+        """Measure step 5's standardisation on embedded normal images (each batch as ``scale_terms`` takes it)."""
+        moments = torch.zeros(len(self.ensembles), 2, 3, dtype=torch.float64)  # scale, (e, v), (n, sum, sum of squares)
+        with torch.inference_mode():
+            for features in feature_batches:
+                for scale, (error, uncertainty) in enumerate(self.scale_terms(features)):
+                    moments[scale, 0] += _moments(error)
+                    moments[scale, 1] += _moments(uncertainty)
+        for ensemble, scale_moments in zip(self.ensembles, moments):
+            ensemble.set_score_statistics(scale_moments)
+
+
+class PatchStudentsScorer(StudentsScorer):
+    """The paper's students (``teacher="patch"``): images -> every scale's patch-network teacher
+    and students, evaluated densely at every pixel (step 5's maps are B x S x S)."""
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Images B x 3 x S x S in [0, 1], as they are (the networks run in :meth:`scale_terms`)."""
+        return images
+
+    def scale_terms(self, features: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Images B x 3 x S x S -> every scale's Eq. 4 error and Eq. 5 uncertainty at every pixel, B x S x S."""
+        chunks = [self._dense_terms(self.student_input(images)) for images in features.split(_DENSE_IMAGES)]
+        return [tuple(torch.cat(parts) for parts in zip(*scales)) for scales in zip(*chunks)]
+
+    def _dense_terms(self, pixels: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        terms = []
+        for ensemble in self.ensembles:
+            with self.autocast(pixels.device):
+                descriptors = ensemble.teacher.dense(pixels)
+                predictions = torch.stack([student.dense(pixels) for student in ensemble.students])
+            terms.append(ensemble.error_and_uncertainty(predictions.float(), descriptors.float()))
+        return terms
+
+    def teacher_descriptors(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Images B x 3 x S x S -> each teacher's descriptors of the patches at its stride, B x C x h x w
+        (the reflect-padded image through the strided network: the dense map subsampled)."""
+        pixels = self.student_input(images)
+        result = []
+        with torch.inference_mode():
+            for ensemble in self.ensembles:
+                size = ensemble.teacher.patch_size
+                result.append(ensemble.teacher(_reflect_pad(pixels, size)))
+        return result
+
+    def training_loss(self, batch: list[torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        """Step 4 on one batch ``[images B x 3 x S x S]``: per scale one random window per image
+        (patches at the network's stride on a :data:`_CROP_GRID` grid, anywhere in the
+        reflect-padded image), the students' regression loss against the teacher there, summed
+        over scales. Windows sample the dense output: a strided network's outputs are the dense
+        map at the window's offset plus multiples of the stride."""
+        pixels = self.student_input(batch[0])
+        total = torch.zeros((), device=pixels.device)
+        for ensemble in self.ensembles:
+            windows = _random_windows(_reflect_pad(pixels, ensemble.teacher.patch_size), ensemble.teacher, generator)
+            with torch.no_grad():
+                descriptors = ensemble.teacher(windows)
+            with self.autocast(pixels.device):
+                predictions = ensemble(windows)
+            total = total + ensemble.regression_loss(predictions, descriptors)
+        return total
+
+
+class BackboneStudentsScorer(StudentsScorer):
+    """``teacher="backbone"``: images -> the frozen backbone's descriptors (step 1 of the
+    backbone variant) -> the students' scores on the backbone's grids."""
+
+    def __init__(self, backbone: Backbone, taps: tuple[str, ...], ensembles: list[StudentEnsemble], score_terms: str, neighborhood_size: int) -> None:
+        super().__init__(backbone, taps, ensembles, score_terms)
+        self.neighborhood_size = neighborhood_size
+
+    def embed(self, images: torch.Tensor) -> StudentInputs:
+        """Images B x 3 x S x S -> the images and the locally averaged levels B x C_l x h_l x w_l."""
+        return StudentInputs(images, [local_average(level, self.neighborhood_size) for level in self.levels(images)])
+
+    def scale_terms(self, features: StudentInputs) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every scale's Eq. 4 error and Eq. 5 uncertainty on its grid, B x h_l x w_l."""
+        pixels = self.student_input(features.images)
+        terms = []
+        for ensemble, descriptors in zip(self.ensembles, features.teacher):
+            with self.autocast(pixels.device):
+                predictions = ensemble(pixels)
+            terms.append(ensemble.error_and_uncertainty(predictions.float(), descriptors.float()))
+        return terms
+
+    def training_loss(self, batch: list[torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        """Step 4 on one cached batch ``[images, teacher level 0, ...]``, summed over scales
+        (``generator`` unused: no noise)."""
+        pixels = self.student_input(batch[0])
+        total = torch.zeros((), device=pixels.device)
+        for ensemble, descriptors in zip(self.ensembles, batch[1:]):
+            with self.autocast(pixels.device):
+                predictions = ensemble(pixels)
+            total = total + ensemble.regression_loss(predictions, descriptors)
+        return total
+
+
+def combine_terms(error: torch.Tensor, uncertainty: torch.Tensor, score_terms: str) -> torch.Tensor:
+    """A scale's score from its standardised terms: Eq. 6's sum, or one term (``score_terms``)."""
+    if score_terms == "error":
+        return error
+    if score_terms == "uncertainty":
+        return uncertainty
+    return error + uncertainty
+
+
+def load_teachers(patch_sizes: Iterable[int]) -> list[PatchNetwork]:
+    """The packaged teachers (:data:`TEACHER_FILE`) of ``patch_sizes``, frozen, in that order."""
+    path = Path(str(importlib.resources.files("flawmap") / TEACHER_FILE))
+    if not path.is_file():
+        raise FlawmapError(f"the packaged students teacher {path} is missing; reinstall flawmap or run benchmarks/train_students_teacher.py")
+    with safe_open(str(path), framework="pt") as weights:
+        metadata = weights.metadata() or {}
+        tensors = {name: weights.get_tensor(name) for name in weights.keys()}
+    teachers = []
+    for size in patch_sizes:
+        teacher = PatchNetwork(size, int(metadata.get("width", 0)), int(metadata.get("descriptor_dim", 0)))
+        prefix = f"p{size}."
+        try:
+            teacher.load_state_dict({name[len(prefix):]: value for name, value in tensors.items() if name.startswith(prefix)})
+        except RuntimeError as error:
+            raise FlawmapError(f"{path}: no matching teacher for patch size {size} ({str(error).splitlines()[0]})") from None
+        teachers.append(teacher.eval().requires_grad_(False))
+    return teachers
+
+
+def _reflect_pad(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """B x 3 x S x S -> B x 3 x (S + p - 1) x (S + p - 1): every pixel's patch lies inside."""
+    before = patch_size // 2
+    return nn.functional.pad(pixels, (before, patch_size - 1 - before) * 2, mode="reflect")
+
+
+def _random_windows(padded: torch.Tensor, network: PatchNetwork, generator: torch.Generator) -> torch.Tensor:
+    """One random training window per image of a padded batch B x 3 x P x P: B x 3 x W x W with
+    ``W = p + stride (g - 1)``, ``g`` the :data:`_CROP_GRID` or less where the image is smaller."""
+    side = padded.shape[-1]
+    grid = min(_CROP_GRID, (side - network.patch_size) // network.stride + 1)
+    window = network.patch_size + network.stride * (grid - 1)
+    corners = torch.randint(side - window + 1, (padded.shape[0], 2), generator=generator).tolist()
+    return torch.stack([image[:, top : top + window, left : left + window] for image, (top, left) in zip(padded, corners)])
 
 
 def student_network(channels: int, stride: int, width: int, depth: int) -> nn.Sequential:
@@ -265,14 +464,17 @@ def student_network(channels: int, stride: int, width: int, depth: int) -> nn.Se
     return nn.Sequential(*layers)
 
 
-def receptive_field(network: nn.Sequential) -> int:
+def receptive_field(layers: Iterable[nn.Module]) -> int:
     """Side in input pixels of the receptive field of one output position of a plain stack of
-    convolutions (and element-wise layers)."""
+    convolutions and max-pools (and element-wise layers)."""
     size, jump = 1, 1
-    for layer in network:
+    for layer in layers:
         if isinstance(layer, nn.Conv2d):
             size += (layer.kernel_size[0] - 1) * layer.dilation[0] * jump
             jump *= layer.stride[0]
+        elif isinstance(layer, nn.MaxPool2d):
+            size += (layer.kernel_size - 1) * jump
+            jump *= layer.stride
     return size
 
 
@@ -294,15 +496,26 @@ class UninformedStudents(TrainedModel):
 
     Parameters
     ----------
-    neighborhood_size : int
-        Local averaging window of the teacher's descriptors (odd).
+    teacher : {"patch", "backbone"}
+        The packaged patch-network teachers (the paper's, default), or the frozen backbone's
+        features at the tapped stages (the former stand-in, kept for the ablation).
+    patch_sizes : tuple of int
+        ``teacher="patch"``: the patch sizes, one teacher and ensemble each (from 17, 33, 65).
     n_students : int
         Students per scale, ``M`` (at least 2: the uncertainty is their variance).
+    validation_fraction : float
+        Share of a fit's images the students do not train on, whose error and uncertainty set
+        step 5's standardisation (the paper's validation set); 0: the training images set it.
+    score_terms : {"error+uncertainty", "error", "uncertainty"}
+        A scale's score: Eq. 6's sum of the standardised terms, or one of them.
+    neighborhood_size : int
+        ``teacher="backbone"``: local averaging window of the backbone's descriptors (odd).
     student_width, student_depth : int
-        Channels of the students from stride 8 on, and 3x3 convolutions after each halving.
+        ``teacher="backbone"``: the students' channels from stride 8 on, and 3x3 convolutions
+        after each halving (:func:`student_network`).
 
-    and the training parameters of :class:`flawmap.models.trained.TrainedModel` (Adam on the
-    cached images and descriptors; here ``learning_rate`` 2e-3).
+    and the training parameters of :class:`flawmap.models.trained.TrainedModel` (Adam; here
+    ``learning_rate`` 2e-3 and 40 epochs).
 
     Examples
     --------
@@ -310,41 +523,83 @@ class UninformedStudents(TrainedModel):
     >>> model.predict("bottle/test/broken_large")[0].score     # doctest: +SKIP
     """
 
-    quick_params = {"image_size": 64, "epochs": 2, "n_students": 2, "student_width": 8, "student_depth": 1}
+    quick_params = {"image_size": 64, "epochs": 2, "n_students": 2, "patch_sizes": (17, 33), "student_width": 8, "student_depth": 1}
+    former_params = {7: {"teacher": "backbone", "validation_fraction": 0.0}}  # format 6 and before
 
-    neighborhood_size: int = 3
+    teacher: str = "patch"
+    patch_sizes: tuple[int, ...] = PATCH_SIZES
     n_students: int = 3
+    validation_fraction: float = 0.1
+    score_terms: str = "error+uncertainty"
+    neighborhood_size: int = 3
     student_width: int = 32
     student_depth: int = 1
+    epochs: int = 40
     learning_rate: float = 2e-3
 
     def _validate_method_params(self) -> None:
         check_positive_odd("neighborhood_size", self.neighborhood_size)
+        for name, value, choices in (("teacher", self.teacher, TEACHERS), ("score_terms", self.score_terms, SCORE_TERMS)):
+            if value not in choices:
+                raise FlawmapError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+        if not self.patch_sizes or any(size not in PATCH_SIZES for size in self.patch_sizes) or len(set(self.patch_sizes)) < len(self.patch_sizes):
+            raise FlawmapError(f"patch_sizes must be distinct values from {PATCH_SIZES}, got {self.patch_sizes}")
         if self.n_students < 2:
             raise FlawmapError(f"n_students must be at least 2 (the uncertainty is their variance), got {self.n_students}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise FlawmapError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
         if self.student_width < 2 or self.student_depth < 0:
             raise FlawmapError(
                 f"need student_width >= 2 and student_depth >= 0, got {self.student_width} and {self.student_depth}"
             )
 
     def _new_scorer(self, backbone: Backbone, taps: tuple[str, ...]) -> StudentsScorer:
-        with seeded_init(self.random_state):  # every student's initial weights, one after another
-            return StudentsScorer(
-                backbone,
-                taps,
-                neighborhood_size=self.neighborhood_size,
-                n_students=self.n_students,
-                width=self.student_width,
-                depth=self.student_depth,
-            )
+        if self.teacher == "patch":
+            teachers = load_teachers(sorted(self.patch_sizes))
+            with seeded_init(self.random_state):  # every student's initial weights, one after another
+                ensembles = [
+                    StudentEnsemble(teacher.descriptor_dim, [teacher.same_architecture() for _ in range(self.n_students)], teacher)
+                    for teacher in teachers
+                ]
+            return PatchStudentsScorer(backbone, taps, ensembles, self.score_terms)
+        with seeded_init(self.random_state):
+            ensembles = [
+                StudentEnsemble(info.channels, [student_network(info.channels, info.stride, self.student_width, self.student_depth) for _ in range(self.n_students)])
+                for info in backbone.tap_info(taps)
+            ]
+        return BackboneStudentsScorer(backbone, taps, ensembles, self.score_terms, self.neighborhood_size)
 
-    def _learn(self, feature_batches: Iterable[StudentInputs]) -> None:
-        cached = cache_batches([inputs.images, *inputs.teacher] for inputs in feature_batches)
-        if self.n_fits_ == 0:  # first fit: standardise the teacher with its descriptors
-            for ensemble, descriptors in zip(self.scorer_.ensembles, cached[1:]):
-                ensemble.set_standardization(descriptors)
-        self._train(self.scorer_.ensembles, cached, lambda batch, generator: self.scorer_.training_loss(batch), "students")
-        self.scorer_.set_score_statistics(cached, self.runtime.batch_size)
+    def _learn(self, feature_batches: Iterable[Any]) -> None:
+        scorer = self.scorer_
+        patch = isinstance(scorer, PatchStudentsScorer)
+        cached = cache_batches([inputs] if patch else [inputs.images, *inputs.teacher] for inputs in feature_batches)
+        training, validation = self._validation_split(cached[0].shape[0])
+        if self.n_fits_ == 0:  # first fit: standardise the teacher with its descriptors of the training images
+            teacher_levels = self._teacher_levels(cached, training) if patch else [level[training] for level in cached[1:]]
+            for ensemble, descriptors in zip(scorer.ensembles, teacher_levels):
+                ensemble.set_standardization(descriptors.float())
+        self._train(scorer.ensembles, [tensor[training] for tensor in cached], scorer.training_loss, "students")
+        device, size = self.runtime.torch_device, self.runtime.batch_size
+        rows = validation if len(validation) else training
+        batches = ([tensor[rows[start : start + size]].to(device) for tensor in cached] for start in range(0, len(rows), size))
+        scorer.set_score_statistics(batch[0] if patch else StudentInputs(batch[0], batch[1:]) for batch in batches)
+
+    def _validation_split(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices of a fit's images the students train on, and of those that set step 5's
+        standardisation (``validation_fraction`` of them, at least one, by a seeded permutation)."""
+        if self.validation_fraction == 0.0:
+            return torch.arange(count), torch.arange(0)
+        if count < 2:
+            raise FlawmapError(f"need at least 2 images to train the students and hold out validation images, got {count}")
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(self.random_state + self.n_fits_))
+        n_validation = min(max(round(self.validation_fraction * count), 1), count - 1)
+        return order[n_validation:].sort().values, order[:n_validation].sort().values
+
+    def _teacher_levels(self, cached: list[torch.Tensor], rows: torch.Tensor) -> list[torch.Tensor]:
+        """Each patch teacher's descriptors N x C x h x w of the images ``rows`` (at its stride)."""
+        device, size = self.runtime.torch_device, self.runtime.batch_size
+        parts = [self.scorer_.teacher_descriptors(cached[0][rows[start : start + size]].to(device)) for start in range(0, len(rows), size)]
+        return [torch.cat(levels) for levels in zip(*parts)]
 
     def to_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         return {"train_losses_": self.train_losses_}, dict(self.scorer_.ensembles.state_dict())
