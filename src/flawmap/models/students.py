@@ -7,60 +7,69 @@ images the students agree with the teacher and with each other; on a defect they
 trained on, their mean misses the teacher (regression error) and they disagree (predictive
 uncertainty).
 
-1. Teacher (paper Sec. 3.1): the frozen packaged backbone's dense features, at each tapped stage
-   (default the stride-8 and stride-16 stages), averaged over a 3x3 neighbourhood as PatchCore
-   does, and standardised per channel with the mean and std of the training images (Sec. 3.2).
-   *Choice*: the paper distils a fast patch-sized teacher from an ImageNet network because it
-   needs a descriptor for every pixel of the image (stride 1, made dense by its fast dense
-   evaluation) and a choice of patch sizes. Here the anomaly map lives on the backbone's stride-8
-   grid like every flawmap method (the shared postprocess upsamples and smooths it), and the
-   backbone already is a fast dense network; a distilled teacher would be a second, trained
-   approximation of the same features (the paper's distillation targets the ImageNet network's
-   descriptors) at the cost of another training run on this CPU. So the backbone is the teacher.
-   Not measured here: a distilled teacher against the backbone's own features.
-2. Scales (the paper's patch sizes p = 17, 33, 65): one teacher per tapped stage, whose receptive
-   field grows with its stride, and one ensemble of students per scale.
-3. Students (Sec. 3.2): ``n_students`` small randomly initialised CNNs per scale (each its own
-   seeded initialisation), from the image (ImageNet-normalised like the teacher's input) to the
-   teacher's grid and width: a patchify stem (``k x k`` convolution at stride ``k = min(4,
-   stride)``, ``student_width / 2`` channels), then a 3x3 convolution, then 3x3 stride-2
-   convolutions (``student_width`` channels from stride 8 on) each followed by ``student_depth``
-   3x3 convolutions, leaky ReLU (slope 5e-3, as the paper's networks), and a 1x1 head to the
-   teacher's channels. The students are not the teacher's architecture (an ImageNet network is
-   far too slow to train from scratch three times per scale on a CPU); their grid matches the
-   teacher's exactly (``ceil(S / stride)``, like the backbone's), and their receptive field
-   (:func:`receptive_field`: 36 px at stride 8, 84 px at stride 16 with the defaults) is about
-   the part of the teacher's that carries weight (its nominal one is 67 + 16 px and 339 + 32 px
-   with the 3x3 average, but a deep network's effective receptive field is a small central part
-   of its nominal one).
-4. Training (:func:`flawmap.training.train`, Sec. 3.2 Eq. 3): every student minimises the squared
-   distance ``||mu_s(x) - t(x)||^2`` (summed over channels, averaged over positions) between its
-   prediction and the standardised teacher descriptor; the loss is summed over students and
-   scales; Adam (learning rate 2e-3, batches of 8, 20 epochs by default). The weights after the
-   last epoch are kept (``train_losses_`` records each epoch's mean training loss).
-5. Scores (Sec. 3.3, Eq. 4-6): per position of a scale, the regression error
-   ``e = ||mean_i mu_i - t||^2`` and the predictive uncertainty ``v = mean_channels(var_i mu_i)``
-   (the students' variance, averaged over channels), each standardised by its mean and std over
-   every position of the training images after training, and summed:
-   ``(e - e_mean) / e_std + (v - v_mean) / v_std``. Coarser scales are upsampled bilinearly to the
-   finest grid and the scales averaged. The shared pipeline then upsamples to the input size and
-   smooths (sigma 4); the image score is the maximum of that map.
+1. Teacher (Sec. 3.1, ``teacher="patch"``, default): one patch network per patch size ``p`` in
+   ``patch_sizes`` (17, 33, 65 px), :class:`PatchNetwork`, the paper's architectures (its
+   supplementary material) trained once, category-agnostic, and shipped in the package
+   (:data:`TEACHER_FILE`, 0.9 MB for the three). ``benchmarks/train_students_teacher.py``
+   reproduces the file bit for bit from its seed; its docstring has the details. Differences
+   from the paper, and why:
 
-Measured (MVTec bottle, 256 px, 188 training images; a script with this module's students,
-loss and score formula on cached teacher features, the defaults, masks compared at 256 px; on the
-shared, heavily loaded 2-core machine): after 4 epochs image AUROC 0.975, pixel AUROC 0.963
-(regression error alone 0.993 / 0.980, uncertainty alone 0.891 / 0.690; after 2 epochs 0.958 /
-0.864). One epoch costs about 9 CPU-seconds (one thread, process time). The full 20-epoch CLI fit
-was not measured in this session (the machine gave the run about a tenth of a core).
+   - distilled from the default backbone (EfficientNet-Lite0, packaged ImageNet weights; its
+     stride-8 and stride-16 stages averaged over the patch), not ResNet-18, whose ImageNet
+     weights are not available offline; on random patches of scikit-image's photographs (17
+     images), not ImageNet;
+   - 8x narrower: 16 channels where the paper has 128, 32 where it has 256 (the descriptor keeps
+     d = 128). Dense evaluation runs 4 networks per patch size at every pixel of a 256 px image
+     on a CPU: at the paper's width that is tens of GFLOPs per network and image, here 0.14 /
+     0.27 / 0.26 CPU-seconds (one thread, p = 17 / 33 / 65) per network and 256 px image;
+   - the first convolution has a 6x6 kernel (and at p = 65 the third one 6x6) where the paper
+     has 5x5, so that the receptive field is exactly ``p`` (the paper's layers see 32 and 60 px
+     of their 33 and 65 px patches); no activation after the last layer (the descriptor);
+   - the decorrelation loss sums the squared off-diagonal correlation coefficients (the plain
+     sum is also minimised by anti-correlated channels), weighted 0.02; the triplet loss is an
+     option of the script, off for the shipped teachers.
+
+   The teachers' descriptors are standardised per channel with their mean and std over the
+   training images (Sec. 3.2).
+2. Students (Sec. 3.2): ``n_students`` (M = 3) networks of the teacher's architecture per patch
+   size, each its own seeded random initialisation. Dense prediction (Sec. 3.1, Bailer et al.'s
+   fast dense feature extraction) in its exact *a trous* form (:meth:`PatchNetwork.dense`):
+   every max-pool at stride 1 and the later layers dilated, one descriptor per pixel of the
+   reflect-padded image, equal to the network on each patch (a test checks it).
+3. Training (:func:`flawmap.training.train`, Eq. 3): every student minimises the squared
+   distance between its descriptor and the standardised teacher's, summed over channels,
+   averaged over positions, summed over students and patch sizes; Adam (learning rate 2e-3,
+   batches of 8 images, 40 epochs). *Choice*: each image of a batch gives one random window per
+   patch size on which the strided network yields an 8 x 8 grid of patch descriptors (at stride
+   1 / 4 / 8): the dense output at a random offset, sampled, as the network is
+   translation-equivariant; a dense pass per step would cost 256 x 256 positions per image.
+4. Validation (Sec. 3.3): ``validation_fraction`` (10%) of a fit's images, chosen by a seeded
+   permutation, are not trained on; the error and uncertainty of every pixel of those images
+   set their standardisation (mean and std). The images that calibrate the threshold
+   (``calibration_fraction``, the base class) are a third, disjoint share.
+5. Scores (Sec. 3.3, Eq. 4-6): per pixel and patch size, the regression error
+   ``e = ||mean_i mu_i - t||^2`` and the predictive uncertainty ``v = mean_channels(var_i mu_i)``,
+   standardised and summed, ``(e - e_mean) / e_std + (v - v_mean) / v_std`` (``score_terms``:
+   or one of them); the patch sizes' maps averaged (Sec. 3.4). The shared pipeline smooths
+   (sigma 4); the image score is the maximum of that map.
+
+The backbone teacher (``teacher="backbone"``, the former stand-in, kept for the ablation and for
+models saved before format 7): the frozen backbone's features at the tapped stages (stride 8 and
+16), averaged over 3x3, are the teacher; the students are small CNNs from the image to each
+stage's grid (:func:`student_network`: a patchify stem, 3x3 convolutions, ``student_width``
+channels, leaky ReLU), not the teacher's architecture; the maps live on the backbone's grids and
+are upsampled.
+
+MEASURED
 
 Calibration: trained networks cannot score their training images out of sample, so the threshold
 comes from the held-out share ``calibration_fraction`` of the normal images (the base class).
 
 Incremental fit (``partial_fit``), as RLR's: training continues from the current weights on the
 new images only, ``epochs`` more epochs with a fresh optimiser; the teacher standardisation stays
-that of the first fit, the score standardisation (step 5) is measured again on the new images.
-The earlier images are not seen again, so the students can forget them: to learn several sets of
-images equally, fit them together.
+that of the first fit, the score standardisation (step 5) is measured again on the new images'
+validation share. The earlier images are not seen again, so the students can forget them: to
+learn several sets of images equally, fit them together.
 
 The students run under the runtime's precision (bfloat16 autocast where the hardware is fast at
 it; weights and losses stay float32). With ``checkpoint_dir`` the training state is saved after
@@ -182,10 +191,6 @@ TEACHERS = ("patch", "backbone")
 
 _CROP_GRID = 8
 """Side of the grid of patch descriptors in one training window of a patch-network student."""
-
-_DENSE_IMAGES = 8
-"""Images per pass of the dense patch networks (bounds their activations' memory)."""
-
 
 class StudentInputs(NamedTuple):
     """What the students and the backbone teacher see of a batch: ``images`` B x 3 x S x S in
@@ -316,11 +321,9 @@ class PatchStudentsScorer(StudentsScorer):
         return images
 
     def scale_terms(self, features: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Images B x 3 x S x S -> every scale's Eq. 4 error and Eq. 5 uncertainty at every pixel, B x S x S."""
-        chunks = [self._dense_terms(self.student_input(images)) for images in features.split(_DENSE_IMAGES)]
-        return [tuple(torch.cat(parts) for parts in zip(*scales)) for scales in zip(*chunks)]
-
-    def _dense_terms(self, pixels: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Images B x 3 x S x S -> every scale's Eq. 4 error and Eq. 5 uncertainty at every pixel,
+        B x S x S (memory: the M + 1 dense descriptor maps, ``4 (M + 1) d S^2`` bytes per image)."""
+        pixels = self.student_input(features)
         terms = []
         for ensemble in self.ensembles:
             with self.autocast(pixels.device):
