@@ -13,12 +13,12 @@ once and category-agnostic, as in the paper (Bergmann et al., CVPR 2020, Sec. 3.
   the positions and concatenated (40 + 112 = 152 values), standardised per value over the
   patches. The paper distils ResNet-18's 512-d output; ResNet-18's ImageNet weights are not
   available offline here;
-- loss: knowledge distillation (Eq. 1): ``||D(T(p)) - t(p)||^2`` with a learned linear decoder
+- loss: knowledge distillation (the paper's L_k): ``||D(T(p)) - t(p)||^2`` with a learned linear decoder
   ``D`` from the 128-d descriptor to the target (used in training only); plus the decorrelation
-  loss (Eq. 2), weighted ``--decorrelation-weight``, over the batch's correlation matrix of the
+  (compactness) loss L_c, weighted ``--decorrelation-weight``, over the batch's correlation matrix of the
   descriptor's channels: the sum of the SQUARED off-diagonal coefficients (the paper writes the
   plain sum, which anti-correlated channels minimise as well as uncorrelated ones); and,
-  optional (``--triplet-weight``, 0 by default), the triplet loss (Eq. 3) with the augmented
+  optional (``--triplet-weight``, 0 by default), the triplet (metric-learning) loss L_m with the augmented
   patch (shifted by up to ``p / 8``, new jitter) as positive and another random patch as negative;
 - the patches and their targets are drawn once (fixed by ``--seed``), then ``--epochs`` epochs of
   Adam in a seeded order.
@@ -116,7 +116,7 @@ def backbone_targets(backbone: nn.Module, patches: torch.Tensor, batch_size: int
 
 
 def decorrelation_loss(descriptors: torch.Tensor) -> torch.Tensor:
-    """Eq. 2 on a batch of descriptors ``B x d``: squared off-diagonal correlation coefficients, summed."""
+    """L_c on a batch of descriptors ``B x d``: squared off-diagonal correlation coefficients, summed."""
     centred = descriptors - descriptors.mean(dim=0)
     scaled = centred / centred.square().mean(dim=0).add(1e-8).sqrt()
     correlation = scaled.T @ scaled / descriptors.shape[0]
@@ -125,7 +125,7 @@ def decorrelation_loss(descriptors: torch.Tensor) -> torch.Tensor:
 
 
 def triplet_loss(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
-    """Eq. 3: ``max(0, margin + d+ - d-)`` with ``d-`` the smaller of anchor/positive to negative."""
+    """L_m: ``max(0, margin + d+ - d-)`` with ``d-`` the smaller of anchor/positive to negative."""
     closer = (anchor - positive).square().sum(dim=1)
     farther = torch.minimum((anchor - negative).square().sum(dim=1), (positive - negative).square().sum(dim=1))
     return (TRIPLET_MARGIN + closer - farther).clamp_min(0.0).mean()
@@ -150,7 +150,7 @@ def train_teacher(patch_size: int, args: argparse.Namespace, images: list[torch.
         for start in range(0, args.patches, args.batch_size):
             rows = order[start : start + args.batch_size]
             descriptors = teacher((patches[rows] - mean) / std).flatten(1)
-            loss = (decoder(descriptors) - targets[rows]).square().sum(dim=1).mean()  # Eq. 1
+            loss = (decoder(descriptors) - targets[rows]).square().sum(dim=1).mean()  # L_k
             loss = loss + args.decorrelation_weight * decorrelation_loss(descriptors)
             if positives is not None:
                 negatives = teacher((patches[rows.roll(1)] - mean) / std).flatten(1)

@@ -192,6 +192,7 @@ TEACHERS = ("patch", "backbone")
 _CROP_GRID = 8
 """Side of the grid of patch descriptors in one training window of a patch-network student."""
 
+
 class StudentInputs(NamedTuple):
     """What the students and the backbone teacher see of a batch: ``images`` B x 3 x S x S in
     [0, 1] and ``teacher``, the teacher's descriptors at each scale, B x C_l x h_l x w_l, finest first."""
@@ -293,7 +294,10 @@ class StudentsScorer(Scorer):
             for ensemble, (error, uncertainty) in zip(self.ensembles, self.scale_terms(features))
         ]
         finest_grid = tuple(scale_maps[0].shape[-2:])
-        scale_maps = [postprocess.upsample(scale_map, finest_grid) if tuple(scale_map.shape[-2:]) != finest_grid else scale_map for scale_map in scale_maps]
+        scale_maps = [
+            scale_map if tuple(scale_map.shape[-2:]) == finest_grid else postprocess.upsample(scale_map, finest_grid)  # bilinear
+            for scale_map in scale_maps
+        ]
         return PatchScores(torch.stack(scale_maps).mean(dim=0))
 
     def student_input(self, images: torch.Tensor) -> torch.Tensor:
