@@ -227,9 +227,8 @@ class StudentEnsemble(nn.Module):
         """Normalised images or windows B x 3 x H x W -> every student's descriptors M x B x C x h x w."""
         return torch.stack([student(pixels) for student in self.students])
 
-    def set_standardization(self, descriptors: torch.Tensor) -> None:
-        """Per-channel mean and std of the training images' teacher descriptors N x C x h x w."""
-        mean, std = channel_statistics(descriptors)
+    def set_standardization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """The per-channel mean and std (C each) of the training images' teacher descriptors."""
         self.teacher_mean.copy_(mean)
         self.teacher_std.copy_(std)
 
@@ -485,10 +484,14 @@ def receptive_field(layers: Iterable[nn.Module]) -> int:
     return size
 
 
-def _moments(values: torch.Tensor) -> torch.Tensor:
-    """Count, sum and sum of squares of ``values`` (any shape), float64 on the CPU, (3,)."""
-    values = values.detach().double().flatten().cpu()
-    return torch.stack([torch.tensor(float(values.numel()), dtype=torch.float64), values.sum(), values.square().sum()])
+def _moments(values: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Count, sum and sum of squares of ``values``, float64 on the CPU: (3,) over all of them, or
+    (3, n) over ``dim`` of a 2-d tensor (one column per row of the other dimension)."""
+    values = values.detach().double().cpu()
+    if dim is None:
+        values, dim = values.flatten(), 0
+    count = torch.full_like(values.sum(dim=dim), values.shape[dim])
+    return torch.stack([count, values.sum(dim=dim), values.square().sum(dim=dim)])
 
 
 def _activation() -> nn.LeakyReLU:
@@ -582,9 +585,9 @@ class UninformedStudents(TrainedModel):
         cached = cache_batches([inputs] if patch else [inputs.images, *inputs.teacher] for inputs in feature_batches)
         training, validation = self._validation_split(cached[0].shape[0])
         if self.n_fits_ == 0:  # first fit: standardise the teacher with its descriptors of the training images
-            teacher_levels = self._teacher_levels(cached, training) if patch else [level[training] for level in cached[1:]]
-            for ensemble, descriptors in zip(scorer.ensembles, teacher_levels):
-                ensemble.set_standardization(descriptors.float())
+            statistics = self._teacher_statistics(cached, training) if patch else [channel_statistics(level[training]) for level in cached[1:]]
+            for ensemble, (mean, std) in zip(scorer.ensembles, statistics):
+                ensemble.set_standardization(mean, std)
         self._train(scorer.ensembles, [tensor[training] for tensor in cached], scorer.training_loss, "students")
         device, size = self.runtime.torch_device, self.runtime.batch_size
         rows = validation if len(validation) else training
@@ -602,11 +605,20 @@ class UninformedStudents(TrainedModel):
         n_validation = min(max(round(self.validation_fraction * count), 1), count - 1)
         return order[n_validation:].sort().values, order[:n_validation].sort().values
 
-    def _teacher_levels(self, cached: list[torch.Tensor], rows: torch.Tensor) -> list[torch.Tensor]:
-        """Each patch teacher's descriptors N x C x h x w of the images ``rows`` (at its stride)."""
+    def _teacher_statistics(self, cached: list[torch.Tensor], rows: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each patch teacher's per-channel mean and std (C each) over its descriptors of the images
+        ``rows`` (at its stride), accumulated batch by batch (at stride 1 they would not fit in memory)."""
         device, size = self.runtime.torch_device, self.runtime.batch_size
-        parts = [self.scorer_.teacher_descriptors(cached[0][rows[start : start + size]].to(device)) for start in range(0, len(rows), size)]
-        return [torch.cat(levels) for levels in zip(*parts)]
+        moments: list[torch.Tensor] = []
+        for start in range(0, len(rows), size):
+            levels = self.scorer_.teacher_descriptors(cached[0][rows[start : start + size]].to(device))
+            batch_moments = [_moments(level.transpose(0, 1).flatten(1), dim=1) for level in levels]
+            moments = [total + batch for total, batch in zip(moments, batch_moments)] if moments else batch_moments
+        statistics = []
+        for count, total, squares in moments:
+            mean = total / count
+            statistics.append((mean, (squares / count - mean.square()).clamp_min(0.0).sqrt().clamp_min(1e-6)))
+        return statistics
 
     def to_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         return {"train_losses_": self.train_losses_}, dict(self.scorer_.ensembles.state_dict())
