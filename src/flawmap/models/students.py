@@ -585,7 +585,7 @@ class UninformedStudents(TrainedModel):
     >>> model.predict("bottle/test/broken_large")[0].score     # doctest: +SKIP
     """
 
-    quick_params = {"image_size": 64, "epochs": 2, "n_students": 2, "patch_sizes": (17, 33), "student_width": 8, "student_depth": 1}
+    quick_params = {"image_size": 64, "epochs": 2, "n_students": 2, "patch_sizes": (17,), "student_width": 8, "student_depth": 1}
     former_params = {7: {"teacher": "backbone", "validation_fraction": 0.0}}  # format 6 and before
 
     teacher: str = "patch"
