@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import tempfile
+import types
 import typing
 import warnings
 from pathlib import Path
@@ -440,12 +441,13 @@ def _field_default(name: str, method: str) -> Any:
 
 def _parser_for(hint: Any) -> Callable[[str], Any]:
     """A string-to-value converter for a field's type hint."""
-    options = [arg for arg in typing.get_args(hint) if arg is not type(None)] or [hint]
-    base = options[0]
+    unions = (typing.Union, types.UnionType)
+    base = next(arg for arg in typing.get_args(hint) if arg is not type(None)) if typing.get_origin(hint) in unions else hint
     if base is bool:
         return _parse_bool
     if typing.get_origin(base) is tuple:
-        return lambda text: tuple(part.strip() for part in text.split(",") if part.strip())
+        element = typing.get_args(base)[0]
+        return lambda text: tuple(element(part.strip()) for part in text.split(",") if part.strip())
     return base
 
 

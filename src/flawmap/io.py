@@ -50,7 +50,8 @@ CONFIG_FILE = "config.json"
 #: added since, which then take their defaults (defaults that keep the old behaviour: version 3
 #: predates tiling and the faiss searches, version 4 SFR's reconstruction, n_subspaces, subspace_dim),
 #: or the value a method's ``former_params`` names (version 5 predates SFR's affine term, 0 then;
-#: version 6 MKD's ``scored_taps`` and ``smoothgrad_samples``, whose defaults keep its behaviour).
+#: version 6 MKD's ``scored_taps`` and ``smoothgrad_samples``, whose defaults keep its behaviour,
+#: and the students' teacher and validation split: the backbone teacher and none then).
 #: An aligned FYD model of version 6 or before (no projector) cannot be read: it is to be refitted.
 #: Fitted values added since (version 8: training-image digests, calibration history) load as
 #: unrecorded (``flawmap.models.base.FORMER_FITTED``).

@@ -866,8 +866,12 @@ def _param_types(model_class: type[AnomalyModel]) -> dict[str, Any]:
 
 
 def _param_defaults(model_class: type[AnomalyModel]) -> dict[str, Any]:
-    """Hyper-parameter name -> its default value."""
-    return {f.name: f.default for f in dataclasses.fields(model_class) if f.init and f.default is not dataclasses.MISSING}
+    """Hyper-parameter name -> its default value, as JSON holds it (a tuple as a list)."""
+    return {
+        f.name: list(f.default) if isinstance(f.default, tuple) else f.default
+        for f in dataclasses.fields(model_class)
+        if f.init and f.default is not dataclasses.MISSING
+    }
 
 
 def _former_params(model_class: type[AnomalyModel], version: int) -> dict[str, Any]:
