@@ -27,7 +27,7 @@ from flawmap.models.students import StudentInputs
 from flawmap.training import cache_batches, seeded_init
 
 TINY = {"teacher": "backbone", "image_size": 64, "n_students": 2, "student_width": 8, "student_depth": 1, "train_batch_size": 4}
-TINY_PATCH = {"image_size": 64, "n_students": 2, "patch_sizes": (17, 33), "train_batch_size": 4}
+TINY_PATCH = {"teacher": "patch", "image_size": 64, "n_students": 2, "patch_sizes": (17, 33), "train_batch_size": 4}
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "train_students_teacher.py"
 
 
@@ -258,12 +258,13 @@ def test_partial_fit_continues_training(trained, train_images):
     model = copy.deepcopy(trained)
     model.epochs = 1
     before = model.scorer_.ensembles[0].students[0][0].weight.clone()
-    model.partial_fit(train_images[:4])
+    model.partial_fit([np.ascontiguousarray(image[:, ::-1]) for image in train_images[:4]])  # new images: mirrored
     assert len(model.train_losses_) == len(trained.train_losses_) + 1
     assert not torch.equal(before, model.scorer_.ensembles[0].students[0][0].weight)
 
 
 def test_patch_sizes_parse_as_integers_on_the_command_line():
-    from flawmap.cli import _method_params
+    from flawmap.cli import _import_commands, _method_params
 
+    _import_commands()  # what main() does before parsing
     assert _method_params(["students.patch_sizes=17, 65"]) == {"students": {"patch_sizes": (17, 65)}}
