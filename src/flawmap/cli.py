@@ -50,12 +50,20 @@ COMMAND_HELP = {
 }
 
 
+_COMMANDS_IMPORTED = False
+"""Whether :func:`_import_commands` ran (once per process)."""
+
+
 def _import_commands() -> None:
     """Import what the commands and their flags need (numpy, Pillow, SciPy, and torch where it is
     installed: seconds), as module globals; listing the commands (``flawmap --help``,
     ``--version``) needs none of it."""
     global MIN_CALIBRATION_IMAGES, check_false_alarm_rate, output_names, RUNTIMES, load, missing_torch_error
     global INPUT_DTYPES, STORAGE_PRECISIONS, PRECISIONS, Runtime, METHODS, create_model, load_model, _TORCH_IMPORT_ERROR
+    global _COMMANDS_IMPORTED
+    if _COMMANDS_IMPORTED:
+        return
+    _COMMANDS_IMPORTED = True
     from flawmap.calibration import MIN_CALIBRATION_IMAGES, check_false_alarm_rate
     from flawmap.data.datasets import output_names
     from flawmap.loading import RUNTIMES, load, missing_torch_error

@@ -6,10 +6,12 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pytest
 from conftest import assert_same_predictions, random_images
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from flawmap.backbones import BACKBONES, Backbone, FeatureInfo
 from flawmap.backbones.base import IMAGENET_MEAN, IMAGENET_STD
@@ -336,10 +338,14 @@ def test_cli_preset_applies_before_explicit_flags(monkeypatch, tmp_path):
     def capture(method, **params):
         raise Created(method, params)
 
+    cli._import_commands()  # the command modules, imported lazily by main and build_parser
     monkeypatch.setattr(cli, "create_model", capture)
+    folder = tmp_path / "good"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(folder / "0.png")  # the parser checks the data path
     with pytest.raises(Created) as created:
         cli.run_fit(cli.build_parser().parse_args(
-            ["fit", "a", "--method", "rlr", "--out", str(tmp_path / "m"), "--preset", "paper", "--epochs", "3"]
+            ["fit", str(folder), "--method", "rlr", "--out", str(tmp_path / "m"), "--preset", "paper", "--epochs", "3"]
         ))
     method, params = created.value.args
     assert method == "rlr"
@@ -348,11 +354,11 @@ def test_cli_preset_applies_before_explicit_flags(monkeypatch, tmp_path):
         "hidden_dim": 256, "num_heads": 8, "depth": 4, "learning_rate": 1e-4, "train_batch_size": 4
     }
     with pytest.raises(FlawmapError, match="presets are: paper"):
-        cli.run_fit(cli.build_parser().parse_args(["fit", "a", "--method", "rlr", "--out", str(tmp_path / "m"), "--preset", "x"]))
+        cli.run_fit(cli.build_parser().parse_args(["fit", str(folder), "--method", "rlr", "--out", str(tmp_path / "m"), "--preset", "x"]))
     with pytest.raises(FlawmapError, match="no presets"):
-        cli.run_fit(cli.build_parser().parse_args(["fit", "a", "--method", "padim", "--out", str(tmp_path / "m"), "--preset", "paper"]))
+        cli.run_fit(cli.build_parser().parse_args(["fit", str(folder), "--method", "padim", "--out", str(tmp_path / "m"), "--preset", "paper"]))
     with pytest.raises(FlawmapError, match="--preset cannot be changed by --update"):
-        cli.run_fit(cli.build_parser().parse_args(["fit", "a", "--update", str(tmp_path / "m"), "--preset", "paper"]))
+        cli.run_fit(cli.build_parser().parse_args(["fit", str(folder), "--update", str(tmp_path / "m"), "--preset", "paper"]))
 
 
 def test_paper_preset_is_a_valid_model():
