@@ -165,3 +165,19 @@ def fit_whole_and_in_halves(make_model, images: list, through_save: bool, folder
     assert torch.equal(updated.calibration_images_, whole.calibration_images_)
     assert updated.n_train_images_ == whole.n_train_images_ and updated.n_fits_ == 2
     return whole, updated
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """``flawmap ARGV`` in this process: (exit code, stdout, stderr)."""
+    from flawmap.cli import main
+
+    code = main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def one_error_line(code: int, err: str) -> str:
+    """The one ``flawmap: error:`` line of a refused command (exit 2, no traceback)."""
+    lines = [line for line in err.splitlines() if line.startswith("flawmap: error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]

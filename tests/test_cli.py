@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from conftest import run_cli
 from flawmap.cli import main
 from flawmap.data import open_dataset, read_mask
 from flawmap.evaluate import RESULT_KEYS
@@ -16,12 +17,6 @@ from flawmap.metrics import aupro
 from flawmap.models import load_model
 
 SMALL = ["--image-size", "64", "--batch-size", "8"]
-
-
-def run_cli(capsys, *argv):
-    code = main([str(arg) for arg in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def assert_one_line_error(code, err, *fragments):

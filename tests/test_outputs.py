@@ -9,23 +9,11 @@ import stat
 import pytest
 
 import flawmap.scoring  # noqa: F401  (imported before the fixture patches flawmap.loading.load, which it imports)
-from flawmap.cli import main
+from conftest import one_error_line, run_cli
 from flawmap.export import is_exported_graph
 from flawmap.outputs import is_listed_output
 
 SMALL = ["--image-size", "64", "--batch-size", "8", "--quiet"]
-
-
-def run_cli(capsys, *argv):
-    code = main([str(arg) for arg in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def one_error_line(code, err) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("flawmap: error:")]
-    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 @pytest.fixture

@@ -10,25 +10,13 @@ import warnings
 import numpy as np
 import pytest
 
+from conftest import one_error_line, run_cli
 from flawmap.calibration import MIN_CALIBRATION_IMAGES, CalibrationWarning
-from flawmap.cli import main
 from flawmap.data import Sample
 from flawmap.data.digests import DuplicateImageWarning, content_digest, distinct_images
 from flawmap.models import PatchCore, load_model
 
 TINY = {"image_size": 64, "coreset_fraction": 0.25}
-
-
-def run_cli(capsys, *argv):
-    code = main([str(arg) for arg in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def one_error_line(code, err) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("flawmap: error:")]
-    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def tiny_patchcore() -> PatchCore:
