@@ -5,8 +5,8 @@
 Each input is the JSON of one ``flawmap benchmark`` run (several methods may come from separate
 runs: a method's rows are re-measured when its code changes). Rows are keyed by dataset and
 method; a later file replaces an earlier file's row. Per method a mean row over its datasets is
-added (fit seconds: the total). Prints the markdown table and writes the merged rows, with the
-file each row came from and that run's versions, to ``--out``.
+added (:func:`flawmap.benchmark.mean_row`; fit seconds: the total). Prints the markdown table and
+writes the merged rows, with the file each row came from and that run's versions, to ``--out``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from flawmap.benchmark import MEAN_METRICS
+from flawmap.benchmark import mean_row
 from flawmap.cli import format_table
 
 COLUMNS = ["dataset", "method", "image_auroc", "pixel_auroc", "aupro", "fit_s", "predict_ms_per_image", "fit_peak_rss_mb"]
@@ -41,8 +41,7 @@ def with_means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     table = []
     for method in methods:
         group = [row for row in rows if row["method"] == method]
-        mean = {key: sum(row[key] for row in group) / len(group) for key in (*MEAN_METRICS, "fit_peak_rss_mb")}
-        table += [*group, {"dataset": "mean", "method": method, **mean, "fit_s": sum(row["fit_s"] for row in group)}]
+        table += [*group, mean_row(group, sum(row["fit_s"] for row in group))]
     return table
 
 

@@ -150,10 +150,11 @@ def benchmark_unified(
 
 
 def mean_row(rows: Sequence[dict[str, Any]], fit_seconds: float) -> dict[str, Any]:
-    """The mean of :data:`MEAN_METRICS` over ``rows`` of one method and mode; ``fit_s`` is
-    ``fit_seconds``, the time of all the fits behind them."""
+    """The mean of :data:`MEAN_METRICS` over ``rows`` of one method (and mode, where the rows
+    have one); ``fit_s`` is ``fit_seconds``, the time of all the fits behind them."""
     mean = {key: sum(row[key] for row in rows) / len(rows) for key in MEAN_METRICS}
-    return {"dataset": "mean", "method": rows[0]["method"], "mode": rows[0]["mode"], **mean, "fit_s": fit_seconds}
+    mode = {"mode": rows[0]["mode"]} if "mode" in rows[0] else {}
+    return {"dataset": "mean", "method": rows[0]["method"], **mode, **mean, "fit_s": fit_seconds}
 
 
 def _unified_rows(
