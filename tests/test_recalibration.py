@@ -14,6 +14,7 @@ from conftest import one_error_line, run_cli
 from flawmap.calibration import MIN_CALIBRATION_IMAGES, CalibrationWarning
 from flawmap.data import Sample
 from flawmap.data.digests import DuplicateImageWarning, content_digest, distinct_images
+from flawmap.data.loader import as_samples
 from flawmap.models import PatchCore, load_model
 
 TINY = {"image_size": 64, "coreset_fraction": 0.25}
@@ -32,10 +33,11 @@ def test_digests_name_content_not_paths(tmp_path):
     samples = [Sample(first), Sample(copy), Sample(other)]
     assert content_digest(samples[0]) == content_digest(samples[1]) != content_digest(samples[2])
     pixels = np.zeros((4, 4, 3), np.uint8)
-    assert content_digest(pixels) != content_digest(pixels.reshape(4, 12, 1))  # the shape is part of the content
-    kept, digests, dropped = distinct_images([*samples, pixels, pixels.copy()], known={content_digest(samples[2])})
-    assert kept[:2] == samples[:1] + [pixels] and len(digests) == 2
-    assert dropped == [f"{copy} (same as {first})", f"{other} (already learned)", "array 4 (same as array 3)"]
+    square, flat, twin = as_samples([pixels, pixels.reshape(4, 12, 1), pixels.copy()])
+    assert content_digest(square) != content_digest(flat)  # the shape is part of the content
+    kept, digests, dropped = distinct_images([*samples, square, twin], known={content_digest(samples[2])})
+    assert kept == [samples[0], square] and len(digests) == 2
+    assert dropped == [f"{copy} (same as {first})", f"{other} (already learned)", "array 2 (same as array 0)"]
 
 
 # ---------------------------------------------------------------- fit: duplicates count once

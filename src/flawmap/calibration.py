@@ -5,7 +5,7 @@ A model flags an image when its score exceeds ``threshold_``; the user asks for 
 quantile of normal scores. Those scores must be *out of sample*: a training image scored by a
 model that learned from it looks more normal than any new image (for a memory bank, its own
 patches are in the bank), so models collect them by cross-fitting where that is cheap and from
-held-out images otherwise (:mod:`flawmap.models.base`).
+held-out images otherwise (:mod:`flawmap.models.calibrators`).
 
 The quantile estimator (:func:`calibrate_threshold`):
 
@@ -119,6 +119,16 @@ def check_false_alarm_rate(rate: float) -> None:
     """Raise FlawmapError unless ``0 < rate < 1``."""
     if not (isinstance(rate, (int, float)) and 0.0 < rate < 1.0):
         raise FlawmapError(f"false_alarm_rate must be in (0, 1), got {rate}")
+
+
+def check_calibration_count(count: int, kind: str) -> None:
+    """FlawmapError unless ``count`` (``kind``: "valid ", "distinct ") new normal images reach
+    :data:`MIN_CALIBRATION_IMAGES`."""
+    if count < MIN_CALIBRATION_IMAGES:
+        raise FlawmapError(
+            f"calibrate needs at least {MIN_CALIBRATION_IMAGES} {kind}good images, got {count}: with fewer, "
+            "the false-alarm rate of the threshold is unknown (see flawmap.calibration)"
+        )
 
 
 def calibrate_threshold(

@@ -42,7 +42,9 @@ from flawmap._version import __version__
 from flawmap.errors import FlawmapError
 from flawmap.loading import EXPORT_FILE
 from flawmap.outputs import check_replaceable
-from flawmap.models.base import AnomalyModel, Scorer, load_model
+from flawmap.models.base import AnomalyModel
+from flawmap.models.scorer import Scorer
+from flawmap.models.persistence import load_model
 from flawmap.onnx_model import (
     FORMAT_NAME, FORMAT_VERSION, INPUT_DTYPES, INPUT_NAME, OUTPUT_NAMES, STORAGE_PRECISIONS, load_onnx,
 )

@@ -54,7 +54,7 @@ CONFIG_FILE = "config.json"
 #: and the students' teacher and validation split: the backbone teacher and none then).
 #: An aligned FYD model of version 6 or before (no projector) cannot be read: it is to be refitted.
 #: Fitted values added since (version 8: training-image digests, calibration history) load as
-#: unrecorded (``flawmap.models.base.FORMER_FITTED``).
+#: unrecorded (``flawmap.models.persistence.FORMER_FITTED``).
 READABLE_VERSIONS = (3, 4, 5, 6, 7, FORMAT_VERSION)
 #: Top-level keys every model config has besides the format fields.
 MODEL_KEYS = ("method", "params", "fitted", "files")

@@ -48,7 +48,7 @@ def load(path: str | Path, runtime: str = "auto", **runtime_settings: Any) -> Pr
     if runtime == "onnx":
         return _load_current_export(source, runtime_settings)
     require_torch(f"loading the model directory {source}")
-    from flawmap.models.base import load_model
+    from flawmap.models.persistence import load_model
 
     return load_model(source, **runtime_settings)
 

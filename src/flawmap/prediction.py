@@ -21,8 +21,8 @@ import numpy as np
 from PIL import Image
 
 from flawmap import postprocess
-from flawmap.data import Batch, Dataset, Sample, iter_batches, samples_from_paths
-from flawmap.data.loader import DecodedImage, check_image_side, iter_images, pil_to_array
+from flawmap.data import Batch, Dataset, Sample, iter_batches, open_dataset, samples_from_paths
+from flawmap.data.loader import DecodedImage, as_samples, check_image_side, iter_images
 from flawmap.errors import FlawmapError
 from flawmap.regions import Region, find_regions
 from flawmap.runtime import Runtime
@@ -185,16 +185,31 @@ class Predictor:
         )
 
 
-def prediction_samples(images: ImageInput) -> list[Sample | np.ndarray]:
+def prediction_samples(images: ImageInput) -> list[Sample]:
     """Images to score: files, folders of images, a Dataset (its test split), uint8 arrays or
-    PIL images (taken like arrays)."""
+    PIL images (in-memory samples named by their place in ``images``)."""
     if isinstance(images, Dataset):
         return list(images.test)
     if isinstance(images, (str, Path)):
         return samples_from_paths([images])
-    if isinstance(images, (np.ndarray, Image.Image)):
-        images = [images]
-    items = [pil_to_array(item) if isinstance(item, Image.Image) else item for item in images]
-    if all(isinstance(item, (np.ndarray, Sample)) for item in items):
-        return items
+    items = [images] if isinstance(images, (np.ndarray, Image.Image)) else list(images)
+    if all(isinstance(item, (np.ndarray, Image.Image, Sample)) for item in items):
+        return as_samples(items)
     return samples_from_paths(items)
+
+
+def training_samples(images: ImageInput) -> list[Sample]:
+    """Normal training images from any accepted input (dataset folders contribute ``train/good``);
+    in-memory images are named by their place among all of them."""
+    return as_samples(_training_items(images))
+
+
+def _training_items(images: ImageInput) -> list[Sample | np.ndarray | Image.Image]:
+    if isinstance(images, Dataset):
+        return list(images.train)
+    if isinstance(images, (str, Path)):
+        path = Path(images)
+        return list(open_dataset(path).train) if path.is_dir() else samples_from_paths([path])
+    if isinstance(images, (np.ndarray, Sample, Image.Image)):
+        return [images]
+    return [item for group in images for item in _training_items(group)]

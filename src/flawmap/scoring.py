@@ -23,7 +23,6 @@ Rows of the local engine come in input order; Ray's in whatever order batches fi
 from __future__ import annotations
 
 import os
-import re
 import socket
 import sys
 import tempfile
@@ -41,7 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from flawmap.data.datasets import output_names, samples_from_paths
+from flawmap.data.datasets import Sample, output_names, samples_from_paths
 from flawmap.data.images import read_image
 from flawmap.errors import FlawmapError
 from flawmap.loading import load
@@ -72,8 +71,6 @@ RESULT_SCHEMA = pa.schema([
 ROW_GROUP_ROWS = 4096
 #: How often Ray restarts a dead model actor, and retries the batch it was scoring.
 ACTOR_RESTARTS = 3
-#: The name the loader gives an in-memory image (``<array 0>``), replaced by its file in errors.
-_ARRAY_NAME = re.compile(r"<array \d+>")
 
 
 @dataclass(frozen=True)
@@ -228,19 +225,20 @@ class ModelScorer:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         decoded = [index for index, error in enumerate(batch["error"]) if not error]
-        outcomes: dict[int, Prediction | FlawmapError] = dict(zip(decoded, self._predict([batch["pixels"][i] for i in decoded])))
+        images = [Sample(image_path=Path(batch["path"][i]), pixels=batch["pixels"][i]) for i in decoded]
+        outcomes: dict[int, Prediction | FlawmapError] = dict(zip(decoded, self._predict(images)))
         rows = []
         for index, (path, map_path, error) in enumerate(zip(batch["path"], batch["map_path"], batch["error"])):
             outcome = outcomes.get(index)
             if isinstance(outcome, Prediction):
                 rows.append(self._row(str(path), outcome, str(map_path)))
             else:
-                reason = error or _ARRAY_NAME.sub(lambda _: str(path), str(outcome), count=1)
+                reason = error or str(outcome)
                 rows.append({"path": str(path), "error": reason})
         return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
 
-    def _predict(self, images: list[np.ndarray]) -> list[Prediction | FlawmapError]:
-        """Predictions for ``images`` in order: the batch at once, or, when an image fails, each
+    def _predict(self, images: list[Sample]) -> list[Prediction | FlawmapError]:
+        """Predictions for ``images`` (decoded: in-memory samples named by their file) in order: the batch at once, or, when an image fails, each
         image alone (so only that one becomes an error)."""
         try:
             return [prediction for prediction, _ in self.model.iter_predictions(images)]

@@ -18,7 +18,7 @@ score tiles, give the same image scores.
 
 Fitting a tiled model learns from every tile of every training image; its threshold is
 calibrated on whole held-out images, tiled and stitched exactly as in prediction (see
-:mod:`flawmap.models.base`).
+:mod:`flawmap.models.calibrators`).
 
 Memory is bounded by one image: tiles are cut and scored ``batch_size`` at a time and blended
 into two ``H x W`` float32 accumulators. This module does not import torch, so exported models

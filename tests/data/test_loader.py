@@ -96,7 +96,8 @@ def test_numpy_arrays_and_samples_mix(tmp_path: Path) -> None:
     rgba = np.concatenate([rgb, np.zeros((7, 3, 1), dtype=np.uint8)], axis=2)
     (file_sample,) = uniform_samples(tmp_path, 1)
     (batch,) = iter_batches([grey, file_sample, rgb, rgba], image_size=4, load_masks=True)
-    assert [str(sample.image_path) for sample in batch.samples[::2]] == ["<array 0>", "<array 2>"]
+    assert [sample.source for sample in batch.samples[::2]] == ["array 0", "array 2"]
+    assert batch.samples[0].image_path is None and batch.samples[0].pixels is grey
     assert batch.samples[1] is file_sample
     assert batch.original_hw == [(5, 6), (8, 12), (7, 3), (7, 3)]
     np.testing.assert_allclose(batch.images[0], np.full((3, 4, 4), 0.2), rtol=1e-6)
@@ -106,7 +107,7 @@ def test_numpy_arrays_and_samples_mix(tmp_path: Path) -> None:
 
 
 def test_bad_arrays_and_arguments_raise() -> None:
-    with pytest.raises(FlawmapError, match=r"<array 0>: expected a uint8 array"):
+    with pytest.raises(FlawmapError, match=r"array 0: expected a uint8 array"):
         list(iter_batches([np.zeros((4, 4), dtype=np.float32)], image_size=4))
     with pytest.raises(FlawmapError, match="shape"):
         list(iter_batches([np.zeros((4, 4, 2), dtype=np.uint8)], image_size=4))
@@ -139,7 +140,7 @@ def test_images_smaller_than_the_patch_grid_are_a_clear_error(tmp_path: Path) ->
         Image.new("RGB", size[::-1]).save(path)
         with pytest.raises(FlawmapError, match=rf"{path.name}: image is {size[1]}x{size[0]}, smaller than the model's 8x8 patch grid"):
             list(iter_batches([Sample(image_path=path)], 64))
-    with pytest.raises(FlawmapError, match="<array 0>: image is 2x2"):
+    with pytest.raises(FlawmapError, match="array 0: image is 2x2"):
         list(iter_batches([np.zeros((2, 2, 3), dtype=np.uint8)], 64))
     (batch,) = iter_batches([np.zeros((8, 8, 3), dtype=np.uint8)], 64)
     assert batch.images.shape == (1, 3, 64, 64)

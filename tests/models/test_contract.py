@@ -172,7 +172,7 @@ def test_traits_match_what_the_method_does(method, fitted):
     model = fitted(method)
     trained_parameters = sum(p.numel() for p in model.scorer_.parameters() if p.requires_grad)
     assert (trained_parameters > 0) == traits.trains_on_fit_images
-    assert model._cross_fitted() == traits.cross_fits
+    assert (not model._calibrator_class().holds_out) == traits.cross_fits
 
 
 def test_a_method_that_trains_on_its_fit_images_cannot_cross_fit():
@@ -221,7 +221,7 @@ def test_skip_invalid_never_aborts_because_the_held_out_images_were_skipped(tiny
     ``skip_invalid`` holds out the next valid ones instead of failing."""
     import shutil
 
-    from flawmap.models.base import _uniform_hash
+    from flawmap.models.calibrators import uniform_hash
 
     class HeldOutPatchCore(PatchCore):
         traits = MethodTraits(partial_fit="approximate")
@@ -229,8 +229,8 @@ def test_skip_invalid_never_aborts_because_the_held_out_images_were_skipped(tiny
     dataset = shutil.copytree(tiny_dataset, tmp_path / "data")
     model = HeldOutPatchCore(image_size=64, coreset_fraction=0.25).set_runtime(batch_size=4, num_workers=1)
     train = list(open_dataset(dataset).train)
-    held_out = [s.image_path for s in train if _uniform_hash(model.random_state, s) < model.calibration_fraction]
-    held_out = held_out or [min(train, key=lambda s: _uniform_hash(model.random_state, s)).image_path]
+    held_out = [s.image_path for s in train if uniform_hash(model.random_state, s) < model.calibration_fraction]
+    held_out = held_out or [min(train, key=lambda s: uniform_hash(model.random_state, s)).image_path]
     for path in held_out:
         path.write_bytes(b"not an image any more")
     with pytest.warns(UserWarning, match="skipping"):

@@ -14,7 +14,7 @@ from flawmap.errors import FlawmapError
 from flawmap.features import flatten_positions, fuse_levels
 from flawmap.models import Fyd, Padim, load_model
 from flawmap.models import fyd as fyd_module
-from flawmap.models.base import PatchScores
+from flawmap.models.scorer import PatchScores
 from flawmap.models.fyd import Alignment, FydScorer, compose, invert, warp
 from flawmap.models.padim import GaussianAccumulator, mahalanobis_distances, regularised_inverse
 from flawmap.training import train

@@ -5,7 +5,7 @@ import torch
 from flawmap.data import open_dataset
 from flawmap.errors import FlawmapError
 from flawmap.evaluate import evaluate
-from flawmap.models import PatchCore, base
+from flawmap.models import PatchCore, calibrators
 from flawmap.search import all_vectors, build_search
 
 
@@ -151,7 +151,7 @@ BOTTLE_CALIBRATION_IMAGES = 16
 @pytest.fixture(scope="module")
 def bottle_one_fit(mvtec_bottle):
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(base, "CROSS_FIT_MAX_IMAGES", BOTTLE_CALIBRATION_IMAGES)
+        patch.setattr(calibrators, "CROSS_FIT_MAX_IMAGES", BOTTLE_CALIBRATION_IMAGES)
         model = PatchCore().fit(mvtec_bottle)
     return evaluate(model, mvtec_bottle)
 
@@ -166,7 +166,7 @@ def test_bottle_reaches_reference_accuracy(bottle_one_fit):
 def test_bottle_update_matches_one_fit(mvtec_bottle, bottle_one_fit, monkeypatch):
     """Contract v2 acceptance: first half of train/good, then partial_fit on the second half, is
     within 0.005 of one fit on all of it (the speed side is in benchmarks/bench_update.py)."""
-    monkeypatch.setattr(base, "CROSS_FIT_MAX_IMAGES", BOTTLE_CALIBRATION_IMAGES)
+    monkeypatch.setattr(calibrators, "CROSS_FIT_MAX_IMAGES", BOTTLE_CALIBRATION_IMAGES)
     train = list(open_dataset(mvtec_bottle).train)
     half = len(train) // 2
     model = PatchCore().fit(train[:half]).partial_fit(train[half:])
@@ -182,9 +182,9 @@ def test_large_fits_score_a_hashed_sample_of_their_images_leave_one_out(tiny_mod
 
     train = [sample.image_path for sample in open_dataset(tiny_dataset).train]
     images = train[:8] + [np.asarray(Image.open(path).convert("RGB")) for path in train[8:]]  # files and arrays
-    monkeypatch.setattr(base, "CROSS_FIT_MAX_IMAGES", 5)
+    monkeypatch.setattr(calibrators, "CROSS_FIT_MAX_IMAGES", 5)
     sampled = PatchCore(image_size=64, coreset_fraction=0.25).fit(images)
-    monkeypatch.setattr(base, "CROSS_FIT_CACHE_BYTES", 0)
+    monkeypatch.setattr(calibrators, "CROSS_FIT_CACHE_BYTES", 0)
     embedded_again = PatchCore(image_size=64, coreset_fraction=0.25).fit(images)
     assert len(sampled.calibration_scores_) == 5 and sampled.n_train_images_ == 12
     # the same bank; each sampled image's score is its score in the full calibration

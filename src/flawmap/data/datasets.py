@@ -19,8 +19,10 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from flawmap.data.images import IMAGE_SUFFIXES, is_image_file, list_images
 from flawmap.errors import FlawmapError
@@ -49,15 +51,21 @@ _VISA_MASK_THRESHOLD = 0
 
 @dataclass(frozen=True)
 class Sample:
-    """One image file, its defect type (``"good"`` when normal) and its ground-truth mask, if any.
+    """One image: a file, or an image already in memory, with its defect type (``"good"`` when
+    normal) and its ground-truth mask, if any.
 
-    ``mask_threshold``: mask pixels with grey level above it are defective.
+    ``mask_threshold``: mask pixels with grey level above it are defective. ``pixels`` holds an
+    in-memory image (uint8 ``H x W``, ``H x W x 3`` or ``H x W x 4``), decoded instead of the file;
+    ``array_index`` is its place in the input it came in (:func:`in_memory`), what names an
+    in-memory image without a file.
     """
 
-    image_path: Path
+    image_path: Path | None = None
     defect_type: str = NORMAL
     mask_path: Path | None = None
     mask_threshold: int = 127
+    pixels: np.ndarray | None = field(default=None, compare=False, repr=False)
+    array_index: int | None = None
 
     @property
     def is_anomalous(self) -> bool:
@@ -68,6 +76,17 @@ class Sample:
     def key(self) -> str:
         """``"<defect_type>/<stem>"``: the sample's id in evaluation output."""
         return f"{self.defect_type}/{self.image_path.stem}"
+
+    @property
+    def source(self) -> str:
+        """Where the image comes from, as messages name it and fits tell images apart: its file's
+        path, or ``"array <i>"`` for an in-memory image."""
+        return str(self.image_path) if self.image_path is not None else f"array {self.array_index}"
+
+
+def in_memory(pixels: np.ndarray, index: int) -> Sample:
+    """A normal sample for an in-memory image, the ``index``-th of its input."""
+    return Sample(pixels=pixels, array_index=index)
 
 
 @dataclass(frozen=True)

@@ -29,13 +29,13 @@ class DuplicateImageWarning(UserWarning):
     """Some images were given more than once (same content); each is counted once."""
 
 
-def content_digest(item: Sample | np.ndarray) -> str:
-    """The content digest (hex) of an image file (a Sample) or of an array; an unreadable file
-    gets a digest of its path (it is reported as unreadable where it is decoded)."""
+def content_digest(item: Sample) -> str:
+    """The content digest (hex) of an image file, or of an in-memory image's pixels; an
+    unreadable file gets a digest of its path (it is reported as unreadable where it is decoded)."""
     digest = hashlib.sha256()
-    if isinstance(item, np.ndarray):
-        digest.update(f"{item.shape} {item.dtype}\0".encode())
-        digest.update(np.ascontiguousarray(item).tobytes())
+    if item.pixels is not None:
+        digest.update(f"{item.pixels.shape} {item.pixels.dtype}\0".encode())
+        digest.update(np.ascontiguousarray(item.pixels).tobytes())
     else:
         try:
             with open(item.image_path, "rb") as stream:
@@ -46,33 +46,25 @@ def content_digest(item: Sample | np.ndarray) -> str:
     return digest.hexdigest()[:DIGEST_CHARS]
 
 
-def distinct_images(
-    items: Sequence[Sample | np.ndarray], known: set[str] = frozenset()
-) -> tuple[list[Sample | np.ndarray], list[str], list[str]]:
+def distinct_images(items: Sequence[Sample], known: set[str] = frozenset()) -> tuple[list[Sample], list[str], list[str]]:
     """The first of each content among ``items`` that is not in ``known``.
 
     Returns the kept items, their digests (in the same order) and, for each dropped item, a
     ``"name (same as other)"`` description (``"name (already learned)"`` for a digest in ``known``).
     """
     kept, digests, dropped = [], [], []
-    first_of: dict[str, int] = {}
-    for index, item in enumerate(items):
+    first_of: dict[str, Sample] = {}
+    for item in items:
         digest = content_digest(item)
         if digest in known:
-            dropped.append(f"{image_name(item, index)} (already learned)")
+            dropped.append(f"{item.source} (already learned)")
         elif digest in first_of:
-            first = first_of[digest]
-            dropped.append(f"{image_name(item, index)} (same as {image_name(items[first], first)})")
+            dropped.append(f"{item.source} (same as {first_of[digest].source})")
         else:
-            first_of[digest] = index
+            first_of[digest] = item
             kept.append(item)
             digests.append(digest)
     return kept, digests, dropped
-
-
-def image_name(item: Sample | np.ndarray, index: int) -> str:
-    """How messages name an image: its path, or ``array <index>``."""
-    return f"array {index}" if isinstance(item, np.ndarray) else str(item.image_path)
 
 
 def name_some(names: Sequence[str]) -> str:

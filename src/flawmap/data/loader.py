@@ -15,14 +15,13 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from flawmap.data.datasets import Sample
+from flawmap.data.datasets import Sample, in_memory
 from flawmap.data.images import open_rgb_image, read_mask
 from flawmap.errors import FlawmapError
 
@@ -50,7 +49,7 @@ class Batch:
     images : ndarray of shape (B, 3, S, S)
         ``float32`` RGB in ``[0, 1]`` (not mean/std normalised), C-contiguous.
     samples : list of Sample
-        The samples in batch order (in-memory arrays get ``image_path`` ``"<array i>"``).
+        The samples in batch order (in-memory arrays as :func:`~flawmap.data.datasets.in_memory` samples).
     original_hw : list of (int, int)
         ``(height, width)`` of each image before resizing.
     masks : list of ndarray or None
@@ -110,8 +109,7 @@ def iter_batches(
     for name, value in sizes.items():
         if value < 1:
             raise FlawmapError(f"{name} must be at least 1, got {value}")
-    items = [_as_sample(item, index) for index, item in enumerate(samples)]
-    return _generate(items, image_size, batch_size, num_workers, load_masks, skip_invalid, progress, _stack)
+    return _generate(as_samples(samples), image_size, batch_size, num_workers, load_masks, skip_invalid, progress, _stack)
 
 
 def iter_images(
@@ -125,12 +123,11 @@ def iter_images(
     models (:mod:`flawmap.tiling`) cut. Arguments and errors as for :func:`iter_batches`."""
     if num_workers < 1:
         raise FlawmapError(f"num_workers must be at least 1, got {num_workers}")
-    items = [_as_sample(item, index) for index, item in enumerate(samples)]
-    return _generate(items, None, 1, num_workers, load_masks, skip_invalid, progress, lambda decoded: decoded[0])
+    return _generate(as_samples(samples), None, 1, num_workers, load_masks, skip_invalid, progress, lambda decoded: decoded[0])
 
 
 def _generate(
-    items: list[tuple[Sample, np.ndarray | None]],
+    items: list[Sample],
     image_size: int | None,
     batch_size: int,
     num_workers: int,
@@ -149,8 +146,8 @@ def _generate(
     pending: deque[tuple[Sample, Future[DecodedImage]]] = deque()
     decoded: list[DecodedImage] = []
     try:
-        for sample, array in items:
-            pending.append((sample, executor.submit(_decode, sample, array, image_size, load_masks)))
+        for sample in items:
+            pending.append((sample, executor.submit(_decode, sample, image_size, load_masks)))
             if len(pending) > _BATCHES_AHEAD * batch_size:
                 yield from _collect(pending.popleft(), decoded, batch_size, skip_invalid, bar, combine)
         while pending:
@@ -162,14 +159,19 @@ def _generate(
         bar.close()
 
 
-def _as_sample(item: Sample | np.ndarray, index: int) -> tuple[Sample, np.ndarray | None]:
-    """``(sample, array)``: arrays and PIL images get a synthetic normal sample named ``<array index>``."""
+def as_samples(items: Sequence[Sample | np.ndarray | Image.Image]) -> list[Sample]:
+    """``items`` as samples: arrays and PIL images become in-memory samples named by their place
+    in ``items`` (:func:`~flawmap.data.datasets.in_memory`); samples stay as they are."""
+    return [_as_sample(item, index) for index, item in enumerate(items)]
+
+
+def _as_sample(item: Sample | np.ndarray | Image.Image, index: int) -> Sample:
     if isinstance(item, Sample):
-        return item, None
+        return item
     if isinstance(item, Image.Image):
         item = pil_to_array(item)
     if isinstance(item, np.ndarray):
-        return Sample(image_path=Path(f"<array {index}>")), item
+        return in_memory(item, index)
     raise FlawmapError(f"samples[{index}] is a {type(item).__name__}, expected a Sample, a numpy array or a PIL image")
 
 
@@ -194,7 +196,7 @@ def _collect(
     except FlawmapError as error:
         if not skip_invalid:
             raise
-        reason = str(error) if str(sample.image_path) in str(error) else f"{sample.image_path}: {error}"
+        reason = str(error) if sample.source in str(error) else f"{sample.source}: {error}"
         warnings.warn(f"skipping {reason}", InvalidImageWarning, stacklevel=3)
         return
     if len(decoded) == batch_size:
@@ -214,22 +216,22 @@ def check_image_side(original_hw: tuple[int, int], image_size: int | None, name:
         )
 
 
-def _decode(sample: Sample, array: np.ndarray | None, image_size: int | None, load_masks: bool) -> DecodedImage:
-    """Read (or take) one image, resize it to ``image_size`` squared (None: keep its size) and
-    read its mask if asked."""
-    if array is None:
+def _decode(sample: Sample, image_size: int | None, load_masks: bool) -> DecodedImage:
+    """Read (or take, when in memory) one image, resize it to ``image_size`` squared (None: keep
+    its size) and read its mask if asked."""
+    if sample.pixels is None:
         image = open_rgb_image(sample.image_path)
     else:
-        image = Image.fromarray(_array_to_rgb(array, sample.image_path))
+        image = Image.fromarray(_array_to_rgb(sample.pixels, sample.source))
     original_hw = (image.height, image.width)
-    check_image_side(original_hw, image_size, str(sample.image_path))
+    check_image_side(original_hw, image_size, sample.source)
     if image_size is not None:
         image = image.resize((image_size, image_size), Image.BILINEAR, reducing_gap=None)
     mask = _read_sample_mask(sample, original_hw) if load_masks else None
     return DecodedImage(sample=sample, pixels=np.asarray(image), original_hw=original_hw, mask=mask)
 
 
-def _array_to_rgb(array: np.ndarray, name: Path) -> np.ndarray:
+def _array_to_rgb(array: np.ndarray, name: str) -> np.ndarray:
     """An in-memory ``uint8`` ``H x W``, ``H x W x 3`` or ``H x W x 4`` image as ``H x W x 3``."""
     if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
         raise FlawmapError(

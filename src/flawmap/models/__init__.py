@@ -5,7 +5,10 @@ from typing import Any
 
 from flawmap.errors import FlawmapError
 
-from flawmap.models.base import METHODS, AnomalyModel, PatchScores, Scorer, load_model, register_method
+from flawmap.models.base import METHODS, AnomalyModel, register_method
+
+from flawmap.models.scorer import PatchScores, Scorer
+from flawmap.models.persistence import load_model
 from flawmap.models.fyd import Fyd
 from flawmap.models.mkd import MKD
 from flawmap.models.padim import Padim

@@ -212,7 +212,9 @@ from flawmap.backbones import Backbone
 from flawmap.data import Sample
 from flawmap.errors import FlawmapError
 from flawmap.features import flatten_positions, fuse_levels
-from flawmap.models.base import MethodTraits, PatchScores, register_method
+from flawmap.models.base import MethodTraits, register_method
+from flawmap.models.scorer import PatchScores
+from flawmap.models.calibrators import Calibrator, CrossFit, HoldOut, TiledHoldOut
 from flawmap.models.padim import (
     GaussianAccumulator, Padim, PadimScorer, left_out_distances, mahalanobis_distances, regularised_inverse,
 )
@@ -570,7 +572,7 @@ class Fyd(Padim):
 
     quick_params = {"image_size": 64, "n_features": 24, "epochs": 1, "train_batch_size": 4}
     # the networks learn from the fit images, so the aligned model holds images out; align=False
-    # (exactly PaDiM, no network) cross-fits as PaDiM does (_cross_fitted)
+    # (exactly PaDiM, no network) cross-fits as PaDiM does (_calibrator_class)
     traits = MethodTraits(trains_on_fit_images=True, partial_fit="approximate")
 
     align: bool = True
@@ -599,19 +601,12 @@ class Fyd(Padim):
                 alignment = Alignment(shapes, self.image_size, self.max_rotation, self.max_shift, len(channel_indices))
         return FydScorer(backbone, taps, channel_indices, alignment)
 
-    def _cross_fitted(self) -> bool:
+    def _calibrator_class(self) -> type[Calibrator]:
         """Only ``align=False`` (PaDiM) cross-fits: the aligned model's networks learn from the
-        training images, so it holds out ``calibration_fraction`` of them as trained methods do."""
-        return not self.align and self.tile_size is None
-
-    def _hold_out(
-        self, samples: list[Sample | np.ndarray], first: bool, skip_invalid: bool
-    ) -> tuple[list[Sample | np.ndarray], list[np.ndarray]]:
-        """The base class's hold-out; the held-out images (decoded; none for a tiled model, whose
-        held-out samples are scored whole) also select the first fit's training epochs."""
-        fit_samples, held_out = super()._hold_out(samples, first, skip_invalid)
-        self._validation_images = held_out if self.tile_size is None else []
-        return fit_samples, held_out
+        training images, so it holds out ``calibration_fraction`` of them (:class:`_AlignedHoldOut`)."""
+        if self.tile_size is not None:
+            return TiledHoldOut
+        return _AlignedHoldOut if self.align else CrossFit
 
     def _learn(self, feature_batches: Iterable[torch.Tensor]) -> None:
         """First fit: train the image transformer on the images, cache the first tap's map of the
@@ -748,12 +743,10 @@ class Fyd(Padim):
         held = torch.cat([flatten_positions(batch) for batch in self._projected(held_levels)])
         return mahalanobis_distances(held, gaussians.mean(), inverse_covariances).mean(dim=1)
 
-    def _rescore_held_out(self, new_images: list[np.ndarray]) -> None:
-        """The Gaussians take this fit's held-out images in (the networks never learn from them);
-        then every held-out image is scored again, leave-one-out (``_held_out_scores``)."""
-        if new_images:
-            super()._learn(self._projected(self._first_levels(torch.from_numpy(np.stack(new_images)))))
-        super()._rescore_held_out(new_images)
+    def _add_to_gaussians(self, images: list[np.ndarray]) -> None:
+        """Add the moments of held-out images (uint8 3 x S x S each), aligned and projected, to the
+        Gaussians (the networks never learn from them)."""
+        super()._learn(self._projected(self._first_levels(torch.from_numpy(np.stack(images)))))
 
     def _held_out_scores(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Held-out images (B, 3, S, S) in [0, 1], whose moments are in the Gaussians -> their
@@ -833,3 +826,19 @@ def _check_stage_order(backbone: Backbone, taps: tuple[str, ...]) -> None:
         raise FlawmapError(
             f"fyd chains its feature alignment through the backbone: give distinct taps in stage order, got {list(taps)}"
         )
+
+
+class _AlignedHoldOut(HoldOut):
+    """FYD's hold-out: the held-out images also select the first fit's training epochs (before
+    learning); after learning the Gaussians take them in, then every held-out image is scored
+    again, leave-one-out (:meth:`Fyd._held_out_scores`)."""
+
+    def split(self, samples: list[Sample]) -> list[Sample]:
+        fit_samples = super().split(samples)
+        self.model._validation_images = self.held_out
+        return fit_samples
+
+    def add_normal_scores(self) -> None:
+        if self.held_out:
+            self.model._add_to_gaussians(self.held_out)
+        super().add_normal_scores()

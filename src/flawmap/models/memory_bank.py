@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from flawmap.errors import FlawmapError
-from flawmap.models.base import AnomalyModel, PatchScores
+from flawmap.models.base import AnomalyModel
+from flawmap.models.scorer import PatchScores
 from flawmap.search import SearchIndex, build_search
 from flawmap.search_faiss import import_faiss
 
