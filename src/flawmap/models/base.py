@@ -511,6 +511,12 @@ class AnomalyModel(Predictor):
         """Load a model saved by :meth:`save` (see :func:`load_model`)."""
         return load_model(directory, **runtime_settings)
 
+    @classmethod
+    def upgrade_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """Hyper-parameters as a saved model holds them -> under today's names (a method that
+        renamed or regrouped some maps the saved names here); ``params`` may be changed."""
+        return params
+
     def get_params(self) -> dict[str, Any]:
         """Hyper-parameters as a plain dict (scikit-learn style)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
@@ -751,7 +757,7 @@ def load_model(directory: str | Path, **runtime_settings: Any) -> AnomalyModel:
     model_class = METHODS.get(config["method"]) if config["method"] in METHODS else None
     if model_class is None:
         raise FlawmapError(f"{config_path}: unknown method {config['method']!r}; choose one of: {', '.join(METHODS.names())}")
-    params = config["params"]
+    params = model_class.upgrade_params(dict(config["params"])) if isinstance(config["params"], dict) else config["params"]
     if config["format_version"] != io.FORMAT_VERSION and isinstance(params, dict):
         # parameters added since it was saved: as the method behaved then
         params = {**_param_defaults(model_class), **_former_params(model_class, config["format_version"]), **params}
