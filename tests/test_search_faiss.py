@@ -217,3 +217,21 @@ def test_cli_search_options_are_typed_by_the_backend_and_listed_in_the_help():
     help_text = " ".join(build_parser(method="patchcore")._subparsers._group_actions[0].choices["fit"].format_help().split())
     assert "--search TEXT default torch" in help_text
     assert "faiss-ivfpq: nlist INT >= 1 (inverted lists" in help_text and "torch: none" in help_text
+
+
+
+def test_cli_fit_with_a_faiss_search_and_its_options(tiny_dataset, tmp_path, capsys):
+    from conftest import one_error_line, run_cli
+
+    out = tmp_path / "model"
+    code, _, err = run_cli(
+        capsys, "fit", tiny_dataset, "--out", out, "--image-size", "64", "--coreset-fraction", "0.25",
+        "--search", "faiss-ivfpq", "--search-option", "nlist=4", "--quiet",
+    )
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["params"]["search_options"] == {"nlist": 4}
+    assert flawmap.load(out).scorer_.search.settings["nlist"] == 4
+    code, _, err = run_cli(capsys, "fit", tiny_dataset, "--update", out, "--search-option", "nlist=8")
+    assert "--search-option cannot be changed by --update" in one_error_line(code, err)
+    code, _, err = run_cli(capsys, "fit", tiny_dataset, "--out", tmp_path / "other", "--search-option", "nlist=8")
+    assert "search 'torch' has no option 'nlist'; it takes none" in one_error_line(code, err)

@@ -164,7 +164,8 @@ def check_search(backend: str, options: dict[str, Any] | None) -> dict[str, Any]
     option present (None where not given); FlawmapError for an unknown backend or option, a
     wrong type or value, or a backend that cannot run here."""
     factory = SEARCH_BACKENDS.get(backend)
-    options = options or {}
+    if options is None:
+        options = {}
     if not isinstance(options, dict):
         raise FlawmapError(f"search_options must be a dict of option names to values, got {options!r}")
     declared = {option.name: option for option in factory.options}
