@@ -12,7 +12,7 @@ from flawmap.search import build_search
 
 
 def bank_of(model):
-    return model.scorer_.search.state()["centered"]
+    return model.scorer_.search.state()[1]["centered"]
 
 
 def test_round_trip_gives_identical_predictions(tiny_model, tiny_model_dir, tiny_dataset):
@@ -207,12 +207,28 @@ def test_calibration_images_of_the_wrong_shape_name_their_file(tiny_model, tmp_p
 def test_version_3_directories_load_with_the_defaults_of_later_parameters(tiny_model, tmp_path):
     """A model saved before tiling and faiss existed (format 3, without their parameters) loads as it was."""
     target = tiny_model.save(tmp_path / "model")
-    _edit_section(target, "params", tile_size=..., tile_overlap=..., search=..., nlist=..., nprobe=..., pq_m=...)
+    _edit_section(target, "params", tile_size=..., tile_overlap=..., search=..., search_options=...)
     _edit_config(target, format_version=3)
     reloaded = AnomalyModel.load(target)
-    assert reloaded.tile_size is None and reloaded.tile_overlap == 32 and reloaded.search == "exact"
+    assert reloaded.tile_size is None and reloaded.tile_overlap == 32
+    assert (reloaded.search, reloaded.search_options) == ("torch", None)
     image = np.full((64, 64, 3), 127, dtype=np.uint8)
     assert reloaded.predict(image)[0].score == pytest.approx(tiny_model.predict(image)[0].score, rel=1e-6)
+
+
+@pytest.mark.parametrize("format_version", [5, io.FORMAT_VERSION])
+def test_models_saved_with_the_former_search_parameters_load(tiny_model, tmp_path, format_version):
+    """Before ``search_options`` (same format version), memory-bank models saved ``search="exact"``
+    and faiss-ivfpq's ``nlist``, ``nprobe``, ``pq_m`` as hyper-parameters of their own."""
+    target = tiny_model.save(tmp_path / "model")
+    _edit_section(target, "params", search="exact", search_options=..., nlist=None, nprobe=None, pq_m=None)
+    _edit_config(target, format_version=format_version)
+    reloaded = AnomalyModel.load(target)
+    assert (reloaded.search, reloaded.search_options) == ("torch", None)
+    assert set(reloaded.get_params()) == set(tiny_model.get_params())
+    _edit_section(target, "params", nlist=8)  # an option of another backend: the one-line error of today's check
+    with pytest.raises(FlawmapError, match=r"config.json: search 'torch' has no option 'nlist'; it takes none$"):
+        AnomalyModel.load(target)
 
 
 @pytest.mark.parametrize("taps", [["stage2", "stage5"], ["stage3", "stage4"]])

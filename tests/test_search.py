@@ -4,7 +4,10 @@ import torch
 
 from flawmap import search
 from flawmap.errors import FlawmapError
-from flawmap.search import TorchSearch, build_search, search_from_state, search_state, squared_distances
+from flawmap.search import (
+    SEARCH_BACKENDS, SearchIndex, SearchOption, TorchSearch, build_search, register_search, search_from_state, search_state,
+    squared_distances,
+)
 
 
 def brute_force(queries: torch.Tensor, bank: torch.Tensor, k: int):
@@ -128,14 +131,14 @@ def test_vectors_returns_the_stored_rows():
 def test_state_round_trip_is_exact_and_names_the_backend():
     bank = torch.randn(64, 6, generator=torch.Generator().manual_seed(9))
     index = build_search(bank)
-    tensors = search_state(index, "bank")
-    assert all(name.startswith("bank.torch.") for name in tensors)
-    restored = search_from_state({**tensors, "other": torch.zeros(1)}, "bank")
+    fitted, tensors = search_state(index, "bank")
+    assert fitted == {} and all(name.startswith("bank.torch.") for name in tensors)
+    restored = search_from_state({}, {**tensors, "other": torch.zeros(1)}, "bank")
     queries = torch.randn(10, 6)
     for first, second in zip(index.kneighbors(queries, k=2), restored.kneighbors(queries, k=2)):
         assert torch.equal(first, second)
     with pytest.raises(FlawmapError, match="search backend 'faiss9'"):
-        search_from_state({"bank.faiss9.vectors": bank}, "bank")
+        search_from_state({}, {"bank.faiss9.vectors": bank}, "bank")
 
 
 def test_precision_can_be_switched_after_building():
@@ -197,6 +200,66 @@ def test_pruned_search_keeps_the_given_row_order_in_its_state_and_vectors(monkey
     assert index.order is not None
     rows = torch.tensor([5, 0, 1999, 5])
     torch.testing.assert_close(index.vectors(rows), bank[rows], atol=1e-5, rtol=0)
-    rebuilt = search_from_state(search_state(index, "bank"), "bank")
-    torch.testing.assert_close(rebuilt.state()["centered"] + rebuilt.center, bank, atol=1e-5, rtol=0)
+    rebuilt = search_from_state(*search_state(index, "bank"), "bank")
+    torch.testing.assert_close(rebuilt.state()[1]["centered"] + rebuilt.center, bank, atol=1e-5, rtol=0)
     assert torch.equal(rebuilt.order, index.order)
+
+
+class ToySearch(SearchIndex):
+    """A backend written outside flawmap: brute force over rows scaled by its one option, with
+    that option in its saved JSON settings (the distances are those of the scaled rows)."""
+
+    options = (SearchOption("scale", float, default=1.0, minimum=0.5),)
+
+    def __init__(self, rows: torch.Tensor, scale: float) -> None:
+        super().__init__()
+        self.register_buffer("rows", rows.float() * scale)
+        self.scale = scale
+
+    @classmethod
+    def from_vectors(cls, vectors, options, *, low_precision=None, storage_dtype=torch.float32) -> "ToySearch":
+        return cls(vectors, options["scale"])
+
+    @classmethod
+    def from_state(cls, settings, tensors) -> "ToySearch":
+        return cls(tensors["rows"] / settings["scale"], settings["scale"])
+
+    def state(self):
+        return {"scale": self.scale}, {"rows": self.rows}
+
+    def __len__(self) -> int:
+        return self.rows.shape[0]
+
+    def kneighbors(self, queries, k=1, among=None):
+        candidates = torch.arange(len(self), device=self.rows.device) if among is None else among
+        distances, positions = torch.cdist(queries.float() * self.scale, self.rows[candidates]).topk(k, dim=1, largest=False)
+        return distances, candidates[positions]
+
+    def vectors(self, rows):
+        return self.rows[rows] / self.scale
+
+
+@pytest.fixture
+def toy_backend(monkeypatch):
+    """``ToySearch`` registered as "toy" for one test (the registry is restored afterwards)."""
+    monkeypatch.setattr(SEARCH_BACKENDS, "_entries", dict(SEARCH_BACKENDS._entries))
+    register_search("toy")(ToySearch)
+    return ToySearch
+
+
+def test_a_backend_registered_elsewhere_fits_saves_and_loads_a_memory_bank_model(toy_backend, tiny_dataset, tiny_model, tmp_path):
+    """Adding a backend is one registered class: PatchCore fits with it, checks its options,
+    saves its JSON settings and tensors, and scores as the torch search does at scale 1."""
+    from flawmap.models import AnomalyModel, PatchCore
+
+    with pytest.raises(FlawmapError, match="search option scale of toy must be at least 0.5, got 0.1"):
+        PatchCore(search="toy", search_options={"scale": 0.1}).fit(tiny_dataset)
+    model = PatchCore(image_size=64, coreset_fraction=0.25, search="toy", search_options={"scale": 2.0})
+    model.set_runtime(batch_size=8).fit(tiny_dataset)
+    assert isinstance(model.scorer_.search, ToySearch) and "search" in dict(model.scorer_.named_children())
+    loaded = AnomalyModel.load(model.save(tmp_path / "model"))
+    assert isinstance(loaded.scorer_.search, ToySearch) and loaded.scorer_.search.scale == 2.0
+    images = sorted(str(path) for path in (tiny_dataset / "test").rglob("*.png"))[:4]
+    scores = [p.score for p in loaded.predict(images)]
+    assert scores == pytest.approx([2.0 * p.score for p in tiny_model.predict(images)], rel=1e-4)
+    assert scores == pytest.approx([p.score for p in model.predict(images)], rel=1e-6)

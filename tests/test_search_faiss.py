@@ -1,7 +1,9 @@
 """The faiss backends behind the search protocol: exactness of faiss-flat, recall of faiss-ivfpq,
-``among``, saving as raw bytes, the model-level hyper-parameters and the missing-faiss error."""
+``among``, saving as raw bytes, modules that move and export, the declared options (model
+hyper-parameters, CLI flags, models saved with the former names) and the missing-faiss error."""
 
 import json
+import shutil
 import sys
 
 import pytest
@@ -12,8 +14,8 @@ import flawmap
 from flawmap.cli import build_parser
 from flawmap.errors import FlawmapError
 from flawmap.models import PatchCore
-from flawmap.search import TorchSearch, all_vectors, build_search, search_from_state, search_state
-from flawmap.search_faiss import FaissSearch, exact_torch_searches, ivfpq_settings
+from flawmap.search import TorchSearch, all_vectors, build_search, export_searches, search_from_state, search_state
+from flawmap.search_faiss import FaissSearch, ivfpq_settings
 
 
 def clustered(seed: int, n_clusters: int, per_cluster: int, dim: int = 32, spread: float = 4.0) -> torch.Tensor:
@@ -73,7 +75,7 @@ def test_among_restricts_the_rows(backend, n_among, bank, queries, ivfpq):
 
 def test_queries_with_too_few_rows_found_fall_back_to_exact_search(bank, queries):
     """One list of 2000 probed out of 40: lists shorter than k leave faiss's -1 padding."""
-    index = build_search(bank, backend="faiss-ivfpq", nlist=40, nprobe=1)
+    index = build_search(bank, backend="faiss-ivfpq", options={"nlist": 40, "nprobe": 1})
     _, rows = index.kneighbors(queries[:5], k=60)
     assert rows.min() >= 0 and torch.equal(rows[:, 0], build_search(bank).kneighbors(queries[:5])[1][:, 0])
 
@@ -100,39 +102,52 @@ def test_default_settings():
 
 
 def test_state_is_the_serialised_index_and_round_trips(ivfpq, queries):
-    tensors = search_state(ivfpq, "bank")
-    assert set(tensors) == {"bank.faiss-ivfpq.index", "bank.faiss-ivfpq.center"}
+    fitted, tensors = search_state(ivfpq, "bank")
+    assert fitted == {} and set(tensors) == {"bank.faiss-ivfpq.index", "bank.faiss-ivfpq.center"}
     assert tensors["bank.faiss-ivfpq.index"].dtype == torch.uint8
-    restored = search_from_state(tensors, "bank")
+    restored = search_from_state({}, tensors, "bank")
     assert restored.settings == ivfpq.settings
     for first, second in zip(ivfpq.kneighbors(queries, k=2), restored.kneighbors(queries, k=2)):
         assert torch.equal(first, second)
     with pytest.raises(FlawmapError, match="not a faiss index"):
-        search_from_state({**tensors, "bank.faiss-ivfpq.index": torch.zeros(64, dtype=torch.uint8)}, "bank")
+        search_from_state({}, {**tensors, "bank.faiss-ivfpq.index": torch.zeros(64, dtype=torch.uint8)}, "bank")
 
 
-def test_export_swaps_faiss_for_an_exact_torch_search(bank):
-    holder = torch.nn.Module()
-    holder.search = build_search(bank, backend="faiss-flat")
-    exact_torch_searches(holder)
-    assert isinstance(holder.search, TorchSearch)
-    torch.testing.assert_close(all_vectors(holder.search), bank, atol=1e-4, rtol=0)
+def test_export_swaps_faiss_for_an_exact_torch_search_found_in_the_module_tree(bank):
+    holder, inner = torch.nn.Module(), torch.nn.Module()
+    holder.inner = inner
+    inner.search = build_search(bank, backend="faiss-flat")
+    assert [name for name, _ in holder.named_modules()] == ["", "inner", "inner.search"]  # a submodule, not an attribute
+    export_searches(holder)
+    assert isinstance(inner.search, TorchSearch)
+    torch.testing.assert_close(all_vectors(inner.search), bank, atol=1e-4, rtol=0)
+
+
+def test_a_faiss_search_is_a_module_whose_centre_moves_and_whose_index_stays_on_the_cpu(bank, queries, ivfpq):
+    """``.to()`` reaches the centre buffer (a float64 move stands in for a device move here);
+    queries of the module's dtype and device are centred there and searched by faiss on the CPU."""
+    assert {name for name, _ in ivfpq.named_buffers()} == {"center"}
+    moved = search_from_state({}, search_state(ivfpq, "bank")[1], "bank").to(torch.float64)
+    assert moved.center.dtype == torch.float64
+    distances, rows = moved.kneighbors(queries.double(), k=2)
+    expected_distances, expected_rows = ivfpq.kneighbors(queries, k=2)
+    assert torch.equal(rows, expected_rows)
+    torch.testing.assert_close(distances, expected_distances.double(), atol=1e-5, rtol=0)
+    assert moved.vectors(rows[:, 0]).dtype == torch.float64
 
 
 @pytest.fixture(scope="module")
 def faiss_model_dir(tiny_model_dir, tmp_path_factory):
     """The session's tiny PatchCore with its bank re-indexed by faiss-ivfpq, saved."""
     model = flawmap.load(tiny_model_dir)
-    model.search, model.pq_m = "faiss-ivfpq", 76
-    bank = all_vectors(model.scorer_.search)
-    del model.scorer_.search  # a torch submodule, replaced by a plain attribute
-    model.scorer_.search = model._build_search(bank)
+    model.search, model.search_options = "faiss-ivfpq", {"pq_m": 76}
+    model.scorer_.search = model._build_search(all_vectors(model.scorer_.search))
     return model.save(tmp_path_factory.mktemp("faiss") / "model")
 
 
 def test_save_and_load_through_a_model_directory(faiss_model_dir, tiny_model_dir, tiny_dataset):
     config = json.loads((faiss_model_dir / "config.json").read_text())
-    assert config["params"]["search"] == "faiss-ivfpq" and config["params"]["pq_m"] == 76
+    assert config["params"]["search"] == "faiss-ivfpq" and config["params"]["search_options"] == {"pq_m": 76}
     files = sorted(path.name for path in faiss_model_dir.iterdir())
     assert len(files) == 3 and all(name == "config.json" or name.endswith(".safetensors") for name in files)
     tensors = load_file(faiss_model_dir / config["files"]["model"])  # safetensors: no pickle anywhere
@@ -142,6 +157,19 @@ def test_save_and_load_through_a_model_directory(faiss_model_dir, tiny_model_dir
     images = sorted(str(path) for path in (tiny_dataset / "test").rglob("*.png"))[:4]
     exact = flawmap.load(tiny_model_dir).predict(images)
     assert [p.score for p in loaded.predict(images)] == pytest.approx([p.score for p in exact], rel=1e-4)
+
+
+def test_a_model_saved_with_the_former_search_parameters_loads_with_them_as_options(faiss_model_dir, tmp_path):
+    """Models saved before ``search_options`` held faiss-ivfpq's options as hyper-parameters."""
+    target = tmp_path / "former"
+    shutil.copytree(faiss_model_dir, target)
+    config = json.loads((target / "config.json").read_text())
+    del config["params"]["search_options"]
+    config["params"].update(nlist=None, nprobe=None, pq_m=76)
+    (target / "config.json").write_text(json.dumps(config))
+    loaded = flawmap.load(target)
+    assert (loaded.search, loaded.search_options) == ("faiss-ivfpq", {"pq_m": 76})
+    assert loaded.scorer_.search.settings["pq_m"] == 76
 
 
 def test_without_faiss_loading_names_the_extra(faiss_model_dir, tiny_dataset, monkeypatch):
@@ -155,17 +183,55 @@ def test_without_faiss_loading_names_the_extra(faiss_model_dir, tiny_dataset, mo
 
 
 @pytest.mark.parametrize("params, message", [
-    ({"search": "annoy"}, "search must be one of exact, faiss-flat, faiss-ivfpq"),
-    ({"nlist": 8}, "nlist applies to search='faiss-ivfpq' only"),
-    ({"search": "faiss-ivfpq", "nprobe": 0}, "nprobe must be at least 1"),
+    ({"search": "annoy"}, "unknown search backend 'annoy'; choose one of: faiss-flat, faiss-ivfpq, torch"),
+    ({"search": "faiss-flat", "search_options": {"nlist": 8}}, "search 'faiss-flat' has no option 'nlist'; it takes none"),
+    ({"search_options": {"nlist": 8}}, "search 'torch' has no option 'nlist'"),
+    ({"search": "faiss-ivfpq", "search_options": {"nlsit": 8}}, "has no option 'nlsit'; its options are nlist, nprobe, pq_m"),
+    ({"search": "faiss-ivfpq", "search_options": {"nprobe": 0}}, "search option nprobe of faiss-ivfpq must be at least 1, got 0"),
+    ({"search": "faiss-ivfpq", "search_options": {"nlist": "64"}}, "search option nlist of faiss-ivfpq must be int, got '64'"),
+    ({"search": "faiss-ivfpq", "search_options": {"nlist": True}}, "must be int, got True"),
+    ({"search": "faiss-ivfpq", "search_options": [("nlist", 8)]}, "search_options must be a dict"),
 ])
-def test_invalid_search_hyper_parameters(params, message, tiny_dataset):
-    with pytest.raises(FlawmapError, match=message):
-        PatchCore(**params).fit(tiny_dataset)
+def test_invalid_search_hyper_parameters_are_one_line_errors_before_any_image_is_read(params, message, tmp_path):
+    with pytest.raises(FlawmapError, match=message) as raised:
+        PatchCore(**params).fit(tmp_path / "absent")
+    assert "\n" not in str(raised.value)
 
 
-def test_cli_flags_reach_every_memory_bank_method():
-    args = build_parser().parse_args(["fit", "data", "--out", "m", "--search", "faiss-ivfpq", "--nlist", "64", "--pq-m", "19"])
-    assert (args.param_search, args.param_nlist, args.param_pq_m, args.param_nprobe) == ("faiss-ivfpq", 64, 19, None)
-    help_text = build_parser()._subparsers._group_actions[0].choices["fit"].format_help()
-    assert "[patchcore, sfr, spade] default exact" in " ".join(help_text.split())
+def test_cli_search_options_are_typed_by_the_backend_and_listed_in_the_help():
+    from flawmap import cli
+
+    args = build_parser().parse_args(
+        ["fit", "data", "--out", "m", "--method", "sfr", "--search", "faiss-ivfpq", "--search-option", "nlist=64", "--search-option", "pq_m=19"]
+    )
+    assert cli._given_hyperparameters(args, "sfr") == {"search": "faiss-ivfpq", "search_options": {"nlist": 64, "pq_m": 19}}
+    for argv, message in [
+        (["--search-option", "nlist=64"], "search 'torch' has no option 'nlist'"),
+        (["--search", "faiss-ivfpq", "--search-option", "nlist=many"], "nlist of faiss-ivfpq must be int, got 'many'"),
+        (["--search", "faiss-ivfpq", "--search-option", "nlist"], "expected NAME=VALUE"),
+    ]:
+        with pytest.raises(FlawmapError, match=message):
+            cli._given_hyperparameters(build_parser().parse_args(["fit", "data", "--out", "m", *argv]), "patchcore")
+    with pytest.raises(FlawmapError, match="--search-option does not apply to method 'padim'"):
+        cli._given_hyperparameters(build_parser().parse_args(["fit", "data", "--out", "m", "--search-option", "nlist=1"]), "padim")
+    help_text = " ".join(build_parser(method="patchcore")._subparsers._group_actions[0].choices["fit"].format_help().split())
+    assert "--search TEXT default torch" in help_text
+    assert "faiss-ivfpq: nlist INT >= 1 (inverted lists" in help_text and "torch: none" in help_text
+
+
+
+def test_cli_fit_with_a_faiss_search_and_its_options(tiny_dataset, tmp_path, capsys):
+    from conftest import one_error_line, run_cli
+
+    out = tmp_path / "model"
+    code, _, err = run_cli(
+        capsys, "fit", tiny_dataset, "--out", out, "--image-size", "64", "--coreset-fraction", "0.25",
+        "--search", "faiss-ivfpq", "--search-option", "nlist=4", "--quiet",
+    )
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["params"]["search_options"] == {"nlist": 4}
+    assert flawmap.load(out).scorer_.search.settings["nlist"] == 4
+    code, _, err = run_cli(capsys, "fit", tiny_dataset, "--update", out, "--search-option", "nlist=8")
+    assert "--search-option cannot be changed by --update" in one_error_line(code, err)
+    code, _, err = run_cli(capsys, "fit", tiny_dataset, "--out", tmp_path / "other", "--search-option", "nlist=8")
+    assert "search 'torch' has no option 'nlist'; it takes none" in one_error_line(code, err)

@@ -60,6 +60,7 @@ def _import_commands() -> None:
     ``--version``) needs none of it."""
     global MIN_CALIBRATION_IMAGES, check_false_alarm_rate, output_names, RUNTIMES, load, missing_torch_error
     global INPUT_DTYPES, STORAGE_PRECISIONS, PRECISIONS, Runtime, METHODS, create_model, load_model, _TORCH_IMPORT_ERROR
+    global describe_search_options, parse_search_options
     global _COMMANDS_IMPORTED
     if _COMMANDS_IMPORTED:
         return
@@ -72,12 +73,14 @@ def _import_commands() -> None:
 
     try:
         from flawmap.models import METHODS, create_model, load_model
+        from flawmap.search import describe_search_options, parse_search_options
     except ImportError as import_error:  # the torch-free install: the commands that need torch say so when run
         METHODS, _TORCH_IMPORT_ERROR = None, import_error
 
 
-#: Fields the CLI sets itself (``random_state`` from ``--seed``): no flags.
-_DEDICATED_FIELDS = {"random_state"}
+#: Fields the CLI sets itself (``random_state`` from ``--seed``, ``search_options`` from the
+#: repeatable ``--search-option NAME=VALUE``): no flags of their own.
+_DEDICATED_FIELDS = {"random_state", "search_options"}
 EXIT_USER_ERROR = 2
 
 
@@ -395,6 +398,19 @@ def _add_hyperparameter_flags(parser: argparse.ArgumentParser, method: str | Non
                 "--no-" + name.replace("_", "-"), dest=f"param_{name}", action="store_const", const=False,
                 help=argparse.SUPPRESS if help_text is argparse.SUPPRESS else f"the same as {_flag(name)} false",
             )
+    searching = _methods_with("search_options")
+    help_text = f"an option of the --search backend (repeatable); each backend's: {describe_search_options()}"
+    if method is None:
+        help_text = f"[{_scope(searching)}] {help_text}"
+    group.add_argument(
+        "--search-option", dest="search_options", action="append", default=None, metavar="NAME=VALUE",
+        help=help_text if method is None or method in searching else argparse.SUPPRESS,
+    )
+
+
+def _methods_with(name: str) -> list[str]:
+    """The methods that have the hyper-parameter ``name``."""
+    return [method for method in METHODS.names() if any(f.name == name for f in dataclasses.fields(METHODS.get(method)))]
 
 
 def _calibration_fraction_help(method: str | None) -> str:
@@ -483,6 +499,11 @@ def _given_hyperparameters(args: argparse.Namespace, method: str) -> dict[str, A
         if method not in fields[name][1]:
             raise FlawmapError(f"{_flag(name)} does not apply to method {method!r} (it applies to: {', '.join(fields[name][1])})")
     _check_calibration_fraction(method, given, "--calibration-fraction")
+    if args.search_options is not None:
+        searching = _methods_with("search_options")
+        if method not in searching:
+            raise FlawmapError(f"--search-option does not apply to method {method!r} (it applies to: {', '.join(searching)})")
+        given["search_options"] = parse_search_options(given.get("search", _field_default("search", method)), args.search_options)
     return given
 
 
@@ -529,6 +550,7 @@ def _update(args: argparse.Namespace, data: Any) -> AnomalyModel:
     """``fit --update``: load the model and learn from more images with its own hyper-parameters."""
     given = [_flag(name) for name in _hyperparameter_fields() if getattr(args, f"param_{name}") is not None]
     given += ["--seed"] * (args.seed is not None) + ["--preset"] * (args.preset is not None)
+    given += ["--search-option"] * (args.search_options is not None)
     if given:
         raise FlawmapError(f"{given[0]} cannot be changed by --update: an update keeps the model's hyper-parameters")
     model = load_model(args.update, **dataclasses.asdict(_runtime(args)))

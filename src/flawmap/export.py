@@ -6,9 +6,11 @@ runs: upsampling and smoothing as two matrix products, and the image score (the 
 the map's maximum).
 Nearest-neighbour searches are matrix products and reductions (:mod:`flawmap.search`; one chunk
 while exporting), SFR's solver runs its fixed number of iterations, so the graph has no custom
-operators. A bank searched with faiss (:mod:`flawmap.search_faiss`) is exported as an exact search
-over the vectors its index stores (faiss-ivfpq keeps them for its exact re-rank), so the graph
-computes the exact neighbours the approximate index only estimates.
+operators. Each search index among the scorer's submodules is exported in its traceable form
+(:meth:`flawmap.search.SearchIndex.for_export`): a bank searched with faiss
+(:mod:`flawmap.search_faiss`) as an exact search over the vectors its index stores (faiss-ivfpq
+keeps them for its exact re-rank), so the graph computes the exact neighbours the approximate
+index only estimates.
 
 The exporter is ``torch.export`` (non-strict) and ``torch.onnx``'s dynamo translation, in float32.
 A dynamic batch dimension is asked of ``torch.export`` as ``Dim.DYNAMIC``; a method whose scorer
@@ -49,7 +51,7 @@ from flawmap.onnx_model import (
     FORMAT_NAME, FORMAT_VERSION, INPUT_DTYPES, INPUT_NAME, OUTPUT_NAMES, STORAGE_PRECISIONS, load_onnx,
 )
 from flawmap.postprocessor import PostProcessor
-from flawmap.search_faiss import exact_torch_searches
+from flawmap.search import export_searches
 
 #: ``precision="float16"`` stores float32 weights of at least this many elements as float16.
 FLOAT16_MIN_ELEMENTS = 1024
@@ -154,7 +156,7 @@ def export_onnx(
             f"{model.method} cannot be exported with a dynamic batch: its scorer's code depends on the batch size "
             "(tracing fixes it); export it with a fixed batch, e.g. --batch 1"
         )
-    exact_torch_searches(model.scorer_)  # a faiss bank exports as an exact search over its stored vectors
+    export_searches(model.scorer_)  # a faiss bank exports as an exact search over its stored vectors
     graph = ExportGraph(model.scorer_, model.postprocessor(), input_dtype == "uint8").eval()
     with tqdm(total=len(EXPORT_STEPS), unit="step", disable=not progress, leave=False, file=sys.stderr) as steps:
         payload = _with_metadata(_to_onnx(graph, model, batch, opset, steps), model, precision, batch, input_dtype, source_sha256)

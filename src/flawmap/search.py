@@ -1,15 +1,23 @@
 """Nearest-neighbour search behind one protocol, so that methods never depend on a backend.
 
-A search index holds a fixed set of vectors and answers four verbs (:class:`SearchIndex`):
-``kneighbors`` (optionally among a subset of rows), ``vectors(rows)``, ``set_precision`` and
-its tensors for saving. Methods build indexes with :func:`build_search`, save them with
-:func:`search_state` and restore them with :func:`search_from_state`; the backend's name travels
-in the tensor names, so a faiss or GPU backend can be registered in :data:`SEARCH_BACKENDS`
-without any method changing (:mod:`flawmap.search_faiss` registers ``"faiss-flat"`` and
-``"faiss-ivfpq"`` when imported, as :mod:`flawmap.models` does).
+A search index is an ``nn.Module`` (:class:`SearchIndex`) over a fixed set of vectors. It answers
+``kneighbors`` (optionally among a subset of rows), ``vectors(rows)`` and ``set_precision``, and
+its state is JSON settings plus tensors (no pickle). As a submodule of its method's scorer it
+moves with ``.to(device)``, follows the scorer's precision and is found by export through the
+module tree (:func:`export_searches`).
 
-The first backend, ``"torch"`` (:class:`TorchSearch`), is an ``nn.Module`` whose vectors are
-buffers: it moves between devices with its scorer and exports with it. Distances are computed in
+Backends are registered by name in :data:`SEARCH_BACKENDS` with :func:`register_search`; each
+declares the options it takes (:class:`SearchOption`: name, type, default, smallest value).
+A method's hyper-parameters name a backend (``search``) and its options (``search_options``);
+:func:`check_search` validates both against the registry entry, :func:`build_search` builds an
+index, :func:`search_state` and :func:`search_from_state` save and restore it (the backend's name
+travels in the tensor names). Adding a backend is one module that registers a class; methods,
+the CLI (``fit --search NAME --search-option NAME=VALUE``) and saving need no change.
+:mod:`flawmap.search_faiss` registers ``"faiss-flat"`` and ``"faiss-ivfpq"`` (imported by
+:mod:`flawmap.models`).
+
+The first backend, ``"torch"`` (:class:`TorchSearch`), keeps its vectors in buffers: it exports
+with its scorer. Distances are computed in
 cache-sized blocks of ``QUERY_CHUNK_ROWS`` queries by ``BANK_BLOCK_ROWS`` rows, never as an
 ``N x N`` matrix, with the expansion ``|q - b|^2 = |q|^2 - 2 q.b + |b|^2`` (one matrix product per
 block); each block is reduced to the queries' best rows while it is still in cache, and the
@@ -23,7 +31,8 @@ keeps the expansion accurate in float32.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -39,52 +48,175 @@ BANK_BLOCK_ROWS = 1024
 MEMORY_CHUNK_ROWS = 16_384
 #: Relative float32 rounding allowed for when a block's lower bound is compared with a distance.
 PRUNING_ROUNDING = 1e-5
-#: The backend :func:`build_search` uses unless told otherwise.
+#: The backend of a memory bank unless its method's ``search`` names another.
 DEFAULT_BACKEND = "torch"
 
 
-class SearchIndex(Protocol):
-    """What every search backend provides."""
+@dataclass(frozen=True)
+class SearchOption:
+    """One option a search backend declares: ``name``, its ``type`` (int, float, str or bool),
+    its ``default`` (None: the backend chooses, e.g. from the bank's size), the smallest value
+    allowed (``minimum``, for numbers) and a one-line ``help`` (shown by ``flawmap fit --help``)."""
 
-    backend: str
+    name: str
+    type: type
+    default: Any = None
+    minimum: float | None = None
+    help: str = ""
 
-    def __len__(self) -> int: ...
+    def check(self, backend: str, value: Any) -> Any:
+        """``value`` checked (an int is accepted for a float); FlawmapError naming the option."""
+        if value is None:
+            return None
+        accepted = (int, float) if self.type is float else self.type
+        if isinstance(value, bool) != (self.type is bool) or not isinstance(value, accepted):
+            raise FlawmapError(f"search option {self.name} of {backend} must be {self.type.__name__}, got {value!r}")
+        if self.minimum is not None and value < self.minimum:
+            raise FlawmapError(f"search option {self.name} of {backend} must be at least {self.minimum:g}, got {value}")
+        return self.type(value)
+
+    def parse(self, backend: str, text: str) -> Any:
+        """The option's value written as ``text`` (a command-line string), checked."""
+        try:
+            value = {"true": True, "false": False}[text.lower()] if self.type is bool else self.type(text)
+        except (KeyError, ValueError):
+            raise FlawmapError(f"search option {self.name} of {backend} must be {self.type.__name__}, got {text!r}") from None
+        return self.check(backend, value)
+
+    def describe(self) -> str:
+        """``nlist INT >= 1 (default: ...)``: for help texts."""
+        minimum = "" if self.minimum is None else f" >= {self.minimum:g}"
+        return f"{self.name} {self.type.__name__.upper()}{minimum} ({self.help or f'default {self.default}'})"
+
+
+class SearchIndex(nn.Module):
+    """What every search backend is: a module over ``N`` vectors of ``D`` dimensions.
+
+    A backend sets ``options`` (what :func:`check_search` accepts) and implements the class
+    methods :meth:`from_vectors` and :meth:`from_state` and the methods below; ``backend`` is
+    its registered name (set by :func:`register_search`).
+    """
+
+    backend: ClassVar[str] = ""
+    options: ClassVar[tuple[SearchOption, ...]] = ()
+
+    @classmethod
+    def check_available(cls) -> None:
+        """FlawmapError if the backend cannot run here (an optional package missing)."""
+
+    @classmethod
+    def from_vectors(
+        cls, vectors: torch.Tensor, options: dict[str, Any], *, low_precision: torch.dtype | None = None,
+        storage_dtype: torch.dtype = torch.float32,
+    ) -> "SearchIndex":
+        """An index over ``vectors`` (N, D) with the backend's checked ``options`` (every declared
+        one, None where the backend chooses), searching with a ``low_precision`` candidate pass
+        if it has one, storing the vectors as ``storage_dtype`` (float32 or float16)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_state(cls, settings: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "SearchIndex":
+        """The index :meth:`state` described."""
+        raise NotImplementedError
+
+    def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """JSON settings and tensors that :meth:`from_state` rebuilds this index from exactly."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        raise NotImplementedError
 
     def kneighbors(
         self, queries: torch.Tensor, k: int = 1, among: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Distances (Q, k), ascending, and row indices (Q, k) of each query's ``k`` nearest rows
-        (only rows listed in ``among`` when given)."""
-        ...
+        """Distances (Q, k), ascending, and row indices (Q, k) of each query's (Q, D) ``k``
+        nearest rows (only rows listed in ``among`` (M,) when given), on the queries' device."""
+        raise NotImplementedError
 
     def vectors(self, rows: torch.Tensor) -> torch.Tensor:
         """The stored vectors of ``rows`` (any shape of indices), float32, shape ``rows.shape + (D,)``."""
-        ...
+        raise NotImplementedError
 
     def set_precision(self, low_precision: torch.dtype | None) -> None:
         """Use a low-precision candidate pass (or none, for exact search) from now on."""
-        ...
 
-    def state(self) -> dict[str, torch.Tensor]:
-        """The tensors :func:`search_from_state` needs to rebuild this index exactly."""
-        ...
+    def for_export(self) -> "SearchIndex":
+        """This index in a form ``torch.export`` can trace (itself, when it is one)."""
+        return self
 
 
-SEARCH_BACKENDS: Registry[Callable[..., SearchIndex]] = Registry("search backend")
+IndexT = TypeVar("IndexT", bound=type[SearchIndex])
+SEARCH_BACKENDS: Registry[type[SearchIndex]] = Registry("search backend")
+
+
+def register_search(name: str) -> Callable[[IndexT], IndexT]:
+    """Class decorator: register a :class:`SearchIndex` subclass as the backend ``name``."""
+
+    def decorator(cls: IndexT) -> IndexT:
+        cls.backend = name
+        return SEARCH_BACKENDS.register(name)(cls)
+
+    return decorator
+
+
+def check_search(backend: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    """``options`` of the registered ``backend`` checked against its declared options, every
+    option present (None where not given); FlawmapError for an unknown backend or option, a
+    wrong type or value, or a backend that cannot run here."""
+    factory = SEARCH_BACKENDS.get(backend)
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise FlawmapError(f"search_options must be a dict of option names to values, got {options!r}")
+    declared = {option.name: option for option in factory.options}
+    unknown = sorted(set(options) - set(declared))
+    if unknown:
+        raise _unknown_option(backend, unknown[0])
+    factory.check_available()
+    return {name: option.check(backend, options.get(name, option.default)) for name, option in declared.items()}
+
+
+def parse_search_options(backend: str, specs: list[str]) -> dict[str, Any]:
+    """``NAME=VALUE`` strings (``--search-option nlist=64``) -> the ``backend``'s typed options."""
+    declared = {option.name: option for option in SEARCH_BACKENDS.get(backend).options}
+    options = {}
+    for spec in specs:
+        name, equals, text = spec.partition("=")
+        if not equals:
+            raise FlawmapError(f"search option {spec!r}: expected NAME=VALUE")
+        if name not in declared:
+            raise _unknown_option(backend, name)
+        options[name] = declared[name].parse(backend, text)
+    return options
+
+
+def _unknown_option(backend: str, name: str) -> FlawmapError:
+    """The error for an option ``name`` the ``backend`` does not declare, naming those it does."""
+    declared = [option.name for option in SEARCH_BACKENDS.get(backend).options]
+    takes = f"its options are {', '.join(declared)}" if declared else "it takes none"
+    return FlawmapError(f"search {backend!r} has no option {name!r}; {takes}")
+
+
+def describe_search_options() -> str:
+    """Every backend with its options, one ``backend: option, option`` clause each (help texts)."""
+    return "; ".join(
+        f"{name}: {', '.join(option.describe() for option in SEARCH_BACKENDS.get(name).options) or 'none'}"
+        for name in SEARCH_BACKENDS.names()
+    )
 
 
 def build_search(
     vectors: torch.Tensor,
     *,
     backend: str = DEFAULT_BACKEND,
+    options: dict[str, Any] | None = None,
     low_precision: torch.dtype | None = None,
     storage_dtype: torch.dtype = torch.float32,
-    **settings: Any,
 ) -> SearchIndex:
-    """An index over ``vectors`` (N, D) from the registered ``backend``; ``settings`` are the
-    backend's own (e.g. ``nlist`` of faiss-ivfpq, :mod:`flawmap.search_faiss`)."""
-    factory = SEARCH_BACKENDS.get(backend)
-    return factory.from_vectors(vectors, low_precision=low_precision, storage_dtype=storage_dtype, **settings)
+    """An index over ``vectors`` (N, D) from the registered ``backend`` with its ``options``
+    (checked by :func:`check_search`; e.g. ``nlist`` of faiss-ivfpq, :mod:`flawmap.search_faiss`)."""
+    checked = check_search(backend, options)
+    return SEARCH_BACKENDS.get(backend).from_vectors(vectors, checked, low_precision=low_precision, storage_dtype=storage_dtype)
 
 
 def all_vectors(search: SearchIndex) -> torch.Tensor:
@@ -92,12 +224,16 @@ def all_vectors(search: SearchIndex) -> torch.Tensor:
     return search.vectors(torch.arange(len(search))).cpu()
 
 
-def search_state(search: SearchIndex, prefix: str) -> dict[str, torch.Tensor]:
-    """The index's tensors named ``<prefix>.<backend>.<name>``, for a model's tensor file."""
-    return {f"{prefix}.{search.backend}.{name}": tensor for name, tensor in search.state().items()}
+def search_state(search: SearchIndex, prefix: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The index's state for a model's fitted values and tensor file: its JSON settings under
+    ``<prefix>_search_`` (nothing for a backend without settings) and its tensors named
+    ``<prefix>.<backend>.<name>``."""
+    settings, tensors = search.state()
+    fitted = {f"{prefix}_search_": settings} if settings else {}
+    return fitted, {f"{prefix}.{search.backend}.{name}": tensor for name, tensor in tensors.items()}
 
 
-def search_from_state(tensors: dict[str, torch.Tensor], prefix: str) -> SearchIndex:
+def search_from_state(fitted: dict[str, Any], tensors: dict[str, torch.Tensor], prefix: str) -> SearchIndex:
     """Rebuild the index that :func:`search_state` saved under ``prefix``."""
     found: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
@@ -108,11 +244,23 @@ def search_from_state(tensors: dict[str, torch.Tensor], prefix: str) -> SearchIn
     if len(found) != 1:
         raise FlawmapError(f"model tensors hold {len(found)} search indexes named {prefix!r}, expected one")
     ((backend, state),) = found.items()
-    return SEARCH_BACKENDS.get(backend).from_state(state)
+    settings = fitted.get(f"{prefix}_search_", {})
+    if not isinstance(settings, dict):
+        raise FlawmapError(f"the saved settings of search {prefix!r} must be an object, got {settings!r}")
+    return SEARCH_BACKENDS.get(backend).from_state(settings, state)
 
 
-@SEARCH_BACKENDS.register("torch")
-class TorchSearch(nn.Module):
+def export_searches(module: nn.Module) -> None:
+    """Replace every search index among ``module``'s submodules with its :meth:`SearchIndex.for_export`
+    form (e.g. a faiss index with an exact torch search over the same stored vectors)."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, SearchIndex):
+                setattr(parent, name, child.for_export())
+
+
+@register_search("torch")
+class TorchSearch(SearchIndex):
     """Exact (or bfloat16-candidate) kNN search in torch, blocked over queries and rows.
 
     **Exact search with certified pruning.** Banks of at least ``PRUNING_MIN_ROWS`` rows whose
@@ -151,7 +299,6 @@ class TorchSearch(nn.Module):
     are stored as given). Saved state and every returned row number use the given order.
     """
 
-    backend = "torch"
     RERANK_MARGIN = 15
     COARSE_VARIANCE = 0.995
     PRUNING_VARIANCE = 0.95
@@ -178,9 +325,10 @@ class TorchSearch(nn.Module):
 
     @classmethod
     def from_vectors(
-        cls, vectors: torch.Tensor, *, low_precision: torch.dtype | None = None, storage_dtype: torch.dtype = torch.float32
+        cls, vectors: torch.Tensor, options: dict[str, Any] | None = None, *, low_precision: torch.dtype | None = None,
+        storage_dtype: torch.dtype = torch.float32,
     ) -> "TorchSearch":
-        """An index over ``vectors`` (N, D)."""
+        """An index over ``vectors`` (N, D); the torch backend takes no ``options``."""
         if vectors.ndim != 2 or vectors.shape[0] == 0:
             raise FlawmapError(f"a search needs a non-empty N x D matrix, got shape {tuple(vectors.shape)}")
         center = vectors.float().mean(dim=0)
@@ -190,17 +338,17 @@ class TorchSearch(nn.Module):
         return search
 
     @classmethod
-    def from_state(cls, state: dict[str, torch.Tensor]) -> "TorchSearch":
+    def from_state(cls, settings: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "TorchSearch":
         try:
-            search = cls(state["centered"], state["center"])
+            search = cls(tensors["centered"], tensors["center"])
         except KeyError as error:
             raise FlawmapError(f"saved torch search lacks tensor {error}") from None
         search._group_for_pruning()
         return search
 
-    def state(self) -> dict[str, torch.Tensor]:
+    def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         centered = self.centered if self.position is None else self.centered[self.position]
-        return {"centered": centered, "center": self.center}
+        return {}, {"centered": centered, "center": self.center}
 
     def __len__(self) -> int:
         return self.centered.shape[0]

@@ -19,13 +19,20 @@ from a file on disk). Every returned distance is recomputed exactly from the sto
 (every row for faiss-flat, about ``N nprobe / nlist`` for faiss-ivfpq) is searched exactly among
 its stored vectors; a larger one is a faiss ID selector. Queries for which faiss finds fewer
 than ``k`` rows (lists too short) are searched exactly too. ``set_precision`` does nothing: faiss computes in
-float32. The index is not an ``nn.Module``: it stays on the CPU (queries on other devices are
-copied there and the answers back) and cannot be traced; :func:`exact_torch_searches` swaps it
-for an exact torch search over the same vectors before an ONNX export.
+float32.
 
-Saved state: ``index``, the index serialised by ``faiss.serialize_index`` as a uint8 tensor, and
-``center`` (D,); restored with ``faiss.deserialize_index`` (no pickle). faiss is the optional
-extra ``flawmap[faiss]``, imported only when a faiss index is built or restored.
+Both are ``nn.Module`` s whose ``center`` is a buffer; the faiss index itself always stays on the
+CPU (faiss-cpu): after ``.to("cuda")`` queries are centred on the GPU, copied to the CPU for
+faiss and the answers copied back (no faiss GPU index is used). A faiss index cannot be traced:
+:meth:`FaissSearch.for_export` is an exact torch search over the same stored vectors, which
+:func:`flawmap.search.export_searches` puts in its place before an ONNX export.
+
+Options (declared in :attr:`FaissIvfPqSearch.options`, checked by :func:`flawmap.search.check_search`):
+faiss-ivfpq takes ``nlist``, ``nprobe`` and ``pq_m`` (None: chosen from the bank, see
+:func:`ivfpq_settings`); faiss-flat takes none. Saved state: no settings (the index holds
+them) and the tensors ``index``, the index serialised by ``faiss.serialize_index`` as a uint8
+tensor, and ``center`` (D,); restored with ``faiss.deserialize_index`` (no pickle). faiss is
+the optional extra ``flawmap[faiss]``, imported only when a faiss index is built or restored.
 """
 
 from __future__ import annotations
@@ -35,10 +42,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from flawmap.errors import FlawmapError
-from flawmap.search import SEARCH_BACKENDS, TorchSearch, all_vectors, row_chunks
+from flawmap.search import SearchIndex, SearchOption, TorchSearch, all_vectors, register_search, row_chunks
 
 #: Inverted lists per square root of the bank's rows (``nlist`` default, see :func:`ivfpq_settings`).
 LISTS_PER_SQRT_ROW = 4
@@ -103,30 +109,34 @@ def ivfpq_settings(
     return {"nlist": nlist, "nprobe": nprobe, "pq_m": pq_m, "nbits": nbits}
 
 
-class FaissSearch:
+class FaissSearch(SearchIndex):
     """A faiss index over centred vectors, behind the :class:`flawmap.search.SearchIndex` protocol.
 
     ``index`` is a faiss ``IndexFlatL2`` / ``IndexScalarQuantizer`` (faiss-flat) or an
-    ``IndexRefine`` of an ``IndexIVFPQ`` over such a store (faiss-ivfpq); ``center`` (D,) float32.
+    ``IndexRefine`` of an ``IndexIVFPQ`` over such a store (faiss-ivfpq), on the CPU; buffer
+    ``center`` (D,) float32, on the module's device.
     """
 
-    backend = ""
-
     def __init__(self, index: Any, center: torch.Tensor) -> None:
+        super().__init__()
         self.faiss = import_faiss(self.backend)
         if index.ntotal == 0 or index.d != center.shape[0]:
             raise FlawmapError(f"a {self.backend} index of {index.ntotal} rows of {index.d} dims does not fit a {tuple(center.shape)} centre")
         self.index = index
-        self.center = center.float().cpu().contiguous()
+        self.register_buffer("center", center.float().contiguous())
+
+    @classmethod
+    def check_available(cls) -> None:
+        import_faiss(cls.backend)
 
     @classmethod
     def from_vectors(
         cls,
         vectors: torch.Tensor,
+        options: dict[str, Any],
         *,
         low_precision: torch.dtype | None = None,
         storage_dtype: torch.dtype = torch.float32,
-        **settings: int | None,
     ) -> "FaissSearch":
         """An index over ``vectors`` (N, D); ``low_precision`` is ignored (faiss computes in float32)."""
         if vectors.ndim != 2 or vectors.shape[0] == 0:
@@ -136,16 +146,16 @@ class FaissSearch:
         faiss = import_faiss(cls.backend)
         center = vectors.float().mean(dim=0)
         centered = (vectors.float() - center).cpu().numpy()
-        index = cls._new_index(faiss, *centered.shape, STORES[storage_dtype], settings)
+        index = cls._new_index(faiss, *centered.shape, STORES[storage_dtype], options)
         index.train(_training_sample(centered, cls._training_rows(faiss, index)))
         index.add(centered)
         return cls(index, center)
 
     @classmethod
-    def from_state(cls, state: dict[str, torch.Tensor]) -> "FaissSearch":
+    def from_state(cls, settings: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "FaissSearch":
         faiss = import_faiss(cls.backend)
         try:
-            serialized, center = state["index"], state["center"]
+            serialized, center = tensors["index"], tensors["center"]
         except KeyError as error:
             raise FlawmapError(f"saved {cls.backend} search lacks tensor {error}") from None
         if serialized.dtype != torch.uint8 or serialized.ndim != 1:
@@ -156,17 +166,18 @@ class FaissSearch:
             raise FlawmapError(f"saved {cls.backend} index is not a faiss index ({str(error).splitlines()[0]})") from None
         return cls(index, center)
 
-    def state(self) -> dict[str, torch.Tensor]:
-        return {"index": torch.from_numpy(self.faiss.serialize_index(self.index)), "center": self.center}
+    def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        return {}, {"index": torch.from_numpy(self.faiss.serialize_index(self.index)), "center": self.center.cpu()}
 
     def __len__(self) -> int:
         return self.index.ntotal
 
     def vectors(self, rows: torch.Tensor) -> torch.Tensor:
-        return (self._stored(rows.cpu()) + self.center).to(rows.device)
+        return self._stored(rows.cpu()).to(self.center.device) + self.center
 
-    def set_precision(self, low_precision: torch.dtype | None) -> None:
-        """Nothing to do: faiss computes in float32."""
+    def for_export(self) -> TorchSearch:
+        """An exact torch search over the stored vectors (faiss-ivfpq keeps them for its re-rank)."""
+        return TorchSearch.from_vectors(all_vectors(self)).to(self.center.device)
 
     def kneighbors(
         self, queries: torch.Tensor, k: int = 1, among: torch.Tensor | None = None
@@ -176,7 +187,7 @@ class FaissSearch:
         n_rows = len(self) if among is None else among.shape[0]
         if not 1 <= k <= n_rows:
             raise ValueError(f"k must be in [1, {n_rows}], got {k}")
-        centered = (queries.detach().float().cpu() - self.center).contiguous()
+        centered = (queries.detach().float() - self.center).cpu().contiguous()
         among = None if among is None else among.cpu()
         if among is not None and n_rows <= self._rows_scanned():
             distances, rows = self._search_exactly(centered, k, among)
@@ -189,7 +200,7 @@ class FaissSearch:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """faiss's ``k`` rows for each centred query (Q, D), with exact distances, re-sorted;
         queries for which it found fewer than ``k`` rows are searched exactly."""
-        parameters = self._parameters(among)
+        parameters = self._search_parameters(among)
         chunk_rows = max(1, DISTANCE_BLOCK_ELEMENTS // (k * centered.shape[1]))
         distance_chunks, found_chunks = [], []
         for chunk in row_chunks(centered.shape[0], chunk_rows):
@@ -226,7 +237,7 @@ class FaissSearch:
         """Rows one query's search visits: ``among`` subsets up to this size are searched exactly."""
         return len(self)
 
-    def _parameters(self, among: torch.Tensor | None) -> Any:
+    def _search_parameters(self, among: torch.Tensor | None) -> Any:
         """faiss search parameters for a search restricted to ``among`` (None: every row); None
         uses the index's own. (faiss-flat never gets an ``among``: it is searched exactly.)"""
         return None
@@ -237,35 +248,34 @@ class FaissSearch:
         return MAX_TRAINING_ROWS
 
     @classmethod
-    def _new_index(cls, faiss: Any, n_rows: int, dim: int, store: str, settings: dict[str, int | None]) -> Any:
-        """A new, untrained faiss index of this backend for ``n_rows`` vectors of ``dim``
-        dimensions, holding them in ``store`` (an index-factory description)."""
+    def _new_index(cls, faiss: Any, n_rows: int, dim: int, store: str, options: dict[str, Any]) -> Any:
+        """A new, untrained faiss index of this backend with its checked ``options`` for
+        ``n_rows`` vectors of ``dim`` dimensions, holding them in ``store`` (an index-factory description)."""
         raise NotImplementedError
 
 
-@SEARCH_BACKENDS.register("faiss-flat")
+@register_search("faiss-flat")
 class FaissFlatSearch(FaissSearch):
-    """Exact search with faiss's brute force (see the module docstring)."""
-
-    backend = "faiss-flat"
+    """Exact search with faiss's brute force (see the module docstring); no options."""
 
     @classmethod
-    def _new_index(cls, faiss: Any, n_rows: int, dim: int, store: str, settings: dict[str, int | None]) -> Any:
-        given = [name for name, value in settings.items() if value is not None]
-        if given:
-            raise FlawmapError(f"the faiss-flat search takes no settings, got {', '.join(given)}")
+    def _new_index(cls, faiss: Any, n_rows: int, dim: int, store: str, options: dict[str, Any]) -> Any:
         return faiss.index_factory(dim, store)
 
 
-@SEARCH_BACKENDS.register("faiss-ivfpq")
+@register_search("faiss-ivfpq")
 class FaissIvfPqSearch(FaissSearch):
     """IVF-PQ candidates re-ranked exactly (see the module docstring and :func:`ivfpq_settings`)."""
 
-    backend = "faiss-ivfpq"
+    options = (
+        SearchOption("nlist", int, minimum=1, help="inverted lists; default 4 sqrt(N), at most N / 39"),
+        SearchOption("nprobe", int, minimum=1, help="lists a query visits, at most nlist; default nlist / 16, at least 8"),
+        SearchOption("pq_m", int, minimum=1, help="bytes per quantised row, dividing the feature dimension; default about D / 4"),
+    )
 
     @classmethod
-    def _new_index(cls, faiss: Any, n_rows: int, dim: int, store: str, settings: dict[str, int | None]) -> Any:
-        return new_ivfpq_index(n_rows, dim, store, **settings)
+    def _new_index(cls, faiss: Any, n_rows: int, dim: int, store: str, options: dict[str, Any]) -> Any:
+        return new_ivfpq_index(n_rows, dim, store, **options)
 
     @classmethod
     def _training_rows(cls, faiss: Any, index: Any) -> int:
@@ -278,7 +288,7 @@ class FaissIvfPqSearch(FaissSearch):
         settings = self.settings
         return math.ceil(len(self) * settings["nprobe"] / settings["nlist"])
 
-    def _parameters(self, among: torch.Tensor | None) -> Any:
+    def _search_parameters(self, among: torch.Tensor | None) -> Any:
         """The probes, the re-rank factor (faiss does not take them from the index when
         parameters are given) and a faiss ID selector of the rows ``among``."""
         selector = None if among is None else self.faiss.IDSelectorBatch(among.numpy().astype(np.int64))
@@ -308,15 +318,6 @@ def new_ivfpq_index(n_rows: int, dim: int, store: str, **settings: int | None) -
     ivf.nprobe = chosen["nprobe"]
     index.k_factor = RERANK_FACTOR
     return index
-
-
-def exact_torch_searches(module: nn.Module) -> None:
-    """Replace every faiss search held by ``module`` or its submodules with an exact
-    :class:`flawmap.search.TorchSearch` over the same stored vectors (to trace it for export)."""
-    for submodule in module.modules():
-        for name, value in list(vars(submodule).items()):
-            if isinstance(value, FaissSearch):
-                setattr(submodule, name, TorchSearch.from_vectors(all_vectors(value)))
 
 
 def _training_sample(rows: np.ndarray, n_sample: int) -> np.ndarray:

@@ -72,7 +72,7 @@ def test_fit_indexes_pooled_features_and_every_patch_in_float16():
     assert model.n_train_images_ == 6  # cross-fitted calibration: nothing held out
     assert all_vectors(image_search).shape == (6, channels[-1])
     assert all_vectors(patch_search).shape == (6 * 8 * 8, sum(channels))
-    assert {tensor.dtype for tensor in patch_search.state().values()} >= {PATCH_BANK_DTYPE}
+    assert {tensor.dtype for tensor in patch_search.state()[1].values()} >= {PATCH_BANK_DTYPE}
 
 
 @pytest.mark.parametrize("through_save", [False, True])

@@ -3,6 +3,7 @@
 import dataclasses
 from typing import Any
 
+from flawmap import search_faiss  # noqa: F401  (registers the faiss search backends)
 from flawmap.errors import FlawmapError
 
 from flawmap.models.base import METHODS, AnomalyModel, register_method

@@ -358,6 +358,12 @@ class AnomalyModel(Predictor):
 
         return load_model(directory, **runtime_settings)
 
+    @classmethod
+    def upgrade_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """Hyper-parameters as a saved model holds them -> under today's names (a method that
+        renamed or regrouped some maps the saved names here); ``params`` may be changed."""
+        return params
+
     def get_params(self) -> dict[str, Any]:
         """Hyper-parameters as a plain dict (scikit-learn style)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}

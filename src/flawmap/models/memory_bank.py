@@ -1,27 +1,27 @@
 """The search hyper-parameters every method with a memory bank shares (PatchCore, SPADE, SFR).
 
-``search`` chooses the backend of the bank's nearest-neighbour search (:mod:`flawmap.search`):
-``"exact"`` is the torch backend, ``"faiss-flat"`` and ``"faiss-ivfpq"`` are those of
-:mod:`flawmap.search_faiss` (the ``flawmap[faiss]`` extra). ``nlist``, ``nprobe`` and ``pq_m`` tune
-faiss-ivfpq; None chooses them from the bank's size (:func:`flawmap.search_faiss.ivfpq_settings`).
+``search`` names a registered search backend (:data:`flawmap.search.SEARCH_BACKENDS`) and
+``search_options`` its options, which the backend declares and :func:`flawmap.search.check_search`
+validates at fit time; this module knows no backend by name. Models saved before the two were
+introduced named the torch backend ``"exact"`` and held faiss-ivfpq's options as hyper-parameters
+of their own: :meth:`MemoryBankModel.upgrade_params` maps those saved names when loading.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from flawmap.errors import FlawmapError
 from flawmap.models.base import AnomalyModel
 from flawmap.models.scorer import PatchScores
-from flawmap.search import SearchIndex, build_search
-from flawmap.search_faiss import import_faiss
+from flawmap.search import DEFAULT_BACKEND, SearchIndex, build_search, check_search
 
-#: ``search`` hyper-parameter -> registered search backend.
-SEARCHES = {"exact": "torch", "faiss-flat": "faiss-flat", "faiss-ivfpq": "faiss-ivfpq"}
-#: Hyper-parameters that only faiss-ivfpq takes.
-IVFPQ_SETTINGS = ("nlist", "nprobe", "pq_m")
+#: Hyper-parameters of models saved before ``search_options`` that are now its options.
+FORMER_OPTION_PARAMS = ("nlist", "nprobe", "pq_m")
+#: ``search`` values of models saved before then -> the backend's registered name.
+FORMER_SEARCH_NAMES = {"exact": "torch"}
 
 
 @dataclass(kw_only=True, eq=False)
@@ -30,36 +30,42 @@ class MemoryBankModel(AnomalyModel):
 
     Parameters
     ----------
-    search : {"exact", "faiss-flat", "faiss-ivfpq"}
-        Backend of the memory bank's search: exact torch search, faiss's exact brute force, or
-        faiss IVF-PQ candidates re-ranked exactly (approximate; fast on large banks).
-    nlist, nprobe, pq_m : int or None
-        faiss-ivfpq only: inverted lists, lists visited per query, bytes per product-quantised
-        row (must divide the feature dimension); None chooses from the bank's size.
+    search : str
+        Registered backend of the memory bank's search: ``"torch"`` (exact), ``"faiss-flat"``
+        (faiss's exact brute force) or ``"faiss-ivfpq"`` (faiss IVF-PQ candidates re-ranked
+        exactly: approximate, fast on large banks), or any backend registered since.
+    search_options : dict or None
+        The backend's options, e.g. ``{"nlist": 1024, "nprobe": 16}`` for faiss-ivfpq; those not
+        given take the backend's defaults (``flawmap fit --help`` lists each backend's).
+
+    Examples
+    --------
+    >>> PatchCore(search="faiss-ivfpq", search_options={"nlist": 64}).fit("bottle/")   # doctest: +SKIP
     """
 
-    search: str = "exact"
-    nlist: int | None = None
-    nprobe: int | None = None
-    pq_m: int | None = None
+    search: str = DEFAULT_BACKEND
+    search_options: dict | None = None
+
+    @classmethod
+    def upgrade_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """Saved hyper-parameters under today's names: the former ``nlist``, ``nprobe`` and
+        ``pq_m`` (None when not set) move into ``search_options``, ``search="exact"`` is ``"torch"``."""
+        params = super().upgrade_params(params)
+        former = {name: params.pop(name) for name in FORMER_OPTION_PARAMS if name in params}
+        if former:
+            options = {name: value for name, value in former.items() if value is not None}
+            params.setdefault("search_options", options or None)
+        if params.get("search") in FORMER_SEARCH_NAMES:
+            params["search"] = FORMER_SEARCH_NAMES[params["search"]]
+        return params
 
     def _validate_params(self) -> None:
         super()._validate_params()
-        if self.search not in SEARCHES:
-            raise FlawmapError(f"search must be one of {', '.join(SEARCHES)}, got {self.search!r}")
-        given = [name for name in IVFPQ_SETTINGS if getattr(self, name) is not None]
-        if given and self.search != "faiss-ivfpq":
-            raise FlawmapError(f"{given[0]} applies to search='faiss-ivfpq' only, not {self.search!r}")
-        for name in given:
-            if getattr(self, name) < 1:
-                raise FlawmapError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.search != "exact":
-            import_faiss(self.search)
+        check_search(self.search, self.search_options)
 
     def _build_search(self, vectors: torch.Tensor, storage_dtype: torch.dtype = torch.float32) -> SearchIndex:
-        """The bank's search over ``vectors`` (N, D), with the chosen backend and settings."""
-        settings = {name: getattr(self, name) for name in IVFPQ_SETTINGS} if self.search == "faiss-ivfpq" else {}
-        return build_search(vectors, backend=SEARCHES[self.search], storage_dtype=storage_dtype, **settings)
+        """The bank's search over ``vectors`` (N, D), with the chosen backend and options."""
+        return build_search(vectors, backend=self.search, options=self.search_options, storage_dtype=storage_dtype)
 
     def _scores_without_own_rows(self, features: torch.Tensor, image_ids: torch.Tensor, sources: torch.Tensor) -> PatchScores:
         """Cross-fitted scores: each training image (features B x C x h x w, ids (B,)) scored

@@ -97,7 +97,7 @@ class PatchCoreScorer(Scorer):
 @dataclass(kw_only=True, eq=False)
 class PatchCore(MemoryBankModel):
     """PatchCore anomaly detector (see module docstring). Method hyper-parameters (and the bank's
-    ``search``, ``nlist``, ``nprobe``, ``pq_m``: :class:`flawmap.models.memory_bank.MemoryBankModel`):
+    ``search`` and ``search_options``: :class:`flawmap.models.memory_bank.MemoryBankModel`):
 
     Parameters
     ----------
@@ -166,9 +166,10 @@ class PatchCore(MemoryBankModel):
 
     def to_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         coreset = {f"coreset.{name}": tensor for name, tensor in self.coreset_state_.items()}
-        return {}, {**search_state(self.scorer_.search, "memory_bank"), **coreset}
+        search_fitted, search_tensors = search_state(self.scorer_.search, "memory_bank")
+        return search_fitted, {**search_tensors, **coreset}
 
     def from_state(self, fitted: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        self.scorer_.search = search_from_state(tensors, "memory_bank")
+        self.scorer_.search = search_from_state(fitted, tensors, "memory_bank")
         prefix = "coreset."
         self.coreset_state_ = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}

@@ -80,7 +80,7 @@ def load_model(directory: str | Path, **runtime_settings: Any) -> AnomalyModel:
     model_class = METHODS.get(config["method"]) if config["method"] in METHODS else None
     if model_class is None:
         raise FlawmapError(f"{config_path}: unknown method {config['method']!r}; choose one of: {', '.join(METHODS.names())}")
-    params = config["params"]
+    params = model_class.upgrade_params(dict(config["params"])) if isinstance(config["params"], dict) else config["params"]
     if config["format_version"] != io.FORMAT_VERSION and isinstance(params, dict):
         # parameters added since it was saved: as the method behaved then
         params = {**_param_defaults(model_class), **_former_params(model_class, config["format_version"]), **params}

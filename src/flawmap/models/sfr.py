@@ -188,7 +188,7 @@ class SFRScorer(Scorer):
 @dataclass(kw_only=True, eq=False)
 class SFR(MemoryBankModel):
     """Subspace-guided feature reconstruction (see module docstring). Method hyper-parameters (and
-    the bank's ``search``, ``nlist``, ``nprobe``, ``pq_m``: :class:`flawmap.models.memory_bank.MemoryBankModel`):
+    the bank's ``search`` and ``search_options``: :class:`flawmap.models.memory_bank.MemoryBankModel`):
 
     Parameters
     ----------
@@ -351,8 +351,9 @@ class SFR(MemoryBankModel):
         return all_vectors(self.scorer_.search)
 
     def to_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        search_fitted, search_tensors = search_state(self.scorer_.search, "bank")
         tensors = {
-            **search_state(self.scorer_.search, "bank"),
+            **search_tensors,
             "atom_sq_norm": self.scorer_.atom_sq_norm,
             "bank_sources": self.bank_sources_,
             **{f"pool_sampler.{name}": tensor for name, tensor in self.pool_sampler_state_.items()},
@@ -361,10 +362,10 @@ class SFR(MemoryBankModel):
             tensors["pool"] = self.pool_
         if self.sampling == "subspace":
             tensors["atom_subspaces"] = self.scorer_.atom_subspaces
-        return {"n_patches_": self.n_patches_}, tensors
+        return {"n_patches_": self.n_patches_, **search_fitted}, tensors
 
     def from_state(self, fitted: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        self.scorer_.search = search_from_state(tensors, "bank")
+        self.scorer_.search = search_from_state(fitted, tensors, "bank")
         self.scorer_.atom_sq_norm = tensors["atom_sq_norm"]
         self.bank_sources_ = tensors["bank_sources"].long()
         if self.bank_sources_.shape != (len(self.scorer_.search),):

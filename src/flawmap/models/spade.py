@@ -113,7 +113,7 @@ class SpadeScorer(Scorer):
 @dataclass(kw_only=True, eq=False)
 class Spade(MemoryBankModel):
     """SPADE anomaly detector (see module docstring). Method hyper-parameters (and the patch
-    bank's ``search``, ``nlist``, ``nprobe``, ``pq_m``: :class:`flawmap.models.memory_bank.MemoryBankModel`;
+    bank's ``search`` and ``search_options``: :class:`flawmap.models.memory_bank.MemoryBankModel`;
     the small index of pooled image features is always searched exactly):
 
     Parameters
@@ -161,9 +161,10 @@ class Spade(MemoryBankModel):
         return self.scorer_.score(features, left_out=image_ids)
 
     def to_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        image_features = search_state(self.scorer_.image_search, "image_features")
-        return {}, {**image_features, **search_state(self.scorer_.patch_search, "patch_features")}
+        image_fitted, image_tensors = search_state(self.scorer_.image_search, "image_features")
+        patch_fitted, patch_tensors = search_state(self.scorer_.patch_search, "patch_features")
+        return {**image_fitted, **patch_fitted}, {**image_tensors, **patch_tensors}
 
     def from_state(self, fitted: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        self.scorer_.image_search = search_from_state(tensors, "image_features")
-        self.scorer_.patch_search = search_from_state(tensors, "patch_features")
+        self.scorer_.image_search = search_from_state(fitted, tensors, "image_features")
+        self.scorer_.patch_search = search_from_state(fitted, tensors, "patch_features")
