@@ -16,9 +16,7 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 import sys
-import tempfile
 import types
 import typing
 import warnings
@@ -27,8 +25,9 @@ from typing import Any, Callable, Sequence
 
 from flawmap import io
 from flawmap._version import __version__
+from flawmap.deprecation import warn_renamed
 from flawmap.errors import FlawmapError
-from flawmap.outputs import check_replaceable, check_writable, is_listed_output, set_umask_mode
+from flawmap.outputs import check_writable
 
 if typing.TYPE_CHECKING:
     from flawmap.models import AnomalyModel
@@ -38,7 +37,7 @@ COMMAND_HELP = {
     "fit": "learn normality from good images and save a model",
     "evaluate": "compute metrics of a model on a dataset's test split",
     "predict": "score images and write heat-map overlays",
-    "info": "describe a saved model: method, parameters, threshold and its calibration",
+    "info": "describe a saved model (its model card): method, parameters, training, threshold and its calibration",
     "calibrate": "re-calibrate a model's threshold on new good images, without refitting",
     "export": "write a fitted model as one ONNX graph (images -> maps, scores)",
     "demo": "make demo data, fit, evaluate and draw overlays",
@@ -58,16 +57,15 @@ def _import_commands() -> None:
     """Import what the commands and their flags need (numpy, Pillow, SciPy, and torch where it is
     installed: seconds), as module globals; listing the commands (``flawmap --help``,
     ``--version``) needs none of it."""
-    global MIN_CALIBRATION_IMAGES, check_false_alarm_rate, output_names, RUNTIMES, load, missing_torch_error
-    global INPUT_DTYPES, STORAGE_PRECISIONS, PRECISIONS, Runtime, METHODS, create_model, load_model, _TORCH_IMPORT_ERROR
+    global MIN_CALIBRATION_IMAGES, check_false_alarm_rate, BACKENDS, load, missing_torch_error
+    global INPUT_DTYPES, WEIGHT_DTYPES, PRECISIONS, Runtime, METHODS, create_model, load_model, _TORCH_IMPORT_ERROR
     global _COMMANDS_IMPORTED
     if _COMMANDS_IMPORTED:
         return
     _COMMANDS_IMPORTED = True
     from flawmap.calibration import MIN_CALIBRATION_IMAGES, check_false_alarm_rate
-    from flawmap.data.datasets import output_names
-    from flawmap.loading import RUNTIMES, load, missing_torch_error
-    from flawmap.onnx_model import INPUT_DTYPES, STORAGE_PRECISIONS
+    from flawmap.loading import BACKENDS, load, missing_torch_error
+    from flawmap.onnx_model import INPUT_DTYPES, WEIGHT_DTYPES
     from flawmap.runtime import PRECISIONS, Runtime
 
     try:
@@ -164,6 +162,7 @@ def _add_commands(commands, method: str | None = None) -> None:
         _add_runtime_only_commands(commands)
     else:
         _add_torch_commands(commands, method if method in METHODS else None)
+    _add_info_command(commands)
     _add_serve_command(commands)
     _add_report_command(commands)
     _add_score_command(commands)
@@ -195,10 +194,6 @@ def _add_torch_commands(commands, method: str | None = None) -> None:
 
     _add_prediction_commands(commands)
 
-    info = _command(commands, "info", run_info)
-    info.add_argument("model", type=Path, metavar="MODEL_DIR")
-    info.add_argument("--json", type=Path, metavar="FILE", help="also write the description as JSON ('-': stdout only)")
-
     calibrate = _command(commands, "calibrate", run_calibrate)
     calibrate.add_argument("model", type=Path, metavar="MODEL_DIR", help="updated in place unless --out is given")
     calibrate.add_argument(
@@ -226,7 +221,7 @@ def _add_torch_commands(commands, method: str | None = None) -> None:
     export.add_argument("model", type=Path, metavar="MODEL_DIR")
     export.add_argument(
         "--out", type=Path, metavar="FILE",
-        help="the .onnx file to write (default MODEL_DIR/model.onnx, which --runtime onnx runs)",
+        help="the .onnx file to write (default MODEL_DIR/model.onnx, which --backend onnx runs)",
     )
     export.add_argument("--force", action="store_true", help="replace --out even if it is not a graph flawmap exported")
     export.add_argument("--opset", type=int, default=None, metavar="INT", help="ONNX opset, at least 18 (default: the exporter's)")
@@ -235,9 +230,10 @@ def _add_torch_commands(commands, method: str | None = None) -> None:
         help="any batch size (default), or a graph for exactly INT images",
     )
     export.add_argument(
-        "--precision", default="float32", choices=STORAGE_PRECISIONS,
-        help="float16 stores weights and banks at half the size; arithmetic stays float32 (default float32)",
+        "--weight-dtype", default="float32", choices=WEIGHT_DTYPES,
+        help="how weights and banks are stored: float16 at half the size; arithmetic stays float32 (default float32)",
     )
+    _add_renamed_flag(export, "--precision", "--weight-dtype", choices=WEIGHT_DTYPES)
     export.add_argument(
         "--input-dtype", default="float32", choices=INPUT_DTYPES,
         help="graph input: float32 RGB in [0, 1] (default) or uint8 RGB in [0, 255]",
@@ -275,7 +271,7 @@ def _add_prediction_commands(commands) -> None:
     evaluate.add_argument("data", type=Path, metavar="DATA_DIR")
     evaluate.add_argument("--json", type=Path, metavar="FILE", help="write the metrics as JSON ('-': to stdout)")
     evaluate.add_argument("--maps-dir", type=Path, metavar="DIR", help="write each anomaly map (.npy) and scores.json")
-    _add_runtime_choice(evaluate)
+    _add_backend_choice(evaluate)
     evaluate.add_argument("--report", type=Path, metavar="DIR", help="also write the HTML report (DIR/index.html)")
     _add_runtime_flags(evaluate)
 
@@ -292,18 +288,37 @@ def _add_prediction_commands(commands) -> None:
     predict.add_argument(
         "--threshold", type=float, default=None, metavar="X", help="flag scores above X (default: the calibrated threshold)"
     )
-    _add_runtime_choice(predict)
+    _add_backend_choice(predict)
     predict.add_argument("--report", type=Path, metavar="DIR", help="also write the HTML report (DIR/index.html)")
     _add_runtime_flags(predict)
 
 
-def _add_runtime_choice(parser: argparse.ArgumentParser) -> None:
-    """``--runtime``: what runs a saved model (evaluate, predict, report, serve)."""
+def _add_backend_choice(parser: argparse.ArgumentParser) -> None:
+    """``--backend``: the engine that runs a saved model (evaluate, predict, report, serve, score)."""
     parser.add_argument(
-        "--runtime", default="auto", choices=RUNTIMES,
+        "--backend", default="auto", choices=BACKENDS,
         help="torch or onnx (onnxruntime, no torch needed: the .onnx file, or MODEL/model.onnx written by "
         "`flawmap export MODEL`); default auto: torch for a model directory, onnx for a .onnx file",
     )
+    _add_renamed_flag(parser, "--runtime", "--backend", choices=BACKENDS)
+
+
+class _RenamedFlag(argparse.Action):
+    """A flag's former spelling, accepted for one release (:mod:`flawmap.deprecation`): a
+    ``flawmap: warning:`` line names the new flag, and the value goes where the new flag's would."""
+
+    def __init__(self, option_strings: list[str], dest: str, new_flag: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
+        self.new_flag = new_flag
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        warn_renamed(option_string, self.new_flag)
+        setattr(namespace, self.dest, values)
+
+
+def _add_renamed_flag(parser: argparse.ArgumentParser, old: str, new: str, **options: Any) -> None:
+    """Accept ``old``, the former name of flag ``new``, with a deprecation warning (hidden from --help)."""
+    parser.add_argument(old, dest=new.removeprefix("--").replace("-", "_"), action=_RenamedFlag, new_flag=new, **options)
 
 
 def _add_runtime_only_commands(commands) -> None:
@@ -537,80 +552,6 @@ def _update(args: argparse.Namespace, data: Any) -> AnomalyModel:
     return model.partial_fit(data, skip_invalid=args.skip_invalid)
 
 
-def run_info(args: argparse.Namespace) -> None:
-    if args.json not in (None, Path("-")):
-        check_writable(args.json, folder=False)
-    description = describe_model(load_model(args.model))
-    if args.json != Path("-"):
-        print(format_description(description))
-    _write_json(args.json, description)
-
-
-def describe_model(model: AnomalyModel) -> dict[str, Any]:
-    """What ``flawmap info`` shows: method, hyper-parameters, training, threshold and calibration."""
-    calibration, pixel = model.calibration_, model.pixel_calibration()
-    return {
-        "method": model.method,
-        "params": model.get_params(),
-        "n_train_images": model.n_train_images_,
-        "n_fits": model.n_fits_,
-        "threshold": model.threshold_,
-        "false_alarm_rate": calibration.false_alarm_rate,
-        "expected_false_alarm_rate_range": list(calibration.false_alarm_rate_interval),
-        "threshold_interval_90": list(calibration.threshold_interval),
-        "calibration": calibration.source,
-        "n_normal_scores": calibration.n_scores,
-        "estimator": calibration.estimator,
-        "pixel_threshold": model.map_high_,
-        "pixel_threshold_interval_90": list(pixel.threshold_interval),
-        "expected_images_with_regions_range": list(pixel.false_alarm_rate_interval),
-        "overlay_scale": [model.map_low_, model.map_high_],
-        "n_distinct_normal_images": calibration.n_scores,
-        "n_training_digests": None if model.train_digests_ is None else len(model.train_digests_),
-        "calibration_history": [
-            {"threshold": state["threshold_"], "false_alarm_rate": state["false_alarm_rate"], "calibration": state["calibration_"]["source"]}
-            for state in model.calibration_history_
-        ],
-    }
-
-
-def format_description(description: dict[str, Any]) -> str:
-    """``flawmap info`` as readable lines."""
-    params = ", ".join(f"{name}={value}" for name, value in description["params"].items())
-    low, high = description["threshold_interval_90"]
-    rate_low, rate_high = description["expected_false_alarm_rate_range"]
-    pixel_low, pixel_high = description["pixel_threshold_interval_90"]
-    regions_low, regions_high = description["expected_images_with_regions_range"]
-    return "\n".join([
-        f"method: {description['method']}",
-        f"parameters: {params}",
-        f"trained on: {description['n_train_images']} images in {description['n_fits']} fit(s)",
-        f"threshold: {description['threshold']:.6g} (90% interval {low:.6g} .. {high:.6g})",
-        f"false-alarm rate: target {description['false_alarm_rate']:g}, expected {rate_low:.3g} .. {rate_high:.3g}",
-        f"calibrated on: {description['calibration']}; {description['estimator']} quantile of "
-        f"{description['n_normal_scores']} normal scores",
-        f"pixel threshold: {description['pixel_threshold']:.6g} (90% interval {pixel_low:.6g} .. {pixel_high:.6g}): "
-        f"good images with any region expected {regions_low:.3g} .. {regions_high:.3g}",
-        f"the threshold rests on {description['n_distinct_normal_images']} distinct normal images",
-        "training images: " + (
-            "no content digests recorded (saved by an older flawmap): calibrate cannot refuse them"
-            if description["n_training_digests"] is None
-            else f"{description['n_training_digests']} content digests recorded; calibrate refuses them"
-        ),
-        *_history_lines(description["calibration_history"]),
-    ])
-
-
-def _history_lines(history: list[dict[str, Any]]) -> list[str]:
-    """``info``'s lines on the earlier calibrations, the most recent first."""
-    if not history:
-        return ["earlier calibrations: none"]
-    lines = [f"earlier calibrations ({len(history)}, `flawmap calibrate MODEL_DIR --restore` puts back the first):"]
-    for state in reversed(history):
-        lines.append(f"  threshold {state['threshold']:.6g} at false-alarm rate {state['false_alarm_rate']:g}: {state['calibration']}")
-    return lines
-
-
 def run_calibrate(args: argparse.Namespace) -> None:
     if args.restore == bool(args.good):
         raise FlawmapError("give GOOD_DIR (images to calibrate on) or --restore, not both" if args.restore else
@@ -649,75 +590,29 @@ def run_evaluate(args: argparse.Namespace) -> None:
             check_writable(path, folder=folder)
     if args.report is not None:
         check_report_target(args.report)
-    model = load(args.model, runtime=args.runtime, **dataclasses.asdict(_runtime(args)))
+    model = load(args.model, args.backend, **dataclasses.asdict(_runtime(args)))
     result = evaluate(model, args.data, maps_dir=args.maps_dir)
     print(format_metrics(result), file=sys.stderr if args.json == Path("-") else sys.stdout)
     _write_json(args.json, result)
     if args.report is not None:
         from flawmap.data import open_dataset
 
-        _write_report(model, open_dataset(args.data), args.report, metrics=result)
+        _write_report(model, open_dataset(args.data), args.report, card=_card(model, args.model), metrics=result)
 
 
 def run_predict(args: argparse.Namespace) -> None:
-    from flawmap.data import samples_from_paths
-    from flawmap.report import write_overlay
+    from flawmap.prediction_folder import check_predictions_target, write_predictions
 
     if args.report is not None:
         check_report_target(args.report, force=args.force)
-    staging = _staging_folder(args.out, force=args.force)
-    try:
-        model = load(args.model, runtime=args.runtime, **dataclasses.asdict(_runtime(args)))
-        if args.threshold is not None:
-            model.set_threshold(args.threshold)
-        samples = samples_from_paths(args.images, recursive=args.recursive)
-        names = output_names([sample.image_path for sample in samples])
-        name_of = {id(sample): name for sample, name in zip(samples, names)}
-        n_scored = n_anomalous = 0
-        with open(staging / "scores.jsonl", "w", encoding="utf-8") as lines:
-            for prediction, _ in model.iter_predictions(samples, skip_invalid=args.skip_invalid):
-                overlay = f"{name_of[id(prediction.sample)]}.png"
-                write_overlay(model, prediction, staging / overlay)
-                record = {
-                    "path": str(prediction.sample.image_path), "score": prediction.score,
-                    "is_anomalous": prediction.is_anomalous, "threshold": model.threshold_, "overlay": overlay,
-                    "pixel_threshold": model.map_high_, "regions": [region.to_json() for region in prediction.regions],
-                }
-                lines.write(json.dumps(record) + "\n")
-                n_scored += 1
-                n_anomalous += prediction.is_anomalous
-        _replace_folder(staging, args.out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    print(f"scored {_count(n_scored, 'image')}, {n_anomalous} anomalous; overlays and scores.jsonl in {args.out}")
+    check_predictions_target(args.out, force=args.force)
+    model = load(args.model, args.backend, **dataclasses.asdict(_runtime(args)))
+    if args.threshold is not None:
+        model.set_threshold(args.threshold)
+    written = write_predictions(model, args.images, args.out, recursive=args.recursive, skip_invalid=args.skip_invalid, force=args.force)
+    print(f"scored {_count(written.n_scored, 'image')}, {written.n_anomalous} anomalous; overlays and scores.jsonl in {args.out}")
     if args.report is not None:
-        _write_report(model, samples, args.report, skip_invalid=args.skip_invalid, force=args.force)
-
-
-def _staging_folder(out: Path, *, force: bool) -> Path:
-    """A new temporary sibling of ``out`` to write predictions into (``out`` is replaced by it
-    at the end); refuses, unless ``force``, an ``out`` that holds anything but an earlier
-    prediction output (files its scores.jsonl does not list included)."""
-    check_replaceable(
-        out, folder=True, force=force, ours=lambda folder: is_listed_output(folder, "scores.jsonl", "overlay"),
-        what="an earlier predict output (only scores.jsonl and the overlays it lists)",
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    set_umask_mode(staging, folder=True)
-    return staging
-
-
-def _replace_folder(new: Path, target: Path) -> None:
-    """Put folder ``new`` in place of ``target`` by renames; the old ``target`` is removed after."""
-    if not target.exists():
-        new.rename(target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-    target.rename(old / target.name)
-    new.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
+        _write_report(model, written.samples, args.report, card=_card(model, args.model), skip_invalid=args.skip_invalid, force=args.force)
 
 
 def _write_json(path: Path | None, document: dict[str, Any]) -> None:
@@ -736,12 +631,12 @@ def run_export(args: argparse.Namespace) -> None:
     from flawmap.export import export_onnx
 
     out = export_onnx(
-        args.model, args.out, opset=args.opset, batch=args.batch, precision=args.precision, input_dtype=args.input_dtype,
+        args.model, args.out, opset=args.opset, batch=args.batch, weight_dtype=args.weight_dtype, input_dtype=args.input_dtype,
         force=args.force, progress=_progress(args),
     )
     print(
         f"exported {args.model} to {out} ({out.stat().st_size / 2**20:.1f} MiB, batch {args.batch}, "
-        f"{args.input_dtype} input, {args.precision}; checked against the torch model on its calibration images)"
+        f"{args.input_dtype} input, {args.weight_dtype} weights; checked against the torch model on its calibration images)"
     )
 
 
@@ -754,31 +649,13 @@ def run_demo_data(args: argparse.Namespace) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> None:
-    from flawmap.data import make_demo_data, open_dataset
-    from flawmap.evaluate import evaluate
-    from flawmap.report import write_overlay
+    from flawmap.demo import run_demo as demo
 
-    check_writable(args.out, folder=True)
-    rows = []
-    data_root = args.out / "data"
-    folders = sorted(data_root.iterdir()) if data_root.is_dir() else make_demo_data(data_root)
-    for folder in folders:
-        dataset = open_dataset(folder)
-        print(f"== {dataset.name}: fitting {args.method} on {len(dataset.train)} good images")
-        model = create_model(args.method, runtime=_runtime(args)).fit(dataset)
-        model.save(args.out / "models" / dataset.name)
-        rows.append({"dataset": dataset.name, **evaluate(model, dataset)})
-        anomalous = [sample for sample in dataset.test if sample.is_anomalous][:3]
-        normal = [sample for sample in dataset.test if not sample.is_anomalous][:1]
-        for prediction, _ in model.iter_predictions(anomalous + normal):
-            name = prediction.sample.key.replace("/", "_") + ".png"
-            write_overlay(model, prediction, args.out / "overlays" / dataset.name / name)
+    result = demo(args.out, method=args.method, runtime=_runtime(args))
     print()
-    print(format_table(rows, ["dataset", "image_auroc", "pixel_auroc", "aupro", "pixel_ap", "predict_ms_per_image"]))
-    print(f"\noverlays: {args.out / 'overlays'}   models: {args.out / 'models'}")
-    first = open_dataset(folders[0])
-    model = load(args.out / "models" / first.name, **dataclasses.asdict(_runtime(args)))
-    _write_report(model, first, args.out / "report", metrics=rows[0])
+    print(format_table(result.rows, ["dataset", "image_auroc", "pixel_auroc", "aupro", "pixel_ap", "predict_ms_per_image"]))
+    print(f"\noverlays: {result.overlays}   models: {result.models}")
+    print(f"report: {result.report}")
 
 
 def run_benchmark(args: argparse.Namespace) -> None:
@@ -838,6 +715,30 @@ def _cell(value: Any) -> str:
 
 
 
+# ---------------------------------------------------------------- info
+def _add_info_command(commands) -> None:
+    """``info``: with torch or without (an exported .onnx model needs only onnxruntime)."""
+    info = _command(commands, "info", run_info)
+    info.add_argument("model", type=Path, metavar="MODEL", help="a model directory, or an exported .onnx file")
+    info.add_argument("--json", type=Path, metavar="FILE", help="also write the model card as JSON ('-': stdout only)")
+
+
+def run_info(args: argparse.Namespace) -> None:
+    if args.json not in (None, Path("-")):
+        check_writable(args.json, folder=False)
+    card = _card(load(args.model), args.model)
+    if args.json != Path("-"):
+        print(card.to_text())
+    _write_json(args.json, card.to_json())
+
+
+def _card(model: Any, path: Path) -> Any:
+    """The model card of ``model``, loaded from ``path`` (:mod:`flawmap.model_card`)."""
+    from flawmap.model_card import model_card
+
+    return model_card(model, path)
+
+
 # ---------------------------------------------------------------- serve
 def _add_serve_command(commands) -> None:
     """``serve``: with torch or without (an exported .onnx model needs only onnxruntime)."""
@@ -848,7 +749,7 @@ def _add_serve_command(commands) -> None:
     serve.add_argument("model", type=Path, metavar="MODEL", help="a model directory, or an exported .onnx file")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8080, help="default 8080")
-    _add_runtime_choice(serve)
+    _add_backend_choice(serve)
     serve.add_argument("--max-batch", type=int, default=defaults.max_batch, metavar="INT", help=f"most images per model pass (default {defaults.max_batch})")
     serve.add_argument("--max-queue", type=int, default=defaults.max_queue, metavar="INT", help=f"most requests in progress; more get 503 (default {defaults.max_queue})")
     serve.add_argument("--max-upload-mb", type=float, default=defaults.max_upload_mb, metavar="MB", help=f"largest request body (default {defaults.max_upload_mb:g})")
@@ -870,10 +771,10 @@ def run_serve(args: argparse.Namespace) -> None:
     )
     sock = bind_socket(args.host, args.port)
     try:
-        served = load_served_model(args.model, args.runtime, device=args.device, precision=args.precision, batch_size=settings.max_batch)
+        served = load_served_model(args.model, args.backend, device=args.device, precision=args.precision, batch_size=settings.max_batch)
         app = create_app(served, settings)
         print(
-            f"serving {served.model.method} model {args.model} ({served.runtime}) at http://{args.host}:{sock.getsockname()[1]}"
+            f"serving {served.model.method} model {args.model} ({served.backend}) at http://{args.host}:{sock.getsockname()[1]}"
             "/v1/predict (API description: /openapi.json); Ctrl+C stops", flush=True,
         )
         serve(app, settings, sock, log_level=args.log_level or ("warning" if args.quiet else "info"))
@@ -889,7 +790,7 @@ def _add_report_command(commands) -> None:
     report.add_argument("data", type=Path, metavar="DATA_DIR", help="a dataset (its labelled test split) or a folder of images")
     report.add_argument("--out", required=True, type=Path, metavar="DIR", help="DIR/index.html and its pictures go here")
     report.add_argument("--force", action="store_true", help="replace DIR/index.html even if flawmap did not write it")
-    _add_runtime_choice(report)
+    _add_backend_choice(report)
     _add_runtime_flags(report)
 
 
@@ -897,9 +798,10 @@ def run_report(args: argparse.Namespace) -> None:
     from flawmap.data import open_dataset, samples_from_paths
 
     check_report_target(args.out, force=args.force)
-    model = load(args.model, runtime=args.runtime, **dataclasses.asdict(_runtime(args)))
+    model = load(args.model, args.backend, **dataclasses.asdict(_runtime(args)))
     dataset = open_dataset(args.data)
-    _write_report(model, dataset if dataset.test else samples_from_paths([args.data]), args.out, force=args.force)
+    data = dataset if dataset.test else samples_from_paths([args.data])
+    _write_report(model, data, args.out, card=_card(model, args.model), force=args.force)
 
 
 def check_report_target(out: Path, *, force: bool = False) -> None:
@@ -930,7 +832,7 @@ def _add_score_command(commands) -> None:
     score.add_argument("--force", action="store_true", help="replace --out even if it is not a results table flawmap wrote")
     score.add_argument("--engine", default="local", choices=("local", "ray"), help="this process (default), or Ray Data tasks and model actors")
     score.add_argument("--maps-dir", type=Path, metavar="DIR", help="also save each anomaly map as DIR/<name>.npy (float32, the image's size)")
-    _add_runtime_choice(score)
+    _add_backend_choice(score)
     ray = score.add_argument_group("Ray (--engine ray; paths must be the same on every node)")
     ray.add_argument("--address", default=None, metavar="ADDR", help="join this Ray cluster (default: start a local one)")
     ray.add_argument("--num-cpus", type=int, default=None, metavar="INT", help="CPUs of the local Ray instance (default: all)")
@@ -950,7 +852,7 @@ def run_score(args: argparse.Namespace) -> None:
     if given and args.engine != "ray":
         raise FlawmapError(f"{_flag(next(iter(given)))} applies to --engine ray only")
     summary = score_files(
-        args.model, args.inputs, args.out, engine=args.engine, model_runtime=args.runtime, runtime=_runtime(args),
+        args.model, args.inputs, args.out, engine=args.engine, backend=args.backend, runtime=_runtime(args),
         maps_dir=args.maps_dir, cluster=RaySettings(**given), force=args.force,
     )
     print(
@@ -960,7 +862,7 @@ def run_score(args: argparse.Namespace) -> None:
 
 
 #: Commands that need torch, and what they do without it.
-_NEEDS_TORCH = {name: _needs_torch(name) for name in ("fit", "info", "calibrate", "export", "demo", "demo-data", "benchmark")}
+_NEEDS_TORCH = {name: _needs_torch(name) for name in ("fit", "calibrate", "export", "demo", "demo-data", "benchmark")}
 
 
 if __name__ == "__main__":
