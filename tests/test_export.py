@@ -77,7 +77,7 @@ def test_fixed_batch_uint8_input_pads_the_last_batch(tiny_model, tiny_model_dir,
 
 
 def test_float16_storage_halves_the_file(tiny_onnx, tiny_model_dir, tiny_dataset, tmp_path):
-    half = export_onnx(tiny_model_dir, tmp_path / "half.onnx", precision="float16")
+    half = export_onnx(tiny_model_dir, tmp_path / "half.onnx", weight_dtype="float16")
     assert half.stat().st_size < 0.6 * tiny_onnx.stat().st_size
     images = sorted(tiny_dataset.glob("test/*/*.png"))
     for ours, theirs in zip(flawmap.load(half).predict(images), flawmap.load(tiny_onnx).predict(images), strict=True):
@@ -109,7 +109,7 @@ def test_bad_arguments_are_one_line_errors(tiny_model_dir, tmp_path):
     bad = [
         ({"batch": 0}, "batch must be"),
         ({"batch": "any"}, "batch must be"),
-        ({"precision": "int8"}, "precision must be one of float32, float16"),
+        ({"weight_dtype": "int8"}, "weight_dtype must be one of float32, float16"),
         ({"input_dtype": "float64"}, "input_dtype must be one of float32, uint8"),
         ({"opset": 11}, "opset must be at least 18"),
     ]

@@ -43,7 +43,7 @@ def test_model_directory_runs_its_export_without_torch(tiny_model_dir, tiny_onnx
     shutil.copy(tiny_onnx, model_dir / "model.onnx")  # exported from these very files
     images = sorted(str(path) for path in (tiny_dataset / "test").rglob("*.png"))[:3]
     out = tmp_path / "predictions"
-    command = ["-m", "flawmap.cli", "predict", str(model_dir), *images, "--out", str(out), "--runtime", "onnx"]
+    command = ["-m", "flawmap.cli", "predict", str(model_dir), *images, "--out", str(out), "--backend", "onnx"]
     result = run_without_torch(tmp_path, *command)
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]

@@ -191,11 +191,12 @@ _FITTED_RECORD = (
 
 def model_card(model: Predictor, path: str | Path | None = None) -> ModelCard:
     """The card of ``model``; ``path``: the model directory it was loaded from and still matches
-    (its format version and hash then join the card). An exported graph knows its own path."""
+    (its format version and hash then join the card). An exported graph knows its own path. The
+    tiling is the one the hyper-parameters chose (``tile_size``, ``tile_overlap``)."""
     params = model.get_params()
     shared = {
         "method": model.method, "params": params, "backbone": params.get("backbone"), "image_size": model.image_size,
-        "tile_size": model.tile_size, "tile_overlap": model.tile_overlap, "threshold": model.threshold_,
+        "tile_size": params.get("tile_size"), "tile_overlap": params.get("tile_overlap", 0), "threshold": model.threshold_,
         "pixel_threshold": model.map_high_, "overlay_scale": [model.map_low_, model.map_high_],
     }
     if isinstance(model, OnnxModel):
