@@ -12,6 +12,7 @@ import flawmap
 from flawmap import io
 from flawmap.errors import FlawmapError
 from flawmap.export import export_onnx
+from flawmap.model_card import CARD_METADATA_KEY
 from flawmap.models import METHODS, load_model
 from flawmap.onnx_model import METADATA_KEYS
 
@@ -51,7 +52,7 @@ def test_dynamic_batch_results_do_not_depend_on_the_batch(method, bottle_export,
 def test_metadata_names_the_source_model(bottle_export):
     model_dir, onnx_path = bottle_export("patchcore")
     exported, reference = flawmap.load(onnx_path), load_model(model_dir)
-    assert set(exported.metadata) == set(METADATA_KEYS)
+    assert set(exported.metadata) == {*METADATA_KEYS, CARD_METADATA_KEY}  # the card's record: optional when read, always written
     assert exported.metadata["source_sha256"] == io.model_directory_digest(model_dir)
     assert exported.metadata["flawmap_version"] == flawmap.__version__ and exported.method == "patchcore"
     assert (exported.map_low_, exported.map_high_) == (reference.map_low_, reference.map_high_)
