@@ -51,9 +51,11 @@ def test_info_serve_and_report_show_the_same_card(capsys, tiny_model_dir, tiny_d
     assert f"threshold: {model.threshold_:.6g} (90% interval" in text and facts["training images"] == "12 images in 1 fit(s)"
 
 
-def test_an_exported_graph_has_the_card_of_its_directory(tiny_model_dir, tiny_onnx, tmp_path):
+def test_an_exported_graph_has_the_card_of_its_directory(capsys, tiny_model_dir, tiny_onnx, tmp_path):
     directory = model_card(flawmap.load(tiny_model_dir), tiny_model_dir)
     exported = model_card(flawmap.load(tiny_onnx))
+    code, out, _ = run_cli(capsys, "info", tiny_onnx, "--json", "-")  # info takes an exported graph too
+    assert code == 0 and json.loads(out) == exported.to_json()
     assert exported.fitted_record() == directory.fitted_record()
     shared = ("method", "params", "image_size", "tile_size", "threshold", "pixel_threshold", "overlay_scale", "model_hash")
     assert all(getattr(exported, name) == getattr(directory, name) for name in shared)

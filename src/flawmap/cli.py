@@ -6,8 +6,13 @@ flag, and giving one to a method that does not have it is an error. User mistake
 ``flawmap: error: ...`` line and exit code 2.
 
 Without the torch extra (``pip install "flawmap[runtime]"``) the parser is built without torch:
-``predict`` and ``evaluate`` run exported ``.onnx`` models, and the commands that need torch
-(``fit``, ``export``, ``demo``, ...) end in one error line naming the extra to install.
+``predict``, ``evaluate``, ``info``, ``report``, ``serve`` and ``score`` run exported ``.onnx``
+models, and the commands that need torch (``fit``, ``export``, ``demo``, ...) end in one error line
+naming the extra to install.
+
+The workflows are library functions (:func:`flawmap.prediction_folder.write_predictions`,
+:func:`flawmap.demo.run_demo`, :func:`flawmap.model_card.model_card`, ...); each function here
+imports what it uses when it runs, so listing the commands imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from flawmap.outputs import check_writable
 
 if typing.TYPE_CHECKING:
     from flawmap.models import AnomalyModel
+    from flawmap.registry import Registry
+    from flawmap.runtime import Runtime
 
 #: What each command does (its help line; the list of commands needs nothing else).
 COMMAND_HELP = {
@@ -49,29 +56,15 @@ COMMAND_HELP = {
 }
 
 
-_COMMANDS_IMPORTED = False
-"""Whether :func:`_import_commands` ran (once per process)."""
-
-
-def _import_commands() -> None:
-    """Import what the commands and their flags need (numpy, Pillow, SciPy, and torch where it is
-    installed: seconds), as module globals; listing the commands (``flawmap --help``,
-    ``--version``) needs none of it."""
-    global MIN_CALIBRATION_IMAGES, check_false_alarm_rate, BACKENDS, load, missing_torch_error
-    global INPUT_DTYPES, WEIGHT_DTYPES, PRECISIONS, Runtime, METHODS, create_model, load_model, _TORCH_IMPORT_ERROR
-    global _COMMANDS_IMPORTED
-    if _COMMANDS_IMPORTED:
-        return
-    _COMMANDS_IMPORTED = True
-    from flawmap.calibration import MIN_CALIBRATION_IMAGES, check_false_alarm_rate
-    from flawmap.loading import BACKENDS, load, missing_torch_error
-    from flawmap.onnx_model import INPUT_DTYPES, WEIGHT_DTYPES
-    from flawmap.runtime import PRECISIONS, Runtime
-
+def _methods() -> Registry | None:
+    """The method registry, or None without torch. Imported when a command needs it (torch takes
+    seconds), never at import time: each function imports what it uses when it runs, so listing
+    the commands stays fast and a test may patch any function where it is defined."""
     try:
-        from flawmap.models import METHODS, create_model, load_model
-    except ImportError as import_error:  # the torch-free install: the commands that need torch say so when run
-        METHODS, _TORCH_IMPORT_ERROR = None, import_error
+        from flawmap.models import METHODS
+    except ImportError:  # the torch-free install: the commands that need torch say so when run
+        return None
+    return METHODS
 
 
 #: Fields the CLI sets itself (``random_state`` from ``--seed``): no flags.
@@ -152,16 +145,16 @@ def build_parser(commands: bool = True, method: str | None = None) -> argparse.A
         for name in COMMAND_HELP:
             _command(subparsers, name, None)
         return parser
-    _import_commands()
     _add_commands(subparsers, method)
     return parser
 
 
 def _add_commands(commands, method: str | None = None) -> None:
-    if METHODS is None:
+    methods = _methods()
+    if methods is None:
         _add_runtime_only_commands(commands)
     else:
-        _add_torch_commands(commands, method if method in METHODS else None)
+        _add_torch_commands(commands, method if method in methods else None)
     _add_info_command(commands)
     _add_serve_command(commands)
     _add_report_command(commands)
@@ -171,11 +164,15 @@ def _add_commands(commands, method: str | None = None) -> None:
 def _add_torch_commands(commands, method: str | None = None) -> None:
     """Every command, with its flags (method hyper-parameters included; ``method``: see
     :func:`build_parser`)."""
+    from flawmap.calibration import MIN_CALIBRATION_IMAGES
+    from flawmap.onnx_model import INPUT_DTYPES, WEIGHT_DTYPES
+
+    names = ", ".join(_methods().names())
     fit = _command(commands, "fit", run_fit)
     fit.add_argument("data", nargs="+", type=Path, metavar="DATA_DIR", help="dataset or image folder(s); several train one model")
     fit.add_argument(
         "--method", default=None,
-        help=f"one of: {', '.join(METHODS.names())} (default patchcore); `fit --method X --help` lists X's hyper-parameters",
+        help=f"one of: {names} (default patchcore); `fit --method X --help` lists X's hyper-parameters",
     )
     fit.add_argument("--out", type=Path, metavar="MODEL_DIR", help="where to save the model (default with --update: that model)")
     fit.add_argument(
@@ -242,7 +239,7 @@ def _add_torch_commands(commands, method: str | None = None) -> None:
 
     demo = _command(commands, "demo", run_demo)
     demo.add_argument("--out", type=Path, default=Path("flawmap-demo"), metavar="DIR", help="default ./flawmap-demo")
-    demo.add_argument("--method", default="patchcore", help=f"one of: {', '.join(METHODS.names())}")
+    demo.add_argument("--method", default="patchcore", help=f"one of: {names}")
     _add_runtime_flags(demo)
 
     demo_data = _command(commands, "demo-data", run_demo_data)
@@ -250,7 +247,7 @@ def _add_torch_commands(commands, method: str | None = None) -> None:
 
     bench = _command(commands, "benchmark", run_benchmark)
     bench.add_argument("data", nargs="+", type=Path, metavar="DATA_DIR", help="MVTec-layout dataset folder(s)")
-    bench.add_argument("--methods", default=",".join(METHODS.names()), metavar="A,B", help="comma-separated (default: all)")
+    bench.add_argument("--methods", default=",".join(_methods().names()), metavar="A,B", help="comma-separated (default: all)")
     bench.add_argument("--json", type=Path, metavar="FILE", help="write the rows as JSON")
     bench.add_argument(
         "--unified", action="store_true",
@@ -295,6 +292,8 @@ def _add_prediction_commands(commands) -> None:
 
 def _add_backend_choice(parser: argparse.ArgumentParser) -> None:
     """``--backend``: the engine that runs a saved model (evaluate, predict, report, serve, score)."""
+    from flawmap.loading import BACKENDS
+
     parser.add_argument(
         "--backend", default="auto", choices=BACKENDS,
         help="torch or onnx (onnxruntime, no torch needed: the .onnx file, or MODEL/model.onnx written by "
@@ -330,7 +329,9 @@ def _add_runtime_only_commands(commands) -> None:
 
 def _needs_torch(name: str) -> Callable[[argparse.Namespace], None]:
     def handler(args: argparse.Namespace) -> None:
-        raise missing_torch_error(f"flawmap {name}", _TORCH_IMPORT_ERROR)
+        from flawmap.loading import require_torch
+
+        require_torch(f"flawmap {name}")
 
     return handler
 
@@ -353,6 +354,8 @@ def _command(commands, name: str, handler: Callable[[argparse.Namespace], int | 
 
 # ---------------------------------------------------------------- runtime and hyper-parameter flags
 def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
+    from flawmap.runtime import PRECISIONS, Runtime
+
     group = parser.add_argument_group("runtime (how the model runs here; never saved with it)")
     defaults = Runtime()
     group.add_argument("--device", default=None, help=f"cpu, cuda, cuda:1, ... (default {defaults.device})")
@@ -373,6 +376,8 @@ def _progress(args: argparse.Namespace) -> bool:
 
 def _runtime(args: argparse.Namespace) -> Runtime:
     """The runtime the flags ask for, with progress bars unless ``--quiet`` or ``TQDM_DISABLE``."""
+    from flawmap.runtime import Runtime
+
     return Runtime(progress=_progress(args)).replace(
         device=args.device, precision=args.precision, batch_size=args.batch_size, num_workers=args.num_workers
     )
@@ -381,8 +386,9 @@ def _runtime(args: argparse.Namespace) -> Runtime:
 def _hyperparameter_fields() -> dict[str, tuple[Any, list[str]]]:
     """Every init field of every method: name -> (type hint, methods that have it)."""
     fields: dict[str, tuple[Any, list[str]]] = {}
-    for method in METHODS.names():
-        model_class = METHODS.get(method)
+    methods = _methods()
+    for method in methods.names():
+        model_class = methods.get(method)
         hints = typing.get_type_hints(model_class)
         for field in dataclasses.fields(model_class):
             if field.init and field.name not in _DEDICATED_FIELDS:
@@ -414,9 +420,10 @@ def _add_hyperparameter_flags(parser: argparse.ArgumentParser, method: str | Non
 
 def _calibration_fraction_help(method: str | None) -> str:
     """Which methods ``--calibration-fraction`` changes, and why giving it to another is an error."""
-    default = _field_default("calibration_fraction", METHODS.names()[0])
-    holding = [name for name in METHODS.names() if METHODS.get(name).holds_out()]
-    cross_fitting = ", ".join(name for name in METHODS.names() if name not in holding)
+    methods = _methods()
+    default = _field_default("calibration_fraction", methods.names()[0])
+    holding = [name for name in methods.names() if methods.get(name).holds_out()]
+    cross_fitting = ", ".join(name for name in methods.names() if name not in holding)
     reason = (
         f"share of the training images held out to calibrate the threshold, default {default}. The cross-fitting "
         f"methods ({cross_fitting}) hold none out: they score every training image leave-one-out, so for them it "
@@ -424,13 +431,13 @@ def _calibration_fraction_help(method: str | None) -> str:
     )
     if method is None:
         return f"[{', '.join(holding)}; any method with --tile-size] {reason}"
-    return reason if METHODS.get(method).holds_out() else f"[only with --tile-size] {reason}"
+    return reason if methods.get(method).holds_out() else f"[only with --tile-size] {reason}"
 
 
 def _check_calibration_fraction(method: str, params: dict[str, Any], flag: str) -> None:
     """FlawmapError if ``params`` set ``calibration_fraction`` for a fit of ``method`` that holds
     no image out (a cross-fitting method, untiled)."""
-    if "calibration_fraction" in params and not METHODS.get(method).holds_out(params.get("tile_size")):
+    if "calibration_fraction" in params and not _methods().get(method).holds_out(params.get("tile_size")):
         raise FlawmapError(
             f"{flag} does not apply to method {method!r} without --tile-size: it cross-fits (every training image "
             "is scored leave-one-out to calibrate the threshold) and holds no image out"
@@ -439,7 +446,7 @@ def _check_calibration_fraction(method: str, params: dict[str, Any], flag: str) 
 
 def _scope(methods: list[str]) -> str:
     """``all methods`` or the methods named."""
-    return "all methods" if methods == METHODS.names() else ", ".join(methods)
+    return "all methods" if methods == _methods().names() else ", ".join(methods)
 
 
 def _defaults_text(name: str, methods: list[str]) -> str:
@@ -458,7 +465,7 @@ def _flag(name: str) -> str:
 
 
 def _field_default(name: str, method: str) -> Any:
-    field = next(f for f in dataclasses.fields(METHODS.get(method)) if f.name == name)
+    field = next(f for f in dataclasses.fields(_methods().get(method)) if f.name == name)
     return field.default
 
 
@@ -505,7 +512,7 @@ def _preset(method: str, name: str | None) -> dict[str, Any]:
     """The hyper-parameters of ``--preset NAME`` for ``method`` (empty without the flag)."""
     if name is None:
         return {}
-    presets = METHODS.get(method).presets
+    presets = _methods().get(method).presets
     if name not in presets:
         choices = f"its presets are: {', '.join(presets)}" if presets else "it has no presets"
         raise FlawmapError(f"--preset {name}: unknown for method {method!r}; {choices}")
@@ -514,18 +521,18 @@ def _preset(method: str, name: str | None) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- commands
 def run_fit(args: argparse.Namespace) -> None:
+    from flawmap.models import create_model
+
     data = args.data[0] if len(args.data) == 1 else args.data
     out = args.out or args.update
     if out is None:
         raise FlawmapError("give --out MODEL_DIR (where to save the model), or --update MODEL_DIR")
-    if args.out is not None and args.out != args.update and (args.out / "config.json").is_file() and not args.force:
-        raise FlawmapError(f"{args.out}: already holds a model; give --force to replace it, or --update {args.out} to add to it")
-    io.check_model_target(out)
+    _check_model_out(out, updated=args.update, force=args.force, hint=f", or --update {out} to add to it")
     if args.update is not None:
         model = _update(args, data)
     else:
         method = args.method or "patchcore"
-        METHODS.get(method)  # an unknown method fails here, listing the choices, before the flags
+        _methods().get(method)  # an unknown method fails here, listing the choices, before the flags
         params = {**_preset(method, args.preset), **_given_hyperparameters(args, method)}
         if "tile_size" in params:  # tiles go to the network at native resolution unless --image-size is given
             params.setdefault("image_size", params["tile_size"])
@@ -540,8 +547,18 @@ def run_fit(args: argparse.Namespace) -> None:
     )
 
 
+def _check_model_out(out: Path, *, updated: Path | None, force: bool, hint: str = "") -> None:
+    """FlawmapError unless ``out`` can receive a model (:func:`flawmap.io.check_model_target`);
+    replacing a model other than ``updated`` (the one the command changes in place) needs --force."""
+    if out != updated and (out / io.CONFIG_FILE).is_file() and not force:
+        raise FlawmapError(f"{out}: already holds a model; give --force to replace it{hint}")
+    io.check_model_target(out)
+
+
 def _update(args: argparse.Namespace, data: Any) -> AnomalyModel:
     """``fit --update``: load the model and learn from more images with its own hyper-parameters."""
+    from flawmap.models import load_model
+
     given = [_flag(name) for name in _hyperparameter_fields() if getattr(args, f"param_{name}") is not None]
     given += ["--seed"] * (args.seed is not None) + ["--preset"] * (args.preset is not None)
     if given:
@@ -553,6 +570,9 @@ def _update(args: argparse.Namespace, data: Any) -> AnomalyModel:
 
 
 def run_calibrate(args: argparse.Namespace) -> None:
+    from flawmap.calibration import check_false_alarm_rate
+    from flawmap.models import load_model
+
     if args.restore == bool(args.good):
         raise FlawmapError("give GOOD_DIR (images to calibrate on) or --restore, not both" if args.restore else
                            "give GOOD_DIR: folders or files of good images to calibrate on (or --restore)")
@@ -561,9 +581,7 @@ def run_calibrate(args: argparse.Namespace) -> None:
     if args.false_alarm_rate is not None:
         check_false_alarm_rate(args.false_alarm_rate)
     out = args.model if args.out is None else args.out
-    if args.out is not None and (args.out / "config.json").is_file() and not args.force and args.out != args.model:
-        raise FlawmapError(f"{args.out}: already holds a model; give --force to replace it")
-    io.check_model_target(out)
+    _check_model_out(out, updated=args.model, force=args.force)
     model = load_model(args.model, **dataclasses.asdict(_runtime(args)))
     if args.restore:
         model.restore_calibration()
@@ -584,6 +602,7 @@ def run_calibrate(args: argparse.Namespace) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> None:
     from flawmap.evaluate import evaluate
+    from flawmap.loading import load
 
     for path, folder in ((args.json, False), (args.maps_dir, True)):
         if path is not None and path != Path("-"):
@@ -601,6 +620,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> None:
+    from flawmap.loading import load
     from flawmap.prediction_folder import check_predictions_target, write_predictions
 
     if args.report is not None:
@@ -679,8 +699,8 @@ def _method_params(specs: list[str]) -> dict[str, dict[str, Any]]:
         method, dot, name = key.partition(".")
         if not equals or not dot:
             raise FlawmapError(f"--param {spec!r}: expected METHOD.NAME=VALUE")
-        if method not in METHODS:
-            raise FlawmapError(f"--param {spec!r}: unknown method {method!r}; choose one of: {', '.join(METHODS.names())}")
+        if method not in _methods():
+            raise FlawmapError(f"--param {spec!r}: unknown method {method!r}; choose one of: {', '.join(_methods().names())}")
         if name not in fields or method not in fields[name][1]:
             raise FlawmapError(f"--param {spec!r}: method {method!r} has no hyper-parameter {name!r}")
         try:
@@ -724,6 +744,8 @@ def _add_info_command(commands) -> None:
 
 
 def run_info(args: argparse.Namespace) -> None:
+    from flawmap.loading import load
+
     if args.json not in (None, Path("-")):
         check_writable(args.json, folder=False)
     card = _card(load(args.model), args.model)
@@ -742,6 +764,7 @@ def _card(model: Any, path: Path) -> Any:
 # ---------------------------------------------------------------- serve
 def _add_serve_command(commands) -> None:
     """``serve``: with torch or without (an exported .onnx model needs only onnxruntime)."""
+    from flawmap.runtime import PRECISIONS
     from flawmap.serve import ServeSettings
 
     defaults = ServeSettings()
@@ -796,6 +819,7 @@ def _add_report_command(commands) -> None:
 
 def run_report(args: argparse.Namespace) -> None:
     from flawmap.data import open_dataset, samples_from_paths
+    from flawmap.loading import load
 
     check_report_target(args.out, force=args.force)
     model = load(args.model, args.backend, **dataclasses.asdict(_runtime(args)))

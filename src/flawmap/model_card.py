@@ -27,6 +27,13 @@ from flawmap.prediction import Predictor
 CARD_METADATA_KEY = "model_card"
 #: What a fact the model does not record reads.
 NOT_RECORDED = "not recorded"
+#: The card's training and calibration values: what a torch model knows first hand, and an
+#: export carries in its metadata.
+_FITTED_RECORD = (
+    "n_train_images", "n_fits", "fit_seconds", "false_alarm_rate", "threshold_interval_90", "expected_false_alarm_rate_range",
+    "calibration", "estimator", "n_normal_scores", "pixel_threshold_interval_90", "expected_images_with_regions_range",
+    "n_training_digests", "calibration_history",
+)
 
 
 @dataclass(frozen=True)
@@ -179,14 +186,6 @@ class ModelCard:
         for state in reversed(self.calibration_history):
             lines.append(f"  threshold {state['threshold']:.6g} at false-alarm rate {state['false_alarm_rate']:g}: {state['calibration']}")
         return "\n".join(lines)
-
-
-#: The card's training and calibration values (what only a fitted torch model knows first hand).
-_FITTED_RECORD = (
-    "n_train_images", "n_fits", "fit_seconds", "false_alarm_rate", "threshold_interval_90", "expected_false_alarm_rate_range",
-    "calibration", "estimator", "n_normal_scores", "pixel_threshold_interval_90", "expected_images_with_regions_range",
-    "n_training_digests", "calibration_history",
-)
 
 
 def model_card(model: Predictor, path: str | Path | None = None) -> ModelCard:
