@@ -117,6 +117,9 @@ def test_bad_arguments_are_one_line_errors(tiny_model_dir, tmp_path):
     for arguments, message in bad:
         with pytest.raises(FlawmapError, match=message):
             export_onnx(tiny_model_dir, tmp_path / "m.onnx", **arguments)
+    with pytest.warns(FutureWarning, match="precision= is deprecated .* use weight_dtype="):  # its former name, checked the same
+        with pytest.raises(FlawmapError, match="weight_dtype must be one of float32, float16, got 'int8'"):
+            export_onnx(tiny_model_dir, tmp_path / "m.onnx", precision="int8")
     with pytest.raises(FlawmapError, match="is a directory"):
         export_onnx(tiny_model_dir, tmp_path)
     with pytest.raises(FlawmapError, match="does not exist"):
