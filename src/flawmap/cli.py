@@ -35,7 +35,9 @@ from flawmap.errors import FlawmapError
 from flawmap.outputs import check_writable
 
 if typing.TYPE_CHECKING:
+    from flawmap.model_card import ModelCard
     from flawmap.models import AnomalyModel
+    from flawmap.prediction import Predictor
     from flawmap.registry import Registry
     from flawmap.runtime import Runtime
 
@@ -754,7 +756,7 @@ def run_info(args: argparse.Namespace) -> None:
     _write_json(args.json, card.to_json())
 
 
-def _card(model: Any, path: Path) -> Any:
+def _card(model: Predictor, path: Path) -> ModelCard:
     """The model card of ``model``, loaded from ``path`` (:mod:`flawmap.model_card`)."""
     from flawmap.model_card import model_card
 

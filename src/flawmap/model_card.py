@@ -46,7 +46,7 @@ class ModelCard:
     backbone : the feature extractor's name, or None for a method without one.
     image_size : ``S``: images (or tiles) go to the network at ``S x S``.
     tile_size, tile_overlap : the saved tiling (:mod:`flawmap.tiling`); ``tile_size`` None resizes whole images.
-    kind : ``"model directory"`` or ``"exported graph"``.
+    kind : ``"model directory"``, ``"exported graph"``, or ``"torch model"`` (its directory not given).
     path : where it was loaded from, when known.
     model_hash : sha256 of the model directory (for a graph: of the directory it was exported from).
     format_version, saved_by_flawmap : the file format's version and the flawmap that wrote it.
