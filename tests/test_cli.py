@@ -85,7 +85,7 @@ def test_export_then_predict_and_evaluate_the_onnx_file(capsys, tiny_dataset, ti
     code, out, _ = run_cli(capsys, "evaluate", onnx_path, tiny_dataset)
     assert code == 0 and "image_auroc" in out
     code, _, err = run_cli(capsys, "predict", onnx_path, *images, "--out", tmp_path / "o", "--precision", "bfloat16")
-    assert_one_line_error(code, err, "keeps the precision it was exported with")
+    assert_one_line_error(code, err, "computes in float32", "precision 'bfloat16' (the arithmetic) applies to model directories only")
     code, _, err = run_cli(capsys, "export", tiny_model_dir, "--out", tmp_path / "m.onnx", "--batch", "0")
     assert_one_line_error(code, err, "batch must be")
     assert not (tmp_path / "o").exists() and not (tmp_path / "m.onnx").exists()

@@ -97,7 +97,7 @@ def test_images_of_the_wrong_size(tiny_onnx):
 
 
 def test_runtime_settings(tiny_onnx):
-    with pytest.raises(FlawmapError, match="keeps the precision it was exported with"):
+    with pytest.raises(FlawmapError, match=r"computes in float32 .*; precision 'float32' \(the arithmetic\) applies to model directories only"):
         load_onnx(tiny_onnx, precision="float32")
     with pytest.raises(FlawmapError, match="runs on cpu or cuda"):
         load_onnx(tiny_onnx, device="tpu")

@@ -145,8 +145,8 @@ def load_onnx(path: str | Path, **runtime_settings: Any) -> OnnxModel:
 def _check_precision(path: Path, runtime: Runtime) -> None:
     if runtime.precision != "auto":
         raise FlawmapError(
-            f"{path}: an exported model keeps the precision it was exported with; "
-            f"precision {runtime.precision!r} applies to model directories only"
+            f"{path}: an exported graph computes in float32 (its weights' storage was chosen at export, --weight-dtype); "
+            f"precision {runtime.precision!r} (the arithmetic) applies to model directories only"
         )
 
 
