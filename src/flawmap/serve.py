@@ -402,7 +402,7 @@ def create_app(served: ServedModel, settings: ServeSettings = ServeSettings()):
         return {"ready": True}
 
     @app.get("/v1/model", summary="The model served")
-    async def model_card():
+    async def served_model():
         return {**served.describe(), "settings": vars(settings)}
 
     @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
