@@ -5,7 +5,7 @@ export it (``flawmap export``; a dynamic batch, or one graph per batch size for 
 a fixed one), then on the test split:
 
 - ``model_ms_b1``, ``model_ms_b16``: the model alone (``score_images`` on decoded batches: network,
-  search and smoothing) per image, the fastest of ``--repeats`` passes, the runtimes taking turns
+  search and smoothing) per image, the fastest of ``--repeats`` passes, the backends taking turns
   (the least disturbed by whatever else runs), at batch 1 and 16;
 - ``predict_ms_per_image``: ``evaluate``'s end-to-end time (decoding, model, resize to the
   original size), and the metrics, at batch 16.
@@ -51,7 +51,7 @@ def main() -> int:
     for method in args.methods:
         rows += compare(method, args.category, args.models / method, args.repeats)
         print(format_table(rows[-3:], list(rows[-1])), file=sys.stderr)
-    columns = ["method", "runtime", "model_ms_b1", "model_ms_b16", "predict_ms_per_image", "file_mb", *METRICS]
+    columns = ["method", "backend", "model_ms_b1", "model_ms_b16", "predict_ms_per_image", "file_mb", *METRICS]
     print(format_table(rows, columns))
     write_rows(args.json, args.category, rows)
     return 0
@@ -69,7 +69,7 @@ def compare(method: str, category: Path, folder: Path, repeats: int) -> list[dic
         "torch float32": lambda batch: flawmap.load(model_dir, precision="float32", batch_size=batch),
         "onnxruntime": lambda batch: flawmap.load(onnx_files[batch], batch_size=batch),
     }
-    rows = {name: {"method": method, "runtime": name} for name in openers}
+    rows = {name: {"method": method, "backend": name} for name in openers}  # backend and its precision
     timed = list(dataset.test)[:TIMED_IMAGES]
     for batch in BATCH_SIZES:
         models = {name: open_model(batch) for name, open_model in openers.items()}

@@ -8,7 +8,7 @@ per second, latency p50/p99 as the client sees it, the mean images per model pas
 ``/metrics``) and the server's resident memory. Measure on a quiet machine.
 
     python benchmarks/bench_serve.py                                   # ../shared/data/mvtec_ad/bottle
-    python benchmarks/bench_serve.py DATA/bottle --model bottle.onnx --runtime onnx
+    python benchmarks/bench_serve.py DATA/bottle --model bottle.onnx --backend onnx
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("category", nargs="?", type=Path, default=default_category(), help="MVTec-layout category")
     parser.add_argument("--model", type=Path, default=Path("bench_serve_model"), help="model directory or .onnx file; fitted here if absent")
-    parser.add_argument("--runtime", choices=("torch", "onnx"), default=None, help="default: by --model")
+    parser.add_argument("--backend", choices=("torch", "onnx"), default=None, help="default: by --model")
     parser.add_argument("--requests", type=int, default=96, help="requests per client count (default 96)")
     parser.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch (default 16)")
     parser.add_argument("--json", type=Path, default=Path("bench_serve.json"), help="default ./bench_serve.json")
@@ -41,7 +41,7 @@ def main() -> int:
     if not args.model.exists():
         fit_model(args.category, args.model)
     bodies = [path.read_bytes() for path in sorted(sample.image_path for sample in open_dataset(args.category).test)]
-    flags = ["--max-batch", str(args.max_batch), *(["--runtime", args.runtime] if args.runtime else [])]
+    flags = ["--max-batch", str(args.max_batch), *(["--backend", args.backend] if args.backend else [])]
     rows = []
     with serve_in_subprocess(args.model, *flags, timeout_s=600) as (url, _):
         for clients in CLIENTS:

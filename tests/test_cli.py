@@ -2,6 +2,7 @@ import json
 import shutil
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -84,7 +85,7 @@ def test_export_then_predict_and_evaluate_the_onnx_file(capsys, tiny_dataset, ti
     code, out, _ = run_cli(capsys, "evaluate", onnx_path, tiny_dataset)
     assert code == 0 and "image_auroc" in out
     code, _, err = run_cli(capsys, "predict", onnx_path, *images, "--out", tmp_path / "o", "--precision", "bfloat16")
-    assert_one_line_error(code, err, "keeps the precision it was exported with")
+    assert_one_line_error(code, err, "computes in float32", "precision 'bfloat16' (the arithmetic) applies to model directories only")
     code, _, err = run_cli(capsys, "export", tiny_model_dir, "--out", tmp_path / "m.onnx", "--batch", "0")
     assert_one_line_error(code, err, "batch must be")
     assert not (tmp_path / "o").exists() and not (tmp_path / "m.onnx").exists()
@@ -387,6 +388,29 @@ def test_warnings_start_on_a_new_line_while_a_progress_bar_is_drawn():
     assert _one_line_warning("careful", UserWarning, "x.py", 1) == "flawmap: warning: careful\n"
     with tqdm(total=3, file=io.StringIO()):
         assert _one_line_warning("careful", UserWarning, "x.py", 1) == "\nflawmap: warning: careful\n"
+
+
+@pytest.mark.parametrize(
+    "argv, old, new, value",
+    [
+        (["predict", "M", "x.png", "--out", "o", "--runtime", "onnx"], "--runtime", "--backend", "onnx"),
+        (["serve", "M", "--runtime", "torch"], "--runtime", "--backend", "torch"),
+        (["export", "M", "--precision", "float16"], "--precision", "--weight-dtype", "float16"),
+    ],
+)
+def test_former_flag_names_work_for_one_release_with_a_warning(capsys, argv, old, new, value):
+    from flawmap.cli import build_parser
+
+    with pytest.warns(FutureWarning, match=f"^{old} is deprecated and goes in the next release; use {new}$"):
+        args = build_parser().parse_args(argv)
+    assert getattr(args, new.removeprefix("--").replace("-", "_")) == value
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new name: no warning
+        assert getattr(build_parser().parse_args([*argv[:-2], new, value]), new.removeprefix("--").replace("-", "_")) == value
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([argv[0], "--help"])
+    help_text = capsys.readouterr().out
+    assert new in help_text and old not in help_text  # the former name is hidden
 
 
 def test_quiet_silences_progress_bars(capsys, tiny_dataset, tiny_model_dir, tmp_path):

@@ -12,6 +12,7 @@ import flawmap
 from flawmap import io
 from flawmap.errors import FlawmapError
 from flawmap.export import export_onnx
+from flawmap.model_card import CARD_METADATA_KEY
 from flawmap.models import METHODS, load_model
 from flawmap.onnx_model import METADATA_KEYS
 
@@ -51,7 +52,7 @@ def test_dynamic_batch_results_do_not_depend_on_the_batch(method, bottle_export,
 def test_metadata_names_the_source_model(bottle_export):
     model_dir, onnx_path = bottle_export("patchcore")
     exported, reference = flawmap.load(onnx_path), load_model(model_dir)
-    assert set(exported.metadata) == set(METADATA_KEYS)
+    assert set(exported.metadata) == {*METADATA_KEYS, CARD_METADATA_KEY}  # the card's record: optional when read, always written
     assert exported.metadata["source_sha256"] == io.model_directory_digest(model_dir)
     assert exported.metadata["flawmap_version"] == flawmap.__version__ and exported.method == "patchcore"
     assert (exported.map_low_, exported.map_high_) == (reference.map_low_, reference.map_high_)
@@ -77,7 +78,7 @@ def test_fixed_batch_uint8_input_pads_the_last_batch(tiny_model, tiny_model_dir,
 
 
 def test_float16_storage_halves_the_file(tiny_onnx, tiny_model_dir, tiny_dataset, tmp_path):
-    half = export_onnx(tiny_model_dir, tmp_path / "half.onnx", precision="float16")
+    half = export_onnx(tiny_model_dir, tmp_path / "half.onnx", weight_dtype="float16")
     assert half.stat().st_size < 0.6 * tiny_onnx.stat().st_size
     images = sorted(tiny_dataset.glob("test/*/*.png"))
     for ours, theirs in zip(flawmap.load(half).predict(images), flawmap.load(tiny_onnx).predict(images), strict=True):
@@ -109,13 +110,16 @@ def test_bad_arguments_are_one_line_errors(tiny_model_dir, tmp_path):
     bad = [
         ({"batch": 0}, "batch must be"),
         ({"batch": "any"}, "batch must be"),
-        ({"precision": "int8"}, "precision must be one of float32, float16"),
+        ({"weight_dtype": "int8"}, "weight_dtype must be one of float32, float16"),
         ({"input_dtype": "float64"}, "input_dtype must be one of float32, uint8"),
         ({"opset": 11}, "opset must be at least 18"),
     ]
     for arguments, message in bad:
         with pytest.raises(FlawmapError, match=message):
             export_onnx(tiny_model_dir, tmp_path / "m.onnx", **arguments)
+    with pytest.warns(FutureWarning, match="precision= is deprecated .* use weight_dtype="):  # its former name, checked the same
+        with pytest.raises(FlawmapError, match="weight_dtype must be one of float32, float16, got 'int8'"):
+            export_onnx(tiny_model_dir, tmp_path / "m.onnx", precision="int8")
     with pytest.raises(FlawmapError, match="is a directory"):
         export_onnx(tiny_model_dir, tmp_path)
     with pytest.raises(FlawmapError, match="does not exist"):

@@ -43,12 +43,16 @@ def test_model_directory_runs_its_export_without_torch(tiny_model_dir, tiny_onnx
     shutil.copy(tiny_onnx, model_dir / "model.onnx")  # exported from these very files
     images = sorted(str(path) for path in (tiny_dataset / "test").rglob("*.png"))[:3]
     out = tmp_path / "predictions"
-    command = ["-m", "flawmap.cli", "predict", str(model_dir), *images, "--out", str(out), "--runtime", "onnx"]
+    command = ["-m", "flawmap.cli", "predict", str(model_dir), *images, "--out", str(out), "--backend", "onnx"]
     result = run_without_torch(tmp_path, *command)
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
     expected = load_model(tiny_model_dir, precision="float32").predict(images)
     assert [record["score"] for record in records] == pytest.approx([item.score for item in expected], rel=1e-4)
+    result = run_without_torch(tmp_path, "-m", "flawmap.cli", "info", str(model_dir / "model.onnx"), "--json", "-")
+    assert result.returncode == 0, result.stderr
+    card = json.loads(result.stdout)  # the export's card: its directory's training and calibration
+    assert card["kind"] == "exported graph" and card["n_train_images"] == load_model(tiny_model_dir).n_train_images_
 
 
 def test_python_api_without_torch(tiny_onnx, tiny_dataset, tmp_path):

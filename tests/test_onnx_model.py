@@ -30,24 +30,28 @@ def test_load_dispatches_on_file_or_directory(tiny_onnx, tiny_model_dir, tmp_pat
         flawmap.load(tmp_path / "absent.onnx")
 
 
-def test_runtime_onnx_runs_the_export_of_the_directorys_present_content(tiny_model_dir, tmp_path):
+def test_backend_onnx_runs_the_export_of_the_directorys_present_content(tiny_model_dir, tmp_path):
     model_dir = shutil.copytree(tiny_model_dir, tmp_path / "model")
     with pytest.raises(FlawmapError, match=r"no model.onnx to run with onnxruntime; write it with: flawmap export"):
-        flawmap.load(model_dir, runtime="onnx")
+        flawmap.load(model_dir, backend="onnx")
     assert main(["export", str(model_dir)]) == 0  # default --out: MODEL_DIR/model.onnx
-    assert isinstance(flawmap.load(model_dir, runtime="onnx"), OnnxModel)
-    assert isinstance(flawmap.load(model_dir, runtime="torch"), flawmap.AnomalyModel)
+    assert isinstance(flawmap.load(model_dir, backend="onnx"), OnnxModel)
+    assert isinstance(flawmap.load(model_dir, "torch"), flawmap.AnomalyModel)
+    with pytest.warns(FutureWarning, match="runtime= is deprecated .* use backend="):  # the former name, for one release
+        assert isinstance(flawmap.load(model_dir, runtime="onnx"), OnnxModel)
     config = model_dir / "config.json"
     config.write_text(config.read_text() + " ")  # the directory changed after the export (a refit, an update)
     with pytest.raises(FlawmapError, match="exported from an earlier state .* export it again"):
-        flawmap.load(model_dir, runtime="onnx")
+        flawmap.load(model_dir, backend="onnx")
 
 
-def test_runtime_names_are_checked(tiny_onnx):
+def test_backend_names_are_checked(tiny_onnx):
     with pytest.raises(FlawmapError, match="runs with onnxruntime only"):
-        flawmap.load(tiny_onnx, runtime="torch")
-    with pytest.raises(FlawmapError, match="runtime must be one of auto, torch, onnx, got 'tensorrt'"):
-        flawmap.load(tiny_onnx, runtime="tensorrt")
+        flawmap.load(tiny_onnx, backend="torch")
+    with pytest.raises(FlawmapError, match="backend must be one of auto, torch, onnx, got 'tensorrt'"):
+        flawmap.load(tiny_onnx, backend="tensorrt")
+    with pytest.raises(FlawmapError, match=r"give backend= only \(runtime= is its former name\)"):
+        flawmap.load(tiny_onnx, backend="onnx", runtime="onnx")
 
 
 def test_a_file_that_is_not_onnx(tmp_path):
@@ -93,7 +97,7 @@ def test_images_of_the_wrong_size(tiny_onnx):
 
 
 def test_runtime_settings(tiny_onnx):
-    with pytest.raises(FlawmapError, match="keeps the precision it was exported with"):
+    with pytest.raises(FlawmapError, match=r"computes in float32 .*; precision 'float32' \(the arithmetic\) applies to model directories only"):
         load_onnx(tiny_onnx, precision="float32")
     with pytest.raises(FlawmapError, match="runs on cpu or cuda"):
         load_onnx(tiny_onnx, device="tpu")

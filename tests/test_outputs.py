@@ -19,12 +19,9 @@ SMALL = ["--image-size", "64", "--batch-size", "8", "--quiet"]
 @pytest.fixture
 def no_long_work(monkeypatch):
     """Records any start of the long work (loading a model, fitting): the checks come first."""
-    from flawmap.cli import build_parser
-
-    build_parser()  # imports what the commands use, flawmap.cli.load among it
     started = []
     for target in ("flawmap.models.base.AnomalyModel.partial_fit", "flawmap.export.load_model", "flawmap.loading.load",
-                   "flawmap.cli.load", "flawmap.scoring.load"):
+                   "flawmap.scoring.load"):
         monkeypatch.setattr(target, lambda *a, **k: started.append(target) or (_ for _ in ()).throw(AssertionError(target)))
     return started
 

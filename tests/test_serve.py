@@ -154,7 +154,7 @@ def test_health_ready_model_and_metrics(client, served, tiny_model_dir):
     assert client.get("/v1/ready").json() == {"ready": True}
     card = client.get("/v1/model").json()
     assert card["method"] == "patchcore" and card["params"]["image_size"] == 64 and card["image_size"] == 64
-    assert card["threshold"] == served.model.threshold_ and card["runtime"] == "torch"
+    assert card["threshold"] == served.model.threshold_ and card["backend"] == "torch"
     assert card["model_hash"] == flawmap.io.model_directory_digest(tiny_model_dir)
     assert card["settings"]["max_batch"] == 16 and card["flawmap_version"] == flawmap.__version__
     client.post("/v1/predict", content=b"")
@@ -189,7 +189,7 @@ class WhiteFailingModel(Predictor):
 
 
 def test_a_model_failure_fails_only_its_own_request(served, test_images, reference):
-    failing = ServedModel(WhiteFailingModel(served.model), "torch", "0" * 64, "failing")
+    failing = ServedModel(WhiteFailingModel(served.model), "torch", served.card)
     white = png_bytes(np.full((32, 32, 3), 255, dtype=np.uint8))
     bodies = [test_images[0].read_bytes(), white, test_images[1].read_bytes(), test_images[2].read_bytes()]
     with TestClient(create_app(failing, ServeSettings(max_wait_ms=300))) as client:
@@ -219,7 +219,7 @@ class GatedModel(Predictor):
 def test_a_full_queue_answers_503_at_once_and_recovers(served, test_images):
     gate = threading.Event()
     gate.set()
-    gated = ServedModel(GatedModel(served.model, gate), "torch", "0" * 64, "gated")
+    gated = ServedModel(GatedModel(served.model, gate), "torch", served.card)
     image = test_images[0].read_bytes()
     with TestClient(create_app(gated, ServeSettings(max_batch=1, max_queue=2))) as client:
         gate.clear()
@@ -295,13 +295,13 @@ def test_load_real_server(tiny_model_dir, test_images, reference):
 
 
 def test_onnx_server_without_torch(tiny_onnx, test_images, tmp_path):
-    """``--runtime onnx`` where torch cannot be imported; answers equal the exported model's predict."""
+    """``--backend onnx`` where torch cannot be imported; answers equal the exported model's predict."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocked_packages_path(tmp_path)), os.environ.get("PYTHONPATH", "")])}
     expected = flawmap.load(tiny_onnx).predict(test_images[:4])
-    with serve_in_subprocess(tiny_onnx, "--runtime", "onnx", env=env) as (url, _):
+    with serve_in_subprocess(tiny_onnx, "--backend", "onnx", env=env) as (url, _):
         card = httpx.get(f"{url}/v1/model").json()
         answers = [httpx.post(f"{url}/v1/predict", content=path.read_bytes()).json() for path in test_images[:4]]
-    assert card["runtime"] == "onnx" and card["model_hash"] == flawmap.load(tiny_onnx).metadata["source_sha256"]
+    assert card["backend"] == "onnx" and card["model_hash"] == flawmap.load(tiny_onnx).metadata["source_sha256"]
     for answer, prediction in zip(answers, expected, strict=True):
         assert answer["score"] == pytest.approx(prediction.score, rel=1e-5)
 

@@ -6,8 +6,13 @@ flag, and giving one to a method that does not have it is an error. User mistake
 ``flawmap: error: ...`` line and exit code 2.
 
 Without the torch extra (``pip install "flawmap[runtime]"``) the parser is built without torch:
-``predict`` and ``evaluate`` run exported ``.onnx`` models, and the commands that need torch
-(``fit``, ``export``, ``demo``, ...) end in one error line naming the extra to install.
+``predict``, ``evaluate``, ``info``, ``report``, ``serve`` and ``score`` run exported ``.onnx``
+models, and the commands that need torch (``fit``, ``export``, ``demo``, ...) end in one error line
+naming the extra to install.
+
+The workflows are library functions (:func:`flawmap.prediction_folder.write_predictions`,
+:func:`flawmap.demo.run_demo`, :func:`flawmap.model_card.model_card`, ...); each function here
+imports what it uses when it runs, so listing the commands imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -16,9 +21,7 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 import sys
-import tempfile
 import types
 import typing
 import warnings
@@ -27,18 +30,23 @@ from typing import Any, Callable, Sequence
 
 from flawmap import io
 from flawmap._version import __version__
+from flawmap.deprecation import warn_renamed
 from flawmap.errors import FlawmapError
-from flawmap.outputs import check_replaceable, check_writable, is_listed_output, set_umask_mode
+from flawmap.outputs import check_writable
 
 if typing.TYPE_CHECKING:
+    from flawmap.model_card import ModelCard
     from flawmap.models import AnomalyModel
+    from flawmap.prediction import Predictor
+    from flawmap.registry import Registry
+    from flawmap.runtime import Runtime
 
 #: What each command does (its help line; the list of commands needs nothing else).
 COMMAND_HELP = {
     "fit": "learn normality from good images and save a model",
     "evaluate": "compute metrics of a model on a dataset's test split",
     "predict": "score images and write heat-map overlays",
-    "info": "describe a saved model: method, parameters, threshold and its calibration",
+    "info": "describe a saved model (its model card): method, parameters, training, threshold and its calibration",
     "calibrate": "re-calibrate a model's threshold on new good images, without refitting",
     "export": "write a fitted model as one ONNX graph (images -> maps, scores)",
     "demo": "make demo data, fit, evaluate and draw overlays",
@@ -50,32 +58,15 @@ COMMAND_HELP = {
 }
 
 
-_COMMANDS_IMPORTED = False
-"""Whether :func:`_import_commands` ran (once per process)."""
-
-
-def _import_commands() -> None:
-    """Import what the commands and their flags need (numpy, Pillow, SciPy, and torch where it is
-    installed: seconds), as module globals; listing the commands (``flawmap --help``,
-    ``--version``) needs none of it."""
-    global MIN_CALIBRATION_IMAGES, check_false_alarm_rate, output_names, RUNTIMES, load, missing_torch_error
-    global INPUT_DTYPES, STORAGE_PRECISIONS, PRECISIONS, Runtime, METHODS, create_model, load_model, _TORCH_IMPORT_ERROR
-    global describe_search_options, parse_search_options
-    global _COMMANDS_IMPORTED
-    if _COMMANDS_IMPORTED:
-        return
-    _COMMANDS_IMPORTED = True
-    from flawmap.calibration import MIN_CALIBRATION_IMAGES, check_false_alarm_rate
-    from flawmap.data.datasets import output_names
-    from flawmap.loading import RUNTIMES, load, missing_torch_error
-    from flawmap.onnx_model import INPUT_DTYPES, STORAGE_PRECISIONS
-    from flawmap.runtime import PRECISIONS, Runtime
-
+def _methods() -> Registry | None:
+    """The method registry, or None without torch. Imported when a command needs it (torch takes
+    seconds), never at import time: each function imports what it uses when it runs, so listing
+    the commands stays fast and a test may patch any function where it is defined."""
     try:
-        from flawmap.models import METHODS, create_model, load_model
-        from flawmap.search import describe_search_options, parse_search_options
-    except ImportError as import_error:  # the torch-free install: the commands that need torch say so when run
-        METHODS, _TORCH_IMPORT_ERROR = None, import_error
+        from flawmap.models import METHODS
+    except ImportError:  # the torch-free install: the commands that need torch say so when run
+        return None
+    return METHODS
 
 
 #: Fields the CLI sets itself (``random_state`` from ``--seed``, ``search_options`` from the
@@ -157,16 +148,17 @@ def build_parser(commands: bool = True, method: str | None = None) -> argparse.A
         for name in COMMAND_HELP:
             _command(subparsers, name, None)
         return parser
-    _import_commands()
     _add_commands(subparsers, method)
     return parser
 
 
 def _add_commands(commands, method: str | None = None) -> None:
-    if METHODS is None:
+    methods = _methods()
+    if methods is None:
         _add_runtime_only_commands(commands)
     else:
-        _add_torch_commands(commands, method if method in METHODS else None)
+        _add_torch_commands(commands, method if method in methods else None)
+    _add_info_command(commands)
     _add_serve_command(commands)
     _add_report_command(commands)
     _add_score_command(commands)
@@ -175,11 +167,15 @@ def _add_commands(commands, method: str | None = None) -> None:
 def _add_torch_commands(commands, method: str | None = None) -> None:
     """Every command, with its flags (method hyper-parameters included; ``method``: see
     :func:`build_parser`)."""
+    from flawmap.calibration import MIN_CALIBRATION_IMAGES
+    from flawmap.onnx_model import INPUT_DTYPES, WEIGHT_DTYPES
+
+    names = ", ".join(_methods().names())
     fit = _command(commands, "fit", run_fit)
     fit.add_argument("data", nargs="+", type=Path, metavar="DATA_DIR", help="dataset or image folder(s); several train one model")
     fit.add_argument(
         "--method", default=None,
-        help=f"one of: {', '.join(METHODS.names())} (default patchcore); `fit --method X --help` lists X's hyper-parameters",
+        help=f"one of: {names} (default patchcore); `fit --method X --help` lists X's hyper-parameters",
     )
     fit.add_argument("--out", type=Path, metavar="MODEL_DIR", help="where to save the model (default with --update: that model)")
     fit.add_argument(
@@ -197,10 +193,6 @@ def _add_torch_commands(commands, method: str | None = None) -> None:
     _add_hyperparameter_flags(fit, method)
 
     _add_prediction_commands(commands)
-
-    info = _command(commands, "info", run_info)
-    info.add_argument("model", type=Path, metavar="MODEL_DIR")
-    info.add_argument("--json", type=Path, metavar="FILE", help="also write the description as JSON ('-': stdout only)")
 
     calibrate = _command(commands, "calibrate", run_calibrate)
     calibrate.add_argument("model", type=Path, metavar="MODEL_DIR", help="updated in place unless --out is given")
@@ -229,7 +221,7 @@ def _add_torch_commands(commands, method: str | None = None) -> None:
     export.add_argument("model", type=Path, metavar="MODEL_DIR")
     export.add_argument(
         "--out", type=Path, metavar="FILE",
-        help="the .onnx file to write (default MODEL_DIR/model.onnx, which --runtime onnx runs)",
+        help="the .onnx file to write (default MODEL_DIR/model.onnx, which --backend onnx runs)",
     )
     export.add_argument("--force", action="store_true", help="replace --out even if it is not a graph flawmap exported")
     export.add_argument("--opset", type=int, default=None, metavar="INT", help="ONNX opset, at least 18 (default: the exporter's)")
@@ -238,9 +230,10 @@ def _add_torch_commands(commands, method: str | None = None) -> None:
         help="any batch size (default), or a graph for exactly INT images",
     )
     export.add_argument(
-        "--precision", default="float32", choices=STORAGE_PRECISIONS,
-        help="float16 stores weights and banks at half the size; arithmetic stays float32 (default float32)",
+        "--weight-dtype", default="float32", choices=WEIGHT_DTYPES,
+        help="how weights and banks are stored: float16 at half the size; arithmetic stays float32 (default float32)",
     )
+    _add_renamed_flag(export, "--precision", "--weight-dtype", choices=WEIGHT_DTYPES)
     export.add_argument(
         "--input-dtype", default="float32", choices=INPUT_DTYPES,
         help="graph input: float32 RGB in [0, 1] (default) or uint8 RGB in [0, 255]",
@@ -249,7 +242,7 @@ def _add_torch_commands(commands, method: str | None = None) -> None:
 
     demo = _command(commands, "demo", run_demo)
     demo.add_argument("--out", type=Path, default=Path("flawmap-demo"), metavar="DIR", help="default ./flawmap-demo")
-    demo.add_argument("--method", default="patchcore", help=f"one of: {', '.join(METHODS.names())}")
+    demo.add_argument("--method", default="patchcore", help=f"one of: {names}")
     _add_runtime_flags(demo)
 
     demo_data = _command(commands, "demo-data", run_demo_data)
@@ -257,7 +250,7 @@ def _add_torch_commands(commands, method: str | None = None) -> None:
 
     bench = _command(commands, "benchmark", run_benchmark)
     bench.add_argument("data", nargs="+", type=Path, metavar="DATA_DIR", help="MVTec-layout dataset folder(s)")
-    bench.add_argument("--methods", default=",".join(METHODS.names()), metavar="A,B", help="comma-separated (default: all)")
+    bench.add_argument("--methods", default=",".join(_methods().names()), metavar="A,B", help="comma-separated (default: all)")
     bench.add_argument("--json", type=Path, metavar="FILE", help="write the rows as JSON")
     bench.add_argument(
         "--unified", action="store_true",
@@ -278,7 +271,7 @@ def _add_prediction_commands(commands) -> None:
     evaluate.add_argument("data", type=Path, metavar="DATA_DIR")
     evaluate.add_argument("--json", type=Path, metavar="FILE", help="write the metrics as JSON ('-': to stdout)")
     evaluate.add_argument("--maps-dir", type=Path, metavar="DIR", help="write each anomaly map (.npy) and scores.json")
-    _add_runtime_choice(evaluate)
+    _add_backend_choice(evaluate)
     evaluate.add_argument("--report", type=Path, metavar="DIR", help="also write the HTML report (DIR/index.html)")
     _add_runtime_flags(evaluate)
 
@@ -295,18 +288,39 @@ def _add_prediction_commands(commands) -> None:
     predict.add_argument(
         "--threshold", type=float, default=None, metavar="X", help="flag scores above X (default: the calibrated threshold)"
     )
-    _add_runtime_choice(predict)
+    _add_backend_choice(predict)
     predict.add_argument("--report", type=Path, metavar="DIR", help="also write the HTML report (DIR/index.html)")
     _add_runtime_flags(predict)
 
 
-def _add_runtime_choice(parser: argparse.ArgumentParser) -> None:
-    """``--runtime``: what runs a saved model (evaluate, predict, report, serve)."""
+def _add_backend_choice(parser: argparse.ArgumentParser) -> None:
+    """``--backend``: the engine that runs a saved model (evaluate, predict, report, serve, score)."""
+    from flawmap.loading import BACKENDS
+
     parser.add_argument(
-        "--runtime", default="auto", choices=RUNTIMES,
+        "--backend", default="auto", choices=BACKENDS,
         help="torch or onnx (onnxruntime, no torch needed: the .onnx file, or MODEL/model.onnx written by "
         "`flawmap export MODEL`); default auto: torch for a model directory, onnx for a .onnx file",
     )
+    _add_renamed_flag(parser, "--runtime", "--backend", choices=BACKENDS)
+
+
+class _RenamedFlag(argparse.Action):
+    """A flag's former spelling, accepted for one release (:mod:`flawmap.deprecation`): a
+    ``flawmap: warning:`` line names the new flag, and the value goes where the new flag's would."""
+
+    def __init__(self, option_strings: list[str], dest: str, new_flag: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
+        self.new_flag = new_flag
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        warn_renamed(option_string, self.new_flag)
+        setattr(namespace, self.dest, values)
+
+
+def _add_renamed_flag(parser: argparse.ArgumentParser, old: str, new: str, **options: Any) -> None:
+    """Accept ``old``, the former name of flag ``new``, with a deprecation warning (hidden from --help)."""
+    parser.add_argument(old, dest=new.removeprefix("--").replace("-", "_"), action=_RenamedFlag, new_flag=new, **options)
 
 
 def _add_runtime_only_commands(commands) -> None:
@@ -318,7 +332,9 @@ def _add_runtime_only_commands(commands) -> None:
 
 def _needs_torch(name: str) -> Callable[[argparse.Namespace], None]:
     def handler(args: argparse.Namespace) -> None:
-        raise missing_torch_error(f"flawmap {name}", _TORCH_IMPORT_ERROR)
+        from flawmap.loading import require_torch
+
+        require_torch(f"flawmap {name}")
 
     return handler
 
@@ -341,6 +357,8 @@ def _command(commands, name: str, handler: Callable[[argparse.Namespace], int | 
 
 # ---------------------------------------------------------------- runtime and hyper-parameter flags
 def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
+    from flawmap.runtime import PRECISIONS, Runtime
+
     group = parser.add_argument_group("runtime (how the model runs here; never saved with it)")
     defaults = Runtime()
     group.add_argument("--device", default=None, help=f"cpu, cuda, cuda:1, ... (default {defaults.device})")
@@ -361,6 +379,8 @@ def _progress(args: argparse.Namespace) -> bool:
 
 def _runtime(args: argparse.Namespace) -> Runtime:
     """The runtime the flags ask for, with progress bars unless ``--quiet`` or ``TQDM_DISABLE``."""
+    from flawmap.runtime import Runtime
+
     return Runtime(progress=_progress(args)).replace(
         device=args.device, precision=args.precision, batch_size=args.batch_size, num_workers=args.num_workers
     )
@@ -369,8 +389,9 @@ def _runtime(args: argparse.Namespace) -> Runtime:
 def _hyperparameter_fields() -> dict[str, tuple[Any, list[str]]]:
     """Every init field of every method: name -> (type hint, methods that have it)."""
     fields: dict[str, tuple[Any, list[str]]] = {}
-    for method in METHODS.names():
-        model_class = METHODS.get(method)
+    methods = _methods()
+    for method in methods.names():
+        model_class = methods.get(method)
         hints = typing.get_type_hints(model_class)
         for field in dataclasses.fields(model_class):
             if field.init and field.name not in _DEDICATED_FIELDS:
@@ -398,6 +419,8 @@ def _add_hyperparameter_flags(parser: argparse.ArgumentParser, method: str | Non
                 "--no-" + name.replace("_", "-"), dest=f"param_{name}", action="store_const", const=False,
                 help=argparse.SUPPRESS if help_text is argparse.SUPPRESS else f"the same as {_flag(name)} false",
             )
+    from flawmap.search import describe_search_options
+
     searching = _methods_with("search_options")
     help_text = f"an option of the --search backend (repeatable); each backend's: {describe_search_options()}"
     if method is None:
@@ -410,14 +433,16 @@ def _add_hyperparameter_flags(parser: argparse.ArgumentParser, method: str | Non
 
 def _methods_with(name: str) -> list[str]:
     """The methods that have the hyper-parameter ``name``."""
-    return [method for method in METHODS.names() if any(f.name == name for f in dataclasses.fields(METHODS.get(method)))]
+    methods = _methods()
+    return [method for method in methods.names() if any(f.name == name for f in dataclasses.fields(methods.get(method)))]
 
 
 def _calibration_fraction_help(method: str | None) -> str:
     """Which methods ``--calibration-fraction`` changes, and why giving it to another is an error."""
-    default = _field_default("calibration_fraction", METHODS.names()[0])
-    holding = [name for name in METHODS.names() if METHODS.get(name).holds_out()]
-    cross_fitting = ", ".join(name for name in METHODS.names() if name not in holding)
+    methods = _methods()
+    default = _field_default("calibration_fraction", methods.names()[0])
+    holding = [name for name in methods.names() if methods.get(name).holds_out()]
+    cross_fitting = ", ".join(name for name in methods.names() if name not in holding)
     reason = (
         f"share of the training images held out to calibrate the threshold, default {default}. The cross-fitting "
         f"methods ({cross_fitting}) hold none out: they score every training image leave-one-out, so for them it "
@@ -425,13 +450,13 @@ def _calibration_fraction_help(method: str | None) -> str:
     )
     if method is None:
         return f"[{', '.join(holding)}; any method with --tile-size] {reason}"
-    return reason if METHODS.get(method).holds_out() else f"[only with --tile-size] {reason}"
+    return reason if methods.get(method).holds_out() else f"[only with --tile-size] {reason}"
 
 
 def _check_calibration_fraction(method: str, params: dict[str, Any], flag: str) -> None:
     """FlawmapError if ``params`` set ``calibration_fraction`` for a fit of ``method`` that holds
     no image out (a cross-fitting method, untiled)."""
-    if "calibration_fraction" in params and not METHODS.get(method).holds_out(params.get("tile_size")):
+    if "calibration_fraction" in params and not _methods().get(method).holds_out(params.get("tile_size")):
         raise FlawmapError(
             f"{flag} does not apply to method {method!r} without --tile-size: it cross-fits (every training image "
             "is scored leave-one-out to calibrate the threshold) and holds no image out"
@@ -440,7 +465,7 @@ def _check_calibration_fraction(method: str, params: dict[str, Any], flag: str) 
 
 def _scope(methods: list[str]) -> str:
     """``all methods`` or the methods named."""
-    return "all methods" if methods == METHODS.names() else ", ".join(methods)
+    return "all methods" if methods == _methods().names() else ", ".join(methods)
 
 
 def _defaults_text(name: str, methods: list[str]) -> str:
@@ -459,7 +484,7 @@ def _flag(name: str) -> str:
 
 
 def _field_default(name: str, method: str) -> Any:
-    field = next(f for f in dataclasses.fields(METHODS.get(method)) if f.name == name)
+    field = next(f for f in dataclasses.fields(_methods().get(method)) if f.name == name)
     return field.default
 
 
@@ -500,6 +525,8 @@ def _given_hyperparameters(args: argparse.Namespace, method: str) -> dict[str, A
             raise FlawmapError(f"{_flag(name)} does not apply to method {method!r} (it applies to: {', '.join(fields[name][1])})")
     _check_calibration_fraction(method, given, "--calibration-fraction")
     if args.search_options is not None:
+        from flawmap.search import parse_search_options
+
         searching = _methods_with("search_options")
         if method not in searching:
             raise FlawmapError(f"--search-option does not apply to method {method!r} (it applies to: {', '.join(searching)})")
@@ -511,7 +538,7 @@ def _preset(method: str, name: str | None) -> dict[str, Any]:
     """The hyper-parameters of ``--preset NAME`` for ``method`` (empty without the flag)."""
     if name is None:
         return {}
-    presets = METHODS.get(method).presets
+    presets = _methods().get(method).presets
     if name not in presets:
         choices = f"its presets are: {', '.join(presets)}" if presets else "it has no presets"
         raise FlawmapError(f"--preset {name}: unknown for method {method!r}; {choices}")
@@ -520,18 +547,18 @@ def _preset(method: str, name: str | None) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- commands
 def run_fit(args: argparse.Namespace) -> None:
+    from flawmap.models import create_model
+
     data = args.data[0] if len(args.data) == 1 else args.data
     out = args.out or args.update
     if out is None:
         raise FlawmapError("give --out MODEL_DIR (where to save the model), or --update MODEL_DIR")
-    if args.out is not None and args.out != args.update and (args.out / "config.json").is_file() and not args.force:
-        raise FlawmapError(f"{args.out}: already holds a model; give --force to replace it, or --update {args.out} to add to it")
-    io.check_model_target(out)
+    _check_model_out(out, updated=args.update, force=args.force, hint=f", or --update {out} to add to it")
     if args.update is not None:
         model = _update(args, data)
     else:
         method = args.method or "patchcore"
-        METHODS.get(method)  # an unknown method fails here, listing the choices, before the flags
+        _methods().get(method)  # an unknown method fails here, listing the choices, before the flags
         params = {**_preset(method, args.preset), **_given_hyperparameters(args, method)}
         if "tile_size" in params:  # tiles go to the network at native resolution unless --image-size is given
             params.setdefault("image_size", params["tile_size"])
@@ -546,8 +573,18 @@ def run_fit(args: argparse.Namespace) -> None:
     )
 
 
+def _check_model_out(out: Path, *, updated: Path | None, force: bool, hint: str = "") -> None:
+    """FlawmapError unless ``out`` can receive a model (:func:`flawmap.io.check_model_target`);
+    replacing a model other than ``updated`` (the one the command changes in place) needs --force."""
+    if out != updated and (out / io.CONFIG_FILE).is_file() and not force:
+        raise FlawmapError(f"{out}: already holds a model; give --force to replace it{hint}")
+    io.check_model_target(out)
+
+
 def _update(args: argparse.Namespace, data: Any) -> AnomalyModel:
     """``fit --update``: load the model and learn from more images with its own hyper-parameters."""
+    from flawmap.models import load_model
+
     given = [_flag(name) for name in _hyperparameter_fields() if getattr(args, f"param_{name}") is not None]
     given += ["--seed"] * (args.seed is not None) + ["--preset"] * (args.preset is not None)
     given += ["--search-option"] * (args.search_options is not None)
@@ -559,81 +596,10 @@ def _update(args: argparse.Namespace, data: Any) -> AnomalyModel:
     return model.partial_fit(data, skip_invalid=args.skip_invalid)
 
 
-def run_info(args: argparse.Namespace) -> None:
-    if args.json not in (None, Path("-")):
-        check_writable(args.json, folder=False)
-    description = describe_model(load_model(args.model))
-    if args.json != Path("-"):
-        print(format_description(description))
-    _write_json(args.json, description)
-
-
-def describe_model(model: AnomalyModel) -> dict[str, Any]:
-    """What ``flawmap info`` shows: method, hyper-parameters, training, threshold and calibration."""
-    calibration, pixel = model.calibration_, model.pixel_calibration()
-    return {
-        "method": model.method,
-        "params": model.get_params(),
-        "n_train_images": model.n_train_images_,
-        "n_fits": model.n_fits_,
-        "threshold": model.threshold_,
-        "false_alarm_rate": calibration.false_alarm_rate,
-        "expected_false_alarm_rate_range": list(calibration.false_alarm_rate_interval),
-        "threshold_interval_90": list(calibration.threshold_interval),
-        "calibration": calibration.source,
-        "n_normal_scores": calibration.n_scores,
-        "estimator": calibration.estimator,
-        "pixel_threshold": model.map_high_,
-        "pixel_threshold_interval_90": list(pixel.threshold_interval),
-        "expected_images_with_regions_range": list(pixel.false_alarm_rate_interval),
-        "overlay_scale": [model.map_low_, model.map_high_],
-        "n_distinct_normal_images": calibration.n_scores,
-        "n_training_digests": None if model.train_digests_ is None else len(model.train_digests_),
-        "calibration_history": [
-            {"threshold": state["threshold_"], "false_alarm_rate": state["false_alarm_rate"], "calibration": state["calibration_"]["source"]}
-            for state in model.calibration_history_
-        ],
-    }
-
-
-def format_description(description: dict[str, Any]) -> str:
-    """``flawmap info`` as readable lines."""
-    params = ", ".join(f"{name}={value}" for name, value in description["params"].items())
-    low, high = description["threshold_interval_90"]
-    rate_low, rate_high = description["expected_false_alarm_rate_range"]
-    pixel_low, pixel_high = description["pixel_threshold_interval_90"]
-    regions_low, regions_high = description["expected_images_with_regions_range"]
-    return "\n".join([
-        f"method: {description['method']}",
-        f"parameters: {params}",
-        f"trained on: {description['n_train_images']} images in {description['n_fits']} fit(s)",
-        f"threshold: {description['threshold']:.6g} (90% interval {low:.6g} .. {high:.6g})",
-        f"false-alarm rate: target {description['false_alarm_rate']:g}, expected {rate_low:.3g} .. {rate_high:.3g}",
-        f"calibrated on: {description['calibration']}; {description['estimator']} quantile of "
-        f"{description['n_normal_scores']} normal scores",
-        f"pixel threshold: {description['pixel_threshold']:.6g} (90% interval {pixel_low:.6g} .. {pixel_high:.6g}): "
-        f"good images with any region expected {regions_low:.3g} .. {regions_high:.3g}",
-        f"the threshold rests on {description['n_distinct_normal_images']} distinct normal images",
-        "training images: " + (
-            "no content digests recorded (saved by an older flawmap): calibrate cannot refuse them"
-            if description["n_training_digests"] is None
-            else f"{description['n_training_digests']} content digests recorded; calibrate refuses them"
-        ),
-        *_history_lines(description["calibration_history"]),
-    ])
-
-
-def _history_lines(history: list[dict[str, Any]]) -> list[str]:
-    """``info``'s lines on the earlier calibrations, the most recent first."""
-    if not history:
-        return ["earlier calibrations: none"]
-    lines = [f"earlier calibrations ({len(history)}, `flawmap calibrate MODEL_DIR --restore` puts back the first):"]
-    for state in reversed(history):
-        lines.append(f"  threshold {state['threshold']:.6g} at false-alarm rate {state['false_alarm_rate']:g}: {state['calibration']}")
-    return lines
-
-
 def run_calibrate(args: argparse.Namespace) -> None:
+    from flawmap.calibration import check_false_alarm_rate
+    from flawmap.models import load_model
+
     if args.restore == bool(args.good):
         raise FlawmapError("give GOOD_DIR (images to calibrate on) or --restore, not both" if args.restore else
                            "give GOOD_DIR: folders or files of good images to calibrate on (or --restore)")
@@ -642,9 +608,7 @@ def run_calibrate(args: argparse.Namespace) -> None:
     if args.false_alarm_rate is not None:
         check_false_alarm_rate(args.false_alarm_rate)
     out = args.model if args.out is None else args.out
-    if args.out is not None and (args.out / "config.json").is_file() and not args.force and args.out != args.model:
-        raise FlawmapError(f"{args.out}: already holds a model; give --force to replace it")
-    io.check_model_target(out)
+    _check_model_out(out, updated=args.model, force=args.force)
     model = load_model(args.model, **dataclasses.asdict(_runtime(args)))
     if args.restore:
         model.restore_calibration()
@@ -665,81 +629,37 @@ def run_calibrate(args: argparse.Namespace) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> None:
     from flawmap.evaluate import evaluate
+    from flawmap.loading import load
 
     for path, folder in ((args.json, False), (args.maps_dir, True)):
         if path is not None and path != Path("-"):
             check_writable(path, folder=folder)
     if args.report is not None:
         check_report_target(args.report)
-    model = load(args.model, runtime=args.runtime, **dataclasses.asdict(_runtime(args)))
+    model = load(args.model, args.backend, **dataclasses.asdict(_runtime(args)))
     result = evaluate(model, args.data, maps_dir=args.maps_dir)
     print(format_metrics(result), file=sys.stderr if args.json == Path("-") else sys.stdout)
     _write_json(args.json, result)
     if args.report is not None:
         from flawmap.data import open_dataset
 
-        _write_report(model, open_dataset(args.data), args.report, metrics=result)
+        _write_report(model, open_dataset(args.data), args.report, card=_card(model, args.model), metrics=result)
 
 
 def run_predict(args: argparse.Namespace) -> None:
-    from flawmap.data import samples_from_paths
-    from flawmap.report import write_overlay
+    from flawmap.loading import load
+    from flawmap.prediction_folder import check_predictions_target, write_predictions
 
     if args.report is not None:
         check_report_target(args.report, force=args.force)
-    staging = _staging_folder(args.out, force=args.force)
-    try:
-        model = load(args.model, runtime=args.runtime, **dataclasses.asdict(_runtime(args)))
-        if args.threshold is not None:
-            model.set_threshold(args.threshold)
-        samples = samples_from_paths(args.images, recursive=args.recursive)
-        names = output_names([sample.image_path for sample in samples])
-        name_of = {id(sample): name for sample, name in zip(samples, names)}
-        n_scored = n_anomalous = 0
-        with open(staging / "scores.jsonl", "w", encoding="utf-8") as lines:
-            for prediction, _ in model.iter_predictions(samples, skip_invalid=args.skip_invalid):
-                overlay = f"{name_of[id(prediction.sample)]}.png"
-                write_overlay(model, prediction, staging / overlay)
-                record = {
-                    "path": str(prediction.sample.image_path), "score": prediction.score,
-                    "is_anomalous": prediction.is_anomalous, "threshold": model.threshold_, "overlay": overlay,
-                    "pixel_threshold": model.map_high_, "regions": [region.to_json() for region in prediction.regions],
-                }
-                lines.write(json.dumps(record) + "\n")
-                n_scored += 1
-                n_anomalous += prediction.is_anomalous
-        _replace_folder(staging, args.out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    print(f"scored {_count(n_scored, 'image')}, {n_anomalous} anomalous; overlays and scores.jsonl in {args.out}")
+    check_predictions_target(args.out, force=args.force)
+    model = load(args.model, args.backend, **dataclasses.asdict(_runtime(args)))
+    if args.threshold is not None:
+        model.set_threshold(args.threshold)
+    written = write_predictions(model, args.images, args.out, recursive=args.recursive, skip_invalid=args.skip_invalid, force=args.force)
+    print(f"scored {_count(written.n_scored, 'image')}, {written.n_anomalous} anomalous; overlays and scores.jsonl in {args.out}")
     if args.report is not None:
-        _write_report(model, samples, args.report, skip_invalid=args.skip_invalid, force=args.force)
-
-
-def _staging_folder(out: Path, *, force: bool) -> Path:
-    """A new temporary sibling of ``out`` to write predictions into (``out`` is replaced by it
-    at the end); refuses, unless ``force``, an ``out`` that holds anything but an earlier
-    prediction output (files its scores.jsonl does not list included)."""
-    check_replaceable(
-        out, folder=True, force=force, ours=lambda folder: is_listed_output(folder, "scores.jsonl", "overlay"),
-        what="an earlier predict output (only scores.jsonl and the overlays it lists)",
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    set_umask_mode(staging, folder=True)
-    return staging
-
-
-def _replace_folder(new: Path, target: Path) -> None:
-    """Put folder ``new`` in place of ``target`` by renames; the old ``target`` is removed after."""
-    if not target.exists():
-        new.rename(target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-    target.rename(old / target.name)
-    new.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
+        _write_report(model, written.samples, args.report, card=_card(model, args.model), skip_invalid=args.skip_invalid, force=args.force)
 
 
 def _write_json(path: Path | None, document: dict[str, Any]) -> None:
@@ -758,12 +678,12 @@ def run_export(args: argparse.Namespace) -> None:
     from flawmap.export import export_onnx
 
     out = export_onnx(
-        args.model, args.out, opset=args.opset, batch=args.batch, precision=args.precision, input_dtype=args.input_dtype,
+        args.model, args.out, opset=args.opset, batch=args.batch, weight_dtype=args.weight_dtype, input_dtype=args.input_dtype,
         force=args.force, progress=_progress(args),
     )
     print(
         f"exported {args.model} to {out} ({out.stat().st_size / 2**20:.1f} MiB, batch {args.batch}, "
-        f"{args.input_dtype} input, {args.precision}; checked against the torch model on its calibration images)"
+        f"{args.input_dtype} input, {args.weight_dtype} weights; checked against the torch model on its calibration images)"
     )
 
 
@@ -776,31 +696,13 @@ def run_demo_data(args: argparse.Namespace) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> None:
-    from flawmap.data import make_demo_data, open_dataset
-    from flawmap.evaluate import evaluate
-    from flawmap.report import write_overlay
+    from flawmap.demo import run_demo as demo
 
-    check_writable(args.out, folder=True)
-    rows = []
-    data_root = args.out / "data"
-    folders = sorted(data_root.iterdir()) if data_root.is_dir() else make_demo_data(data_root)
-    for folder in folders:
-        dataset = open_dataset(folder)
-        print(f"== {dataset.name}: fitting {args.method} on {len(dataset.train)} good images")
-        model = create_model(args.method, runtime=_runtime(args)).fit(dataset)
-        model.save(args.out / "models" / dataset.name)
-        rows.append({"dataset": dataset.name, **evaluate(model, dataset)})
-        anomalous = [sample for sample in dataset.test if sample.is_anomalous][:3]
-        normal = [sample for sample in dataset.test if not sample.is_anomalous][:1]
-        for prediction, _ in model.iter_predictions(anomalous + normal):
-            name = prediction.sample.key.replace("/", "_") + ".png"
-            write_overlay(model, prediction, args.out / "overlays" / dataset.name / name)
+    result = demo(args.out, method=args.method, runtime=_runtime(args))
     print()
-    print(format_table(rows, ["dataset", "image_auroc", "pixel_auroc", "aupro", "pixel_ap", "predict_ms_per_image"]))
-    print(f"\noverlays: {args.out / 'overlays'}   models: {args.out / 'models'}")
-    first = open_dataset(folders[0])
-    model = load(args.out / "models" / first.name, **dataclasses.asdict(_runtime(args)))
-    _write_report(model, first, args.out / "report", metrics=rows[0])
+    print(format_table(result.rows, ["dataset", "image_auroc", "pixel_auroc", "aupro", "pixel_ap", "predict_ms_per_image"]))
+    print(f"\noverlays: {result.overlays}   models: {result.models}")
+    print(f"report: {result.report}")
 
 
 def run_benchmark(args: argparse.Namespace) -> None:
@@ -824,8 +726,8 @@ def _method_params(specs: list[str]) -> dict[str, dict[str, Any]]:
         method, dot, name = key.partition(".")
         if not equals or not dot:
             raise FlawmapError(f"--param {spec!r}: expected METHOD.NAME=VALUE")
-        if method not in METHODS:
-            raise FlawmapError(f"--param {spec!r}: unknown method {method!r}; choose one of: {', '.join(METHODS.names())}")
+        if method not in _methods():
+            raise FlawmapError(f"--param {spec!r}: unknown method {method!r}; choose one of: {', '.join(_methods().names())}")
         if name not in fields or method not in fields[name][1]:
             raise FlawmapError(f"--param {spec!r}: method {method!r} has no hyper-parameter {name!r}")
         try:
@@ -860,9 +762,36 @@ def _cell(value: Any) -> str:
 
 
 
+# ---------------------------------------------------------------- info
+def _add_info_command(commands) -> None:
+    """``info``: with torch or without (an exported .onnx model needs only onnxruntime)."""
+    info = _command(commands, "info", run_info)
+    info.add_argument("model", type=Path, metavar="MODEL", help="a model directory, or an exported .onnx file")
+    info.add_argument("--json", type=Path, metavar="FILE", help="also write the model card as JSON ('-': stdout only)")
+
+
+def run_info(args: argparse.Namespace) -> None:
+    from flawmap.loading import load
+
+    if args.json not in (None, Path("-")):
+        check_writable(args.json, folder=False)
+    card = _card(load(args.model), args.model)
+    if args.json != Path("-"):
+        print(card.to_text())
+    _write_json(args.json, card.to_json())
+
+
+def _card(model: Predictor, path: Path) -> ModelCard:
+    """The model card of ``model``, loaded from ``path`` (:mod:`flawmap.model_card`)."""
+    from flawmap.model_card import model_card
+
+    return model_card(model, path)
+
+
 # ---------------------------------------------------------------- serve
 def _add_serve_command(commands) -> None:
     """``serve``: with torch or without (an exported .onnx model needs only onnxruntime)."""
+    from flawmap.runtime import PRECISIONS
     from flawmap.serve import ServeSettings
 
     defaults = ServeSettings()
@@ -870,7 +799,7 @@ def _add_serve_command(commands) -> None:
     serve.add_argument("model", type=Path, metavar="MODEL", help="a model directory, or an exported .onnx file")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8080, help="default 8080")
-    _add_runtime_choice(serve)
+    _add_backend_choice(serve)
     serve.add_argument("--max-batch", type=int, default=defaults.max_batch, metavar="INT", help=f"most images per model pass (default {defaults.max_batch})")
     serve.add_argument("--max-queue", type=int, default=defaults.max_queue, metavar="INT", help=f"most requests in progress; more get 503 (default {defaults.max_queue})")
     serve.add_argument("--max-upload-mb", type=float, default=defaults.max_upload_mb, metavar="MB", help=f"largest request body (default {defaults.max_upload_mb:g})")
@@ -892,10 +821,10 @@ def run_serve(args: argparse.Namespace) -> None:
     )
     sock = bind_socket(args.host, args.port)
     try:
-        served = load_served_model(args.model, args.runtime, device=args.device, precision=args.precision, batch_size=settings.max_batch)
+        served = load_served_model(args.model, args.backend, device=args.device, precision=args.precision, batch_size=settings.max_batch)
         app = create_app(served, settings)
         print(
-            f"serving {served.model.method} model {args.model} ({served.runtime}) at http://{args.host}:{sock.getsockname()[1]}"
+            f"serving {served.model.method} model {args.model} ({served.backend}) at http://{args.host}:{sock.getsockname()[1]}"
             "/v1/predict (API description: /openapi.json); Ctrl+C stops", flush=True,
         )
         serve(app, settings, sock, log_level=args.log_level or ("warning" if args.quiet else "info"))
@@ -911,17 +840,19 @@ def _add_report_command(commands) -> None:
     report.add_argument("data", type=Path, metavar="DATA_DIR", help="a dataset (its labelled test split) or a folder of images")
     report.add_argument("--out", required=True, type=Path, metavar="DIR", help="DIR/index.html and its pictures go here")
     report.add_argument("--force", action="store_true", help="replace DIR/index.html even if flawmap did not write it")
-    _add_runtime_choice(report)
+    _add_backend_choice(report)
     _add_runtime_flags(report)
 
 
 def run_report(args: argparse.Namespace) -> None:
     from flawmap.data import open_dataset, samples_from_paths
+    from flawmap.loading import load
 
     check_report_target(args.out, force=args.force)
-    model = load(args.model, runtime=args.runtime, **dataclasses.asdict(_runtime(args)))
+    model = load(args.model, args.backend, **dataclasses.asdict(_runtime(args)))
     dataset = open_dataset(args.data)
-    _write_report(model, dataset if dataset.test else samples_from_paths([args.data]), args.out, force=args.force)
+    data = dataset if dataset.test else samples_from_paths([args.data])
+    _write_report(model, data, args.out, card=_card(model, args.model), force=args.force)
 
 
 def check_report_target(out: Path, *, force: bool = False) -> None:
@@ -952,7 +883,7 @@ def _add_score_command(commands) -> None:
     score.add_argument("--force", action="store_true", help="replace --out even if it is not a results table flawmap wrote")
     score.add_argument("--engine", default="local", choices=("local", "ray"), help="this process (default), or Ray Data tasks and model actors")
     score.add_argument("--maps-dir", type=Path, metavar="DIR", help="also save each anomaly map as DIR/<name>.npy (float32, the image's size)")
-    _add_runtime_choice(score)
+    _add_backend_choice(score)
     ray = score.add_argument_group("Ray (--engine ray; paths must be the same on every node)")
     ray.add_argument("--address", default=None, metavar="ADDR", help="join this Ray cluster (default: start a local one)")
     ray.add_argument("--num-cpus", type=int, default=None, metavar="INT", help="CPUs of the local Ray instance (default: all)")
@@ -972,7 +903,7 @@ def run_score(args: argparse.Namespace) -> None:
     if given and args.engine != "ray":
         raise FlawmapError(f"{_flag(next(iter(given)))} applies to --engine ray only")
     summary = score_files(
-        args.model, args.inputs, args.out, engine=args.engine, model_runtime=args.runtime, runtime=_runtime(args),
+        args.model, args.inputs, args.out, engine=args.engine, backend=args.backend, runtime=_runtime(args),
         maps_dir=args.maps_dir, cluster=RaySettings(**given), force=args.force,
     )
     print(
@@ -982,7 +913,7 @@ def run_score(args: argparse.Namespace) -> None:
 
 
 #: Commands that need torch, and what they do without it.
-_NEEDS_TORCH = {name: _needs_torch(name) for name in ("fit", "info", "calibrate", "export", "demo", "demo-data", "benchmark")}
+_NEEDS_TORCH = {name: _needs_torch(name) for name in ("fit", "calibrate", "export", "demo", "demo-data", "benchmark")}
 
 
 if __name__ == "__main__":

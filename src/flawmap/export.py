@@ -41,25 +41,27 @@ from tqdm import tqdm
 
 from flawmap import io
 from flawmap._version import __version__
+from flawmap.deprecation import renamed
 from flawmap.errors import FlawmapError
 from flawmap.loading import EXPORT_FILE
+from flawmap.model_card import CARD_METADATA_KEY, model_card
 from flawmap.outputs import check_replaceable
 from flawmap.models.base import AnomalyModel
 from flawmap.models.scorer import Scorer
 from flawmap.models.persistence import load_model
 from flawmap.onnx_model import (
-    FORMAT_NAME, FORMAT_VERSION, INPUT_DTYPES, INPUT_NAME, OUTPUT_NAMES, STORAGE_PRECISIONS, load_onnx,
+    FORMAT_NAME, FORMAT_VERSION, INPUT_DTYPES, INPUT_NAME, OUTPUT_NAMES, WEIGHT_DTYPES, load_onnx,
 )
 from flawmap.postprocessor import PostProcessor
 from flawmap.search import export_searches
 
-#: ``precision="float16"`` stores float32 weights of at least this many elements as float16.
+#: ``weight_dtype="float16"`` stores float32 weights of at least this many elements as float16.
 FLOAT16_MIN_ELEMENTS = 1024
 #: Largest float16 value; tensors beyond it stay float32.
 FLOAT16_MAX = 65504.0
-#: Export-time check: largest map difference, as a share of the torch maps' range, per precision.
+#: Export-time check: largest map difference, as a share of the torch maps' range, per weight dtype.
 MAP_TOLERANCE = {"float32": 1e-3, "float16": 2e-2}
-#: Export-time check: largest relative image-score difference, per precision.
+#: Export-time check: largest relative image-score difference, per weight dtype.
 SCORE_TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
 #: Calibration images the export-time check runs (at most).
 CHECK_IMAGES = 4
@@ -102,10 +104,11 @@ def export_onnx(
     *,
     opset: int | None = None,
     batch: int | str = "dynamic",
-    precision: str = "float32",
+    weight_dtype: str = "float32",
     input_dtype: str = "float32",
     force: bool = False,
     progress: bool = False,
+    precision: str | None = None,
 ) -> Path:
     """Export the model saved in ``model_dir`` to the ONNX file ``out``; returns its path.
 
@@ -115,13 +118,13 @@ def export_onnx(
         A model directory (``model.save``).
     out : path, optional
         The ``.onnx`` file to write (replaced if it exists). Default ``model_dir/model.onnx``,
-        which ``flawmap.load(model_dir, runtime="onnx")`` runs.
+        which ``flawmap.load(model_dir, backend="onnx")`` runs.
     opset : int, optional
         ONNX opset of the graph; None uses the exporter's default.
     batch : "dynamic" or int
         A graph for any batch size, or for exactly this many images.
-    precision : {"float32", "float16"}
-        ``"float16"`` stores the larger weights and memory banks as float16 (about half the
+    weight_dtype : {"float32", "float16"}
+        How weights are stored: ``"float16"`` stores the larger weights and memory banks as float16 (about half the
         file); the graph still computes in float32, so the maps move by about 1e-3 relative.
     input_dtype : {"float32", "uint8"}
         The graph's input: RGB float32 in [0, 1], or uint8 in [0, 255].
@@ -129,6 +132,7 @@ def export_onnx(
         Replace an existing ``out`` that is not a graph flawmap exported (:mod:`flawmap.outputs`).
     progress : bool
         Show a progress bar over the export's steps (:data:`EXPORT_STEPS`, on stderr).
+    precision : the former name of ``weight_dtype`` (FutureWarning).
 
     Raises
     ------
@@ -136,7 +140,8 @@ def export_onnx(
         Bad arguments, a directory that is not a fitted model, a method that cannot be
         exported as asked, or an exported graph that does not reproduce the torch model.
     """
-    _check_arguments(batch, precision, input_dtype, opset)
+    weight_dtype = renamed("precision=", precision, "weight_dtype=", weight_dtype, "float32")
+    _check_arguments(batch, weight_dtype, input_dtype, opset)
     missing = [name for name in EXPORT_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
         raise FlawmapError(f'exporting needs {", ".join(missing)}: pip install "flawmap[torch,export]"')
@@ -159,15 +164,15 @@ def export_onnx(
     export_searches(model.scorer_)  # a faiss bank exports as an exact search over its stored vectors
     graph = ExportGraph(model.scorer_, model.postprocessor(), input_dtype == "uint8").eval()
     with tqdm(total=len(EXPORT_STEPS), unit="step", disable=not progress, leave=False, file=sys.stderr) as steps:
-        payload = _with_metadata(_to_onnx(graph, model, batch, opset, steps), model, precision, batch, input_dtype, source_sha256)
-        _check_parity(payload, model, precision, target, steps)
+        payload = _with_metadata(_to_onnx(graph, model, batch, opset, steps), model, weight_dtype, batch, input_dtype, source_sha256)
+        _check_parity(payload, model, weight_dtype, target, steps)
     io.write_atomically(target, payload)
     return target
 
 
-def _with_metadata(proto, model: AnomalyModel, precision: str, batch: int | str, input_dtype: str, source_sha256: str) -> bytes:
+def _with_metadata(proto, model: AnomalyModel, weight_dtype: str, batch: int | str, input_dtype: str, source_sha256: str) -> bytes:
     """``proto`` (float16 storage where asked) with flawmap's metadata, serialised."""
-    if precision == "float16":
+    if weight_dtype == "float16":
         store_float16(proto)
     exporter = f"torch.export (non-strict) + torch.onnx dynamo, torch {torch.__version__}"
     metadata = {
@@ -182,10 +187,11 @@ def _with_metadata(proto, model: AnomalyModel, precision: str, batch: int | str,
         "input_dtype": input_dtype,
         "normalization": _normalization_note(model, input_dtype),
         "batch": str(batch),
-        "precision": precision,
+        "precision": weight_dtype,
         "source_sha256": source_sha256,
         "params": json.dumps(model.get_params()),
         "exporter": exporter,
+        CARD_METADATA_KEY: json.dumps(model_card(model).fitted_record()),
     }
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
@@ -225,11 +231,11 @@ def store_float16(proto) -> None:
         graph.node.insert(0, cast)
 
 
-def _check_arguments(batch: int | str, precision: str, input_dtype: str, opset: int | None) -> None:
+def _check_arguments(batch: int | str, weight_dtype: str, input_dtype: str, opset: int | None) -> None:
     if batch != "dynamic" and not (isinstance(batch, int) and batch >= 1):
         raise FlawmapError(f"batch must be 'dynamic' or a positive integer, got {batch!r}")
-    if precision not in STORAGE_PRECISIONS:
-        raise FlawmapError(f"precision must be one of {', '.join(STORAGE_PRECISIONS)}, got {precision!r}")
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise FlawmapError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {weight_dtype!r}")
     if input_dtype not in INPUT_DTYPES:
         raise FlawmapError(f"input_dtype must be one of {', '.join(INPUT_DTYPES)}, got {input_dtype!r}")
     if opset is not None and opset < 18:
@@ -297,7 +303,7 @@ def _normalization_note(model: AnomalyModel, input_dtype: str) -> str:
     )
 
 
-def _check_parity(payload: bytes, model: AnomalyModel, precision: str, target: Path, steps: tqdm) -> None:
+def _check_parity(payload: bytes, model: AnomalyModel, weight_dtype: str, target: Path, steps: tqdm) -> None:
     """Run the serialised graph on the model's calibration images and compare with the torch model."""
     _step(steps, 2)
     probe = target.with_name(f".{target.name}.check")  # removed below, whatever happens
@@ -315,7 +321,7 @@ def _check_parity(payload: bytes, model: AnomalyModel, precision: str, target: P
     map_range = max(float(torch_maps.max() - torch_maps.min()), 1e-12)
     map_error = float(np.abs(onnx_maps - torch_maps).max()) / map_range
     score_error = float(np.max(np.abs(onnx_scores - torch_scores) / np.maximum(np.abs(torch_scores), 1e-12)))
-    if map_error > MAP_TOLERANCE[precision] or score_error > SCORE_TOLERANCE[precision]:
+    if map_error > MAP_TOLERANCE[weight_dtype] or score_error > SCORE_TOLERANCE[weight_dtype]:
         raise FlawmapError(
             f"the exported {model.method} graph does not reproduce the torch model on calibration images "
             f"(map error {map_error:.2e} of the range, score error {score_error:.2e} relative); nothing written"

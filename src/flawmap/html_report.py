@@ -11,7 +11,8 @@ no network and no script to view. For a labelled dataset (MVTec layout) it shows
   the same picture as ``flawmap predict``) and the ground truth outlined, worst first: missed
   defects and false alarms on top, each ordered by how far its score is on the wrong side of the
   threshold, then the correct verdicts closest to it;
-- the model card: method, hyper-parameters, backbone, training images, fit time, threshold.
+- the model card, the facts ``flawmap info`` prints (:mod:`flawmap.model_card`): method,
+  hyper-parameters, backbone, tiling, training images, fit time, threshold and its calibration.
 
 For images without labels (``predict --report``) the page has the score histogram, the gallery
 (most anomalous first, without ground truth) and the model card. Needs matplotlib
@@ -36,6 +37,7 @@ from flawmap._version import __version__
 from flawmap.data import Dataset, Sample, read_image
 from flawmap.errors import FlawmapError
 from flawmap.metrics import DEFAULT_FPR_LIMIT, image_metrics, pixel_metrics, pro_curve, roc_curve
+from flawmap.model_card import ModelCard, model_card
 from flawmap.outputs import check_replaceable, check_writable
 from flawmap.prediction import Prediction, Predictor
 from flawmap.report import outline, write_overlay
@@ -83,6 +85,7 @@ def write_report(
     metrics: dict[str, Any] | None = None,
     skip_invalid: bool = False,
     force: bool = False,
+    card: ModelCard | None = None,
 ) -> Path:
     """Score ``data`` with ``model`` and write ``out_dir/index.html``; returns its path.
 
@@ -96,6 +99,9 @@ def write_report(
         Leave out unreadable images with a warning instead of stopping.
     force : bool
         Replace an ``index.html`` in ``out_dir`` that flawmap did not write (:mod:`flawmap.outputs`).
+    card : ModelCard, optional
+        The model card to show (``flawmap info``'s); None describes ``model`` without its
+        directory (:func:`flawmap.model_card.model_card`).
     """
     out = Path(out_dir)
     check_report_target(out, force=force)
@@ -119,7 +125,7 @@ def write_report(
         _metrics_section(items, metrics) if labelled else "",
         _figures_section(figures),
         _gallery_section(model.threshold_, items),
-        _model_card(model),
+        _model_card(model_card(model) if card is None else card),
     ]
     name = data.name if labelled else samples[0].image_path.parent.name
     subtitle = (
@@ -338,22 +344,13 @@ def _gallery_section(threshold: float, items: list[GalleryItem]) -> str:
     )
 
 
-def _model_card(model: Predictor) -> str:
-    params = model.get_params()
-    fit_seconds = getattr(model, "fit_seconds_", None)
-    facts = [
-        ("method", model.method),
-        ("backbone", params.get("backbone", "")),
-        ("image size", f"{model.image_size} x {model.image_size}"),
-        ("threshold", f"{model.threshold_:.6g} (calibrated on normal images)"),
-        ("training images", getattr(model, "n_train_images_", "not recorded in an exported model")),
-        ("calibration images", len(getattr(model, "calibration_scores_", [])) or "not recorded in an exported model"),
-        ("fits", getattr(model, "n_fits_", "not recorded in an exported model")),
-        ("fit time", f"{sum(fit_seconds.values()):.1f} s" if fit_seconds else "not recorded in an exported model"),
-        ("kind", f"exported ONNX model {model.path}" if hasattr(model, "metadata") else "model directory (torch)"),
-    ]
-    rows = "".join(f"<tr><th>{_escape(key)}</th><td>{_escape(str(value))}</td></tr>" for key, value in facts)
-    param_rows = "".join(f"<tr><th>{_escape(key)}</th><td>{_escape(str(value))}</td></tr>" for key, value in params.items())
+def _model_card(card: ModelCard) -> str:
+    """The card's facts (:meth:`ModelCard.facts`, what ``flawmap info`` prints) beside its hyper-parameters."""
+    rows = "".join(
+        f"<tr><th>{_escape(label)}</th><td>{_escape(text).replace(chr(10), '<br>')}</td></tr>"
+        for label, text in card.facts() if label != "parameters"
+    )
+    param_rows = "".join(f"<tr><th>{_escape(key)}</th><td>{_escape(str(value))}</td></tr>" for key, value in card.params.items())
     return (
         '<section><h2>Model card</h2><div class="pair">'
         f'<table class="card-table">{rows}</table><table class="card-table"><tr><th colspan="2">hyper-parameters</th></tr>{param_rows}</table>'

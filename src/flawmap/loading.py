@@ -4,7 +4,7 @@ A model directory (``model.save``) runs with torch (the ``flawmap[torch]`` extra
 ``.onnx`` file (``flawmap export``) needs only onnxruntime (``flawmap[runtime]``). Both load into
 a :class:`flawmap.prediction.Predictor`, so what follows does not depend on the kind.
 
-``runtime="onnx"`` on a model directory runs the export ``flawmap export MODEL_DIR`` wrote into it
+``backend="onnx"`` on a model directory runs the export ``flawmap export MODEL_DIR`` wrote into it
 (``MODEL_DIR/model.onnx``), after checking it was exported from exactly that directory's content,
 so a model refitted or updated since its export is never run from the stale graph.
 """
@@ -14,38 +14,40 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from flawmap.deprecation import renamed
 from flawmap.errors import FlawmapError
 from flawmap.onnx_model import load_onnx
 from flawmap.prediction import Predictor
 
-#: What runs a model: ``auto`` = torch for a model directory, onnxruntime for an ``.onnx`` file.
-RUNTIMES = ("auto", "torch", "onnx")
-#: Where ``flawmap export MODEL_DIR`` writes by default, and where ``runtime="onnx"`` looks.
+#: The engine that runs a model: ``auto`` = torch for a model directory, onnxruntime for an ``.onnx`` file.
+BACKENDS = ("auto", "torch", "onnx")
+#: Where ``flawmap export MODEL_DIR`` writes by default, and where ``backend="onnx"`` looks.
 EXPORT_FILE = "model.onnx"
 
 
-def load(path: str | Path, runtime: str = "auto", **runtime_settings: Any) -> Predictor:
+def load(path: str | Path, backend: str = "auto", *, runtime: str | None = None, **runtime_settings: Any) -> Predictor:
     """Load a model: a model directory (torch) or an exported ``.onnx`` file (onnxruntime).
 
-    ``runtime``: one of :data:`RUNTIMES`; ``"onnx"`` with a model directory runs its export
+    ``backend``: one of :data:`BACKENDS`; ``"onnx"`` with a model directory runs its export
     ``MODEL_DIR/model.onnx``. ``runtime_settings`` (``device``, ``precision``, ``batch_size``,
     ``num_workers``, ``progress``) choose how it runs here; an exported model takes only
-    ``precision="auto"``.
+    ``precision="auto"``. ``runtime``: the former name of ``backend`` (FutureWarning).
 
     >>> flawmap.load("bottle-model").predict("photo.png")[0].score          # doctest: +SKIP
-    >>> flawmap.load("bottle-model", runtime="onnx").predict("photo.png")    # doctest: +SKIP
+    >>> flawmap.load("bottle-model", backend="onnx").predict("photo.png")    # doctest: +SKIP
     >>> flawmap.load("bottle.onnx", device="cuda").predict("photo.png")       # doctest: +SKIP
     """
-    if runtime not in RUNTIMES:
-        raise FlawmapError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    backend = renamed("runtime=", runtime, "backend=", backend, "auto")
+    if backend not in BACKENDS:
+        raise FlawmapError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     source = Path(path)
     if source.is_file():
-        if runtime == "torch":
+        if backend == "torch":
             raise FlawmapError(f"{source}: an exported .onnx file runs with onnxruntime only; give its model directory to run it with torch")
         return load_onnx(source, **runtime_settings)
     if not source.exists():
         raise FlawmapError(f"{source}: no such model directory or .onnx file")
-    if runtime == "onnx":
+    if backend == "onnx":
         return _load_current_export(source, runtime_settings)
     require_torch(f"loading the model directory {source}")
     from flawmap.models.persistence import load_model

@@ -16,10 +16,13 @@ map_low, map_high   the overlays' colour range (median and calibrated maximum no
 input_dtype         ``"float32"`` (RGB in [0, 1]) or ``"uint8"`` (RGB in [0, 255])
 normalization       how images must be prepared before the graph (text)
 batch               ``"dynamic"`` or the fixed batch size
-precision           ``"float32"`` or ``"float16"`` (stored weights; arithmetic is float32)
+precision           the weights' storage, ``weight_dtype`` of ``flawmap export``: ``"float32"`` or
+                    ``"float16"`` (arithmetic is float32 either way; the key keeps its first name)
 source_sha256       sha256 of the source model directory (:func:`flawmap.io.model_directory_digest`)
 params              the method's hyper-parameters (JSON)
 exporter            the torch exporter used and torch's version
+model_card          the source model's training and calibration record (JSON,
+                    :meth:`flawmap.model_card.ModelCard.fitted_record`; absent in older exports)
 ==================  ===================================================================
 
 :class:`OnnxModel` is a :class:`flawmap.prediction.Predictor`: decoding, batching, resizing to the
@@ -45,8 +48,8 @@ FORMAT_VERSION = "1"
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("anomaly_map", "score")
 INPUT_DTYPES = ("float32", "uint8")
-#: How weights are stored; the graph computes in float32 either way.
-STORAGE_PRECISIONS = ("float32", "float16")
+#: How weights are stored (``weight_dtype``); the graph computes in float32 either way.
+WEIGHT_DTYPES = ("float32", "float16")
 #: Metadata keys every exported flawmap model has.
 METADATA_KEYS = (
     "flawmap_format", "format_version", "flawmap_version", "method", "image_size", "threshold", "map_low", "map_high",
@@ -142,8 +145,8 @@ def load_onnx(path: str | Path, **runtime_settings: Any) -> OnnxModel:
 def _check_precision(path: Path, runtime: Runtime) -> None:
     if runtime.precision != "auto":
         raise FlawmapError(
-            f"{path}: an exported model keeps the precision it was exported with; "
-            f"precision {runtime.precision!r} applies to model directories only"
+            f"{path}: an exported graph computes in float32 (its weights' storage was chosen at export, --weight-dtype); "
+            f"precision {runtime.precision!r} (the arithmetic) applies to model directories only"
         )
 
 

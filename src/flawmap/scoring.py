@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from flawmap.data.datasets import Sample, output_names, samples_from_paths
 from flawmap.data.images import read_image
+from flawmap.deprecation import renamed
 from flawmap.errors import FlawmapError
 from flawmap.loading import load
 from flawmap.outputs import check_replaceable, check_writable, set_umask_mode
@@ -120,11 +121,12 @@ def score_files(
     out: str | Path,
     *,
     engine: str = "local",
-    model_runtime: str = "auto",
+    backend: str = "auto",
     runtime: Runtime = Runtime(),
     maps_dir: str | Path | None = None,
     cluster: RaySettings = RaySettings(),
     force: bool = False,
+    model_runtime: str | None = None,
 ) -> ScoreSummary:
     """Score every image of ``inputs`` with the model at ``model_path`` into the Parquet file ``out``.
 
@@ -135,12 +137,13 @@ def score_files(
     inputs : image files, folders (searched recursively) and ``.txt`` files listing one image
         file or folder per line (relative to the current folder).
     engine : ``"local"`` (this process) or ``"ray"``.
-    model_runtime : ``"auto"``, ``"torch"`` or ``"onnx"``, as for :func:`flawmap.load`.
+    backend : ``"auto"``, ``"torch"`` or ``"onnx"``, as for :func:`flawmap.load`.
     runtime : how the model runs; ``batch_size`` is also the decoding batch.
     maps_dir : if given, each anomaly map is saved as ``MAPS_DIR/<name>.npy`` (float32, the
         image's original ``H x W``), ``<name>`` its path below the inputs' common folder.
     cluster : the Ray cluster and its actors, for ``engine="ray"``.
     force : replace an existing ``out`` that is not a results table (:mod:`flawmap.outputs`).
+    model_runtime : the former name of ``backend`` (FutureWarning).
 
     Raises
     ------
@@ -148,6 +151,7 @@ def score_files(
         For an unknown engine, inputs that do not exist or hold no images, a model that does not
         load, or Ray not installed; a bad image is an error row instead.
     """
+    backend = renamed("model_runtime=", model_runtime, "backend=", backend, "auto")
     if engine not in ENGINES:
         raise FlawmapError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     check_replaceable(Path(out), folder=False, force=force, ours=is_results_table, what="a results table flawmap wrote")
@@ -155,7 +159,7 @@ def score_files(
         check_writable(Path(maps_dir), folder=True)
     paths = image_paths(inputs)
     map_paths = _map_paths(paths, maps_dir)
-    scorer_args = {"model_path": os.path.abspath(model_path), "model_runtime": model_runtime, "runtime": asdict(runtime.replace(progress=False))}
+    scorer_args = {"model_path": os.path.abspath(model_path), "backend": backend, "runtime": asdict(runtime.replace(progress=False))}
     if engine == "local":
         tables = _local_tables(paths, map_paths, ModelScorer(**scorer_args), runtime.batch_size)
     else:
@@ -164,7 +168,7 @@ def score_files(
             _check_reachable(cluster.address)
         # a model that does not load fails here in one line, not in every actor (on the CPU: the
         # driver may have no GPU where the actors have one)
-        load(scorer_args["model_path"], runtime=model_runtime)
+        load(scorer_args["model_path"], backend)
         tables = _ray_tables(paths, map_paths, scorer_args, runtime, cluster)
     return _write_rows(tables, Path(out), len(paths), progress=runtime.progress and engine == "local")  # Ray draws its own
 
@@ -216,12 +220,12 @@ class ModelScorer:
     """Scores decoded batches (see :func:`decode_files`) with one model, loaded once: a Ray Data
     actor, or the local engine's scorer. Each batch becomes a table of :data:`RESULT_SCHEMA`.
 
-    ``model_path`` and ``model_runtime`` go to :func:`flawmap.load`; ``runtime`` holds the
+    ``model_path`` and ``backend`` go to :func:`flawmap.load`; ``runtime`` holds the
     :class:`~flawmap.runtime.Runtime` settings as a dict.
     """
 
-    def __init__(self, model_path: str, model_runtime: str, runtime: dict[str, Any]) -> None:
-        self.model = load(model_path, runtime=model_runtime, **runtime)
+    def __init__(self, model_path: str, backend: str, runtime: dict[str, Any]) -> None:
+        self.model = load(model_path, backend, **runtime)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         decoded = [index for index, error in enumerate(batch["error"]) if not error]

@@ -15,7 +15,8 @@ requests are admitted at once (reading, decoding, waiting or being scored); one 
                          image's size, with the score range its levels span)
 ``GET /v1/health``       liveness: 200 while the process serves
 ``GET /v1/ready``        200 once the model is loaded and warmed up, 503 before and when stopping
-``GET /v1/model``        method, hyper-parameters, thresholds, image size, model hash, versions
+``GET /v1/model``        the model card (:mod:`flawmap.model_card`: what ``flawmap info --json``
+                         says), the backend and device running it, versions, server settings
 ``GET /metrics``         Prometheus text: requests by route and status, predict latency and batch
                          size histograms, queue depth
 ``GET /openapi.json``    the OpenAPI description (no ``/docs`` page: FastAPI's loads its
@@ -55,6 +56,7 @@ from flawmap._version import __version__
 from flawmap.data.images import decode_image
 from flawmap.errors import FlawmapError
 from flawmap.loading import load
+from flawmap.model_card import ModelCard, model_card
 from flawmap.onnx_model import OnnxModel
 from flawmap.prediction import Prediction, Predictor
 
@@ -108,45 +110,30 @@ class ServeSettings:
 
 @dataclass(frozen=True)
 class ServedModel:
-    """A loaded model and what ``/v1/model`` says about it."""
+    """A loaded model, the backend that runs it and its card (what ``/v1/model`` says about it)."""
 
     model: Predictor
-    runtime: str
-    model_hash: str
-    source: str
+    backend: str
+    card: ModelCard
 
     def describe(self) -> dict[str, Any]:
-        exported = isinstance(self.model, OnnxModel)
-        return {
-            "method": self.model.method,
-            "params": self.model.get_params(),
-            "threshold": self.model.threshold_,
-            "pixel_threshold": self.model.map_high_,
-            "image_size": self.model.image_size,
-            "model_hash": self.model_hash,
-            "runtime": self.runtime,
-            "device": self.model.runtime.device,
-            "source": self.source,
-            "flawmap_version": __version__,
-            "exported_with_flawmap": self.model.metadata["flawmap_version"] if exported else None,
-        }
+        """The model card (:mod:`flawmap.model_card`, the same as ``flawmap info --json``), the
+        backend and device that run it here, and this server's flawmap version."""
+        return {**self.card.to_json(), "backend": self.backend, "device": self.model.runtime.device, "flawmap_version": __version__}
 
 
-def load_served_model(path: str | Path, runtime: str = "auto", **runtime_settings: Any) -> ServedModel:
-    """Load a model to serve with :func:`flawmap.load` (``runtime``: ``"auto"``, ``"torch"`` or
+def load_served_model(path: str | Path, backend: str = "auto", **runtime_settings: Any) -> ServedModel:
+    """Load a model to serve with :func:`flawmap.load` (``backend``: ``"auto"``, ``"torch"`` or
     ``"onnx"``; an ``.onnx`` file, or a model directory's own export, runs without torch).
 
     Raises
     ------
     FlawmapError
-        If the model does not load with the runtime asked for.
+        If the model does not load with the backend asked for.
     """
-    model = load(path, runtime=runtime, **runtime_settings)
-    if isinstance(model, OnnxModel):
-        return ServedModel(model=model, runtime="onnx", model_hash=model.metadata["source_sha256"], source=str(path))
-    from flawmap.io import model_directory_digest
-
-    return ServedModel(model=model, runtime="torch", model_hash=model_directory_digest(path), source=str(path))
+    model = load(path, backend, **runtime_settings)
+    exported = isinstance(model, OnnxModel)
+    return ServedModel(model=model, backend="onnx" if exported else "torch", card=model_card(model, None if exported else path))
 
 
 class RequestError(Exception):
@@ -357,7 +344,7 @@ def create_app(served: ServedModel, settings: ServeSettings = ServeSettings()):
 
     app = FastAPI(  # no /docs or /redoc: their pages load scripts from a CDN, blank offline
         title="flawmap", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-        description=f"Anomaly detection with a {served.model.method} model ({served.source}).",
+        description=f"Anomaly detection with a {served.model.method} model ({served.card.path}).",
     )
 
     @app.middleware("http")
@@ -415,7 +402,7 @@ def create_app(served: ServedModel, settings: ServeSettings = ServeSettings()):
         return {"ready": True}
 
     @app.get("/v1/model", summary="The model served")
-    async def model_card():
+    async def served_model():
         return {**served.describe(), "settings": vars(settings)}
 
     @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
@@ -591,7 +578,7 @@ def _answer(served: ServedModel, prediction: Prediction, with_map: bool) -> dict
         "is_anomalous": bool(prediction.is_anomalous),
         "threshold": model.threshold_,
         "pixel_threshold": model.map_high_,
-        "model": {"method": model.method, "hash": served.model_hash},
+        "model": {"method": model.method, "hash": served.card.model_hash},
         "image_size": [width, height],
         "regions": [region.to_json() for region in prediction.regions],
     }

@@ -338,8 +338,7 @@ def test_cli_preset_applies_before_explicit_flags(monkeypatch, tmp_path):
     def capture(method, **params):
         raise Created(method, params)
 
-    cli._import_commands()  # the command modules, imported lazily by main and build_parser
-    monkeypatch.setattr(cli, "create_model", capture)
+    monkeypatch.setattr("flawmap.models.create_model", capture)  # the commands import what they call when they run
     folder = tmp_path / "good"
     folder.mkdir()
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(folder / "0.png")  # the parser checks the data path

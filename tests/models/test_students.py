@@ -264,7 +264,6 @@ def test_partial_fit_continues_training(trained, train_images):
 
 
 def test_patch_sizes_parse_as_integers_on_the_command_line():
-    from flawmap.cli import _import_commands, _method_params
+    from flawmap.cli import _method_params
 
-    _import_commands()  # what main() does before parsing
     assert _method_params(["students.patch_sizes=17, 65"]) == {"students": {"patch_sizes": (17, 65)}}
