@@ -1,7 +1,8 @@
 """The package's import graph: io is a pure format layer, and no module cycle exists.
 
 Edges are read from the source with ``ast`` (function-level imports included, since those are
-how a cycle usually hides), so the test does not depend on import order at run time.
+how a cycle usually hides), so the test does not depend on import order at run time. Imports under
+``if TYPE_CHECKING:`` never run (they name types for annotations) and are not edges.
 """
 
 import ast
@@ -23,7 +24,7 @@ MODULES = {module_name(path): path for path in PACKAGE_ROOT.rglob("*.py")}
 def imported_modules(name: str) -> set[str]:
     """flawmap modules that module ``name`` imports anywhere in its source."""
     found = set()
-    for node in ast.walk(ast.parse(MODULES[name].read_text(encoding="utf-8"))):
+    for node in _runtime_nodes(ast.parse(MODULES[name].read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -33,6 +34,15 @@ def imported_modules(name: str) -> set[str]:
             continue
         found |= {target for target in targets if target in MODULES and target != name}
     return found
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node of ``tree`` except those under ``if TYPE_CHECKING:``."""
+    for child in ast.iter_child_nodes(tree):
+        if isinstance(child, ast.If) and isinstance(child.test, ast.Name) and child.test.id == "TYPE_CHECKING":
+            continue
+        yield child
+        yield from _runtime_nodes(child)
 
 
 def test_io_imports_no_model_code():

@@ -6,7 +6,8 @@ from typing import Any
 from flawmap import search_faiss  # noqa: F401  (registers the faiss search backends)
 from flawmap.errors import FlawmapError
 
-from flawmap.models.base import METHODS, AnomalyModel, register_method
+from flawmap.models.base import AnomalyModel
+from flawmap.models.methods import METHODS, register_method
 
 from flawmap.models.scorer import PatchScores, Scorer
 from flawmap.models.persistence import load_model

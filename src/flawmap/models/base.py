@@ -65,14 +65,13 @@ from flawmap.models.calibrators import (
     distinct_calibration_samples,
     distinct_training_samples,
 )
+from flawmap.models.persistence import load_model, save_model
 from flawmap.models.scorer import PatchScores, Scorer
 from flawmap.postprocessor import PostProcessor
 from flawmap.prediction import ImageInput, Predictor, prediction_samples, training_samples
-from flawmap.registry import Registry
 from flawmap.runtime import Runtime
 from flawmap.tiling import check_tiling
 
-METHODS: Registry[type["AnomalyModel"]] = Registry("method")
 
 
 PARTIAL_FITS = ("exact", "approximate", "fine-tune", "none")
@@ -113,16 +112,6 @@ class MethodTraits:
             raise FlawmapError("a method that trains on its fit images cannot cross-fit (its networks saw every image)")
         if self.partial_fit not in PARTIAL_FITS or self.export_batch not in EXPORT_BATCHES:
             raise FlawmapError(f"partial_fit must be one of {PARTIAL_FITS} and export_batch one of {EXPORT_BATCHES}")
-
-
-def register_method(name: str):
-    """Class decorator: register a method under ``name`` (its CLI ``--method`` value)."""
-
-    def decorator(cls: type[AnomalyModel]) -> type[AnomalyModel]:
-        cls.method = name
-        return METHODS.register(name)(cls)
-
-    return decorator
 
 
 @dataclass(kw_only=True, eq=False)
@@ -347,15 +336,11 @@ class AnomalyModel(Predictor):
     def save(self, directory: str | Path) -> Path:
         """Write the fitted model to ``directory`` atomically (config.json + safetensors, no pickle;
         :mod:`flawmap.models.persistence`)."""
-        from flawmap.models.persistence import save_model
-
         return save_model(self, directory)
 
     @staticmethod
     def load(directory: str | Path, **runtime_settings: Any) -> "AnomalyModel":
         """Load a model saved by :meth:`save` (:func:`flawmap.models.persistence.load_model`)."""
-        from flawmap.models.persistence import load_model
-
         return load_model(directory, **runtime_settings)
 
     @classmethod

@@ -212,7 +212,8 @@ from flawmap.backbones import Backbone
 from flawmap.data import Sample
 from flawmap.errors import FlawmapError
 from flawmap.features import flatten_positions, fuse_levels
-from flawmap.models.base import MethodTraits, register_method
+from flawmap.models.base import MethodTraits
+from flawmap.models.methods import register_method
 from flawmap.models.scorer import PatchScores
 from flawmap.models.calibrators import Calibrator, CrossFit, HoldOut, TiledHoldOut
 from flawmap.models.padim import (

@@ -128,7 +128,7 @@ from flawmap import postprocess
 from flawmap.backbones import Backbone, FeatureInfo
 from flawmap.errors import FlawmapError
 from flawmap.features import channel_statistics
-from flawmap.models.base import register_method
+from flawmap.models.methods import register_method
 from flawmap.models.scorer import PatchScores, Scorer
 from flawmap.models.trained import TrainedModel
 from flawmap.training import seeded_init

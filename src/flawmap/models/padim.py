@@ -39,7 +39,8 @@ import torch
 from flawmap.backbones import Backbone
 from flawmap.errors import FlawmapError
 from flawmap.features import flatten_positions, fuse_levels
-from flawmap.models.base import AnomalyModel, MethodTraits, register_method
+from flawmap.models.base import AnomalyModel, MethodTraits
+from flawmap.models.methods import register_method
 from flawmap.models.scorer import PatchScores, Scorer
 
 

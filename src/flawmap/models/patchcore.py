@@ -32,7 +32,8 @@ from flawmap.backbones import Backbone
 from flawmap.coreset import StreamingCoreset
 from flawmap.errors import FlawmapError
 from flawmap.features import flatten_patches, locally_aware_patches
-from flawmap.models.base import MethodTraits, check_positive_odd, register_method
+from flawmap.models.base import MethodTraits, check_positive_odd
+from flawmap.models.methods import register_method
 from flawmap.models.scorer import PatchScores, Scorer
 from flawmap.models.memory_bank import MemoryBankModel
 from flawmap.search import SearchIndex, all_vectors, search_from_state, search_state

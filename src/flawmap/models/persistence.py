@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,8 +22,11 @@ from flawmap import io
 from flawmap.backbones import create_backbone
 from flawmap.calibration import Calibration
 from flawmap.errors import FlawmapError
-from flawmap.models.base import METHODS, AnomalyModel
 from flawmap.models.calibrators import CALIBRATION_STATE
+from flawmap.models.methods import METHODS
+
+if TYPE_CHECKING:
+    from flawmap.models.base import AnomalyModel
 
 #: JSON types of the fitted values every model saves (:func:`fitted_values`).
 FITTED_TYPES: dict[str, Any] = {

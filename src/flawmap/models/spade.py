@@ -33,7 +33,8 @@ import torch
 from flawmap.backbones import Backbone
 from flawmap.errors import FlawmapError
 from flawmap.features import flatten_patches, fuse_levels
-from flawmap.models.base import MethodTraits, register_method
+from flawmap.models.base import MethodTraits
+from flawmap.models.methods import register_method
 from flawmap.models.scorer import PatchScores, Scorer
 from flawmap.models.memory_bank import MemoryBankModel
 from flawmap.search import SearchIndex, all_vectors, build_search, search_from_state, search_state

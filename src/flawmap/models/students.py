@@ -158,7 +158,8 @@ from flawmap import postprocess
 from flawmap.backbones import Backbone
 from flawmap.errors import FlawmapError
 from flawmap.features import channel_statistics, local_average
-from flawmap.models.base import check_positive_odd, register_method
+from flawmap.models.base import check_positive_odd
+from flawmap.models.methods import register_method
 from flawmap.models.scorer import PatchScores, Scorer
 from flawmap.models.trained import TrainedModel
 from flawmap.training import seeded_init
