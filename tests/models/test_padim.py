@@ -122,20 +122,19 @@ def test_partial_fit_on_the_second_half_equals_one_fit_on_all(through_save, tmp_
     assert_same_predictions(full, updated, random_images(1, 2))
 
 
-def test_left_out_distances_equal_gaussians_refitted_without_each_sample():
-    """The closed form (Sherman-Morrison) against explicit leave-one-out refits, tiny epsilon."""
-    generator = torch.Generator().manual_seed(0)
-    samples = torch.randn(12, 3, 4, generator=generator, dtype=torch.float64)  # N, P positions, D dims
-    epsilon = 1e-9
+@pytest.mark.parametrize(("n_samples", "epsilon"), [(12, 1e-9), (12, 0.5), (6, 0.01)], ids=["n>d", "n>d-eps", "n<=d"])
+def test_left_out_distances_equal_gaussians_refitted_without_each_sample(n_samples, epsilon):
+    """The closed form (Sherman-Morrison) against explicit leave-one-out refits with the same
+    epsilon, also with fewer samples than dimensions, from float32 samples as PaDiM's features are."""
+    samples = torch.from_numpy(correlated_samples(np.random.default_rng(0), n_samples, 3, 8)).float()  # N, P, D
     full = GaussianAccumulator()
     full.add(samples)
-    inverse = regularised_inverse(full.covariance(), epsilon)
-    distances = mahalanobis_distances(samples, full.mean(), inverse)
-    for i in range(samples.shape[0]):
+    left_out = left_out_distances(samples, full, epsilon)
+    for i in range(n_samples):
         others = GaussianAccumulator()
         others.add(torch.cat([samples[:i], samples[i + 1 :]]))
         refit = mahalanobis_distances(samples[i : i + 1], others.mean(), regularised_inverse(others.covariance(), epsilon))
-        torch.testing.assert_close(left_out_distances(distances[i : i + 1], 12), refit, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(left_out[i : i + 1], refit, rtol=1e-7, atol=0)
 
 
 @pytest.mark.parametrize("params", [{"n_features": 0}, {"epsilon": 0.0}])
