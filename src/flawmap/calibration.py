@@ -14,11 +14,25 @@ The quantile estimator (:func:`calibrate_threshold`):
 - with fewer, the empirical quantile is one of the few largest scores, or above all of them when
   ``r < 1/n``; then a tail model is fitted (peaks over threshold): the ``k`` largest scores above
   the ``(k+1)``-th largest ``u`` are modelled as exponential exceedances,
-  ``P(S > u + x) = (k / n) exp(-x / beta)`` with ``beta`` their mean excess (the maximum
-  likelihood estimate), so ``threshold = u + beta ln(k / (n r))``. Image scores of these methods
-  are maxima over many patches, whose tails are light (the Gumbel domain), where the exponential
-  is the limiting excess distribution; the generalised Pareto shape is not estimated because a
-  few dozen scores cannot pin it down.
+  ``P(S > u + x) = (k / n) exp(-x / beta)``, so ``threshold = u + beta ln(k / (n r))``. Image
+  scores of these methods are maxima over many patches, whose tails are light (the Gumbel
+  domain), where the exponential is the limiting excess distribution; the generalised Pareto
+  shape is not estimated because a few dozen scores cannot pin it down.
+
+  ``beta`` is robust to one or two outliers among the scores (an odd good image, a mislabelled
+  defect): the :data:`CENSORED_EXCESSES` largest excesses count as *censored*, known to exceed
+  the next largest but not by how much, and ``beta`` is the maximum likelihood estimate of that
+  censored sample, ``(sum of the k - m smallest excesses + m x the (k - m)-th) / (k - m)``, which
+  is unbiased (a sum of ``k - m`` independent exponential spacings) and does not move however
+  large the ``m`` largest scores are. The plain mean excess let one score ten times the others'
+  set the threshold (VisA capsules, PaDiM, 54 images: median score 333, threshold 3953).
+
+The smallest supported rate: the largest of ``n`` normal scores is exceeded by a new normal image
+with probability ``1 / (n + 1)``, whatever the distribution; below that only the tail model says
+where the threshold lies, and its error grows with the distance extrapolated. The tail model is
+trusted down to ``1 / (MAX_EXTRAPOLATION (n + 1))`` (:func:`smallest_supported_rate`; a third of
+the largest score's rate, so a 1 % target needs 33 normal images). A lower target is raised to
+it, with a :class:`CalibrationWarning`, and the calibration records both rates.
 
 Uncertainty: the estimator is repeated on :data:`BOOTSTRAP_SAMPLES` bootstrap resamples of the
 scores; the 5 % and 95 % quantiles of those thresholds form a 90 % interval, and the fitted
@@ -60,6 +74,10 @@ MIN_CALIBRATION_IMAGES = 10
 CALIBRATION_HISTORY_LENGTH = 10
 #: Share of the scores the tail model is fitted on (at least MIN_EXCEEDANCES of them).
 TAIL_SHARE = 0.2
+#: Largest excesses of the tail model taken as censored (outliers cannot move it; module docstring).
+CENSORED_EXCESSES = 2
+#: How far below ``1 / (n + 1)`` (the largest score's rate) the tail model may set the rate.
+MAX_EXTRAPOLATION = 3
 
 
 class CalibrationWarning(UserWarning):
@@ -75,7 +93,8 @@ class Calibration:
     threshold : float
         Image scores above it are anomalous.
     false_alarm_rate : float
-        The target share of normal images above ``threshold``.
+        The target share of normal images above ``threshold``: the requested rate, or the
+        smallest supported rate when the request was below it.
     n_scores : int
         Out-of-sample normal scores it was estimated from.
     estimator : str
@@ -86,6 +105,11 @@ class Calibration:
         False-alarm rates at the ends of ``threshold_interval`` (upper end first reversed: low, high).
     source : str
         How the normal scores were obtained, e.g. ``"cross-fit: 209 training images"``.
+    requested_false_alarm_rate : float or None
+        The rate asked for when it was below ``smallest_supported_rate`` (and raised to it), else None.
+    smallest_supported_rate : float or None
+        The smallest false-alarm rate ``n_scores`` normal scores support (:func:`smallest_supported_rate`);
+        None in records saved before it was recorded.
     """
 
     threshold: float
@@ -95,6 +119,8 @@ class Calibration:
     threshold_interval: tuple[float, float]
     false_alarm_rate_interval: tuple[float, float]
     source: str
+    requested_false_alarm_rate: float | None = None
+    smallest_supported_rate: float | None = None
 
     def to_json(self) -> dict:
         """A JSON-ready dict (see :meth:`from_json`)."""
@@ -150,21 +176,44 @@ def calibrate_threshold(
             CalibrationWarning,
             stacklevel=2,
         )
-    threshold, estimator = quantile_estimate(scores, false_alarm_rate)
+    supported = smallest_supported_rate(scores.size)
+    rate = max(false_alarm_rate, supported)
+    if rate > false_alarm_rate:
+        warnings.warn(
+            f"a false-alarm rate of {false_alarm_rate:g} needs at least {images_needed(false_alarm_rate)} normal images; "
+            f"{scores.size} support {supported:.3g} at best, so the threshold is set for {supported:.3g}; "
+            "give more good images or run `flawmap calibrate`",
+            CalibrationWarning,
+            stacklevel=2,
+        )
+    threshold, estimator = quantile_estimate(scores, rate)
     rng = np.random.default_rng(random_state)
     resampled = np.sort(rng.choice(scores, size=(BOOTSTRAP_SAMPLES, scores.size), replace=True), axis=1)
-    boot = np.array([quantile_estimate(row, false_alarm_rate)[0] for row in resampled])
+    boot = np.array([quantile_estimate(row, rate)[0] for row in resampled])
     low, high = (float(v) for v in np.quantile(boot, [0.05, 0.95]))
     rates = (survival(scores, high), survival(scores, low))
     return Calibration(
         threshold=float(threshold),
-        false_alarm_rate=float(false_alarm_rate),
+        false_alarm_rate=float(rate),
         n_scores=int(scores.size),
         estimator=estimator,
         threshold_interval=(low, high),
         false_alarm_rate_interval=rates,
         source=source,
+        requested_false_alarm_rate=float(false_alarm_rate) if rate > false_alarm_rate else None,
+        smallest_supported_rate=supported,
     )
+
+
+def smallest_supported_rate(n_scores: int) -> float:
+    """The smallest false-alarm rate ``n_scores`` normal scores support: ``1 / (MAX_EXTRAPOLATION (n + 1))``
+    (module docstring)."""
+    return 1.0 / (MAX_EXTRAPOLATION * (n_scores + 1))
+
+
+def images_needed(rate: float) -> int:
+    """The fewest normal scores whose :func:`smallest_supported_rate` is at most ``rate``."""
+    return max(1, math.ceil(1.0 / (MAX_EXTRAPOLATION * rate) - 1.0 - 1e-9))
 
 
 def quantile_estimate(sorted_scores: np.ndarray, rate: float) -> tuple[float, str]:
@@ -197,6 +246,9 @@ def _tail_size(n: int) -> int | None:
 
 
 def _tail_fit(sorted_scores: np.ndarray, tail: int) -> tuple[float, float]:
-    """Base ``u`` (the ``(k+1)``-th largest score) and mean excess ``beta`` of the ``k`` largest."""
+    """Base ``u`` (the ``(k+1)``-th largest score) and scale ``beta`` of the exponential excesses
+    of the ``k`` largest over it, the largest ``m`` of them censored (module docstring)."""
     base = float(sorted_scores[-tail - 1])
-    return base, float(np.mean(sorted_scores[-tail:] - base))
+    censored = min(CENSORED_EXCESSES, (tail - 1) // 2)
+    kept = sorted_scores[-tail : sorted_scores.size - censored] - base  # the k - m smallest excesses
+    return base, float((kept.sum() + censored * kept[-1]) / kept.size)

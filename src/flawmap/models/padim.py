@@ -257,9 +257,14 @@ class Padim(AnomalyModel):
         self._set_gaussians(gaussians)
 
     def _left_out_scores(self, features: torch.Tensor, image_ids: torch.Tensor) -> PatchScores:
+        return PatchScores(self._left_out_grid(features))
+
+    def _left_out_grid(self, features: torch.Tensor) -> torch.Tensor:
+        """Features (B, d, h, w) of images in the moments -> their :func:`left_out_distances`
+        (B, h, w), float32 on the features' device."""
         n_images, _, grid_h, grid_w = features.shape
         distances = left_out_distances(flatten_positions(features).cpu(), self.gaussians_, self.epsilon)
-        return PatchScores(distances.float().view(n_images, grid_h, grid_w).to(features.device))
+        return distances.float().view(n_images, grid_h, grid_w).to(features.device)
 
     def _set_gaussians(self, gaussians: GaussianAccumulator) -> None:
         """Keep ``gaussians`` as the fitted moments; derive the scorer's means and inverses."""

@@ -1,0 +1,121 @@
+"""Thresholds from tens of good images: do the calibration scores stand for new good images, and
+what false-alarm rate and recall do the thresholds give?
+
+For each category, method and number of training images (a seeded random subset of train/good,
+or all of it), one model is fitted with default hyper-parameters. Then:
+
+- two-sample check: the model's out-of-sample normal scores (``calibration_scores_``: cross-fit or
+  held-out) against the scores of good images it never saw (test/good plus up to
+  ``--extra-good`` of the unused train/good images), by a two-sided Kolmogorov-Smirnov test at
+  level ``LEVEL``;
+- for each target rate the threshold is calibrated again from the same scores (no refit) and
+  the test split is scored once: the achieved false-alarm rate on test/good, the recall on the
+  defect images, and the best recall of any threshold whose false-alarm rate on test/good is at
+  most the achieved one (so ``recall / best_recall`` says whether the threshold is needlessly high).
+
+Prints a markdown table and writes JSON (rows as in the table, plus the p-values' inputs).
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_few_images.py --methods patchcore,padim
+    python benchmarks/bench_few_images.py --methods padim --sizes 20 ../shared/data/visa/capsules
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import ks_2samp
+
+from common import SHARED_BOTTLE, add_methods_flag, write_rows
+from flawmap.calibration import CalibrationWarning
+from flawmap.cli import format_table
+from flawmap.data import open_dataset
+from flawmap.models import create_model
+
+#: The three kept categories beside the checkout.
+CATEGORIES = (SHARED_BOTTLE, SHARED_BOTTLE.parents[1] / "mvtec_ad" / "screw", SHARED_BOTTLE.parents[1] / "visa" / "capsules")
+#: Level of the two-sample test.
+LEVEL = 0.01
+COLUMNS = (
+    "category", "method", "n_train", "target_rate", "calibrated_rate", "achieved_rate", "recall", "best_recall",
+    "ks_p", "calibration_median", "unseen_good_median", "threshold", "estimator",
+)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("categories", nargs="*", type=Path, help="MVTec-layout categories (default: bottle, screw, capsules)")
+    add_methods_flag(parser, "patchcore,padim")
+    parser.add_argument("--sizes", default="20,40,all", help="training images per fit (default 20,40,all)")
+    parser.add_argument("--rates", default="0.05,0.01", help="target false-alarm rates (default 0.05,0.01)")
+    parser.add_argument("--extra-good", type=int, default=40, help="unused train/good images scored as unseen (default 40)")
+    parser.add_argument("--json", type=Path, default=Path("bench_few_images.json"), help="default ./bench_few_images.json")
+    args = parser.parse_args()
+    rates = [float(rate) for rate in args.rates.split(",")]
+    categories = args.categories or list(CATEGORIES)
+    rows = []
+    for category in categories:
+        for size in args.sizes.split(","):
+            for method in args.methods:
+                rows += measure(category, method, None if size == "all" else int(size), rates, args.extra_good)
+                print(format_table(rows[-len(rates):], list(COLUMNS)), file=sys.stderr, flush=True)
+                write_rows(args.json, categories[0], rows)
+    print(format_table(rows, list(COLUMNS)))
+    return 0
+
+
+def measure(category: Path, method: str, size: int | None, rates: list[float], extra_good: int) -> list[dict]:
+    """Fit on ``size`` training images (None: all); the two-sample check and, per rate, the
+    achieved false-alarm rate and recall on the test split."""
+    dataset = open_dataset(category)
+    order = np.random.default_rng(0).permutation(len(dataset.train))
+    train = [dataset.train[i] for i in order[:size]]
+    unused = [dataset.train[i] for i in order[len(train):]][:extra_good]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CalibrationWarning)
+        model = create_model(method).set_runtime(progress=False).fit(train)
+    predictions = model.predict(list(dataset.test))
+    scores = np.array([prediction.score for prediction in predictions])
+    anomalous = np.array([prediction.sample.is_anomalous for prediction in predictions])
+    unseen = np.concatenate([scores[~anomalous], [p.score for p in model.predict(unused)] if unused else []])
+    calibration_scores = np.asarray(model.calibration_scores_)
+    common = {
+        "category": dataset.name, "method": method, "n_train": len(train),
+        "ks_p": float(ks_2samp(calibration_scores, unseen).pvalue),
+        "calibration_median": float(np.median(calibration_scores)), "unseen_good_median": float(np.median(unseen)),
+        "n_calibration_scores": int(calibration_scores.size), "n_unseen_good": int(unseen.size),
+    }
+    rows = []
+    for rate in rates:
+        model.false_alarm_rate = rate
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CalibrationWarning)
+            calibration = model.calibrate_threshold()
+        achieved = float(np.mean(scores[~anomalous] > calibration.threshold))
+        rows.append({
+            **common,
+            "target_rate": rate,
+            "calibrated_rate": calibration.false_alarm_rate,
+            "achieved_rate": achieved,
+            "recall": float(np.mean(scores[anomalous] > calibration.threshold)),
+            "best_recall": best_recall(scores[~anomalous], scores[anomalous], achieved),
+            "threshold": calibration.threshold,
+            "threshold_interval": list(calibration.threshold_interval),
+            "estimator": calibration.estimator,
+        })
+    return rows
+
+
+def best_recall(good: np.ndarray, defect: np.ndarray, false_alarm_rate: float) -> float:
+    """The largest recall on ``defect`` scores of any threshold that flags at most
+    ``false_alarm_rate`` of the ``good`` scores."""
+    candidates = np.concatenate([good, [np.inf]])
+    allowed = [t for t in candidates if np.mean(good > t) <= false_alarm_rate]
+    return float(np.mean(defect > min(allowed)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
