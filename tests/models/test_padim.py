@@ -141,3 +141,16 @@ def test_left_out_distances_equal_gaussians_refitted_without_each_sample(n_sampl
 def test_rejects_bad_parameters(params):
     with pytest.raises(FlawmapError):
         Padim(**params).fit(random_images(0, 3))
+
+
+@pytest.mark.parametrize("epsilon", [0.01, 1e-4])
+def test_calibration_scores_are_those_of_models_refitted_without_each_image(epsilon):
+    """Fewer images (6) than features (24): each training image's calibration score is the score
+    of a PaDiM fitted on the other five (float32 scores and maps: rtol 1e-4)."""
+    images = random_images(0, 6)
+    model = quick_padim(epsilon=epsilon).set_runtime(precision="float32").fit(images)
+    refitted = [
+        quick_padim(epsilon=epsilon).set_runtime(precision="float32").fit(images[:i] + images[i + 1 :]).predict([images[i]])[0].score
+        for i in range(len(images))
+    ]
+    np.testing.assert_allclose(model.calibration_scores_, refitted, rtol=1e-4)
