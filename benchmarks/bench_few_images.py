@@ -13,15 +13,18 @@ or all of it), one model is fitted with default hyper-parameters. Then:
   defect images, and the best recall of any threshold whose false-alarm rate on test/good is at
   most the achieved one (so ``recall / best_recall`` says whether the threshold is needlessly high).
 
-Prints a markdown table and writes JSON (rows as in the table, plus the p-values' inputs).
+Prints a markdown table and writes JSON: the rows, and per fit the scores behind them
+(``--rescore`` recomputes the rows from those, e.g. after a change of the estimator, without fitting).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_few_images.py --methods patchcore,padim
     python benchmarks/bench_few_images.py --methods padim --sizes 20 ../shared/data/visa/capsules
+    python benchmarks/bench_few_images.py --rescore bench_few_images.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -29,8 +32,8 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import ks_2samp
 
-from common import SHARED_BOTTLE, add_methods_flag, write_rows
-from flawmap.calibration import CalibrationWarning
+from common import SHARED_BOTTLE, add_methods_flag
+from flawmap.calibration import CalibrationWarning, calibrate_threshold
 from flawmap.cli import format_table
 from flawmap.data import open_dataset
 from flawmap.models import create_model
@@ -53,55 +56,76 @@ def main() -> int:
     parser.add_argument("--rates", default="0.05,0.01", help="target false-alarm rates (default 0.05,0.01)")
     parser.add_argument("--extra-good", type=int, default=40, help="unused train/good images scored as unseen (default 40)")
     parser.add_argument("--json", type=Path, default=Path("bench_few_images.json"), help="default ./bench_few_images.json")
+    parser.add_argument("--rescore", type=Path, help="recompute the rows from the scores in this JSON (no fitting)")
     args = parser.parse_args()
     rates = [float(rate) for rate in args.rates.split(",")]
     categories = args.categories or list(CATEGORIES)
-    rows = []
-    for category in categories:
-        for size in args.sizes.split(","):
-            for method in args.methods:
-                rows += measure(category, method, None if size == "all" else int(size), rates, args.extra_good)
-                print(format_table(rows[-len(rates):], list(COLUMNS)), file=sys.stderr, flush=True)
-                write_rows(args.json, categories[0], rows)
+    if args.rescore:
+        fits = json.loads(args.rescore.read_text())["fits"]
+    else:
+        fits = []
+        for category in categories:
+            for size in distinct_sizes(category, args.sizes):
+                for method in args.methods:
+                    fits.append(measure(category, method, size, args.extra_good))
+                    print(format_table(rows_of(fits[-1], rates), list(COLUMNS)), file=sys.stderr, flush=True)
+    rows = [row for fit in fits for row in rows_of(fit, rates)]
     print(format_table(rows, list(COLUMNS)))
+    args.json.write_text(json.dumps({"level": LEVEL, "rows": rows, "fits": fits}, indent=1) + "\n")
+    print(f"\nwrote {args.json}")
     return 0
 
 
-def measure(category: Path, method: str, size: int | None, rates: list[float], extra_good: int) -> list[dict]:
-    """Fit on ``size`` training images (None: all); the two-sample check and, per rate, the
-    achieved false-alarm rate and recall on the test split."""
+def distinct_sizes(category: Path, sizes: str) -> list[int]:
+    """``"20,40,all"`` -> training-image counts for ``category``, each at most its train/good size, once."""
+    available = len(open_dataset(category).train)
+    counts = [available if size == "all" else min(int(size), available) for size in sizes.split(",")]
+    return sorted(set(counts))
+
+
+def measure(category: Path, method: str, size: int, extra_good: int) -> dict:
+    """Fit on ``size`` training images (a seeded random subset); the scores the rows need."""
     dataset = open_dataset(category)
     order = np.random.default_rng(0).permutation(len(dataset.train))
     train = [dataset.train[i] for i in order[:size]]
-    unused = [dataset.train[i] for i in order[len(train):]][:extra_good]
+    unused = [dataset.train[i] for i in order[size:]][:extra_good]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CalibrationWarning)
         model = create_model(method).set_runtime(progress=False).fit(train)
     predictions = model.predict(list(dataset.test))
-    scores = np.array([prediction.score for prediction in predictions])
-    anomalous = np.array([prediction.sample.is_anomalous for prediction in predictions])
-    unseen = np.concatenate([scores[~anomalous], [p.score for p in model.predict(unused)] if unused else []])
-    calibration_scores = np.asarray(model.calibration_scores_)
+    return {
+        "category": dataset.name, "method": method, "n_train": size,
+        "calibration_scores": list(model.calibration_scores_),
+        "test_good_scores": [p.score for p in predictions if not p.sample.is_anomalous],
+        "defect_scores": [p.score for p in predictions if p.sample.is_anomalous],
+        "unused_train_scores": [p.score for p in model.predict(unused)] if unused else [],
+    }
+
+
+def rows_of(fit: dict, rates: list[float]) -> list[dict]:
+    """The two-sample check and, per rate, the achieved false-alarm rate and recall of one fit."""
+    calibration_scores = np.asarray(fit["calibration_scores"])
+    good, defect = np.asarray(fit["test_good_scores"]), np.asarray(fit["defect_scores"])
+    unseen = np.concatenate([good, fit["unused_train_scores"]])
     common = {
-        "category": dataset.name, "method": method, "n_train": len(train),
+        "category": fit["category"], "method": fit["method"], "n_train": fit["n_train"],
         "ks_p": float(ks_2samp(calibration_scores, unseen).pvalue),
         "calibration_median": float(np.median(calibration_scores)), "unseen_good_median": float(np.median(unseen)),
         "n_calibration_scores": int(calibration_scores.size), "n_unseen_good": int(unseen.size),
     }
     rows = []
     for rate in rates:
-        model.false_alarm_rate = rate
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", CalibrationWarning)
-            calibration = model.calibrate_threshold()
-        achieved = float(np.mean(scores[~anomalous] > calibration.threshold))
+            calibration = calibrate_threshold(calibration_scores, rate, source="benchmark")
+        achieved = float(np.mean(good > calibration.threshold))
         rows.append({
             **common,
             "target_rate": rate,
             "calibrated_rate": calibration.false_alarm_rate,
             "achieved_rate": achieved,
-            "recall": float(np.mean(scores[anomalous] > calibration.threshold)),
-            "best_recall": best_recall(scores[~anomalous], scores[anomalous], achieved),
+            "recall": float(np.mean(defect > calibration.threshold)),
+            "best_recall": best_recall(good, defect, achieved),
             "threshold": calibration.threshold,
             "threshold_interval": list(calibration.threshold_interval),
             "estimator": calibration.estimator,

@@ -47,8 +47,9 @@ def test_a_rate_below_one_over_n_uses_the_tail_model_and_extrapolates():
 
 @pytest.mark.parametrize("n, rate", [(40, 0.05), (209, 0.01), (209, 0.05)])
 def test_calibrated_thresholds_meet_the_rate_on_average(n, rate):
+    """On average over calibrations (the tail model's threshold is predictive: module docstring)."""
     achieved = achieved_rates(n, rate)
-    assert rate * 0.7 <= np.median(achieved) <= rate * 1.3 and np.mean(achieved) <= rate * 1.5
+    assert rate * 0.7 <= np.mean(achieved) <= rate * 1.3
 
 
 def test_uncertainty_interval_brackets_the_threshold_and_narrows_with_more_scores():
@@ -116,14 +117,14 @@ def test_one_or_two_outliers_do_not_move_the_tail_threshold(n_outliers):
 
 
 def test_thresholds_from_twenty_scores_with_an_outlier_meet_the_rate_on_average():
-    """20 scores, one of them ten times too large: the 5 % threshold still flags about 5 % of
-    fresh normal scores (the mean excess let the outlier push it far past the data)."""
+    """20 scores, one of them ten times too large: the 5 % threshold still flags 5 % of fresh
+    normal scores on average (the mean excess let the outlier push it far past the data)."""
     fresh = normal_like(200_000, seed=999)
     achieved = np.array([
         np.mean(fresh > calibrate_threshold(with_outliers(normal_like(20, seed), 1), 0.05, source="test").threshold)
         for seed in range(60)
     ])
-    assert 0.025 <= np.median(achieved) <= 0.075 and np.mean(achieved) <= 0.1
+    assert 0.035 <= np.mean(achieved) <= 0.065
 
 
 def test_a_rate_the_scores_cannot_support_is_raised_to_the_smallest_supported_one():

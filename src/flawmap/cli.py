@@ -518,9 +518,11 @@ def run_fit(args: argparse.Namespace) -> None:
         model = create_model(method, runtime=_runtime(args), random_state=seed, **params)
         model.fit(data, skip_invalid=args.skip_invalid)
     model.save(out)
+    calibration = model.calibration_
+    raised = _raised_rate_note(calibration.requested_false_alarm_rate, calibration.n_scores)
     print(
         f"saved {model.method} model to {out} (threshold {model.threshold_:.4f} for a false-alarm rate of "
-        f"{model.false_alarm_rate:g}, {model.n_train_images_} training {'tiles' if model.tile_size else 'images'} in {model.n_fits_} "
+        f"{calibration.false_alarm_rate:g}{raised}, {model.n_train_images_} training {'tiles' if model.tile_size else 'images'} in {model.n_fits_} "
         f"fit{'s' if model.n_fits_ > 1 else ''}, fit {sum(model.fit_seconds_.values()):.1f} s)"
     )
 
@@ -556,6 +558,8 @@ def describe_model(model: AnomalyModel) -> dict[str, Any]:
         "n_fits": model.n_fits_,
         "threshold": model.threshold_,
         "false_alarm_rate": calibration.false_alarm_rate,
+        "requested_false_alarm_rate": calibration.requested_false_alarm_rate,
+        "smallest_supported_false_alarm_rate": calibration.smallest_supported_rate,
         "expected_false_alarm_rate_range": list(calibration.false_alarm_rate_interval),
         "threshold_interval_90": list(calibration.threshold_interval),
         "calibration": calibration.source,
@@ -574,6 +578,20 @@ def describe_model(model: AnomalyModel) -> dict[str, Any]:
     }
 
 
+def _raised_rate_note(requested: float | None, n_scores: int) -> str:
+    """``" (asked for R: N normal images support no lower rate)"``, or empty when ``requested`` is None."""
+    if requested is None:
+        return ""
+    return f" (asked for {requested:g}: {n_scores} normal images support no lower rate)"
+
+
+def _supported_rate_lines(supported: float | None, n_scores: int) -> list[str]:
+    """The smallest supported false-alarm rate as a line of ``info`` (none for older models)."""
+    if supported is None:
+        return []
+    return [f"smallest false-alarm rate {n_scores} normal scores support: {supported:.3g}"]
+
+
 def format_description(description: dict[str, Any]) -> str:
     """``flawmap info`` as readable lines."""
     params = ", ".join(f"{name}={value}" for name, value in description["params"].items())
@@ -586,7 +604,9 @@ def format_description(description: dict[str, Any]) -> str:
         f"parameters: {params}",
         f"trained on: {description['n_train_images']} images in {description['n_fits']} fit(s)",
         f"threshold: {description['threshold']:.6g} (90% interval {low:.6g} .. {high:.6g})",
-        f"false-alarm rate: target {description['false_alarm_rate']:g}, expected {rate_low:.3g} .. {rate_high:.3g}",
+        f"false-alarm rate: target {description['false_alarm_rate']:g}, expected {rate_low:.3g} .. {rate_high:.3g}"
+        + _raised_rate_note(description["requested_false_alarm_rate"], description["n_normal_scores"]),
+        *_supported_rate_lines(description["smallest_supported_false_alarm_rate"], description["n_normal_scores"]),
         f"calibrated on: {description['calibration']}; {description['estimator']} quantile of "
         f"{description['n_normal_scores']} normal scores",
         f"pixel threshold: {description['pixel_threshold']:.6g} (90% interval {pixel_low:.6g} .. {pixel_high:.6g}): "
@@ -636,7 +656,7 @@ def run_calibrate(args: argparse.Namespace) -> None:
     calibration = model.calibration_
     print(
         f"{'restored' if args.restore else 'calibrated'} {out}: threshold {calibration.threshold:.4f} for a false-alarm rate of "
-        f"{calibration.false_alarm_rate:g} ({calibration.estimator} quantile of {calibration.n_scores} normal images; "
+        f"{calibration.false_alarm_rate:g}{_raised_rate_note(calibration.requested_false_alarm_rate, calibration.n_scores)} ({calibration.estimator} quantile of {calibration.n_scores} normal images; "
         f"{len(model.calibration_history_)} earlier calibration(s) kept, `flawmap calibrate {out} --restore` puts the last back)"
     )
 
