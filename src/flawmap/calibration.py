@@ -223,6 +223,7 @@ def smallest_supported_rate(n_scores: int) -> float:
 
 def images_needed(rate: float) -> int:
     """The fewest normal scores whose :func:`smallest_supported_rate` is at most ``rate``."""
+    # the tolerance keeps a rate such as exactly 1 / 39 from rounding up past its 12 scores
     return max(1, math.ceil(1.0 / (MAX_EXTRAPOLATION * rate) - 1.0 - 1e-9))
 
 
