@@ -170,7 +170,7 @@ def left_out_distances(samples: torch.Tensor, gaussians: GaussianAccumulator, ep
     if n < 3:
         return mahalanobis_distances(samples, gaussians.mean(), regularised_inverse(gaussians.covariance(), epsilon))
     inverse = regularised_inverse(gaussians.covariance(), epsilon * (n - 2) / (n - 1))
-    squared = mahalanobis_distances(samples.double(), gaussians.mean(), inverse).square()
+    squared = mahalanobis_distances(samples, gaussians.mean(), inverse).square()  # float64, as the moments
     # 1 - leverage > 0 exactly: it is a ratio of determinants of positive definite matrices
     leverage = (n / (n - 1) ** 2 * squared).clamp_max(1.0 - torch.finfo(torch.float64).eps)
     return ((n / (n - 1)) ** 2 * (n - 2) / (n - 1) * squared / (1.0 - leverage)).sqrt()
