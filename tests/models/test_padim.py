@@ -7,7 +7,9 @@ from scipy.spatial.distance import mahalanobis
 import flawmap
 from flawmap.errors import FlawmapError
 from flawmap.io import read_tensor_file
-from flawmap.models.padim import GaussianAccumulator, Padim, left_out_distances, mahalanobis_distances, regularised_inverse
+from flawmap.models.padim import (
+    GaussianAccumulator, Padim, left_out_distances, left_out_factors, mahalanobis_distances, regularised_inverse,
+)
 
 
 def correlated_samples(rng: np.random.Generator, n_samples: int, n_positions: int, n_dims: int) -> np.ndarray:
@@ -129,7 +131,7 @@ def test_left_out_distances_equal_gaussians_refitted_without_each_sample(n_sampl
     samples = torch.from_numpy(correlated_samples(np.random.default_rng(0), n_samples, 3, 8)).float()  # N, P, D
     full = GaussianAccumulator()
     full.add(samples)
-    left_out = left_out_distances(samples, full, epsilon)
+    left_out = left_out_distances(samples, full, left_out_factors(full, epsilon))
     for i in range(n_samples):
         others = GaussianAccumulator()
         others.add(torch.cat([samples[:i], samples[i + 1 :]]))

@@ -121,10 +121,15 @@ def _upper_triangle(n_dims: int) -> torch.Tensor:
     return rows * n_dims + columns
 
 
+def regularised_cholesky(covariances: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Lower Cholesky factors (P, D, D) of ``Sigma + epsilon I`` for a stack of covariances (P, D, D)."""
+    identity = torch.eye(covariances.shape[-1], dtype=covariances.dtype)
+    return torch.linalg.cholesky(covariances + epsilon * identity)
+
+
 def regularised_inverse(covariances: torch.Tensor, epsilon: float) -> torch.Tensor:
     """``(Sigma + epsilon I)^-1`` for a stack of covariances (P, D, D), via Cholesky factors."""
-    identity = torch.eye(covariances.shape[-1], dtype=covariances.dtype)
-    return torch.cholesky_inverse(torch.linalg.cholesky(covariances + epsilon * identity))
+    return torch.cholesky_inverse(regularised_cholesky(covariances, epsilon))
 
 
 def mahalanobis_distances(
@@ -148,7 +153,15 @@ def mahalanobis_distances(
     return squared.clamp_min_(0).sqrt_().T
 
 
-def left_out_distances(samples: torch.Tensor, gaussians: GaussianAccumulator, epsilon: float) -> torch.Tensor:
+def left_out_factors(gaussians: GaussianAccumulator, epsilon: float) -> torch.Tensor:
+    """What :func:`left_out_distances` needs of the Gaussians of all N samples: the Cholesky
+    factors (P, D, D), float64, of their covariances regularised with ``eps (N - 2) / (N - 1)``
+    (module docstring; with N < 3, with ``eps``)."""
+    n = gaussians.count
+    return regularised_cholesky(gaussians.covariance(), epsilon * (n - 2) / (n - 1) if n >= 3 else epsilon)
+
+
+def left_out_distances(samples: torch.Tensor, gaussians: GaussianAccumulator, factors: torch.Tensor) -> torch.Tensor:
     """Mahalanobis distance of each training sample to its position's Gaussian fitted without it
     (module docstring), in float64.
 
@@ -157,20 +170,20 @@ def left_out_distances(samples: torch.Tensor, gaussians: GaussianAccumulator, ep
     samples : Tensor of shape (B, P, D)
         Samples that ``gaussians`` accumulated.
     gaussians : GaussianAccumulator
-        Moments of all N training samples, N >= 3 (with fewer, left-out covariances do not exist
-        and the distances to the Gaussians of all N are returned).
-    epsilon : float
-        The regularisation ``eps`` of the left-out covariances.
+        Moments of all N training samples. With N < 3 left-out covariances do not exist, and the
+        distances to the Gaussians of all N are returned.
+    factors : Tensor of shape (P, D, D)
+        :func:`left_out_factors` of ``gaussians`` and the regularisation ``eps``.
 
     Returns
     -------
     Tensor of shape (B, P), float64
     """
+    deviations = (samples.to(torch.float64) - gaussians.mean()).permute(1, 2, 0)  # (P, D, B)
+    squared = torch.linalg.solve_triangular(factors, deviations, upper=False).square().sum(dim=1).T  # a^2, (B, P)
     n = gaussians.count
     if n < 3:
-        return mahalanobis_distances(samples, gaussians.mean(), regularised_inverse(gaussians.covariance(), epsilon))
-    inverse = regularised_inverse(gaussians.covariance(), epsilon * (n - 2) / (n - 1))
-    squared = mahalanobis_distances(samples, gaussians.mean(), inverse).square()  # float64, as the moments
+        return squared.sqrt()
     # 1 - leverage > 0 exactly: it is a ratio of determinants of positive definite matrices
     leverage = (n / (n - 1) ** 2 * squared).clamp_max(1.0 - torch.finfo(torch.float64).eps)
     return ((n / (n - 1)) ** 2 * (n - 2) / (n - 1) * squared / (1.0 - leverage)).sqrt()
@@ -262,13 +275,16 @@ class Padim(AnomalyModel):
     def _left_out_grid(self, features: torch.Tensor) -> torch.Tensor:
         """Features (B, d, h, w) of images in the moments -> their :func:`left_out_distances`
         (B, h, w), float32 on the features' device."""
+        if self._left_out_factors is None:  # once per fit: the covariances' factors are the costly part
+            self._left_out_factors = left_out_factors(self.gaussians_, self.epsilon)
         n_images, _, grid_h, grid_w = features.shape
-        distances = left_out_distances(flatten_positions(features).cpu(), self.gaussians_, self.epsilon)
+        distances = left_out_distances(flatten_positions(features).cpu(), self.gaussians_, self._left_out_factors)
         return distances.float().view(n_images, grid_h, grid_w).to(features.device)
 
     def _set_gaussians(self, gaussians: GaussianAccumulator) -> None:
         """Keep ``gaussians`` as the fitted moments; derive the scorer's means and inverses."""
         self.gaussians_ = gaussians
+        self._left_out_factors: torch.Tensor | None = None  # (P, d, d) float64, made on first use
         self.scorer_.means = gaussians.mean().float()
         self.scorer_.inverse_covariances = regularised_inverse(gaussians.covariance(), self.epsilon).float()
 
