@@ -73,9 +73,16 @@ def main() -> int:
                     print(format_table(rows_of(fits[-1], rates), list(COLUMNS)), file=sys.stderr, flush=True)
     rows = [row for fit in fits for row in rows_of(fit, rates)]
     print(format_table(rows, list(COLUMNS)))
-    args.json.write_text(json.dumps({"level": LEVEL, "rows": rows, "fits": fits}, indent=1) + "\n")
+    args.json.write_text(results_json(rows, fits))
     print(f"\nwrote {args.json}")
     return 0
+
+
+def results_json(rows: list[dict], fits: list[dict]) -> str:
+    """The rows one field a line, the fits (long score lists) one a line."""
+    head = json.dumps({"level": LEVEL, "rows": rows}, indent=1)
+    fit_lines = ",\n  ".join(json.dumps(fit) for fit in fits)
+    return head[: -len("\n}")] + f',\n "fits": [\n  {fit_lines}\n ]\n}}\n'
 
 
 def distinct_sizes(category: Path, sizes: str) -> list[int]:
