@@ -8,7 +8,9 @@ from flawmap.calibration import (
     Calibration,
     CalibrationWarning,
     calibrate_threshold,
+    images_needed,
     quantile_estimate,
+    smallest_supported_rate,
     survival,
 )
 from flawmap.errors import FlawmapError
@@ -45,8 +47,9 @@ def test_a_rate_below_one_over_n_uses_the_tail_model_and_extrapolates():
 
 @pytest.mark.parametrize("n, rate", [(40, 0.05), (209, 0.01), (209, 0.05)])
 def test_calibrated_thresholds_meet_the_rate_on_average(n, rate):
+    """On average over calibrations (the tail model's threshold is predictive: module docstring)."""
     achieved = achieved_rates(n, rate)
-    assert rate * 0.7 <= np.median(achieved) <= rate * 1.3 and np.mean(achieved) <= rate * 1.5
+    assert rate * 0.7 <= np.mean(achieved) <= rate * 1.3
 
 
 def test_uncertainty_interval_brackets_the_threshold_and_narrows_with_more_scores():
@@ -62,7 +65,7 @@ def test_uncertainty_interval_brackets_the_threshold_and_narrows_with_more_score
 
 def test_few_scores_warn_and_many_do_not(recwarn):
     with pytest.warns(CalibrationWarning, match="only 5 normal images"):
-        calibrate_threshold(normal_like(5), 0.05, source="test")
+        calibrate_threshold(normal_like(5), 0.1, source="test")
     calibrate_threshold(normal_like(MIN_RELIABLE_SCORES), 0.05, source="test")
     assert not [w for w in recwarn if issubclass(w.category, CalibrationWarning)]
 
@@ -90,3 +93,60 @@ def test_json_round_trip_and_malformed_record():
     assert Calibration.from_json(calibration.to_json()) == calibration
     with pytest.raises(ValueError, match="malformed"):
         Calibration.from_json({"threshold": "high"})
+
+
+def with_outliers(scores: np.ndarray, n_outliers: int, factor: float = 10.0) -> np.ndarray:
+    """``scores`` with its ``n_outliers`` largest values multiplied by ``factor``."""
+    contaminated = np.sort(scores)
+    contaminated[contaminated.size - n_outliers :] *= factor
+    return contaminated
+
+
+@pytest.mark.parametrize("n_outliers", [1, 2])
+def test_one_or_two_outliers_do_not_move_the_tail_threshold(n_outliers):
+    """Few scores, a rate that needs the tail model: the largest scores made ten times larger
+    leave the threshold where it was."""
+    clean = np.sort(normal_like(24))
+    contaminated = with_outliers(clean, n_outliers)
+    threshold, estimator = quantile_estimate(clean, 0.05)
+    assert estimator == "exponential tail"
+    assert quantile_estimate(contaminated, 0.05)[0] == pytest.approx(threshold, rel=1e-12)
+    calibration = calibrate_threshold(contaminated, 0.05, source="test")
+    assert calibration.threshold == pytest.approx(threshold, rel=1e-12)
+    assert calibration.threshold_interval[0] <= threshold <= calibration.threshold_interval[1]
+
+
+def test_thresholds_from_twenty_scores_with_an_outlier_meet_the_rate_on_average():
+    """20 scores, one of them ten times too large: the 5 % threshold still flags 5 % of fresh
+    normal scores on average (the mean excess let the outlier push it far past the data)."""
+    fresh = normal_like(200_000, seed=999)
+    achieved = np.array([
+        np.mean(fresh > calibrate_threshold(with_outliers(normal_like(20, seed), 1), 0.05, source="test").threshold)
+        for seed in range(60)
+    ])
+    assert 0.035 <= np.mean(achieved) <= 0.065
+
+
+def test_a_rate_the_scores_cannot_support_is_raised_to_the_smallest_supported_one():
+    scores = normal_like(20)
+    with pytest.warns(CalibrationWarning, match="needs at least 33 normal images"):
+        calibration = calibrate_threshold(scores, 0.01, source="test")
+    supported = smallest_supported_rate(20)
+    assert calibration.false_alarm_rate == supported > 0.01
+    assert calibration.requested_false_alarm_rate == 0.01 and calibration.smallest_supported_rate == supported
+    assert calibration.threshold == pytest.approx(quantile_estimate(np.sort(scores), supported)[0])
+    assert calibration.threshold < scores.max() + 3 * (scores.max() - np.median(scores))  # no far extrapolation
+    assert calibrate_threshold(scores, 0.05, source="test").requested_false_alarm_rate is None
+
+
+@pytest.mark.parametrize("rate", [0.001, 0.01, 0.013, 0.05])
+def test_images_needed_is_the_fewest_that_support_a_rate(rate):
+    n = images_needed(rate)
+    assert smallest_supported_rate(n) <= rate < smallest_supported_rate(n - 1)
+
+
+def test_records_saved_before_the_supported_rate_was_recorded_load():
+    document = calibrate_threshold(normal_like(30), 0.05, source="held-out").to_json()
+    del document["requested_false_alarm_rate"], document["smallest_supported_rate"]
+    calibration = Calibration.from_json(document)
+    assert calibration.smallest_supported_rate is None and calibration.requested_false_alarm_rate is None

@@ -566,9 +566,10 @@ def run_fit(args: argparse.Namespace) -> None:
         model = create_model(method, runtime=_runtime(args), random_state=seed, **params)
         model.fit(data, skip_invalid=args.skip_invalid)
     model.save(out)
+    calibration = model.calibration_
     print(
         f"saved {model.method} model to {out} (threshold {model.threshold_:.4f} for a false-alarm rate of "
-        f"{model.false_alarm_rate:g}, {model.n_train_images_} training {'tiles' if model.tile_size else 'images'} in {model.n_fits_} "
+        f"{calibration.false_alarm_rate:g}{calibration.raised_note()}, {model.n_train_images_} training {'tiles' if model.tile_size else 'images'} in {model.n_fits_} "
         f"fit{'s' if model.n_fits_ > 1 else ''}, fit {sum(model.fit_seconds_.values()):.1f} s)"
     )
 
@@ -622,7 +623,7 @@ def run_calibrate(args: argparse.Namespace) -> None:
     calibration = model.calibration_
     print(
         f"{'restored' if args.restore else 'calibrated'} {out}: threshold {calibration.threshold:.4f} for a false-alarm rate of "
-        f"{calibration.false_alarm_rate:g} ({calibration.estimator} quantile of {calibration.n_scores} normal images; "
+        f"{calibration.false_alarm_rate:g}{calibration.raised_note()} ({calibration.estimator} quantile of {calibration.n_scores} normal images; "
         f"{len(model.calibration_history_)} earlier calibration(s) kept, `flawmap calibrate {out} --restore` puts the last back)"
     )
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from flawmap import io
+from flawmap.calibration import raised_rate_note
 from flawmap.onnx_model import OnnxModel
 from flawmap.prediction import Predictor
 
@@ -30,7 +31,8 @@ NOT_RECORDED = "not recorded"
 #: The card's training and calibration values: what a torch model knows first hand, and an
 #: export carries in its metadata.
 _FITTED_RECORD = (
-    "n_train_images", "n_fits", "fit_seconds", "false_alarm_rate", "threshold_interval_90", "expected_false_alarm_rate_range",
+    "n_train_images", "n_fits", "fit_seconds", "false_alarm_rate", "requested_false_alarm_rate",
+    "smallest_supported_false_alarm_rate", "threshold_interval_90", "expected_false_alarm_rate_range",
     "calibration", "estimator", "n_normal_scores", "pixel_threshold_interval_90", "expected_images_with_regions_range",
     "n_training_digests", "calibration_history",
 )
@@ -52,6 +54,8 @@ class ModelCard:
     format_version, saved_by_flawmap : the file format's version and the flawmap that wrote it.
     n_train_images, n_fits, fit_seconds : training images (tiles of a tiled model), fits, seconds of the last fit.
     threshold, false_alarm_rate : the image-score threshold and its target share of normal images flagged.
+    requested_false_alarm_rate, smallest_supported_false_alarm_rate : the rate asked for when it was raised to the
+        smallest one the normal scores support (else None), and that smallest rate (None in older models).
     threshold_interval_90, expected_false_alarm_rate_range : its 90 % bootstrap interval and the rates it implies.
     calibration, estimator, n_normal_scores : where its normal scores came from, the quantile estimator, how many.
     pixel_threshold : the map level above which regions are drawn;
@@ -81,6 +85,8 @@ class ModelCard:
     fit_seconds: float | None
     threshold: float
     false_alarm_rate: float | None
+    requested_false_alarm_rate: float | None
+    smallest_supported_false_alarm_rate: float | None
     threshold_interval_90: list[float] | None
     expected_false_alarm_rate_range: list[float] | None
     calibration: str | None
@@ -153,7 +159,11 @@ class ModelCard:
         if self.false_alarm_rate is None:
             return NOT_RECORDED
         expected = self.expected_false_alarm_rate_range
-        return f"target {self.false_alarm_rate:g}" + (f", expected {expected[0]:.3g} .. {expected[1]:.3g}" if expected else "")
+        text = f"target {self.false_alarm_rate:g}" + (f", expected {expected[0]:.3g} .. {expected[1]:.3g}" if expected else "")
+        text += raised_rate_note(self.requested_false_alarm_rate, self.n_normal_scores)
+        if self.smallest_supported_false_alarm_rate is not None:
+            text += f"; smallest rate {self.n_normal_scores} normal scores support: {self.smallest_supported_false_alarm_rate:.3g}"
+        return text
 
     def _calibrated_on(self) -> str:
         if self.calibration is None:
@@ -237,6 +247,8 @@ def _fitted(model: Any) -> dict[str, Any]:
         "n_fits": model.n_fits_,
         "fit_seconds": sum(model.fit_seconds_.values()) if model.fit_seconds_ else None,
         "false_alarm_rate": calibration.false_alarm_rate,
+        "requested_false_alarm_rate": calibration.requested_false_alarm_rate,
+        "smallest_supported_false_alarm_rate": calibration.smallest_supported_rate,
         "threshold_interval_90": list(calibration.threshold_interval),
         "expected_false_alarm_rate_range": list(calibration.false_alarm_rate_interval),
         "calibration": calibration.source,

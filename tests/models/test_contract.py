@@ -9,6 +9,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from scipy.stats import ks_2samp
 
 from conftest import assert_same_predictions
 from flawmap.data import open_dataset
@@ -19,8 +20,8 @@ from flawmap.models.base import MethodTraits
 ALL_METHODS = METHODS.names()
 
 
-def quick_model(method: str) -> AnomalyModel:
-    return create_model(method, **METHODS.get(method).quick_params).set_runtime(batch_size=4, num_workers=1)
+def quick_model(method: str, **params) -> AnomalyModel:
+    return create_model(method, **METHODS.get(method).quick_params, **params).set_runtime(batch_size=4, num_workers=1)
 
 
 def n_held_out(model: AnomalyModel) -> int:
@@ -214,6 +215,21 @@ def test_calibration_scores_are_out_of_sample(method, fitted, tiny_dataset):
     left_out = np.array(model.calibration_scores_)
     assert left_out.shape == in_sample.shape
     assert (left_out >= in_sample - 1e-4 * np.abs(in_sample)).all() and (left_out > in_sample).mean() > 0.5
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_calibration_scores_match_the_scores_of_unseen_good_images(method, fitted, tiny_dataset, new_good_images):
+    """Out of sample means what it says: the normal scores the threshold is calibrated on and the
+    scores of good images the model never saw come from one distribution (two-sided
+    Kolmogorov-Smirnov test at level 0.01; on real categories: benchmarks/bench_few_images.py).
+    Methods that hold out hold out half of the images here, so that both samples are several."""
+    if METHODS.get(method).traits.cross_fits:
+        model = fitted(method)  # 12 training images, fewer than PaDiM's 24 features: n <= d
+    else:
+        model = quick_model(method, calibration_fraction=0.5).fit(tiny_dataset)
+    unseen = [prediction.score for prediction in model.predict(sorted(new_good_images.glob("*.png")))]
+    assert len(model.calibration_scores_) >= 4
+    assert ks_2samp(model.calibration_scores_, unseen).pvalue >= 0.01
 
 
 def test_skip_invalid_never_aborts_because_the_held_out_images_were_skipped(tiny_dataset, tmp_path):

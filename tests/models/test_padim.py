@@ -7,7 +7,9 @@ from scipy.spatial.distance import mahalanobis
 import flawmap
 from flawmap.errors import FlawmapError
 from flawmap.io import read_tensor_file
-from flawmap.models.padim import GaussianAccumulator, Padim, left_out_distances, mahalanobis_distances, regularised_inverse
+from flawmap.models.padim import (
+    GaussianAccumulator, Padim, left_out_distances, left_out_factors, mahalanobis_distances, regularised_inverse,
+)
 
 
 def correlated_samples(rng: np.random.Generator, n_samples: int, n_positions: int, n_dims: int) -> np.ndarray:
@@ -122,23 +124,35 @@ def test_partial_fit_on_the_second_half_equals_one_fit_on_all(through_save, tmp_
     assert_same_predictions(full, updated, random_images(1, 2))
 
 
-def test_left_out_distances_equal_gaussians_refitted_without_each_sample():
-    """The closed form (Sherman-Morrison) against explicit leave-one-out refits, tiny epsilon."""
-    generator = torch.Generator().manual_seed(0)
-    samples = torch.randn(12, 3, 4, generator=generator, dtype=torch.float64)  # N, P positions, D dims
-    epsilon = 1e-9
+@pytest.mark.parametrize(("n_samples", "epsilon"), [(12, 1e-9), (12, 0.5), (6, 0.01)], ids=["n>d", "n>d-eps", "n<=d"])
+def test_left_out_distances_equal_gaussians_refitted_without_each_sample(n_samples, epsilon):
+    """The closed form (Sherman-Morrison) against explicit leave-one-out refits with the same
+    epsilon, also with fewer samples than dimensions, from float32 samples as PaDiM's features are."""
+    samples = torch.from_numpy(correlated_samples(np.random.default_rng(0), n_samples, 3, 8)).float()  # N, P, D
     full = GaussianAccumulator()
     full.add(samples)
-    inverse = regularised_inverse(full.covariance(), epsilon)
-    distances = mahalanobis_distances(samples, full.mean(), inverse)
-    for i in range(samples.shape[0]):
+    left_out = left_out_distances(samples, full, left_out_factors(full, epsilon))
+    for i in range(n_samples):
         others = GaussianAccumulator()
         others.add(torch.cat([samples[:i], samples[i + 1 :]]))
         refit = mahalanobis_distances(samples[i : i + 1], others.mean(), regularised_inverse(others.covariance(), epsilon))
-        torch.testing.assert_close(left_out_distances(distances[i : i + 1], 12), refit, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(left_out[i : i + 1], refit, rtol=1e-7, atol=0)
 
 
 @pytest.mark.parametrize("params", [{"n_features": 0}, {"epsilon": 0.0}])
 def test_rejects_bad_parameters(params):
     with pytest.raises(FlawmapError):
         Padim(**params).fit(random_images(0, 3))
+
+
+@pytest.mark.parametrize("epsilon", [0.01, 1e-4])
+def test_calibration_scores_are_those_of_models_refitted_without_each_image(epsilon):
+    """Fewer images (6) than features (24): each training image's calibration score is the score
+    of a PaDiM fitted on the other five (float32 scores and maps: rtol 1e-4)."""
+    images = random_images(0, 6)
+    model = quick_padim(epsilon=epsilon).set_runtime(precision="float32").fit(images)
+    refitted = [
+        quick_padim(epsilon=epsilon).set_runtime(precision="float32").fit(images[:i] + images[i + 1 :]).predict([images[i]])[0].score
+        for i in range(len(images))
+    ]
+    np.testing.assert_allclose(model.calibration_scores_, refitted, rtol=1e-4)

@@ -217,7 +217,7 @@ from flawmap.models.methods import register_method
 from flawmap.models.scorer import PatchScores
 from flawmap.models.calibrators import Calibrator, CrossFit, HoldOut, TiledHoldOut
 from flawmap.models.padim import (
-    GaussianAccumulator, Padim, PadimScorer, left_out_distances, mahalanobis_distances, regularised_inverse,
+    GaussianAccumulator, Padim, PadimScorer, mahalanobis_distances, regularised_inverse,
 )
 from flawmap.models.trained import check_training_params
 from flawmap.training import seeded_init, train
@@ -511,13 +511,19 @@ class FydScorer(PadimScorer):
         selected = fused.index_select(1, self.channel_indices)
         return AlignedFeatures(self.alignment.projector(fused, selected), selected, theta, poses)
 
-    def aligned_distances(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images (B, 3, S, S) -> (Mahalanobis distances (B, S/8, S/8) in the aligned frame, the
+    def aligned_embedding(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, 3, S, S) -> (projected features (B, d, S/8, S/8) in the aligned frame, the
         map from the aligned frame to the input frame (B, 2, 3): the finest level's warp, then
         the image's)."""
         first_level, image_theta = self.first_level(images)
         aligned = self.aligned_features(first_level)
-        return super().score(aligned.projected).patch_scores, compose(image_theta, aligned.theta)
+        return aligned.projected, compose(image_theta, aligned.theta)
+
+    def aligned_distances(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, 3, S, S) -> (Mahalanobis distances (B, S/8, S/8) in the aligned frame, the
+        map from the aligned frame to the input frame (B, 2, 3))."""
+        features, theta = self.aligned_embedding(images)
+        return super().score(features).patch_scores, theta
 
     def score(self, images: torch.Tensor) -> PatchScores:
         """Images (B, 3, S, S) -> Mahalanobis distances (B, S/8, S/8) in the input frame."""
@@ -601,6 +607,11 @@ class Fyd(Padim):
             with seeded_init(self.random_state):  # the transformers' and the projector's initial weights
                 alignment = Alignment(shapes, self.image_size, self.max_rotation, self.max_shift, len(channel_indices))
         return FydScorer(backbone, taps, channel_indices, alignment)
+
+    def _left_out_scores(self, features: torch.Tensor, image_ids: torch.Tensor) -> PatchScores:
+        """``align=False``: ``features`` are the images (B, 3, S, S); PaDiM's leave-one-out
+        distances of their PaDiM features."""
+        return super()._left_out_scores(self.scorer_.padim_features(features), image_ids)
 
     def _calibrator_class(self) -> type[Calibrator]:
         """Only ``align=False`` (PaDiM) cross-fits: the aligned model's networks learn from the
@@ -755,8 +766,8 @@ class Fyd(Padim):
         :func:`~flawmap.models.padim.left_out_distances`, in the aligned frame), mapped to the
         input frame and postprocessed as in prediction: image scores (B,), maps (B, S, S)."""
         with torch.inference_mode():
-            distances, theta = self.scorer_.aligned_distances(images.to(self.runtime.torch_device))
-            left_out = left_out_distances(distances, self.gaussians_.count)
+            features, theta = self.scorer_.aligned_embedding(images.to(self.runtime.torch_device))
+            left_out = self._left_out_grid(features)
             return self._postprocess(PatchScores(self.scorer_.alignment.to_input_frame(left_out, theta)))
 
     def _mapped(self, data: torch.Tensor, function: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[torch.Tensor]:
