@@ -257,7 +257,7 @@ def test_info_describes_the_model_and_its_calibration(capsys, tiny_model_dir):
     assert "cross-fit" in out and "12 normal scores" in out
     # 12 scores support a rate of 1 / 39 at best (flawmap.calibration.smallest_supported_rate): the 1 % asked is raised
     assert f"false-alarm rate: target {1 / 39:g}, expected" in out and "(asked for 0.01: 12 normal images support no lower rate)" in out
-    assert f"smallest false-alarm rate 12 normal scores support: {1 / 39:.3g}" in out
+    assert f"smallest rate 12 normal scores support: {1 / 39:.3g}" in out
     assert "pixel threshold: " in out and "good images with any region expected" in out
     code, out, _ = run_cli(capsys, "info", tiny_model_dir, "--json", "-")
     description = json.loads(out)  # stdout holds the JSON only
