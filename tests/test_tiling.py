@@ -3,6 +3,7 @@
 
 import itertools
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,14 +13,25 @@ from test_export import assert_parity
 from test_onnx_model import with_metadata
 
 import flawmap
+from flawmap.calibration import CalibrationWarning
 from flawmap.cli import main
+from flawmap.data import Sample
+from flawmap.data.loader import DecodedImage
 from flawmap.errors import FlawmapError
 from flawmap.tiling import Tiling
 
 
-def pixel_scorer(tiles):
+def pixel_scorer(tiles, _images=None):
     """A fake model whose map is the tile's red channel and whose score is the tile's mean."""
     return tiles.mean(axis=(1, 2, 3)), tiles[:, 0].copy()
+
+
+def score_image(tiling, pixels, scorer, batch_size):
+    """The score and stitched map of one ``H x W x 3`` uint8 image."""
+    image = DecodedImage(Sample(Path("one.png")), pixels, pixels.shape[:2], None)
+    ((scored, score, stitched),) = tiling.score_images([image], scorer, batch_size)
+    assert scored is image
+    return score, stitched
 
 
 @pytest.mark.parametrize("height, width", [(300, 200), (64, 64), (65, 250), (40, 100), (1, 7)])
@@ -53,7 +65,7 @@ def test_stitching_puts_every_tile_map_back_where_it_came_from(height, width, ov
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
     tiling = Tiling(64, overlap, 64)
-    score, stitched = tiling.score_image(image, pixel_scorer, batch_size=5)
+    score, stitched = score_image(tiling, image, pixel_scorer, batch_size=5)
     assert stitched.shape == (height, width)
     np.testing.assert_allclose(stitched, image[:, :, 0] / 255.0, atol=1e-5)
     padded = tiling.pad(image)
@@ -62,14 +74,14 @@ def test_stitching_puts_every_tile_map_back_where_it_came_from(height, width, ov
 
 
 def test_constant_tile_maps_stitch_to_a_constant_map():
-    constant = lambda tiles: (np.zeros(len(tiles)), np.full((len(tiles), 32, 32), 2.5, dtype=np.float32))
-    _, stitched = Tiling(64, 16, 32).score_image(np.zeros((200, 130, 3), dtype=np.uint8), constant, batch_size=3)
+    constant = lambda tiles, _: (np.zeros(len(tiles)), np.full((len(tiles), 32, 32), 2.5, dtype=np.float32))
+    _, stitched = score_image(Tiling(64, 16, 32), np.zeros((200, 130, 3), dtype=np.uint8), constant, batch_size=3)
     np.testing.assert_allclose(stitched, 2.5, rtol=1e-6)
 
 
 def test_tiles_are_resized_when_the_network_size_differs():
     gradient = np.broadcast_to(np.linspace(0, 255, 200)[None, :, None], (120, 200, 3)).astype(np.uint8)
-    _, stitched = Tiling(64, 16, 32).score_image(gradient, pixel_scorer, batch_size=4)
+    _, stitched = score_image(Tiling(64, 16, 32), gradient, pixel_scorer, batch_size=4)
     np.testing.assert_allclose(stitched, gradient[:, :, 0] / 255.0, atol=0.02)
 
 
@@ -112,14 +124,34 @@ def test_cli_predict_with_a_tiled_model_keeps_the_native_size(tiled_dir, tiny_da
         assert overlay.width == 2 * 150  # the image and its map side by side, at the image's own size
 
 
-def test_training_learns_every_tile_and_calibrates_on_whole_held_out_images(tiled, tiny_dataset):
+def test_training_learns_every_tile_and_calibrates_on_every_whole_training_image(tiled, tiny_dataset):
     train = sorted((tiny_dataset / "train" / "good").glob("*.png"))
-    n_held = len(tiled.calibration_scores_)
-    assert n_held >= 1 and tiled.n_train_images_ == 4 * (len(train) - n_held)  # 2 x 2 tiles of 96 px
-    assert tiled.calibration_images_.shape[1:] == (3, 64, 64) and "tiled and scored whole" in tiled.calibration_.source
-    whole_scores = [prediction.score for prediction in tiled.predict(train)]
-    for calibration_score in tiled.calibration_scores_:  # out-of-sample whole-image scores, as predicted
-        assert min(abs(calibration_score - score) for score in whole_scores) <= 1e-5 * abs(calibration_score)
+    assert tiled.n_train_images_ == 4 * len(train) and len(tiled.calibration_scores_) == len(train)  # 2 x 2 tiles of 96 px
+    assert tiled.calibration_images_.shape[1:] == (3, 64, 64) and "(all its tiles), tiled and scored whole" in tiled.calibration_.source
+    assert (tiled.tile_size_, tiled.tiling_reason_) == (64, "tiles of 64 px as given")
+
+
+@pytest.mark.parametrize("method, params", [("patchcore", {"coreset_fraction": 1.0}), ("spade", {})])
+def test_a_left_out_score_is_the_score_of_the_model_fitted_without_that_image(method, params, tiny_dataset):
+    """Cross-fitted tiled calibration: each training image's normal score (and map maximum) is
+    exactly what a model fitted on the other images gives it as a new image, all of its tiles
+    left out (a bank of all patches, so the two models hold the same rows)."""
+    images = []
+    for path in sorted((tiny_dataset / "train" / "good").glob("*.png"))[:4]:
+        with Image.open(path) as source:
+            images.append(np.asarray(source.convert("RGB").resize((150, 80))))  # 2 x 3 tiles of 64 px
+    settings = {"image_size": 64, "tile_size": 64, "tile_overlap": 16, **params}
+    model = flawmap.create_model(method, **settings).set_runtime(precision="float32", num_workers=1, progress=False)
+    with pytest.warns(CalibrationWarning, match="only 4 normal images"):  # the untiled models' warning
+        model.fit(images)
+    assert model.n_train_images_ == 4 * 6 and len(model.calibration_scores_) == 4
+    for i, image in enumerate(images):
+        without = flawmap.create_model(method, **settings).set_runtime(precision="float32", num_workers=1, progress=False)
+        with pytest.warns(CalibrationWarning):
+            without.fit(images[:i] + images[i + 1 :])
+        (prediction,) = without.predict(image)
+        assert model.calibration_scores_[i] == pytest.approx(prediction.score, rel=1e-4)
+        assert model.calibration_map_maxima_[i] == pytest.approx(float(prediction.anomaly_map.max()), rel=1e-4)
 
 
 def test_a_defect_in_one_tile_appears_at_its_place(tiled, tiny_dataset):
@@ -144,7 +176,7 @@ def test_an_exported_model_tiles_and_stitches_identically(tiny_model_dir, tiny_o
     stitched by the same Predictor code as the torch model."""
     reference = flawmap.load(tiny_model_dir, precision="float32", num_workers=1)
     params = {**reference.get_params(), "tile_size": 64, "tile_overlap": 16}
-    reference.tile_size, reference.tile_overlap = 64, 16
+    reference.tile_size_, reference.tile_overlap = 64, 16
     tiled_onnx = with_metadata(tiny_onnx, tmp_path / "tiled.onnx", params=json.dumps(params))
     exported = flawmap.load(tiled_onnx, num_workers=1)
     assert exported.tiling() == reference.tiling() == Tiling(64, 16, 64)

@@ -387,9 +387,8 @@ def _add_hyperparameter_flags(parser: argparse.ArgumentParser, method: str | Non
             help_text = f"default {_field_default(name, method)}" if method in methods else argparse.SUPPRESS
         if name == "calibration_fraction":
             help_text = _calibration_fraction_help(method)
-        group.add_argument(
-            _flag(name), dest=f"param_{name}", type=_parser_for(hint), default=None, metavar=_metavar(hint), help=help_text,
-        )
+        parse, metavar = (_parse_tile_size, "INT|auto|none") if name == "tile_size" else (_parser_for(hint), _metavar(hint))
+        group.add_argument(_flag(name), dest=f"param_{name}", type=parse, default=None, metavar=metavar, help=help_text)
         if _parser_for(hint) is _parse_bool:  # --no-align is --align false
             group.add_argument(
                 "--no-" + name.replace("_", "-"), dest=f"param_{name}", action="store_const", const=False,
@@ -405,19 +404,19 @@ def _calibration_fraction_help(method: str | None) -> str:
     reason = (
         f"share of the training images held out to calibrate the threshold, default {default}. The cross-fitting "
         f"methods ({cross_fitting}) hold none out: they score every training image leave-one-out, so for them it "
-        "is an error (it would change nothing), unless --tile-size is given (tiled fits hold out)"
+        "is an error (it would change nothing), tiled or not"
     )
     if method is None:
-        return f"[{', '.join(holding)}; any method with --tile-size] {reason}"
-    return reason if METHODS.get(method).holds_out() else f"[only with --tile-size] {reason}"
+        return f"[{', '.join(holding)}] {reason}"
+    return reason
 
 
 def _check_calibration_fraction(method: str, params: dict[str, Any], flag: str) -> None:
     """FlawmapError if ``params`` set ``calibration_fraction`` for a fit of ``method`` that holds
-    no image out (a cross-fitting method, untiled)."""
-    if "calibration_fraction" in params and not METHODS.get(method).holds_out(params.get("tile_size")):
+    no image out (a cross-fitting method)."""
+    if "calibration_fraction" in params and not METHODS.get(method).holds_out():
         raise FlawmapError(
-            f"{flag} does not apply to method {method!r} without --tile-size: it cross-fits (every training image "
+            f"{flag} does not apply to method {method!r}: it cross-fits (every training image, tiled or not, "
             "is scored leave-one-out to calibrate the threshold) and holds no image out"
         )
 
@@ -466,6 +465,18 @@ def _metavar(hint: Any) -> str:
     return {int: "INT", float: "FLOAT", str: "TEXT"}.get(parse, "A,B")
 
 
+def _parse_tile_size(text: str) -> int | str:
+    """``--tile-size``: pixels, ``auto`` or ``none`` (kept as the text ``"none"``: a flag's None
+    means "not given"; :func:`_given_hyperparameters` turns it into None)."""
+    lowered = text.lower()
+    if lowered in ("auto", "none"):
+        return lowered
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of pixels, auto or none, got {text!r}") from None
+
+
 def _parse_bool(text: str) -> bool:
     lowered = text.lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -483,6 +494,8 @@ def _given_hyperparameters(args: argparse.Namespace, method: str) -> dict[str, A
         if method not in fields[name][1]:
             raise FlawmapError(f"{_flag(name)} does not apply to method {method!r} (it applies to: {', '.join(fields[name][1])})")
     _check_calibration_fraction(method, given, "--calibration-fraction")
+    if given.get("tile_size") == "none":
+        given["tile_size"] = None
     return given
 
 
@@ -512,7 +525,7 @@ def run_fit(args: argparse.Namespace) -> None:
         method = args.method or "patchcore"
         METHODS.get(method)  # an unknown method fails here, listing the choices, before the flags
         params = {**_preset(method, args.preset), **_given_hyperparameters(args, method)}
-        if "tile_size" in params:  # tiles go to the network at native resolution unless --image-size is given
+        if isinstance(params.get("tile_size"), int):  # tiles go to the network at native resolution unless --image-size is given
             params.setdefault("image_size", params["tile_size"])
         seed = 0 if args.seed is None else args.seed
         model = create_model(method, runtime=_runtime(args), random_state=seed, **params)
@@ -520,7 +533,7 @@ def run_fit(args: argparse.Namespace) -> None:
     model.save(out)
     print(
         f"saved {model.method} model to {out} (threshold {model.threshold_:.4f} for a false-alarm rate of "
-        f"{model.false_alarm_rate:g}, {model.n_train_images_} training {'tiles' if model.tile_size else 'images'} in {model.n_fits_} "
+        f"{model.false_alarm_rate:g}, {model.n_train_images_} training {'tiles' if model.tile_size_ else 'images'} in {model.n_fits_} "
         f"fit{'s' if model.n_fits_ > 1 else ''}, fit {sum(model.fit_seconds_.values()):.1f} s)"
     )
 
@@ -554,6 +567,7 @@ def describe_model(model: AnomalyModel) -> dict[str, Any]:
         "params": model.get_params(),
         "n_train_images": model.n_train_images_,
         "n_fits": model.n_fits_,
+        "tiling": model.tiling_reason_,
         "threshold": model.threshold_,
         "false_alarm_rate": calibration.false_alarm_rate,
         "expected_false_alarm_rate_range": list(calibration.false_alarm_rate_interval),
@@ -585,6 +599,7 @@ def format_description(description: dict[str, Any]) -> str:
         f"method: {description['method']}",
         f"parameters: {params}",
         f"trained on: {description['n_train_images']} images in {description['n_fits']} fit(s)",
+        _tiling_line(description),
         f"threshold: {description['threshold']:.6g} (90% interval {low:.6g} .. {high:.6g})",
         f"false-alarm rate: target {description['false_alarm_rate']:g}, expected {rate_low:.3g} .. {rate_high:.3g}",
         f"calibrated on: {description['calibration']}; {description['estimator']} quantile of "
@@ -599,6 +614,11 @@ def format_description(description: dict[str, Any]) -> str:
         ),
         *_history_lines(description["calibration_history"]),
     ])
+
+
+def _tiling_line(description: dict[str, Any]) -> str:
+    """``info``'s line on whether the model tiles and why (``tile_size="auto"`` decides at the fit)."""
+    return f"tiling: {description['tiling']}"
 
 
 def _history_lines(history: list[dict[str, Any]]) -> list[str]:

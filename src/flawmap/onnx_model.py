@@ -18,7 +18,7 @@ normalization       how images must be prepared before the graph (text)
 batch               ``"dynamic"`` or the fixed batch size
 precision           ``"float32"`` or ``"float16"`` (stored weights; arithmetic is float32)
 source_sha256       sha256 of the source model directory (:func:`flawmap.io.model_directory_digest`)
-params              the method's hyper-parameters (JSON)
+params              the method's hyper-parameters (JSON; ``tile_size`` as the fit resolved ``"auto"``)
 exporter            the torch exporter used and torch's version
 ==================  ===================================================================
 
@@ -74,7 +74,7 @@ class OnnxModel(Predictor):
         self.method = metadata["method"]
         self.image_size = int(metadata["image_size"])
         params = json.loads(metadata["params"])  # tiling: the graph scores tiles, Predictor stitches them
-        self.tile_size, self.tile_overlap = params.get("tile_size"), params.get("tile_overlap", 0)
+        self.tile_size_, self.tile_overlap = params.get("tile_size"), params.get("tile_overlap", 0)
         self.threshold_ = float(metadata["threshold"])
         self.map_low_ = float(metadata["map_low"])
         self.map_high_ = float(metadata["map_high"])

@@ -45,13 +45,13 @@ One mechanism serves every method, through one more hook:
 ``calibration_images_`` are those held-out images, or for cross-fitted methods the first
 :data:`KEPT_CROSS_FIT_IMAGES` training images (kept for checks such as the export parity test).
 
-Tiled models (``tile_size`` set, :mod:`flawmap.tiling`) learn from every tile of every training
-image: each tile reaches ``_learn`` as one image (``n_train_images_`` counts tiles). Their
-threshold must be a quantile of *whole-image* scores, as in prediction, so every method holds
-out ``calibration_fraction`` of the images (by the same hash) and scores them whole after
-learning, tiled and stitched. Cross-fitting is not used for them: leaving one tile out would
-leave its overlapping neighbours in, which hold the same pixels, and bias the scores low. The
-held-out images are not kept (they may be huge): each fit scores its own, and the scores of
+Tiled models (``tile_size_`` set, :mod:`flawmap.tiling`; ``tile_size="auto"`` is resolved at
+the first fit) learn from every tile of every training image: each tile reaches ``_learn`` as one
+image (``n_train_images_`` counts tiles). Their threshold is a quantile of *whole-image* scores,
+as in prediction (:mod:`flawmap.models.tiled`): cross-fitted methods score each training image
+with all of its tiles left out (``image_ids`` of shape (B, 2): the range of its tiles' numbers);
+the others hold out ``calibration_fraction`` of the images and score them whole after learning.
+The held-out images are not kept (they may be huge): each fit scores its own, and the scores of
 earlier fits are kept as they were computed; ``calibration_images_`` are the first
 :data:`KEPT_CROSS_FIT_IMAGES` training tiles.
 """
@@ -91,7 +91,8 @@ from flawmap.postprocessor import PostProcessor
 from flawmap.prediction import ImageInput, Predictor, prediction_samples
 from flawmap.registry import Registry
 from flawmap.runtime import Runtime, autocast, progress_bar
-from flawmap.tiling import check_tiling
+from flawmap.models.tiled import left_out_whole_images
+from flawmap.tiling import check_tiling_params, choose_tiling
 
 METHODS: Registry[type["AnomalyModel"]] = Registry("method")
 #: Training images a cross-fitted model keeps as ``calibration_images_`` (for checks).
@@ -236,9 +237,12 @@ class AnomalyModel(Predictor):
         Backbone stages to read; None uses the backbone's stride-8 and stride-16 stages.
     image_size : int
         Images (or tiles) are resized to ``image_size x image_size`` for the network.
-    tile_size : int or None
+    tile_size : int, "auto" or None
         Cut images into ``tile_size`` square tiles at native resolution instead of resizing
         them whole (:mod:`flawmap.tiling`); usually equal to ``image_size``. None: no tiling.
+        ``"auto"``: tiles of ``image_size`` when resizing would shrink the training images'
+        shorter side more than :data:`flawmap.tiling.AUTO_TILE_FACTOR` times, else no tiling
+        (chosen at the first fit: ``tile_size_``, with the reason in ``tiling_reason_``).
     tile_overlap : int
         Smallest overlap of neighbouring tiles in pixels, at most ``tile_size / 2``.
     sigma : float
@@ -273,7 +277,7 @@ class AnomalyModel(Predictor):
     weights: str | None = None
     taps: tuple[str, ...] | None = None
     image_size: int = 256
-    tile_size: int | None = None
+    tile_size: int | str | None = "auto"
     tile_overlap: int = 32
     sigma: float = postprocess.DEFAULT_SIGMA
     calibration_fraction: float = 0.1
@@ -322,6 +326,7 @@ class AnomalyModel(Predictor):
         if first:
             backbone = create_backbone(self.backbone, self.weights)
             self.taps_ = tuple(self.taps or self._default_taps(backbone))
+            self.tile_size_, self.tiling_reason_ = choose_tiling(self.tile_size, samples, self.image_size)
             self.scorer_ = self._new_scorer(backbone, self.taps_)
             self.n_train_images_, self.n_fits_ = 0, 0
             self.train_digests_: list[str] | None = []
@@ -332,7 +337,7 @@ class AnomalyModel(Predictor):
         cross_fit = self._cross_fitted()
         fit_samples, held_out = (samples, []) if cross_fit else self._hold_out(samples, first, skip_invalid)
         seconds = {"features": 0.0}
-        training = _EmbeddedTraining(self.n_train_images_, fit_samples, self.random_state, cross_fit)
+        training = _EmbeddedTraining(self.n_train_images_, fit_samples, self.random_state, cross_fit and self.tile_size_ is None)
         if fit_samples:
             self._learn(_timed(self._embedded_batches(fit_samples, skip_invalid, training), seconds))
             self.set_runtime()  # new fitted tensors follow the device and precision
@@ -344,9 +349,12 @@ class AnomalyModel(Predictor):
         if self.train_digests_ is not None:
             self.train_digests_ += digests
         self.calibration_history_ = []  # earlier calibrations scored a model that no longer exists
-        if cross_fit:
+        if cross_fit and self.tile_size_ is not None:
+            keys = _cross_fit_keys(fit_samples, self.random_state)
+            self._add_normal_scores(_normal_summary(*scored) for scored in left_out_whole_images(self, fit_samples, keys, training.numbers, skip_invalid))
+        elif cross_fit:
             self._add_left_out_scores(fit_samples, training, skip_invalid)
-        elif self.tile_size is not None:
+        elif self.tile_size_ is not None:
             self._score_held_out_whole(held_out, skip_invalid)
         else:
             self._rescore_held_out(held_out)
@@ -457,9 +465,9 @@ class AnomalyModel(Predictor):
         normal scores at ``false_alarm_rate``; returns the :class:`Calibration` (also ``calibration_``)."""
         if source is None:
             if self._cross_fitted():
-                how = "cross-fit, each training image scored leave-one-out"
+                how = "cross-fit, each training image scored leave-one-out" + (" (all its tiles), tiled and scored whole" if self.tile_size_ else "")
             else:
-                how = "held-out normal images" + (", tiled and scored whole" if self.tile_size is not None else "")
+                how = "held-out normal images" + (", tiled and scored whole" if self.tile_size_ else "")
             source = f"{how} ({len(self.calibration_scores_)} images)"
         calibration = calibrate_threshold(
             np.asarray(self.calibration_scores_), self.false_alarm_rate, source=source, random_state=self.random_state
@@ -530,7 +538,8 @@ class AnomalyModel(Predictor):
     def _left_out_scores(self, features: Any, image_ids: torch.Tensor) -> PatchScores:
         """Scores of embedded training images (B of them, numbered ``image_ids`` (B,) as in
         ``_learn``) by the fitted model without what it learned from each one; methods that set
-        ``traits.cross_fits`` implement it."""
+        ``traits.cross_fits`` implement it. For a tiled model ``image_ids`` is (B, 2): the first
+        and end (exclusive) numbers of each tile's image's tiles, all left out."""
         raise NotImplementedError
 
     def to_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -552,8 +561,7 @@ class AnomalyModel(Predictor):
     def _validate_params(self) -> None:
         if self.image_size < 32 or self.image_size % 8:
             raise FlawmapError(f"image_size must be a multiple of 8 and at least 32, got {self.image_size}")
-        if self.tile_size is not None:
-            check_tiling(self.tile_size, self.tile_overlap)
+        check_tiling_params(self.tile_size, self.tile_overlap, self.image_size)
         if not 0.0 < self.calibration_fraction < 1.0:
             raise FlawmapError(f"calibration_fraction must be in (0, 1), got {self.calibration_fraction}")
         check_false_alarm_rate(self.false_alarm_rate)
@@ -582,7 +590,7 @@ class AnomalyModel(Predictor):
         if first:
             n_held = min(max(n_held, 1), len(samples) - 1)
         held, decoded = order[:n_held], []
-        if self.tile_size is not None:
+        if self.tile_size_ is not None:
             kept = set(held)
             return [sample for i, sample in enumerate(samples) if i not in kept], [samples[i] for i in held]
         while True:
@@ -705,15 +713,15 @@ class AnomalyModel(Predictor):
         return description if self.runtime.progress else None
 
     @classmethod
-    def holds_out(cls, tile_size: int | None = None) -> bool:
+    def holds_out(cls) -> bool:
         """Whether a fit holds out ``calibration_fraction`` of the normal images to calibrate
-        the threshold (so that the hyper-parameter matters): methods that do not cross-fit, and
-        every method when tiled (``tile_size`` given)."""
-        return not cls.traits.cross_fits or tile_size is not None
+        the threshold (so that the hyper-parameter matters): methods that do not cross-fit,
+        tiled or not."""
+        return not cls.traits.cross_fits
 
     def _cross_fitted(self) -> bool:
         """Whether fits calibrate on leave-one-out scores of the training images (module docstring)."""
-        return not self.holds_out(self.tile_size)
+        return not self.holds_out()
 
     def _check_is_fitted(self) -> None:
         if not self.is_fitted():
@@ -735,6 +743,8 @@ class AnomalyModel(Predictor):
             "fit_seconds_": self.fit_seconds_,
             "train_digests_": self.train_digests_,
             "calibration_history_": self.calibration_history_,
+            "tile_size_": self.tile_size_,
+            "tiling_reason_": self.tiling_reason_,
         }
 
 
@@ -774,6 +784,8 @@ def load_model(directory: str | Path, **runtime_settings: Any) -> AnomalyModel:
         former = {name: value for added, values in FORMER_FITTED.items() if config["format_version"] < added
                   for name, value in values.items()}
         fitted = {**former, **fitted}
+        if "tile_size_" not in fitted:  # saved before tile_size="auto": it tiles as its parameter says
+            fitted.update(zip(("tile_size_", "tiling_reason_"), choose_tiling(params["tile_size"], [], model.image_size)))
     fitted = io.check_fitted(config_path, fitted, FITTED_TYPES)
     model.taps_ = tuple(fitted.pop("taps_"))
     for name in FITTED_TYPES:
@@ -829,6 +841,8 @@ FITTED_TYPES: dict[str, Any] = {
     "fit_seconds_": dict,
     "train_digests_": list | None,
     "calibration_history_": list,
+    "tile_size_": int | None,
+    "tiling_reason_": str,
 }
 #: What a calibration changes in a model (saved as one entry of ``calibration_history_``).
 CALIBRATION_STATE = (

@@ -111,7 +111,7 @@ held-out images' included; then every held-out image of every fit is scored agai
 against the Gaussians of all images. So the model is always one alignment, the Gaussians of
 every image under it (``gaussians_.count`` is ``n_train_images_`` plus the held-out images) and
 a threshold from images the networks never learned from, each scored without its own moments.
-A tiled model (``tile_size``) scores its held-out images whole and tiled, as the base class
+A tiled model (``tile_size_``) scores its held-out images whole and tiled, as the base class
 does; it keeps them out of the Gaussians and trains every stage for ``epochs`` (no selection).
 
 Measured (256 px, EfficientNet-Lite0 stride-8 and stride-16 taps, ``n_features=100`` for both
@@ -602,7 +602,7 @@ class Fyd(Padim):
     def _cross_fitted(self) -> bool:
         """Only ``align=False`` (PaDiM) cross-fits: the aligned model's networks learn from the
         training images, so it holds out ``calibration_fraction`` of them as trained methods do."""
-        return not self.align and self.tile_size is None
+        return not self.align and self.tile_size_ is None
 
     def _hold_out(
         self, samples: list[Sample | np.ndarray], first: bool, skip_invalid: bool
@@ -610,7 +610,7 @@ class Fyd(Padim):
         """The base class's hold-out; the held-out images (decoded; none for a tiled model, whose
         held-out samples are scored whole) also select the first fit's training epochs."""
         fit_samples, held_out = super()._hold_out(samples, first, skip_invalid)
-        self._validation_images = held_out if self.tile_size is None else []
+        self._validation_images = held_out if self.tile_size_ is None else []
         return fit_samples, held_out
 
     def _learn(self, feature_batches: Iterable[torch.Tensor]) -> None:
