@@ -3,6 +3,7 @@
 
 import itertools
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from flawmap.cli import main
 from flawmap.data import Sample
 from flawmap.data.loader import DecodedImage
 from flawmap.errors import FlawmapError
-from flawmap.tiling import Tiling
+from flawmap.tiling import Tiling, choose_tiling
 
 
 def pixel_scorer(tiles, _images=None):
@@ -185,3 +186,51 @@ def test_an_exported_model_tiles_and_stitches_identically(tiny_model_dir, tiny_o
         with Image.open(path) as source:
             images.append(np.asarray(source.convert("RGB").resize(size)))
     assert_parity(exported, reference, images, batch_size=3)
+
+
+# ---------------------------------------------------------------------------- tile_size="auto"
+def test_auto_tiles_when_resizing_would_shrink_the_shorter_side_more_than_the_factor(tmp_path):
+    large, small = np.zeros((200, 300, 3), dtype=np.uint8), np.zeros((120, 300, 3), dtype=np.uint8)
+    size, reason = choose_tiling("auto", [large, large], 64)
+    assert size == 64 and reason.startswith("auto: tiles of 64 px") and "(200 px) 3.1x, more than 2x" in reason
+    size, reason = choose_tiling("auto", [small], 64)
+    assert size is None and reason.startswith("auto: resized whole") and "(120 px)" in reason
+    Image.fromarray(large).save(tmp_path / "large.png")
+    assert choose_tiling("auto", [Sample(tmp_path / "large.png"), Sample(tmp_path / "missing.png")], 64)[0] == 64  # headers
+    # mixed sizes: the median shorter side decides, and the reason says so
+    size, reason = choose_tiling("auto", [small, small, large], 64)
+    assert size is None and "median of 3 sizes from 120 to 200 px" in reason
+    assert choose_tiling(96, [small], 64) == (96, "tiles of 96 px as given")
+    assert choose_tiling(None, [large], 64) == (None, "resized whole (tile_size=None as given)")
+
+
+def test_auto_is_the_default_and_the_small_test_images_stay_untiled(tiny_model):
+    assert flawmap.PatchCore().tile_size == "auto"
+    assert tiny_model.tile_size_ is None and tiny_model.tiling_reason_.startswith("auto: resized whole")
+
+
+def test_cli_tile_size_auto_and_none_and_info_says_which_and_why(tiny_dataset, tmp_path, capsys):
+    """96 px images at a 32 px network input: auto tiles (3x), none resizes; info shows the choice."""
+    common = ["--method", "padim", "--image-size", "32", "--tile-overlap", "8", "--quiet", "--precision", "float32"]
+    for flag, expected in (("auto", 32), ("none", None)):
+        model_dir = tmp_path / flag
+        assert main(["fit", str(tiny_dataset), "--out", str(model_dir), "--tile-size", flag, *common]) == 0
+        model = flawmap.load(model_dir)
+        assert (model.tile_size, model.tile_size_) == ({"auto": "auto", "none": None}[flag], expected)
+        capsys.readouterr()
+        assert main(["info", str(model_dir)]) == 0
+        (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("tiling: ")]
+        assert line == f"tiling: {model.tiling_reason_}" and ("3.0x" in line if flag == "auto" else "as given" in line)
+    assert main(["fit", str(tiny_dataset), "--out", str(tmp_path / "bad"), "--tile-size", "big"]) != 0
+    assert "expected a number of pixels, auto or none" in capsys.readouterr().err
+
+
+def test_a_model_saved_before_auto_tiles_as_its_parameter_says(tiled_dir, tmp_path):
+    """Models saved before ``tile_size_`` existed (same format version) tile as ``tile_size`` says."""
+    target = tmp_path / "older"
+    shutil.copytree(tiled_dir, target)
+    config = json.loads((target / "config.json").read_text())
+    del config["fitted"]["tile_size_"], config["fitted"]["tiling_reason_"]
+    (target / "config.json").write_text(json.dumps(config))
+    older = flawmap.load(target)
+    assert (older.tile_size_, older.tiling_reason_) == (64, "tiles of 64 px as given")

@@ -246,16 +246,13 @@ def check_tiling(tile_size: int, tile_overlap: int) -> None:
         raise FlawmapError(f"tile_overlap must be in [0, tile_size / 2 = {tile_size // 2}], got {tile_overlap}")
 
 
-def check_tiling_params(tile_size: int | str | None, tile_overlap: int, image_size: int) -> None:
-    """Raise FlawmapError unless the hyper-parameters ``tile_size`` (a size, ``"auto"`` or None)
-    and ``tile_overlap`` are valid (``"auto"`` tiles by ``image_size``)."""
-    if tile_size is None:
-        return
-    if isinstance(tile_size, str):
-        if tile_size != "auto":
-            raise FlawmapError(f"tile_size must be a number of pixels, 'auto' or None, got {tile_size!r}")
-        tile_size = image_size
-    check_tiling(tile_size, tile_overlap)
+def check_tiling_params(tile_size: int | str | None, tile_overlap: int) -> None:
+    """Raise FlawmapError unless the hyper-parameter ``tile_size`` is a size, ``"auto"`` or None,
+    and a size goes with a valid ``tile_overlap`` (for ``"auto"``, checked if the fit tiles)."""
+    if isinstance(tile_size, str) and tile_size != "auto":
+        raise FlawmapError(f"tile_size must be a number of pixels, 'auto' or None, got {tile_size!r}")
+    if isinstance(tile_size, int):
+        check_tiling(tile_size, tile_overlap)
 
 
 def choose_tiling(tile_size: int | str | None, samples: Sequence[Sample | np.ndarray], image_size: int) -> tuple[int | None, str]:

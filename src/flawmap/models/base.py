@@ -561,7 +561,7 @@ class AnomalyModel(Predictor):
     def _validate_params(self) -> None:
         if self.image_size < 32 or self.image_size % 8:
             raise FlawmapError(f"image_size must be a multiple of 8 and at least 32, got {self.image_size}")
-        check_tiling_params(self.tile_size, self.tile_overlap, self.image_size)
+        check_tiling_params(self.tile_size, self.tile_overlap)
         if not 0.0 < self.calibration_fraction < 1.0:
             raise FlawmapError(f"calibration_fraction must be in (0, 1), got {self.calibration_fraction}")
         check_false_alarm_rate(self.false_alarm_rate)
@@ -849,6 +849,9 @@ CALIBRATION_STATE = (
     "false_alarm_rate", "threshold_", "map_low_", "map_high_", "calibration_",
     "calibration_scores_", "calibration_map_maxima_", "calibration_map_medians_",
 )
+#: Shared hyper-parameters added in a format version whose default is not how models behaved
+#: before (as :attr:`AnomalyModel.former_params`): tiling (4) was off before ``tile_size="auto"``.
+FORMER_SHARED_PARAMS: dict[int, dict[str, Any]] = {4: {"tile_size": None}}
 #: Fitted values added in a format version: version -> their values in a model saved before it.
 FORMER_FITTED: dict[int, dict[str, Any]] = {8: {"train_digests_": None, "calibration_history_": []}}
 
@@ -890,8 +893,9 @@ def _param_defaults(model_class: type[AnomalyModel]) -> dict[str, Any]:
 
 def _former_params(model_class: type[AnomalyModel], version: int) -> dict[str, Any]:
     """Hyper-parameter name -> the value that reproduces a model saved in format ``version``
-    (:attr:`AnomalyModel.former_params`), for the parameters added since then."""
-    return {name: value for added, values in model_class.former_params.items() if version < added for name, value in values.items()}
+    (:attr:`AnomalyModel.former_params`, and :data:`FORMER_SHARED_PARAMS`), for the parameters added since then."""
+    changes = [*FORMER_SHARED_PARAMS.items(), *model_class.former_params.items()]
+    return {name: value for added, values in changes if version < added for name, value in values.items()}
 
 
 def check_positive_odd(name: str, value: int) -> None:
