@@ -43,10 +43,12 @@ def main() -> int:
     parser.add_argument("--tile-overlap", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="a method hyper-parameter (JSON value)")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "tiling_study.json")
     args = parser.parse_args()
     tile_size = None if args.tile_size == "none" else args.tile_size if args.tile_size == "auto" else int(args.tile_size)
-    row = run_cell(args.category, args.method, tile_size, args.tile_overlap, args.image_size, args.batch_size)
+    params = {name: json.loads(value) for name, _, value in (spec.partition("=") for spec in args.param)}
+    row = run_cell(args.category, args.method, params, tile_size, args.tile_overlap, args.image_size, args.batch_size)
     columns = ["category", "method", "mode", "image_auroc", "pixel_auroc", "aupro", "far_at_5pct", "far_at_1pct",
                "n_normal_scores", "fit_s", "predict_ms_per_image"]
     print(format_table([row], columns))
@@ -54,9 +56,11 @@ def main() -> int:
     return 0
 
 
-def run_cell(category: Path, method: str, tile_size: int | str | None, overlap: int, image_size: int, batch_size: int) -> dict:
+def run_cell(
+    category: Path, method: str, params: dict, tile_size: int | str | None, overlap: int, image_size: int, batch_size: int
+) -> dict:
     """Fit and evaluate one model; its table row (with the normal and test/good scores)."""
-    model = create_model(method, image_size=image_size, tile_size=tile_size, tile_overlap=overlap)
+    model = create_model(method, image_size=image_size, tile_size=tile_size, tile_overlap=overlap, **params)
     model.set_runtime(batch_size=batch_size, progress=False)
     start = time.perf_counter()
     with warnings.catch_warnings():
@@ -71,8 +75,10 @@ def run_cell(category: Path, method: str, tile_size: int | str | None, overlap: 
     row = {
         "category": category.name,
         "method": method,
-        "mode": model.tiling_choice_ if hasattr(model, "tiling_choice_") else ("resize" if tile_size is None else f"tiled {tile_size}/{overlap}"),
-        "tile_size": model.tile_size,
+        "mode": ("resize" if model.tiling() is None else f"tiled {model.tiling().size}/{overlap}")
+        + "".join(f" {name}={value}" for name, value in params.items()),
+        "tile_size": tile_size,
+        "tiling_reason": getattr(model, "tiling_reason_", None),
         "image_auroc": result["image_auroc"],
         "pixel_auroc": result["pixel_auroc"],
         "aupro": result["aupro"],

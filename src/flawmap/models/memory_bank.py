@@ -64,13 +64,17 @@ class MemoryBankModel(AnomalyModel):
         """Cross-fitted scores: each training image (features B x C x h x w, ids (B,) or ranges
         (B, 2), :func:`left_out_bounds`) scored against the bank rows of the other training images
         only (``sources`` (N,): the training image of each bank row), as a new image of the same
-        kind would be."""
+        kind would be. Consecutive rows that leave out the same images (the tiles of one image)
+        are searched together."""
         sources = sources.to(features.device)
         first, end = left_out_bounds(image_ids)
-        scored = []
-        for i, (low, high) in enumerate(zip(first.tolist(), end.tolist())):
+        _, run_lengths = torch.unique_consecutive(torch.stack([first, end], dim=1), dim=0, return_counts=True)
+        scored, start = [], 0
+        for length in run_lengths.tolist():
+            low, high = int(first[start]), int(end[start])
             others = torch.nonzero((sources < low) | (sources >= high)).squeeze(1)
-            scored.append(self.scorer_.score(features[i : i + 1], among=others if others.numel() else None))
+            scored.append(self.scorer_.score(features[start : start + length], among=others if others.numel() else None))
+            start += length
         image_scores = None if scored[0].image_scores is None else torch.cat([s.image_scores for s in scored])
         return PatchScores(torch.cat([s.patch_scores for s in scored]), image_scores)
 
