@@ -11,7 +11,7 @@ no network and no script to view. For a labelled dataset (MVTec layout) it shows
   the same picture as ``flawmap predict``) and the ground truth outlined, worst first: missed
   defects and false alarms on top, each ordered by how far its score is on the wrong side of the
   threshold, then the correct verdicts closest to it;
-- the model card: method, hyper-parameters, backbone, training images, fit time, threshold.
+- the model card: method, hyper-parameters, backbone, tiling (and why), training images, fit time, threshold.
 
 For images without labels (``predict --report``) the page has the score histogram, the gallery
 (most anomalous first, without ground truth) and the model card. Needs matplotlib
@@ -345,6 +345,7 @@ def _model_card(model: Predictor) -> str:
         ("method", model.method),
         ("backbone", params.get("backbone", "")),
         ("image size", f"{model.image_size} x {model.image_size}"),
+        ("tiling", getattr(model, "tiling_reason_", f"tiles of {model.tile_size_} px" if model.tile_size_ else "resized whole")),
         ("threshold", f"{model.threshold_:.6g} (calibrated on normal images)"),
         ("training images", getattr(model, "n_train_images_", "not recorded in an exported model")),
         ("calibration images", len(getattr(model, "calibration_scores_", [])) or "not recorded in an exported model"),
