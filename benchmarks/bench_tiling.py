@@ -136,7 +136,6 @@ def speed(args: argparse.Namespace) -> int:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # 4 training scenes: the calibration warns
                 model.fit(train)
-            backbone_ms, scoring_ms = per_tile_ms(model, args.batch_size)
             for grid in SPEED_GRIDS:
                 side = args.tile_size + step * (grid - 1)
                 paths = []
@@ -145,6 +144,7 @@ def speed(args: argparse.Namespace) -> int:
                     save(paths[-1], scene(texture, tint, rng, (side, side)))
                 decode_ms = 1000.0 * timed(lambda: [np.asarray(open_rgb_image(path)) for path in paths]) / len(paths)
                 model.predict(paths[:1])  # warm-up
+                backbone_ms, scoring_ms = per_tile_ms(model, args.batch_size)  # beside each row: the load drifts
                 predict_ms = 1000.0 * timed(lambda: model.predict(paths)) / len(paths)
                 tiles = grid**2
                 rows.append({
