@@ -10,6 +10,7 @@ category x method x mode), so cells can run one at a time, in any order.
 
     OMP_NUM_THREADS=1 python benchmarks/study_tiling.py ../shared/data/mvtec_ad/screw --tile-size 256
     OMP_NUM_THREADS=1 python benchmarks/study_tiling.py ../shared/data/mvtec_ad/screw --tile-size none
+    python benchmarks/study_tiling.py --table x   # the rows so far as a markdown table
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ from flawmap.models import create_model
 
 #: False-alarm targets whose achieved rates on test/good are reported.
 TARGETS = (0.05, 0.01)
+#: Columns of the printed table.
+TABLE_COLUMNS = ["category", "method", "mode", "image_auroc", "pixel_auroc", "aupro", "far_at_5pct", "far_at_1pct",
+                 "n_normal_scores", "fit_s", "predict_ms_per_image"]
 
 
 def main() -> int:
@@ -45,13 +49,15 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="a method hyper-parameter (JSON value)")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "tiling_study.json")
+    parser.add_argument("--table", action="store_true", help="print the JSON file's rows as a markdown table and stop")
     args = parser.parse_args()
+    if args.table:
+        print(format_table(json.loads(args.json.read_text())["rows"], TABLE_COLUMNS))
+        return 0
     tile_size = None if args.tile_size == "none" else args.tile_size if args.tile_size == "auto" else int(args.tile_size)
     params = {name: json.loads(value) for name, _, value in (spec.partition("=") for spec in args.param)}
     row = run_cell(args.category, args.method, params, tile_size, args.tile_overlap, args.image_size, args.batch_size)
-    columns = ["category", "method", "mode", "image_auroc", "pixel_auroc", "aupro", "far_at_5pct", "far_at_1pct",
-               "n_normal_scores", "fit_s", "predict_ms_per_image"]
-    print(format_table([row], columns))
+    print(format_table([row], TABLE_COLUMNS))
     merge_row(args.json, row)
     return 0
 
