@@ -350,8 +350,8 @@ class AnomalyModel(Predictor):
             self.train_digests_ += digests
         self.calibration_history_ = []  # earlier calibrations scored a model that no longer exists
         if cross_fit and self.tile_size_ is not None:
-            keys = _cross_fit_keys(fit_samples, self.random_state)
-            self._add_normal_scores(_normal_summary(*scored) for scored in left_out_whole_images(self, fit_samples, keys, training.numbers, skip_invalid))
+            scored = left_out_whole_images(self, fit_samples, _cross_fit_keys(fit_samples, self.random_state), training.numbers, skip_invalid)
+            self._add_normal_scores(_normal_summary(score, anomaly_map) for score, anomaly_map in scored)
         elif cross_fit:
             self._add_left_out_scores(fit_samples, training, skip_invalid)
         elif self.tile_size_ is not None:
