@@ -15,7 +15,7 @@ from test_onnx_model import with_metadata
 
 import flawmap
 from flawmap.calibration import CalibrationWarning
-from flawmap.cli import main
+from flawmap.cli import _method_params, main
 from flawmap.data import Sample
 from flawmap.data.loader import DecodedImage
 from flawmap.errors import FlawmapError
@@ -223,6 +223,8 @@ def test_cli_tile_size_auto_and_none_and_info_says_which_and_why(tiny_dataset, t
         assert line == f"tiling: {model.tiling_reason_}" and ("3.0x" in line if flag == "auto" else "as given" in line)
     assert main(["fit", str(tiny_dataset), "--out", str(tmp_path / "bad"), "--tile-size", "big"]) != 0
     assert "expected a number of pixels, auto or none" in capsys.readouterr().err
+    specs = ["patchcore.tile_size=none", "padim.tile_size=auto", "spade.tile_size=512"]  # benchmark --param
+    assert _method_params(specs) == {"patchcore": {"tile_size": None}, "padim": {"tile_size": "auto"}, "spade": {"tile_size": 512}}
 
 
 def test_a_model_saved_before_auto_tiles_as_its_parameter_says(tiled_dir, tmp_path):

@@ -387,8 +387,8 @@ def _add_hyperparameter_flags(parser: argparse.ArgumentParser, method: str | Non
             help_text = f"default {_field_default(name, method)}" if method in methods else argparse.SUPPRESS
         if name == "calibration_fraction":
             help_text = _calibration_fraction_help(method)
-        parse, metavar = (_parse_tile_size, "INT|auto|none") if name == "tile_size" else (_parser_for(hint), _metavar(hint))
-        group.add_argument(_flag(name), dest=f"param_{name}", type=parse, default=None, metavar=metavar, help=help_text)
+        metavar = "INT|auto|none" if name == "tile_size" else _metavar(hint)
+        group.add_argument(_flag(name), dest=f"param_{name}", type=_value_parser(name, hint), default=None, metavar=metavar, help=help_text)
         if _parser_for(hint) is _parse_bool:  # --no-align is --align false
             group.add_argument(
                 "--no-" + name.replace("_", "-"), dest=f"param_{name}", action="store_const", const=False,
@@ -465,9 +465,14 @@ def _metavar(hint: Any) -> str:
     return {int: "INT", float: "FLOAT", str: "TEXT"}.get(parse, "A,B")
 
 
+def _value_parser(name: str, hint: Any) -> Callable[[str], Any]:
+    """The converter of hyper-parameter ``name``'s flag and ``--param`` value."""
+    return _parse_tile_size if name == "tile_size" else _parser_for(hint)
+
+
 def _parse_tile_size(text: str) -> int | str:
     """``--tile-size``: pixels, ``auto`` or ``none`` (kept as the text ``"none"``: a flag's None
-    means "not given"; :func:`_given_hyperparameters` turns it into None)."""
+    means "not given"; :func:`_given_hyperparameters` and :func:`_method_params` turn it into None)."""
     lowered = text.lower()
     if lowered in ("auto", "none"):
         return lowered
@@ -827,7 +832,8 @@ def _method_params(specs: list[str]) -> dict[str, dict[str, Any]]:
         if name not in fields or method not in fields[name][1]:
             raise FlawmapError(f"--param {spec!r}: method {method!r} has no hyper-parameter {name!r}")
         try:
-            params.setdefault(method, {})[name] = _parser_for(fields[name][0])(text)
+            value = _value_parser(name, fields[name][0])(text)
+            params.setdefault(method, {})[name] = None if name == "tile_size" and value == "none" else value
         except (ValueError, argparse.ArgumentTypeError) as error:
             raise FlawmapError(f"--param {spec!r}: {error}") from None
     for method, given in params.items():
