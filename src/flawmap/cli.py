@@ -387,6 +387,11 @@ def _add_hyperparameter_flags(parser: argparse.ArgumentParser, method: str | Non
             help_text = f"default {_field_default(name, method)}" if method in methods else argparse.SUPPRESS
         if name == "calibration_fraction":
             help_text = _calibration_fraction_help(method)
+        if name == "tile_size" and help_text is not argparse.SUPPRESS:
+            from flawmap.tiling import AUTO_TILE_FACTOR
+
+            help_text += (": auto tiles by --image-size when resizing would shrink the training images' shorter side "
+                          f"more than {AUTO_TILE_FACTOR:g}x, none always resizes, a number sets the tiles' side (docs/tiling.md)")
         metavar = "INT|auto|none" if name == "tile_size" else _metavar(hint)
         group.add_argument(_flag(name), dest=f"param_{name}", type=_value_parser(name, hint), default=None, metavar=metavar, help=help_text)
         if _parser_for(hint) is _parse_bool:  # --no-align is --align false

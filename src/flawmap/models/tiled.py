@@ -11,7 +11,8 @@ and stitched exactly as in prediction. The two calibrations of untiled models ca
   training numbers of its image's tiles (``_left_out_scores(features, image_ids)`` with
   ``image_ids`` of shape (B, 2): first and end, exclusive). Every training image (up to
   :data:`~flawmap.models.base.CROSS_FIT_MAX_IMAGES`) gives a score, as for an untiled model,
-  where holding out ``calibration_fraction`` left 4 images of 40 to estimate a 1 % quantile.
+  where holding out ``calibration_fraction`` left 3 of screw's 40 images to place a 1 % quantile
+  (docs/tiling.md).
 - Methods that hold out (trained networks) hold out ``calibration_fraction`` of the images and
   score them whole after learning (:meth:`flawmap.models.base.AnomalyModel._score_held_out_whole`).
 
@@ -21,6 +22,7 @@ estimator, bootstrap interval and few-images warning as for untiled models.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 
 from flawmap.data import Sample
-from flawmap.data.loader import DecodedImage
+from flawmap.data.loader import DecodedImage, InvalidImageWarning
 
 if TYPE_CHECKING:
     from flawmap.models.base import AnomalyModel
@@ -61,5 +63,7 @@ def left_out_whole_images(
 
     decoded = model._images(samples, skip_invalid, LEFT_OUT_TILED_PROGRESS)
     wanted = (image for image in decoded if str(image.sample.image_path) in scored and str(image.sample.image_path) in numbers)
-    for _, score, anomaly_map in tiling.score_images(wanted, score_left_out, model.runtime.batch_size):
-        yield score, anomaly_map
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InvalidImageWarning)  # reported while learning
+        for _, score, anomaly_map in tiling.score_images(wanted, score_left_out, model.runtime.batch_size):
+            yield score, anomaly_map
