@@ -16,6 +16,16 @@ Timings depend on the machine's load; say what ran beside it.
     python benchmarks/bench_tiling.py                          # 4000 x 2000, padim
     python benchmarks/bench_tiling.py --methods padim,patchcore --param patchcore.coreset_fraction=0.01
     python benchmarks/bench_tiling.py --height 1000 --width 2000 --n-train 4   # a quick look
+
+``--speed`` measures instead how prediction time grows with the number of tiles: square scenes
+of 1, 4, 16 and 36 tiles a image, predicted at ``--batch-size`` (default 16), against the
+*floor*: decoding the image plus the backbone on each of its tiles (measured on full batches of
+tiles), and beside it the model's whole scoring of a tile (backbone, the method's search,
+smoothing). ``ratio`` is predict / (decode + tiles x backbone), ``ratio_scoring`` predict /
+(decode + tiles x scoring): what cutting, batching and stitching add. Writes
+``benchmarks/results/tiling_speed.json``.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_tiling.py --speed --methods patchcore,padim
 """
 
 from __future__ import annotations
@@ -24,14 +34,17 @@ import argparse
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 from common import add_methods_flag, write_rows
 from PIL import Image
 
-from flawmap.cli import _method_params, format_table
+from flawmap.cli import _import_commands, _method_params, format_table
 from flawmap.data.demo import DEFECT_TYPES, TEXTURES, draw_defect
+from flawmap.data.images import open_rgb_image
 from flawmap.evaluate import evaluate
 from flawmap.models import create_model
 
@@ -54,8 +67,13 @@ def main() -> int:
     parser.add_argument("--tile-overlap", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=Path("bench_tiling.json"))
+    parser.add_argument("--json", type=Path, default=None, help="default bench_tiling.json (--speed: benchmarks/results/tiling_speed.json)")
+    parser.add_argument("--speed", action="store_true", help="ms per image against tile count, with the floor")
     args = parser.parse_args()
+    _import_commands()  # what --param needs
+    if args.speed:
+        return speed(args)
+    args.json = args.json or Path("bench_tiling.json")
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-tiling-") as scratch:
@@ -93,6 +111,77 @@ def run(method: str, mode: str, params: dict, dataset: Path, args: argparse.Name
         "predict_s_per_image": result["predict_ms_per_image"] / 1000.0,
         "n_train_units": model.n_train_images_,
     }
+
+
+#: Tiles per side of the scenes of ``--speed`` (1, 4, 16 and 36 tiles an image).
+SPEED_GRIDS = (1, 2, 4, 6)
+#: Tiles predicted per scene size in ``--speed`` (at least 2 images).
+SPEED_TILES = 64
+
+
+def speed(args: argparse.Namespace) -> int:
+    """Prediction time per image against tile count, beside the floor (``--speed``)."""
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    load_texture, tint = TEXTURES[args.category]
+    texture = load_texture()
+    step = args.tile_size - args.tile_overlap
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-tiling-speed-") as scratch:
+        train = [scene(texture, tint, rng, (args.tile_size + step, args.tile_size + step)) for _ in range(4)]
+        for method in args.methods:
+            params = {**_method_params(args.param).get(method, {}), "tile_size": args.tile_size, "tile_overlap": args.tile_overlap}
+            model = create_model(method, image_size=args.tile_size, random_state=args.seed, **params)
+            model.set_runtime(batch_size=args.batch_size, progress=False)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # 4 training scenes: the calibration warns
+                model.fit(train)
+            for grid in SPEED_GRIDS:
+                side = args.tile_size + step * (grid - 1)
+                paths = []
+                for index in range(max(2, SPEED_TILES // grid**2)):
+                    paths.append(Path(scratch) / f"{side}-{index}.png")
+                    save(paths[-1], scene(texture, tint, rng, (side, side)))
+                decode_ms = 1000.0 * timed(lambda: [np.asarray(open_rgb_image(path)) for path in paths]) / len(paths)
+                model.predict(paths[:1])  # warm-up
+                backbone_ms, scoring_ms = per_tile_ms(model, args.batch_size)  # beside each row: the load drifts
+                predict_ms = 1000.0 * timed(lambda: model.predict(paths)) / len(paths)
+                tiles = grid**2
+                rows.append({
+                    "method": method, "side_px": side, "tiles": tiles, "images": len(paths),
+                    "predict_ms_per_image": predict_ms, "decode_ms": decode_ms, "backbone_ms_per_tile": backbone_ms,
+                    "scoring_ms_per_tile": scoring_ms, "floor_ms": decode_ms + tiles * backbone_ms,
+                    "ratio": predict_ms / (decode_ms + tiles * backbone_ms),
+                    "ratio_scoring": predict_ms / (decode_ms + tiles * scoring_ms),
+                })
+                print(format_table(rows[-1:], list(rows[-1])), flush=True)
+    columns = ["method", "tiles", "predict_ms_per_image", "decode_ms", "backbone_ms_per_tile", "scoring_ms_per_tile", "floor_ms", "ratio", "ratio_scoring"]
+    print()
+    print(format_table(rows, columns))
+    settings = {"batch_size": args.batch_size, "tile_size": args.tile_size, "tile_overlap": args.tile_overlap,
+                "torch_threads": torch.get_num_threads(), "precision": model.runtime.precision}
+    path = args.json or Path(__file__).parent / "results" / "tiling_speed.json"
+    write_rows(path, Path(f"demo texture {args.category}"), [{**row, **settings} for row in rows])
+    return 0
+
+
+def per_tile_ms(model, batch_size: int, repeats: int = 3) -> tuple[float, float]:
+    """Milliseconds per tile of the backbone alone and of the model's whole scoring (backbone,
+    search, smoothing), on full batches of ``batch_size`` tiles; the best of ``repeats``."""
+    tiles = torch.rand(batch_size, 3, model.image_size, model.image_size)
+    with torch.inference_mode():
+        model.scorer_.levels(tiles)  # warm-up
+        backbone = min(timed(lambda: model.scorer_.levels(tiles)) for _ in range(repeats))
+    model.score_images(tiles)
+    scoring = min(timed(lambda: model.score_images(tiles)) for _ in range(repeats))
+    return 1000.0 * backbone / batch_size, 1000.0 * scoring / batch_size
+
+
+def timed(work) -> float:
+    """Seconds ``work()`` takes."""
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
 
 
 def write_scenes(folder: Path, args: argparse.Namespace) -> Path:

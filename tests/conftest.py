@@ -97,7 +97,7 @@ def bottle_test_images(mvtec_bottle) -> list[Path]:
 @pytest.fixture(scope="session")
 def bottle_export(mvtec_bottle, tmp_path_factory):
     """method -> (model directory, exported .onnx file) of that method fitted on a few bottle
-    images at 256 px with its ``quick_params`` (fitted and exported lazily, once per session)."""
+    images resized to 256 px with its ``quick_params`` (fitted and exported lazily, once per session)."""
     from flawmap.export import export_onnx
     from flawmap.models import METHODS, create_model
 
@@ -107,7 +107,7 @@ def bottle_export(mvtec_bottle, tmp_path_factory):
     def get(method: str) -> tuple[Path, Path]:
         if method not in cache:
             folder = tmp_path_factory.mktemp(f"bottle-{method}")
-            params = {**METHODS.get(method).quick_params, "image_size": 256}
+            params = {**METHODS.get(method).quick_params, "image_size": 256, "tile_size": None}  # resized whole, not auto's tiles
             model = create_model(method, **params).set_runtime(batch_size=4, num_workers=1).fit(train)
             model_dir = model.save(folder / "model")
             batch = FIXED_EXPORT_BATCH if METHODS.get(method).traits.export_batch == "fixed" else "dynamic"

@@ -1,5 +1,6 @@
 """The HTML report: its content, its order, the CLI paths to it, and that a browser shows it whole."""
 
+import html
 import json
 import re
 import shutil
@@ -44,6 +45,7 @@ def test_report_shows_metrics_curves_confusion_gallery_and_model_card(report, ti
     dataset = open_dataset(tiny_dataset)
     for heading in ("Metrics, and verdicts at the calibrated threshold", "Curves and scores", "Gallery", "Model card"):
         assert f"<h2>{heading}</h2>" in page
+    assert f"({html.escape(tiny_model.tiling_reason_)})</td></tr>" in page  # the card's tiling row: what auto chose, and why
     for figure in ("roc", "pro", "histogram"):
         assert f'src="figures/{figure}.png"' in page and (report.parent / "figures" / f"{figure}.png").stat().st_size > 1000
     assert "http://" not in page and "https://" not in page  # nothing fetched from the network

@@ -3,6 +3,8 @@
 
 import itertools
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,14 +14,25 @@ from test_export import assert_parity
 from test_onnx_model import with_metadata
 
 import flawmap
-from flawmap.cli import main
+from flawmap.calibration import CalibrationWarning
+from flawmap.cli import _method_params, main
+from flawmap.data import Sample
+from flawmap.data.loader import DecodedImage
 from flawmap.errors import FlawmapError
-from flawmap.tiling import Tiling
+from flawmap.tiling import Tiling, choose_tiling
 
 
-def pixel_scorer(tiles):
+def pixel_scorer(tiles, _images=None):
     """A fake model whose map is the tile's red channel and whose score is the tile's mean."""
     return tiles.mean(axis=(1, 2, 3)), tiles[:, 0].copy()
+
+
+def score_image(tiling, pixels, scorer, batch_size):
+    """The score and stitched map of one ``H x W x 3`` uint8 image."""
+    image = DecodedImage(Sample(Path("one.png")), pixels, pixels.shape[:2], None)
+    ((scored, score, stitched),) = tiling.score_images([image], scorer, batch_size)
+    assert scored is image
+    return score, stitched
 
 
 @pytest.mark.parametrize("height, width", [(300, 200), (64, 64), (65, 250), (40, 100), (1, 7)])
@@ -53,7 +66,7 @@ def test_stitching_puts_every_tile_map_back_where_it_came_from(height, width, ov
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
     tiling = Tiling(64, overlap, 64)
-    score, stitched = tiling.score_image(image, pixel_scorer, batch_size=5)
+    score, stitched = score_image(tiling, image, pixel_scorer, batch_size=5)
     assert stitched.shape == (height, width)
     np.testing.assert_allclose(stitched, image[:, :, 0] / 255.0, atol=1e-5)
     padded = tiling.pad(image)
@@ -62,14 +75,14 @@ def test_stitching_puts_every_tile_map_back_where_it_came_from(height, width, ov
 
 
 def test_constant_tile_maps_stitch_to_a_constant_map():
-    constant = lambda tiles: (np.zeros(len(tiles)), np.full((len(tiles), 32, 32), 2.5, dtype=np.float32))
-    _, stitched = Tiling(64, 16, 32).score_image(np.zeros((200, 130, 3), dtype=np.uint8), constant, batch_size=3)
+    constant = lambda tiles, _: (np.zeros(len(tiles)), np.full((len(tiles), 32, 32), 2.5, dtype=np.float32))
+    _, stitched = score_image(Tiling(64, 16, 32), np.zeros((200, 130, 3), dtype=np.uint8), constant, batch_size=3)
     np.testing.assert_allclose(stitched, 2.5, rtol=1e-6)
 
 
 def test_tiles_are_resized_when_the_network_size_differs():
     gradient = np.broadcast_to(np.linspace(0, 255, 200)[None, :, None], (120, 200, 3)).astype(np.uint8)
-    _, stitched = Tiling(64, 16, 32).score_image(gradient, pixel_scorer, batch_size=4)
+    _, stitched = score_image(Tiling(64, 16, 32), gradient, pixel_scorer, batch_size=4)
     np.testing.assert_allclose(stitched, gradient[:, :, 0] / 255.0, atol=0.02)
 
 
@@ -112,14 +125,34 @@ def test_cli_predict_with_a_tiled_model_keeps_the_native_size(tiled_dir, tiny_da
         assert overlay.width == 2 * 150  # the image and its map side by side, at the image's own size
 
 
-def test_training_learns_every_tile_and_calibrates_on_whole_held_out_images(tiled, tiny_dataset):
+def test_training_learns_every_tile_and_calibrates_on_every_whole_training_image(tiled, tiny_dataset):
     train = sorted((tiny_dataset / "train" / "good").glob("*.png"))
-    n_held = len(tiled.calibration_scores_)
-    assert n_held >= 1 and tiled.n_train_images_ == 4 * (len(train) - n_held)  # 2 x 2 tiles of 96 px
-    assert tiled.calibration_images_.shape[1:] == (3, 64, 64) and "tiled and scored whole" in tiled.calibration_.source
-    whole_scores = [prediction.score for prediction in tiled.predict(train)]
-    for calibration_score in tiled.calibration_scores_:  # out-of-sample whole-image scores, as predicted
-        assert min(abs(calibration_score - score) for score in whole_scores) <= 1e-5 * abs(calibration_score)
+    assert tiled.n_train_images_ == 4 * len(train) and len(tiled.calibration_scores_) == len(train)  # 2 x 2 tiles of 96 px
+    assert tiled.calibration_images_.shape[1:] == (3, 64, 64) and "(all its tiles), tiled and scored whole" in tiled.calibration_.source
+    assert (tiled.tile_size_, tiled.tiling_reason_) == (64, "tiles of 64 px as given")
+
+
+@pytest.mark.parametrize("method, params", [("patchcore", {"coreset_fraction": 1.0}), ("spade", {})])
+def test_a_left_out_score_is_the_score_of_the_model_fitted_without_that_image(method, params, tiny_dataset):
+    """Cross-fitted tiled calibration: each training image's normal score (and map maximum) is
+    exactly what a model fitted on the other images gives it as a new image, all of its tiles
+    left out (a bank of all patches, so the two models hold the same rows)."""
+    images = []
+    for path in sorted((tiny_dataset / "train" / "good").glob("*.png"))[:4]:
+        with Image.open(path) as source:
+            images.append(np.asarray(source.convert("RGB").resize((150, 80))))  # 2 x 3 tiles of 64 px
+    settings = {"image_size": 64, "tile_size": 64, "tile_overlap": 16, **params}
+    model = flawmap.create_model(method, **settings).set_runtime(precision="float32", num_workers=1, progress=False)
+    with pytest.warns(CalibrationWarning, match="only 4 normal images"):  # the untiled models' warning
+        model.fit(images)
+    assert model.n_train_images_ == 4 * 6 and len(model.calibration_scores_) == 4
+    for i, image in enumerate(images):
+        without = flawmap.create_model(method, **settings).set_runtime(precision="float32", num_workers=1, progress=False)
+        with pytest.warns(CalibrationWarning):
+            without.fit(images[:i] + images[i + 1 :])
+        (prediction,) = without.predict(image)
+        assert model.calibration_scores_[i] == pytest.approx(prediction.score, rel=1e-4)
+        assert model.calibration_map_maxima_[i] == pytest.approx(float(prediction.anomaly_map.max()), rel=1e-4)
 
 
 def test_a_defect_in_one_tile_appears_at_its_place(tiled, tiny_dataset):
@@ -144,7 +177,7 @@ def test_an_exported_model_tiles_and_stitches_identically(tiny_model_dir, tiny_o
     stitched by the same Predictor code as the torch model."""
     reference = flawmap.load(tiny_model_dir, precision="float32", num_workers=1)
     params = {**reference.get_params(), "tile_size": 64, "tile_overlap": 16}
-    reference.tile_size, reference.tile_overlap = 64, 16
+    reference.tile_size_, reference.tile_overlap = 64, 16
     tiled_onnx = with_metadata(tiny_onnx, tmp_path / "tiled.onnx", params=json.dumps(params))
     exported = flawmap.load(tiled_onnx, num_workers=1)
     assert exported.tiling() == reference.tiling() == Tiling(64, 16, 64)
@@ -153,3 +186,54 @@ def test_an_exported_model_tiles_and_stitches_identically(tiny_model_dir, tiny_o
         with Image.open(path) as source:
             images.append(np.asarray(source.convert("RGB").resize(size)))
     assert_parity(exported, reference, images, batch_size=3)
+
+
+# ---------------------------------------------------------------------------- tile_size="auto"
+def test_auto_tiles_when_resizing_would_shrink_the_shorter_side_more_than_the_factor(tmp_path):
+    large, small = np.zeros((200, 300, 3), dtype=np.uint8), np.zeros((120, 300, 3), dtype=np.uint8)
+    size, reason = choose_tiling("auto", [large, large], 64)
+    assert size == 64 and reason.startswith("auto: tiles of 64 px") and "(200 px) 3.1x, more than 2x" in reason
+    size, reason = choose_tiling("auto", [small], 64)
+    assert size is None and reason.startswith("auto: resized whole") and "(120 px)" in reason
+    Image.fromarray(large).save(tmp_path / "large.png")
+    assert choose_tiling("auto", [Sample(tmp_path / "large.png"), Sample(tmp_path / "missing.png")], 64)[0] == 64  # headers
+    # mixed sizes: the median shorter side decides, and the reason says so
+    size, reason = choose_tiling("auto", [small, small, large], 64)
+    assert size is None and "median of 3 sizes from 120 to 200 px" in reason
+    assert choose_tiling(96, [small], 64) == (96, "tiles of 96 px as given")
+    assert choose_tiling(None, [large], 64) == (None, "resized whole (tile_size=None as given)")
+
+
+def test_auto_is_the_default_and_the_small_test_images_stay_untiled(tiny_model):
+    assert flawmap.PatchCore().tile_size == "auto"
+    assert tiny_model.tile_size_ is None and tiny_model.tiling_reason_.startswith("auto: resized whole")
+
+
+def test_cli_tile_size_auto_and_none_and_info_says_which_and_why(tiny_dataset, tmp_path, capsys):
+    """96 px images at a 32 px network input: auto tiles (3x), none resizes; info shows the choice."""
+    common = ["--method", "padim", "--image-size", "32", "--tile-overlap", "8", "--quiet", "--precision", "float32"]
+    for flag, expected in (("auto", 32), ("none", None)):
+        model_dir = tmp_path / flag
+        assert main(["fit", str(tiny_dataset), "--out", str(model_dir), "--tile-size", flag, *common]) == 0
+        model = flawmap.load(model_dir)
+        assert (model.tile_size, model.tile_size_) == ({"auto": "auto", "none": None}[flag], expected)
+        capsys.readouterr()
+        assert main(["info", str(model_dir)]) == 0
+        (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("tiling: ")]
+        assert line.endswith(f" ({model.tiling_reason_})") and ("3.0x" in line if flag == "auto" else "as given" in line)
+        assert line.startswith("tiling: 32 px tiles" if expected else "tiling: none: each image is resized")
+    assert main(["fit", str(tiny_dataset), "--out", str(tmp_path / "bad"), "--tile-size", "big"]) != 0
+    assert "expected a number of pixels, auto or none" in capsys.readouterr().err
+    specs = ["patchcore.tile_size=none", "padim.tile_size=auto", "spade.tile_size=512"]  # benchmark --param
+    assert _method_params(specs) == {"patchcore": {"tile_size": None}, "padim": {"tile_size": "auto"}, "spade": {"tile_size": 512}}
+
+
+def test_a_model_saved_before_auto_tiles_as_its_parameter_says(tiled_dir, tmp_path):
+    """Models saved before ``tile_size_`` existed (same format version) tile as ``tile_size`` says."""
+    target = tmp_path / "older"
+    shutil.copytree(tiled_dir, target)
+    config = json.loads((target / "config.json").read_text())
+    del config["fitted"]["tile_size_"], config["fitted"]["tiling_reason_"]
+    (target / "config.json").write_text(json.dumps(config))
+    older = flawmap.load(target)
+    assert (older.tile_size_, older.tiling_reason_) == (64, "tiles of 64 px as given")

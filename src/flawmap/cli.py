@@ -411,9 +411,13 @@ def _add_hyperparameter_flags(parser: argparse.ArgumentParser, method: str | Non
             help_text = f"default {_field_default(name, method)}" if method in methods else argparse.SUPPRESS
         if name == "calibration_fraction":
             help_text = _calibration_fraction_help(method)
-        group.add_argument(
-            _flag(name), dest=f"param_{name}", type=_parser_for(hint), default=None, metavar=_metavar(hint), help=help_text,
-        )
+        if name == "tile_size" and help_text is not argparse.SUPPRESS:
+            from flawmap.tiling import AUTO_TILE_FACTOR
+
+            help_text += (": auto tiles by --image-size when resizing would shrink the training images' shorter side "
+                          f"more than {AUTO_TILE_FACTOR:g}x, none always resizes, a number sets the tiles' side (docs/tiling.md)")
+        metavar = "INT|auto|none" if name == "tile_size" else _metavar(hint)
+        group.add_argument(_flag(name), dest=f"param_{name}", type=_value_parser(name, hint), default=None, metavar=metavar, help=help_text)
         if _parser_for(hint) is _parse_bool:  # --no-align is --align false
             group.add_argument(
                 "--no-" + name.replace("_", "-"), dest=f"param_{name}", action="store_const", const=False,
@@ -446,19 +450,19 @@ def _calibration_fraction_help(method: str | None) -> str:
     reason = (
         f"share of the training images held out to calibrate the threshold, default {default}. The cross-fitting "
         f"methods ({cross_fitting}) hold none out: they score every training image leave-one-out, so for them it "
-        "is an error (it would change nothing), unless --tile-size is given (tiled fits hold out)"
+        "is an error (it would change nothing), tiled or not"
     )
     if method is None:
-        return f"[{', '.join(holding)}; any method with --tile-size] {reason}"
-    return reason if methods.get(method).holds_out() else f"[only with --tile-size] {reason}"
+        return f"[{', '.join(holding)}] {reason}"
+    return reason
 
 
 def _check_calibration_fraction(method: str, params: dict[str, Any], flag: str) -> None:
     """FlawmapError if ``params`` set ``calibration_fraction`` for a fit of ``method`` that holds
-    no image out (a cross-fitting method, untiled)."""
-    if "calibration_fraction" in params and not _methods().get(method).holds_out(params.get("tile_size")):
+    no image out (a cross-fitting method)."""
+    if "calibration_fraction" in params and not _methods().get(method).holds_out():
         raise FlawmapError(
-            f"{flag} does not apply to method {method!r} without --tile-size: it cross-fits (every training image "
+            f"{flag} does not apply to method {method!r}: it cross-fits (every training image, tiled or not, "
             "is scored leave-one-out to calibrate the threshold) and holds no image out"
         )
 
@@ -507,6 +511,23 @@ def _metavar(hint: Any) -> str:
     return {int: "INT", float: "FLOAT", str: "TEXT"}.get(parse, "A,B")
 
 
+def _value_parser(name: str, hint: Any) -> Callable[[str], Any]:
+    """The converter of hyper-parameter ``name``'s flag and ``--param`` value."""
+    return _parse_tile_size if name == "tile_size" else _parser_for(hint)
+
+
+def _parse_tile_size(text: str) -> int | str:
+    """``--tile-size``: pixels, ``auto`` or ``none`` (kept as the text ``"none"``: a flag's None
+    means "not given"; :func:`_given_hyperparameters` and :func:`_method_params` turn it into None)."""
+    lowered = text.lower()
+    if lowered in ("auto", "none"):
+        return lowered
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of pixels, auto or none, got {text!r}") from None
+
+
 def _parse_bool(text: str) -> bool:
     lowered = text.lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -531,6 +552,8 @@ def _given_hyperparameters(args: argparse.Namespace, method: str) -> dict[str, A
         if method not in searching:
             raise FlawmapError(f"--search-option does not apply to method {method!r} (it applies to: {', '.join(searching)})")
         given["search_options"] = parse_search_options(given.get("search", _field_default("search", method)), args.search_options)
+    if given.get("tile_size") == "none":
+        given["tile_size"] = None
     return given
 
 
@@ -560,7 +583,7 @@ def run_fit(args: argparse.Namespace) -> None:
         method = args.method or "patchcore"
         _methods().get(method)  # an unknown method fails here, listing the choices, before the flags
         params = {**_preset(method, args.preset), **_given_hyperparameters(args, method)}
-        if "tile_size" in params:  # tiles go to the network at native resolution unless --image-size is given
+        if isinstance(params.get("tile_size"), int):  # tiles go to the network at native resolution unless --image-size is given
             params.setdefault("image_size", params["tile_size"])
         seed = 0 if args.seed is None else args.seed
         model = create_model(method, runtime=_runtime(args), random_state=seed, **params)
@@ -569,7 +592,7 @@ def run_fit(args: argparse.Namespace) -> None:
     calibration = model.calibration_
     print(
         f"saved {model.method} model to {out} (threshold {model.threshold_:.4f} for a false-alarm rate of "
-        f"{calibration.false_alarm_rate:g}{calibration.raised_note()}, {model.n_train_images_} training {'tiles' if model.tile_size else 'images'} in {model.n_fits_} "
+        f"{calibration.false_alarm_rate:g}{calibration.raised_note()}, {model.n_train_images_} training {'tiles' if model.tile_size_ else 'images'} in {model.n_fits_} "
         f"fit{'s' if model.n_fits_ > 1 else ''}, fit {sum(model.fit_seconds_.values()):.1f} s)"
     )
 
@@ -732,7 +755,8 @@ def _method_params(specs: list[str]) -> dict[str, dict[str, Any]]:
         if name not in fields or method not in fields[name][1]:
             raise FlawmapError(f"--param {spec!r}: method {method!r} has no hyper-parameter {name!r}")
         try:
-            params.setdefault(method, {})[name] = _parser_for(fields[name][0])(text)
+            value = _value_parser(name, fields[name][0])(text)
+            params.setdefault(method, {})[name] = None if name == "tile_size" and value == "none" else value
         except (ValueError, argparse.ArgumentTypeError) as error:
             raise FlawmapError(f"--param {spec!r}: {error}") from None
     for method, given in params.items():

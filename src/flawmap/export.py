@@ -189,7 +189,7 @@ def _with_metadata(proto, model: AnomalyModel, weight_dtype: str, batch: int | s
         "batch": str(batch),
         "precision": weight_dtype,
         "source_sha256": source_sha256,
-        "params": json.dumps(model.get_params()),
+        "params": json.dumps({**model.get_params(), "tile_size": model.tile_size_}),  # "auto" as the fit resolved it
         "exporter": exporter,
         CARD_METADATA_KEY: json.dumps(model_card(model).fitted_record()),
     }
@@ -287,12 +287,12 @@ def _quiet_exporter() -> Iterator[None]:
 
 def _normalization_note(model: AnomalyModel, input_dtype: str) -> str:
     values = "uint8 RGB in [0, 255]" if input_dtype == "uint8" else "float32 RGB in [0, 1]"
-    if model.tile_size is None:
+    if model.tile_size_ is None:
         images = "each image resized (squashed, bilinear, Pillow) to that size"
         maps = "resize it to the original image size. score: B float32"
     else:
         images = (
-            f"each a {model.tile_size} px tile of an image at native resolution (overlap >= {model.tile_overlap} px, "
+            f"each a {model.tile_size_} px tile of an image at native resolution (overlap >= {model.tile_overlap} px, "
             "flawmap.tiling), resized to that size if different"
         )
         maps = "stitch the tiles' maps with flawmap.tiling. score: B float32 per tile; the image's is the tiles' maximum"

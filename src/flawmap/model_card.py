@@ -31,7 +31,7 @@ NOT_RECORDED = "not recorded"
 #: The card's training and calibration values: what a torch model knows first hand, and an
 #: export carries in its metadata.
 _FITTED_RECORD = (
-    "n_train_images", "n_fits", "fit_seconds", "false_alarm_rate", "requested_false_alarm_rate",
+    "tiling_reason", "n_train_images", "n_fits", "fit_seconds", "false_alarm_rate", "requested_false_alarm_rate",
     "smallest_supported_false_alarm_rate", "threshold_interval_90", "expected_false_alarm_rate_range",
     "calibration", "estimator", "n_normal_scores", "pixel_threshold_interval_90", "expected_images_with_regions_range",
     "n_training_digests", "calibration_history",
@@ -47,7 +47,8 @@ class ModelCard:
     method, params : the registered method and its hyper-parameters (JSON values).
     backbone : the feature extractor's name, or None for a method without one.
     image_size : ``S``: images (or tiles) go to the network at ``S x S``.
-    tile_size, tile_overlap : the saved tiling (:mod:`flawmap.tiling`); ``tile_size`` None resizes whole images.
+    tile_size, tile_overlap : the tiling the fit chose (:mod:`flawmap.tiling`); ``tile_size`` None resizes whole images.
+    tiling_reason : why the fit tiled or resized (``tile_size="auto"``: from the images' sizes); None if not recorded.
     kind : ``"model directory"``, ``"exported graph"``, or ``"torch model"`` (its directory not given).
     path : where it was loaded from, when known.
     model_hash : sha256 of the model directory (for a graph: of the directory it was exported from).
@@ -75,6 +76,7 @@ class ModelCard:
     image_size: int
     tile_size: int | None
     tile_overlap: int
+    tiling_reason: str | None
     kind: str
     path: str | None
     model_hash: str | None
@@ -146,8 +148,10 @@ class ModelCard:
 
     def _tiling(self) -> str:
         if self.tile_size is None:
-            return f"none: each image is resized to {self.image_size} x {self.image_size}"
-        return f"{self.tile_size} px tiles at native resolution, overlapping by at least {self.tile_overlap} px"
+            chosen = f"none: each image is resized to {self.image_size} x {self.image_size}"
+        else:
+            chosen = f"{self.tile_size} px tiles at native resolution, overlapping by at least {self.tile_overlap} px"
+        return chosen + (f" ({self.tiling_reason})" if self.tiling_reason else "")
 
     def _training(self) -> str:
         if self.n_train_images is None:
@@ -201,11 +205,11 @@ class ModelCard:
 def model_card(model: Predictor, path: str | Path | None = None) -> ModelCard:
     """The card of ``model``; ``path``: the model directory it was loaded from and still matches
     (its format version and hash then join the card). An exported graph knows its own path. The
-    tiling is the one the hyper-parameters chose (``tile_size``, ``tile_overlap``)."""
+    tiling is the one the fit chose (``tile_size_``; an export records it in its ``tile_size``)."""
     params = model.get_params()
     shared = {
         "method": model.method, "params": params, "backbone": params.get("backbone"), "image_size": model.image_size,
-        "tile_size": params.get("tile_size"), "tile_overlap": params.get("tile_overlap", 0), "threshold": model.threshold_,
+        "tile_size": model.tile_size_, "tile_overlap": params.get("tile_overlap", 0), "threshold": model.threshold_,
         "pixel_threshold": model.map_high_, "overlay_scale": [model.map_low_, model.map_high_],
     }
     if isinstance(model, OnnxModel):
@@ -243,6 +247,7 @@ def _fitted(model: Any) -> dict[str, Any]:
     """A fitted torch model's training and calibration record (:data:`_FITTED_RECORD`)."""
     calibration, pixel = model.calibration_, model.pixel_calibration()
     return {
+        "tiling_reason": model.tiling_reason_,
         "n_train_images": model.n_train_images_,
         "n_fits": model.n_fits_,
         "fit_seconds": sum(model.fit_seconds_.values()) if model.fit_seconds_ else None,

@@ -19,7 +19,7 @@ batch               ``"dynamic"`` or the fixed batch size
 precision           the weights' storage, ``weight_dtype`` of ``flawmap export``: ``"float32"`` or
                     ``"float16"`` (arithmetic is float32 either way; the key keeps its first name)
 source_sha256       sha256 of the source model directory (:func:`flawmap.io.model_directory_digest`)
-params              the method's hyper-parameters (JSON)
+params              the method's hyper-parameters (JSON; ``tile_size`` as the fit resolved ``"auto"``)
 exporter            the torch exporter used and torch's version
 model_card          the source model's training and calibration record (JSON,
                     :meth:`flawmap.model_card.ModelCard.fitted_record`; absent in older exports)
@@ -77,7 +77,7 @@ class OnnxModel(Predictor):
         self.method = metadata["method"]
         self.image_size = int(metadata["image_size"])
         params = json.loads(metadata["params"])  # tiling: the graph scores tiles, Predictor stitches them
-        self.tile_size, self.tile_overlap = params.get("tile_size"), params.get("tile_overlap", 0)
+        self.tile_size_, self.tile_overlap = params.get("tile_size"), params.get("tile_overlap", 0)
         self.threshold_ = float(metadata["threshold"])
         self.map_low_ = float(metadata["map_low"])
         self.map_high_ = float(metadata["map_high"])

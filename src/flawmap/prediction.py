@@ -4,8 +4,8 @@ A :class:`Predictor` turns images into :class:`Prediction` objects: it decodes a
 (:func:`flawmap.data.iter_batches`), asks the model for image scores and anomaly maps at the
 network size (:meth:`Predictor.score_images`, the only part that differs between a torch model
 and an exported one), resizes each map to its image's original size and applies the calibrated
-threshold. A tiled model (``tile_size`` set) scores each image's tiles instead and stitches their
-maps at the image's size (:mod:`flawmap.tiling`). ``predict``, ``evaluate``, the overlays of ``flawmap predict`` and the CLI see only
+threshold. A tiled model (``tile_size_`` set) scores each image's tiles instead, batched across
+images, and stitches their maps at the image's size (:mod:`flawmap.tiling`). ``predict``, ``evaluate``, the overlays of ``flawmap predict`` and the CLI see only
 this interface, so they work with either. This module does not import torch.
 """
 
@@ -72,9 +72,10 @@ class Predictor:
         The method's registered name.
     image_size : int
         ``S``: images (or tiles) are resized to ``S x S`` for the network.
-    tile_size : int or None
+    tile_size_ : int or None
         ``T``: cut images into ``T x T`` tiles at native resolution (:mod:`flawmap.tiling`);
-        None (the default of a subclass that does not set it) resizes whole images.
+        None (the default of a subclass that does not set it) resizes whole images. For a
+        fitted model, the tile size it uses (its hyper-parameter ``tile_size`` resolved).
     tile_overlap : int
         Smallest overlap of neighbouring tiles, in pixels.
     runtime : Runtime
@@ -88,7 +89,7 @@ class Predictor:
 
     method: str
     image_size: int
-    tile_size: int | None = None
+    tile_size_: int | None = None
     tile_overlap: int = 0
     runtime: Runtime
     threshold_: float
@@ -119,9 +120,9 @@ class Predictor:
 
     def tiling(self) -> Tiling | None:
         """How this model cuts images into tiles; None when it resizes whole images."""
-        if self.tile_size is None:
+        if self.tile_size_ is None:
             return None
-        return Tiling(self.tile_size, self.tile_overlap, self.image_size)
+        return Tiling(self.tile_size_, self.tile_overlap, self.image_size)
 
     def _check_is_fitted(self) -> None:
         """Raise FlawmapError unless the model can score (an exported model always can)."""
@@ -155,9 +156,13 @@ class Predictor:
                 image_scores, maps = self.score_images(batch.images)
                 yield from zip(batch.samples, image_scores.tolist(), maps, batch.original_hw, batch.masks)
             return
-        for image in self._images(samples, skip_invalid, what, load_masks):
-            score, anomaly_map = tiling.score_image(image.pixels, self.score_images, self.runtime.batch_size)
+        images = self._images(samples, skip_invalid, what, load_masks)
+        for image, score, anomaly_map in tiling.score_images(images, self._score_tiles, self.runtime.batch_size):
             yield image.sample, score, anomaly_map, image.original_hw, image.mask
+
+    def _score_tiles(self, tiles: np.ndarray, _images: list[DecodedImage]) -> tuple[np.ndarray, np.ndarray]:
+        """A :data:`flawmap.tiling.TileScorer`: tiles are scored as images, whoever they belong to."""
+        return self.score_images(tiles)
 
     def _images(
         self, samples: Sequence[Sample | np.ndarray], skip_invalid: bool, what: str, load_masks: bool = False

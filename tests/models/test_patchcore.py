@@ -152,7 +152,7 @@ BOTTLE_CALIBRATION_IMAGES = 16
 def bottle_one_fit(mvtec_bottle):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(calibrators, "CROSS_FIT_MAX_IMAGES", BOTTLE_CALIBRATION_IMAGES)
-        model = PatchCore().fit(mvtec_bottle)
+        model = PatchCore(tile_size=None).fit(mvtec_bottle)  # resized whole, as the reference
     return evaluate(model, mvtec_bottle)
 
 
@@ -169,7 +169,7 @@ def test_bottle_update_matches_one_fit(mvtec_bottle, bottle_one_fit, monkeypatch
     monkeypatch.setattr(calibrators, "CROSS_FIT_MAX_IMAGES", BOTTLE_CALIBRATION_IMAGES)
     train = list(open_dataset(mvtec_bottle).train)
     half = len(train) // 2
-    model = PatchCore().fit(train[:half]).partial_fit(train[half:])
+    model = PatchCore(tile_size=None).fit(train[:half]).partial_fit(train[half:])
     updated = evaluate(model, mvtec_bottle)
     for metric in ("image_auroc", "pixel_auroc", "aupro"):
         assert updated[metric] == pytest.approx(bottle_one_fit[metric], abs=0.005), metric

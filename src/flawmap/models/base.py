@@ -61,6 +61,7 @@ from flawmap.models.calibrators import (
     Calibrator,
     CrossFit,
     HoldOut,
+    TiledCrossFit,
     TiledHoldOut,
     distinct_calibration_samples,
     distinct_training_samples,
@@ -70,7 +71,7 @@ from flawmap.models.scorer import PatchScores, Scorer
 from flawmap.postprocessor import PostProcessor
 from flawmap.prediction import ImageInput, Predictor, prediction_samples, training_samples
 from flawmap.runtime import Runtime
-from flawmap.tiling import check_tiling
+from flawmap.tiling import check_tiling_params, choose_tiling
 
 
 
@@ -128,9 +129,12 @@ class AnomalyModel(Predictor):
         Backbone stages to read; None uses the backbone's stride-8 and stride-16 stages.
     image_size : int
         Images (or tiles) are resized to ``image_size x image_size`` for the network.
-    tile_size : int or None
+    tile_size : int, "auto" or None
         Cut images into ``tile_size`` square tiles at native resolution instead of resizing
         them whole (:mod:`flawmap.tiling`); usually equal to ``image_size``. None: no tiling.
+        ``"auto"``: tiles of ``image_size`` when resizing would shrink the training images'
+        shorter side more than :data:`flawmap.tiling.AUTO_TILE_FACTOR` times, else no tiling
+        (chosen at the first fit: ``tile_size_``, with the reason in ``tiling_reason_``).
     tile_overlap : int
         Smallest overlap of neighbouring tiles in pixels, at most ``tile_size / 2``.
     sigma : float
@@ -165,7 +169,7 @@ class AnomalyModel(Predictor):
     weights: str | None = None
     taps: tuple[str, ...] | None = None
     image_size: int = 256
-    tile_size: int | None = None
+    tile_size: int | str | None = "auto"
     tile_overlap: int = 32
     sigma: float = postprocess.DEFAULT_SIGMA
     calibration_fraction: float = 0.1
@@ -214,6 +218,7 @@ class AnomalyModel(Predictor):
         if first:
             backbone = create_backbone(self.backbone, self.weights)
             self.taps_ = tuple(self.taps or self._default_taps(backbone))
+            self.tile_size_, self.tiling_reason_ = choose_tiling(self.tile_size, samples, self.image_size)
             self.scorer_ = self._new_scorer(backbone, self.taps_)
             self.n_train_images_, self.n_fits_ = 0, 0
             self.train_digests_: list[str] | None = []
@@ -368,7 +373,8 @@ class AnomalyModel(Predictor):
     def _left_out_scores(self, features: Any, image_ids: torch.Tensor) -> PatchScores:
         """Scores of embedded training images (B of them, numbered ``image_ids`` (B,) as in
         ``_learn``) by the fitted model without what it learned from each one; methods that set
-        ``traits.cross_fits`` implement it."""
+        ``traits.cross_fits`` implement it. For a tiled model ``image_ids`` is (B, 2): the first
+        and end (exclusive) numbers of each tile's image's tiles, all left out."""
         raise NotImplementedError
 
     def to_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -390,8 +396,7 @@ class AnomalyModel(Predictor):
     def _validate_params(self) -> None:
         if self.image_size < 32 or self.image_size % 8:
             raise FlawmapError(f"image_size must be a multiple of 8 and at least 32, got {self.image_size}")
-        if self.tile_size is not None:
-            check_tiling(self.tile_size, self.tile_overlap)
+        check_tiling_params(self.tile_size, self.tile_overlap)
         if not 0.0 < self.calibration_fraction < 1.0:
             raise FlawmapError(f"calibration_fraction must be in (0, 1), got {self.calibration_fraction}")
         check_false_alarm_rate(self.false_alarm_rate)
@@ -443,16 +448,16 @@ class AnomalyModel(Predictor):
         return description if self.runtime.progress else None
 
     @classmethod
-    def holds_out(cls, tile_size: int | None = None) -> bool:
+    def holds_out(cls) -> bool:
         """Whether a fit holds out ``calibration_fraction`` of the normal images to calibrate
-        the threshold (so that the hyper-parameter matters): methods that do not cross-fit, and
-        every method when tiled (``tile_size`` given)."""
-        return not cls.traits.cross_fits or tile_size is not None
+        the threshold (so that the hyper-parameter matters): methods that do not cross-fit,
+        tiled or not."""
+        return not cls.traits.cross_fits
 
     def _calibrator_class(self) -> type[Calibrator]:
-        """How this model's fits calibrate (:mod:`flawmap.models.calibrators`)."""
-        if self.tile_size is not None:
-            return TiledHoldOut
+        """How this model's fits calibrate (:mod:`flawmap.models.calibrators`), tiled or not."""
+        if self.tile_size_ is not None:
+            return TiledCrossFit if self.traits.cross_fits else TiledHoldOut
         return CrossFit if self.traits.cross_fits else HoldOut
 
     def _check_is_fitted(self) -> None:

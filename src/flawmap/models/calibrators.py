@@ -24,12 +24,18 @@ normal scores (:meth:`Calibrator.add_normal_scores`). Three strategies:
   model (``uint8``, at the network size) and all of them are scored again after every fit (the
   method's ``_held_out_scores``: as in prediction, unless its density model took them in too and
   scores them leave-one-out, as FYD's Gaussians do).
-- :class:`TiledHoldOut` (every tiled model: each tile reaches ``_learn`` as one image and
-  ``n_train_images_`` counts tiles): the threshold must be a quantile of *whole-image* scores, as in
-  prediction, so ``calibration_fraction`` of the images is held out (by the same hash) and scored
-  whole after learning, tiled and stitched. Leaving one tile out would leave its overlapping
-  neighbours in, which hold the same pixels, and bias the scores low. The held-out images are not
-  kept (they may be huge): each fit scores its own, and the scores of earlier fits are kept.
+- Tiled models (:mod:`flawmap.tiling`: each tile reaches ``_learn`` as one image and
+  ``n_train_images_`` counts tiles) learn from tiles but flag images, so their normal scores are
+  *whole-image* scores, each image cut, scored and stitched as in prediction.
+  :class:`TiledCrossFit` (methods that cross-fit) scores each (sampled) training image with *all
+  of its tiles* left out: its neighbouring tiles overlap it and hold the same pixels, so leaving
+  one tile out would leave near-copies of its patches in the model and bias the scores low; the
+  method gets, for every tile, the range of its image's tiles' numbers (``_left_out_scores``
+  with ``image_ids`` of shape (B, 2): first and end, exclusive). Holding out instead left 3 of
+  screw's 40 images to place a quantile (docs/tiling.md). :class:`TiledHoldOut` (the others)
+  holds out ``calibration_fraction`` of the images (by the same hash) and scores them whole after
+  learning. Its held-out images are not kept (they may be huge): each fit scores its own, and the
+  scores of earlier fits are kept.
 
 ``calibration_images_`` are the held-out images, or for the other two strategies the first
 :data:`KEPT_CALIBRATION_IMAGES` training images (tiles) (kept for checks such as the export
@@ -52,7 +58,7 @@ import torch
 from flawmap.calibration import CalibrationWarning, check_calibration_count
 from flawmap.data import Batch, Sample
 from flawmap.data.digests import DuplicateImageWarning, distinct_images, name_some
-from flawmap.data.loader import InvalidImageWarning
+from flawmap.data.loader import DecodedImage, InvalidImageWarning
 from flawmap.errors import FlawmapError
 from flawmap.runtime import progress_bar
 
@@ -270,6 +276,57 @@ class HoldOut(Calibrator):
                 image_scores, maps = model._held_out_scores(images)
                 model._add_normal_scores(zip(image_scores.tolist(), maps))
                 bar.update(images.shape[0])
+
+
+class TiledCrossFit(Calibrator):
+    """Tiled models of methods that cross-fit: after learning, score each (sampled) training image
+    whole, tiled and stitched as in prediction, with all of its tiles left out (module docstring).
+
+    ``numbers`` maps each image's source to the training number of its *last* tile (its tiles
+    are numbered consecutively while learning, so they are ``last - n_tiles + 1 .. last``).
+    """
+
+    holds_out = False
+
+    def __init__(self, model: AnomalyModel, first: bool, skip_invalid: bool) -> None:
+        super().__init__(model, first, skip_invalid)
+        self.first_number = model.n_train_images_
+        self.numbers: dict[str, int] = {}
+        self.samples: list[Sample] = []
+
+    @classmethod
+    def describe(cls, n_images: int) -> str:
+        return f"cross-fit, each training image tiled and scored whole with all its tiles left out ({n_images} images)"
+
+    def split(self, samples: list[Sample]) -> list[Sample]:
+        self.samples = samples
+        return samples
+
+    def observe(self, batch: Batch, features: Any) -> None:
+        for offset, sample in enumerate(batch.samples):
+            self.numbers[sample.source] = self.first_number + self.n_embedded + offset
+        super().observe(batch, features)
+        self._keep_images(to_uint8(batch.images[:KEPT_CALIBRATION_IMAGES]))
+
+    def add_normal_scores(self) -> None:
+        """Images skipped while learning are skipped again (they were reported)."""
+        model, tiling = self.model, self.model.tiling()
+        scored = cross_fit_sources(self.samples, model.random_state)
+
+        def score_left_out(tiles: np.ndarray, images: list[DecodedImage]) -> tuple[np.ndarray, np.ndarray]:
+            ends = torch.tensor([self.numbers[image.sample.source] + 1 for image in images])
+            counts = torch.tensor([tiling.tile_count(*image.original_hw) for image in images])
+            with torch.inference_mode():
+                features = model.scorer_.embed(torch.from_numpy(tiles).to(model.runtime.torch_device))
+                return model._postprocess(model._left_out_scores(features, torch.stack([ends - counts, ends], dim=1)))
+
+        decoded = model._images(self.samples, self.skip_invalid, LEFT_OUT_PROGRESS)
+        wanted = (image for image in decoded if image.sample.source in scored and image.sample.source in self.numbers)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", InvalidImageWarning)
+            model._add_normal_scores(
+                (score, anomaly_map) for _, score, anomaly_map in tiling.score_images(wanted, score_left_out, model.runtime.batch_size)
+            )
 
 
 class TiledHoldOut(Calibrator):

@@ -111,7 +111,7 @@ held-out images' included; then every held-out image of every fit is scored agai
 against the Gaussians of all images. So the model is always one alignment, the Gaussians of
 every image under it (``gaussians_.count`` is ``n_train_images_`` plus the held-out images) and
 a threshold from images the networks never learned from, each scored without its own moments.
-A tiled model (``tile_size``) scores its held-out images whole and tiled, as the base class
+A tiled model (``tile_size_``) scores its held-out images whole and tiled, as the base class
 does; it keeps them out of the Gaussians and trains every stage for ``epochs`` (no selection).
 
 Measured (256 px, EfficientNet-Lite0 stride-8 and stride-16 taps, ``n_features=100`` for both
@@ -215,7 +215,7 @@ from flawmap.features import flatten_positions, fuse_levels
 from flawmap.models.base import MethodTraits
 from flawmap.models.methods import register_method
 from flawmap.models.scorer import PatchScores
-from flawmap.models.calibrators import Calibrator, CrossFit, HoldOut, TiledHoldOut
+from flawmap.models.calibrators import Calibrator, CrossFit, HoldOut, TiledCrossFit, TiledHoldOut
 from flawmap.models.padim import (
     GaussianAccumulator, Padim, PadimScorer, mahalanobis_distances, regularised_inverse,
 )
@@ -616,8 +616,8 @@ class Fyd(Padim):
     def _calibrator_class(self) -> type[Calibrator]:
         """Only ``align=False`` (PaDiM) cross-fits: the aligned model's networks learn from the
         training images, so it holds out ``calibration_fraction`` of them (:class:`_AlignedHoldOut`)."""
-        if self.tile_size is not None:
-            return TiledHoldOut
+        if self.tile_size_ is not None:
+            return TiledHoldOut if self.align else TiledCrossFit
         return _AlignedHoldOut if self.align else CrossFit
 
     def _learn(self, feature_batches: Iterable[torch.Tensor]) -> None:

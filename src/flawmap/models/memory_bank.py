@@ -68,13 +68,28 @@ class MemoryBankModel(AnomalyModel):
         return build_search(vectors, backend=self.search, options=self.search_options, storage_dtype=storage_dtype)
 
     def _scores_without_own_rows(self, features: torch.Tensor, image_ids: torch.Tensor, sources: torch.Tensor) -> PatchScores:
-        """Cross-fitted scores: each training image (features B x C x h x w, ids (B,)) scored
-        against the bank rows of the other training images only (``sources`` (N,): the training
-        image of each bank row), as a new image of the same kind would be."""
+        """Cross-fitted scores: each training image (features B x C x h x w, ids (B,) or ranges
+        (B, 2), :func:`left_out_bounds`) scored against the bank rows of the other training images
+        only (``sources`` (N,): the training image of each bank row), as a new image of the same
+        kind would be. Consecutive rows that leave out the same images (the tiles of one image)
+        are searched together."""
         sources = sources.to(features.device)
-        scored = []
-        for i, image_id in enumerate(image_ids.tolist()):
-            others = torch.nonzero(sources != image_id).squeeze(1)
-            scored.append(self.scorer_.score(features[i : i + 1], among=others if others.numel() else None))
+        first, end = left_out_bounds(image_ids)
+        _, run_lengths = torch.unique_consecutive(torch.stack([first, end], dim=1), dim=0, return_counts=True)
+        scored, start = [], 0
+        for length in run_lengths.tolist():
+            low, high = int(first[start]), int(end[start])
+            others = torch.nonzero((sources < low) | (sources >= high)).squeeze(1)
+            scored.append(self.scorer_.score(features[start : start + length], among=others if others.numel() else None))
+            start += length
         image_scores = None if scored[0].image_scores is None else torch.cat([s.image_scores for s in scored])
         return PatchScores(torch.cat([s.patch_scores for s in scored]), image_scores)
+
+
+def left_out_bounds(image_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training numbers to leave out of each scored row, ``first <= number < end`` (both
+    (B,)): ``image_ids`` (B,) leaves one out (untiled: the image itself); (B, 2) gives the ranges
+    (tiled: all tiles of the row's image, :class:`flawmap.models.calibrators.TiledCrossFit`)."""
+    if image_ids.ndim == 1:
+        return image_ids, image_ids + 1
+    return image_ids[:, 0], image_ids[:, 1]

@@ -24,6 +24,7 @@ from flawmap.calibration import Calibration
 from flawmap.errors import FlawmapError
 from flawmap.models.calibrators import CALIBRATION_STATE
 from flawmap.models.methods import METHODS
+from flawmap.tiling import choose_tiling
 
 if TYPE_CHECKING:
     from flawmap.models.base import AnomalyModel
@@ -43,9 +44,14 @@ FITTED_TYPES: dict[str, Any] = {
     "fit_seconds_": dict,
     "train_digests_": list | None,
     "calibration_history_": list,
+    "tile_size_": int | None,
+    "tiling_reason_": str,
 }
 #: Fitted values added in a format version: version -> their values in a model saved before it.
 FORMER_FITTED: dict[int, dict[str, Any]] = {8: {"train_digests_": None, "calibration_history_": []}}
+#: Shared hyper-parameters added in a format version whose default is not how models behaved
+#: before (as :attr:`AnomalyModel.former_params`): tiling (4) was off before ``tile_size="auto"``.
+FORMER_SHARED_PARAMS: dict[int, dict[str, Any]] = {4: {"tile_size": None}}
 
 
 def save_model(model: AnomalyModel, directory: str | Path) -> Path:
@@ -106,6 +112,8 @@ def load_model(directory: str | Path, **runtime_settings: Any) -> AnomalyModel:
         former = {name: value for added, values in FORMER_FITTED.items() if config["format_version"] < added
                   for name, value in values.items()}
         fitted = {**former, **fitted}
+        if "tile_size_" not in fitted:  # saved before tile_size="auto": it tiles as its parameter says
+            fitted.update(zip(("tile_size_", "tiling_reason_"), choose_tiling(params["tile_size"], [], model.image_size)))
     fitted = io.check_fitted(config_path, fitted, FITTED_TYPES)
     model.taps_ = tuple(fitted.pop("taps_"))
     for name in FITTED_TYPES:
@@ -174,5 +182,6 @@ def _param_defaults(model_class: type[AnomalyModel]) -> dict[str, Any]:
 
 def _former_params(model_class: type[AnomalyModel], version: int) -> dict[str, Any]:
     """Hyper-parameter name -> the value that reproduces a model saved in format ``version``
-    (:attr:`AnomalyModel.former_params`), for the parameters added since then."""
-    return {name: value for added, values in model_class.former_params.items() if version < added for name, value in values.items()}
+    (:attr:`AnomalyModel.former_params`, and :data:`FORMER_SHARED_PARAMS`), for the parameters added since then."""
+    changes = [*FORMER_SHARED_PARAMS.items(), *model_class.former_params.items()]
+    return {name: value for added, values in changes if version < added for name, value in values.items()}

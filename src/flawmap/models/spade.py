@@ -36,7 +36,7 @@ from flawmap.features import flatten_patches, fuse_levels
 from flawmap.models.base import MethodTraits
 from flawmap.models.methods import register_method
 from flawmap.models.scorer import PatchScores, Scorer
-from flawmap.models.memory_bank import MemoryBankModel
+from flawmap.models.memory_bank import MemoryBankModel, left_out_bounds
 from flawmap.search import SearchIndex, all_vectors, build_search, search_from_state, search_state
 
 #: Storage type of the training patch features.
@@ -80,8 +80,9 @@ class SpadeScorer(Scorer):
         K is capped at the training images and kappa at the gallery size. Each image is searched
         in its own gallery, one image at a time: a batched search would compare every query with
         every gallery, a ``B x h*w x K*h*w`` block, B times the work for B - 1 wasted galleries.
-        ``left_out`` (B,): for training images, their own row of the image index, never used
-        as a neighbour (leave-one-out scores).
+        ``left_out`` (B,) or (B, 2): for training images, their own row of the image index (or
+        the range of rows of their image's tiles, :func:`left_out_bounds`), never used as
+        neighbours (leave-one-out scores).
         """
         n_images, _, grid_h, grid_w = features.patches.shape
         n_positions = grid_h * grid_w
@@ -102,11 +103,14 @@ class SpadeScorer(Scorer):
         return PatchScores(patch_scores.view(n_images, grid_h, grid_w), image_scores)
 
     def other_images(self, pooled: torch.Tensor, left_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Distances and rows (B, K) of the K nearest training images other than row ``left_out``."""
-        k = min(self.image_neighbors, len(self.image_search) - 1)
-        distances, rows = self.image_search.kneighbors(pooled, k=k + 1)
-        # stable sort on "is the left-out row": the others keep their order, the left-out one goes last
-        order = (rows == left_out.to(rows.device).unsqueeze(1)).to(torch.uint8).argsort(dim=1, stable=True)[:, :k]
+        """Distances and rows (B, K) of the K nearest training images other than the rows
+        ``left_out`` (:func:`left_out_bounds`)."""
+        first, end = (bound.to(pooled.device).unsqueeze(1) for bound in left_out_bounds(left_out))
+        n_left_out = int((end - first).max())
+        k = min(self.image_neighbors, len(self.image_search) - n_left_out)
+        distances, rows = self.image_search.kneighbors(pooled, k=k + n_left_out)
+        # stable sort on "is a left-out row": the others keep their order, the left-out ones go last
+        order = ((rows >= first) & (rows < end)).to(torch.uint8).argsort(dim=1, stable=True)[:, :k]
         return distances.gather(1, order), rows.gather(1, order)
 
 
