@@ -57,8 +57,10 @@ def test_an_exported_graph_has_the_card_of_its_directory(capsys, tiny_model_dir,
     code, out, _ = run_cli(capsys, "info", tiny_onnx, "--json", "-")  # info takes an exported graph too
     assert code == 0 and json.loads(out) == exported.to_json()
     assert exported.fitted_record() == directory.fitted_record()
-    shared = ("method", "params", "image_size", "tile_size", "threshold", "pixel_threshold", "overlay_scale", "model_hash")
+    shared = ("method", "image_size", "tile_size", "threshold", "pixel_threshold", "overlay_scale", "model_hash")
     assert all(getattr(exported, name) == getattr(directory, name) for name in shared)
+    # an export's params carry the tile size the fit chose ("auto" resolved): the rest is the same
+    assert {**exported.params, "tile_size": "auto"} == directory.params and exported.params["tile_size"] == directory.tile_size
     assert (exported.kind, directory.kind) == ("exported graph", "model directory")
     assert exported.export["weight_dtype"] == "float32" and exported.export["batch"] == "dynamic" and directory.export is None
 
@@ -73,13 +75,16 @@ def test_an_exported_graph_has_the_card_of_its_directory(capsys, tiny_model_dir,
     assert facts["threshold"] == f"{directory.threshold:.6g}"
 
 
-def test_the_card_reads_the_tiling_from_the_parameters(tiny_model):
+def test_the_card_reads_the_tiling_the_fit_chose(tiny_model):
     card = model_card(tiny_model)
-    assert card.tile_size is None and dict(card.facts())["tiling"].startswith("none: each image is resized to 64 x 64")
+    assert card.tile_size is None and dict(card.facts())["tiling"] == (
+        f"none: each image is resized to 64 x 64 ({tiny_model.tiling_reason_})"
+    )
     tiled = dataclasses.replace(tiny_model, tile_size=256, tile_overlap=32)
     tiled.__dict__.update({name: value for name, value in vars(tiny_model).items() if name.endswith("_")})
+    tiled.tile_size_, tiled.tiling_reason_ = 256, "tiles of 256 px as given"
     card = model_card(tiled)
     assert (card.tile_size, card.tile_overlap) == (256, 32)
     facts = dict(card.facts())
-    assert facts["tiling"] == "256 px tiles at native resolution, overlapping by at least 32 px"
+    assert facts["tiling"] == "256 px tiles at native resolution, overlapping by at least 32 px (tiles of 256 px as given)"
     assert facts["training images"] == "12 tiles in 1 fit(s)" and facts["model"] == "torch model (its directory not given)"
