@@ -17,7 +17,7 @@ import flawmap
 from flawmap.calibration import CalibrationWarning
 from flawmap.cli import _method_params, main
 from flawmap.data import Sample
-from flawmap.data.loader import DecodedImage
+from flawmap.data.loader import DecodedImage, as_samples
 from flawmap.errors import FlawmapError
 from flawmap.tiling import Tiling, choose_tiling
 
@@ -191,17 +191,17 @@ def test_an_exported_model_tiles_and_stitches_identically(tiny_model_dir, tiny_o
 # ---------------------------------------------------------------------------- tile_size="auto"
 def test_auto_tiles_when_resizing_would_shrink_the_shorter_side_more_than_the_factor(tmp_path):
     large, small = np.zeros((200, 300, 3), dtype=np.uint8), np.zeros((120, 300, 3), dtype=np.uint8)
-    size, reason = choose_tiling("auto", [large, large], 64)
+    size, reason = choose_tiling("auto", as_samples([large, large]), 64)
     assert size == 64 and reason.startswith("auto: tiles of 64 px") and "(200 px) 3.1x, more than 2x" in reason
-    size, reason = choose_tiling("auto", [small], 64)
+    size, reason = choose_tiling("auto", as_samples([small]), 64)
     assert size is None and reason.startswith("auto: resized whole") and "(120 px)" in reason
     Image.fromarray(large).save(tmp_path / "large.png")
     assert choose_tiling("auto", [Sample(tmp_path / "large.png"), Sample(tmp_path / "missing.png")], 64)[0] == 64  # headers
     # mixed sizes: the median shorter side decides, and the reason says so
-    size, reason = choose_tiling("auto", [small, small, large], 64)
+    size, reason = choose_tiling("auto", as_samples([small, small, large]), 64)
     assert size is None and "median of 3 sizes from 120 to 200 px" in reason
-    assert choose_tiling(96, [small], 64) == (96, "tiles of 96 px as given")
-    assert choose_tiling(None, [large], 64) == (None, "resized whole (tile_size=None as given)")
+    assert choose_tiling(96, as_samples([small]), 64) == (96, "tiles of 96 px as given")
+    assert choose_tiling(None, as_samples([large]), 64) == (None, "resized whole (tile_size=None as given)")
 
 
 def test_auto_is_the_default_and_the_small_test_images_stay_untiled(tiny_model):
