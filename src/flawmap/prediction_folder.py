@@ -102,7 +102,7 @@ def check_predictions_target(out: Path, *, force: bool = False) -> None:
 def _record(model: Predictor, prediction: Prediction, overlay: str) -> dict:
     """The ``scores.jsonl`` line of one prediction whose overlay is ``overlay``."""
     return {
-        "path": str(prediction.sample.image_path), "score": prediction.score, "is_anomalous": prediction.is_anomalous,
+        "path": prediction.sample.source, "score": prediction.score, "is_anomalous": prediction.is_anomalous,
         "threshold": model.threshold_, "overlay": overlay, "pixel_threshold": prediction.pixel_threshold,
         "regions": [region.to_json() for region in prediction.regions],
     }
@@ -110,7 +110,7 @@ def _record(model: Predictor, prediction: Prediction, overlay: str) -> dict:
 
 def _write_into(model: Predictor, samples: list[Sample], folder: Path, skip_invalid: bool) -> tuple[int, int]:
     """Overlays and ``scores.jsonl`` of ``samples`` into ``folder``; returns (scored, anomalous)."""
-    names = output_names([sample.image_path for sample in samples])
+    names = output_names([Path(sample.source) for sample in samples])  # in-memory images: "array <i>"
     name_of = {id(sample): name for sample, name in zip(samples, names)}
     n_scored = n_anomalous = 0
     with open(folder / SCORES_FILE, "w", encoding="utf-8") as lines:

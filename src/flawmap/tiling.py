@@ -255,7 +255,7 @@ def check_tiling_params(tile_size: int | str | None, tile_overlap: int) -> None:
         check_tiling(tile_size, tile_overlap)
 
 
-def choose_tiling(tile_size: int | str | None, samples: Sequence[Sample | np.ndarray], image_size: int) -> tuple[int | None, str]:
+def choose_tiling(tile_size: int | str | None, samples: Sequence[Sample], image_size: int) -> tuple[int | None, str]:
     """The tile size a model fitted on ``samples`` uses (None: resize) and why, in one line.
 
     A size or None is used as given. ``"auto"`` tiles by ``image_size`` when the median shorter
@@ -283,10 +283,10 @@ def choose_tiling(tile_size: int | str | None, samples: Sequence[Sample | np.nda
     )
 
 
-def _shorter_side(sample: Sample | np.ndarray) -> int | None:
-    """The shorter side of an image array, or of an image file from its header; None if unreadable."""
-    if isinstance(sample, np.ndarray):
-        return min(sample.shape[:2])
+def _shorter_side(sample: Sample) -> int | None:
+    """The shorter side of an in-memory image, or of an image file from its header; None if unreadable."""
+    if sample.pixels is not None:
+        return min(sample.pixels.shape[:2])
     try:
         with Image.open(sample.image_path) as image:
             return min(image.size)
