@@ -11,6 +11,7 @@ from flawmap.models.methods import METHODS, register_method
 
 from flawmap.models.scorer import PatchScores, Scorer
 from flawmap.models.persistence import load_model
+from flawmap.models.deepsvdd import DeepSVDD
 from flawmap.models.fyd import Fyd
 from flawmap.models.mkd import MKD
 from flawmap.models.padim import Padim
@@ -23,7 +24,7 @@ from flawmap.prediction import Prediction
 from flawmap.runtime import Runtime
 
 __all__ = [
-    "METHODS", "MKD", "AnomalyModel", "Fyd", "Padim", "PatchCore", "PatchScores", "Prediction", "RLR", "SFR", "Scorer",
+    "METHODS", "MKD", "AnomalyModel", "DeepSVDD", "Fyd", "Padim", "PatchCore", "PatchScores", "Prediction", "RLR", "SFR", "Scorer",
     "Spade", "UninformedStudents",
     "create_model", "list_methods", "load_model", "register_method",
 ]
