@@ -128,20 +128,11 @@ class Calibrator:
             self.model.calibration_images_ = torch.cat([self.model.calibration_images_, torch.from_numpy(images[:room])])
 
 
-class CrossFit(Calibrator):
-    """Score the fit's (sampled) training images leave-one-out after learning.
-
-    ``numbers`` maps each embedded image's source (:attr:`Sample.source`) to its training image
-    number; ``scored`` are the sources of the images to score leave-one-out, ``capacity`` their
-    number. When the features of all ``capacity`` images fit in :data:`CROSS_FIT_CACHE_BYTES`
-    (known at the first batch), the learning pass keeps them on the CPU: ``features`` holds the
-    first ``n_kept`` of them in learning order (the scorer's features with ``capacity`` rows
-    each), ``image_ids`` (capacity,) their numbers and ``images`` the first of them as uint8
-    (n x 3 x S x S, at most :data:`KEPT_CALIBRATION_IMAGES`); otherwise ``features`` stays None
-    and they are embedded again. Rows are copied into buffers allocated once for all of them: a
-    slice kept per batch, between each batch's large temporaries, fragmented the C heap so that a
-    fit's resident memory grew with its number of images.
-    """
+class _LeaveOut(Calibrator):
+    """What the two cross-fitting strategies share: nothing is held out; ``numbers`` maps each
+    embedded image's source (:attr:`Sample.source`) to its training number (for a tiled model,
+    the number of the image's *last* tile: its tiles are numbered consecutively); ``scored`` are
+    the sources of the images to score left out (:func:`cross_fit_sources`)."""
 
     holds_out = False
 
@@ -151,6 +142,33 @@ class CrossFit(Calibrator):
         self.numbers: dict[str, int] = {}
         self.samples: list[Sample] = []
         self.scored: set[str] = set()
+
+    def split(self, samples: list[Sample]) -> list[Sample]:
+        self.samples = samples
+        self.scored = cross_fit_sources(samples, self.model.random_state)
+        return samples
+
+    def observe(self, batch: Batch, features: Any) -> None:
+        for offset, sample in enumerate(batch.samples):
+            self.numbers[sample.source] = self.first_number + self.n_embedded + offset
+        super().observe(batch, features)
+
+
+class CrossFit(_LeaveOut):
+    """Score the fit's (sampled) training images leave-one-out after learning.
+
+    ``capacity`` is the number of images to score (``scored``). When the features of all ``capacity`` images fit in :data:`CROSS_FIT_CACHE_BYTES`
+    (known at the first batch), the learning pass keeps them on the CPU: ``features`` holds the
+    first ``n_kept`` of them in learning order (the scorer's features with ``capacity`` rows
+    each), ``image_ids`` (capacity,) their numbers and ``images`` the first of them as uint8
+    (n x 3 x S x S, at most :data:`KEPT_CALIBRATION_IMAGES`); otherwise ``features`` stays None
+    and they are embedded again. Rows are copied into buffers allocated once for all of them: a
+    slice kept per batch, between each batch's large temporaries, fragmented the C heap so that a
+    fit's resident memory grew with its number of images.
+    """
+
+    def __init__(self, model: AnomalyModel, first: bool, skip_invalid: bool) -> None:
+        super().__init__(model, first, skip_invalid)
         self.capacity = 0
         self.features: Any = None
         self.image_ids = torch.empty(0, dtype=torch.long)
@@ -163,17 +181,14 @@ class CrossFit(Calibrator):
         return f"cross-fit, each training image scored leave-one-out ({n_images} images)"
 
     def split(self, samples: list[Sample]) -> list[Sample]:
-        self.samples = samples
-        self.scored = cross_fit_sources(samples, self.model.random_state)
+        super().split(samples)
         self.capacity = len(self.scored)
         self.image_ids = torch.empty(self.capacity, dtype=torch.long)
         return samples
 
     def observe(self, batch: Batch, features: Any) -> None:
-        sources = [sample.source for sample in batch.samples]
-        for offset, source in enumerate(sources):
-            self.numbers[source] = self.first_number + self.n_embedded + offset
         super().observe(batch, features)
+        sources = [sample.source for sample in batch.samples]
         rows = [i for i, source in enumerate(sources) if source in self.scored]
         if not self._caching or not rows:
             return
@@ -278,40 +293,23 @@ class HoldOut(Calibrator):
                 bar.update(images.shape[0])
 
 
-class TiledCrossFit(Calibrator):
+class TiledCrossFit(_LeaveOut):
     """Tiled models of methods that cross-fit: after learning, score each (sampled) training image
-    whole, tiled and stitched as in prediction, with all of its tiles left out (module docstring).
-
-    ``numbers`` maps each image's source to the training number of its *last* tile (its tiles
-    are numbered consecutively while learning, so they are ``last - n_tiles + 1 .. last``).
+    whole, tiled and stitched as in prediction, with all of its tiles left out (module docstring):
+    an image numbered ``last`` (``numbers``) has tiles ``last - n_tiles + 1 .. last``.
     """
-
-    holds_out = False
-
-    def __init__(self, model: AnomalyModel, first: bool, skip_invalid: bool) -> None:
-        super().__init__(model, first, skip_invalid)
-        self.first_number = model.n_train_images_
-        self.numbers: dict[str, int] = {}
-        self.samples: list[Sample] = []
 
     @classmethod
     def describe(cls, n_images: int) -> str:
         return f"cross-fit, each training image tiled and scored whole with all its tiles left out ({n_images} images)"
 
-    def split(self, samples: list[Sample]) -> list[Sample]:
-        self.samples = samples
-        return samples
-
     def observe(self, batch: Batch, features: Any) -> None:
-        for offset, sample in enumerate(batch.samples):
-            self.numbers[sample.source] = self.first_number + self.n_embedded + offset
         super().observe(batch, features)
         self._keep_images(to_uint8(batch.images[:KEPT_CALIBRATION_IMAGES]))
 
     def add_normal_scores(self) -> None:
         """Images skipped while learning are skipped again (they were reported)."""
-        model, tiling = self.model, self.model.tiling()
-        scored = cross_fit_sources(self.samples, model.random_state)
+        model, tiling, scored = self.model, self.model.tiling(), self.scored
 
         def score_left_out(tiles: np.ndarray, images: list[DecodedImage]) -> tuple[np.ndarray, np.ndarray]:
             ends = torch.tensor([self.numbers[image.sample.source] + 1 for image in images])
