@@ -42,7 +42,7 @@ import torch
 from common import add_methods_flag, write_rows
 from PIL import Image
 
-from flawmap.cli import _import_commands, _method_params, format_table
+from flawmap.cli import _method_params, format_table
 from flawmap.data.demo import DEFECT_TYPES, TEXTURES, draw_defect
 from flawmap.data.images import open_rgb_image
 from flawmap.evaluate import evaluate
@@ -70,7 +70,6 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None, help="default bench_tiling.json (--speed: benchmarks/results/tiling_speed.json)")
     parser.add_argument("--speed", action="store_true", help="ms per image against tile count, with the floor")
     args = parser.parse_args()
-    _import_commands()  # what --param needs
     if args.speed:
         return speed(args)
     args.json = args.json or Path("bench_tiling.json")

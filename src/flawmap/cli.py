@@ -518,7 +518,7 @@ def _value_parser(name: str, hint: Any) -> Callable[[str], Any]:
 
 def _parse_tile_size(text: str) -> int | str:
     """``--tile-size``: pixels, ``auto`` or ``none`` (kept as the text ``"none"``: a flag's None
-    means "not given"; :func:`_given_hyperparameters` and :func:`_method_params` turn it into None)."""
+    means "not given"; :func:`_as_hyperparameter` turns it into None)."""
     lowered = text.lower()
     if lowered in ("auto", "none"):
         return lowered
@@ -526,6 +526,11 @@ def _parse_tile_size(text: str) -> int | str:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of pixels, auto or none, got {text!r}") from None
+
+
+def _as_hyperparameter(name: str, value: Any) -> Any:
+    """A parsed flag or ``--param`` value as the hyper-parameter takes it (``tile_size`` "none": None)."""
+    return None if name == "tile_size" and value == "none" else value
 
 
 def _parse_bool(text: str) -> bool:
@@ -540,7 +545,7 @@ def _parse_bool(text: str) -> bool:
 def _given_hyperparameters(args: argparse.Namespace, method: str) -> dict[str, Any]:
     """The hyper-parameter flags the user gave; error for flags the method does not have."""
     fields = _hyperparameter_fields()
-    given = {name: getattr(args, f"param_{name}") for name in fields if getattr(args, f"param_{name}") is not None}
+    given = {name: _as_hyperparameter(name, getattr(args, f"param_{name}")) for name in fields if getattr(args, f"param_{name}") is not None}
     for name in given:
         if method not in fields[name][1]:
             raise FlawmapError(f"{_flag(name)} does not apply to method {method!r} (it applies to: {', '.join(fields[name][1])})")
@@ -552,8 +557,6 @@ def _given_hyperparameters(args: argparse.Namespace, method: str) -> dict[str, A
         if method not in searching:
             raise FlawmapError(f"--search-option does not apply to method {method!r} (it applies to: {', '.join(searching)})")
         given["search_options"] = parse_search_options(given.get("search", _field_default("search", method)), args.search_options)
-    if given.get("tile_size") == "none":
-        given["tile_size"] = None
     return given
 
 
@@ -756,7 +759,7 @@ def _method_params(specs: list[str]) -> dict[str, dict[str, Any]]:
             raise FlawmapError(f"--param {spec!r}: method {method!r} has no hyper-parameter {name!r}")
         try:
             value = _value_parser(name, fields[name][0])(text)
-            params.setdefault(method, {})[name] = None if name == "tile_size" and value == "none" else value
+            params.setdefault(method, {})[name] = _as_hyperparameter(name, value)
         except (ValueError, argparse.ArgumentTypeError) as error:
             raise FlawmapError(f"--param {spec!r}: {error}") from None
     for method, given in params.items():
